@@ -1,0 +1,106 @@
+"""What a user can read after a call: forward residuals and backward linear-solve statistics.
+
+```python
+with idf.diagnostics() as d:
+    x, vjp_fn = idf.vjp(ridge, 0.1, A, b)
+    vjp_fn(np.ones_like(x))
+print(d.forward[-1].residual_norm, d.backward[-1].iterations)
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+
+class LinearSolveInfo(NamedTuple):
+    """What a linear solver reports. Arrays with the batch shape of the right-hand side (0-d for
+    a single problem), so the tuple passes through `jit` and `vmap`.
+
+    - `iterations`: matrix-vector products' iterations used (0 for direct solvers).
+    - `residual_norm`: $\\|A x - b\\|_2$ (the solver's own estimate for Krylov methods).
+    - `converged`: residual within tolerance and no breakdown.
+    - `breakdown`: the method broke down (singular or indefinite operator, division by zero).
+    """
+
+    iterations: Any
+    residual_norm: Any
+    converged: Any
+    breakdown: Any
+
+
+@dataclass(frozen=True)
+class ForwardRecord:
+    """One forward solve: $\\max|F(x^*, \\theta)|$ against the tolerance."""
+
+    function: str
+    residual_norm: float
+    residual_tol: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class BackwardRecord:
+    """One derivative computation (`mode` "jvp" or "vjp") and its linear solve."""
+
+    function: str
+    mode: str
+    solver: str
+    derivative_method: str
+    iterations: Any
+    residual_norm: Any
+    converged: Any
+
+
+@dataclass
+class Diagnostics:
+    """Records collected inside an `idf.diagnostics()` block, in call order."""
+
+    forward: list[ForwardRecord] = field(default_factory=list)
+    backward: list[BackwardRecord] = field(default_factory=list)
+
+    def _add(self, rec: Any) -> None:
+        (self.forward if isinstance(rec, ForwardRecord) else self.backward).append(rec)
+
+
+_state = threading.local()
+
+
+def _active() -> list[Diagnostics]:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+def _emit(rec: Any) -> None:
+    for d in _active():
+        d._add(rec)
+
+
+def collecting() -> bool:
+    """Whether an `idf.diagnostics()` block is active in this thread."""
+    return bool(_active())
+
+
+@contextlib.contextmanager
+def diagnostics() -> Iterator[Diagnostics]:
+    """Collect the forward residual and backward linear-solve statistics of every implicit
+    derivative computed inside the block (this thread only; nested blocks each get a copy).
+
+    **Returns:** a `Diagnostics` with lists `forward` (`ForwardRecord`: function, residual_norm,
+    residual_tol, ok) and `backward` (`BackwardRecord`: function, mode, solver,
+    derivative_method, iterations, residual_norm, converged).
+
+    Under `jax.jit` records arrive when the compiled function runs, through a host callback.
+    """
+    d = Diagnostics()
+    stack = _active()
+    stack.append(d)
+    try:
+        yield d
+    finally:
+        stack.remove(d)

@@ -1,0 +1,235 @@
+"""The implicit function theorem rules, framework-neutral.
+
+Products with $A$, $A^\\top$, $B$, $B^\\top$ come from the backend's `Linearization`; the linear
+solve goes through the backend's `linear_solve` (JAX registers the transpose solve there); the
+result comes back in the structure of `x` (JVP) or `args` (VJP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._backend import Backend, get_backend
+from ._diagnostics import BackwardRecord, LinearSolveInfo
+from ._errors import LinearSolveError, SingularJacobianError, StructureError
+from ._linear_solve import AbstractLinearSolver, Auto
+from ._tags import as_tags
+
+ON_FAILURE = ("raise", "warn", "nan")
+
+
+# ---- raveling a pytree into one vector ---------------------------------------------------------
+
+def ravel(bk: Backend, tree: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """Concatenate the leaves of `tree` into one vector; return it and the inverse map."""
+    leaves, treedef = bk.tree_flatten(tree)
+    if not leaves:
+        raise StructureError("expected x with at least one array leaf, got an empty pytree.")
+    xp = bk.namespace(*leaves)
+    shapes = [tuple(leaf.shape) for leaf in leaves]
+    sizes = [_size(s) for s in shapes]
+    dtypes = [leaf.dtype for leaf in leaves]
+    flat = xp.concat([xp.reshape(leaf, (-1,)) for leaf in leaves]) if len(leaves) > 1 else \
+        xp.reshape(leaves[0], (-1,))
+
+    def unravel(v: Any) -> Any:
+        out, start = [], 0
+        for shape, size, dtype in zip(shapes, sizes, dtypes):
+            piece = xp.reshape(v[start:start + size], shape)
+            out.append(piece if piece.dtype == dtype else xp.astype(piece, dtype))
+            start += size
+        return bk.tree_unflatten(treedef, out)
+
+    return flat, unravel
+
+
+def _size(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# ---- choosing and running the linear solve -----------------------------------------------------
+
+def resolve_solver(solve: AbstractLinearSolver, n: int, tags: frozenset) -> AbstractLinearSolver:
+    """The concrete solver: `Auto` resolved for size `n` and `tags`."""
+    return solve.select(n, tags) if isinstance(solve, Auto) else solve
+
+
+def _linear_failure(name: str, mode: str, solver: AbstractLinearSolver, method: str,
+                    iterations: Any, residual: Any, breakdown: Any) -> LinearSolveError:
+    import numpy as np
+
+    it = np.max(np.asarray(iterations))
+    res = np.max(np.asarray(residual))
+    brk = bool(np.any(np.asarray(breakdown)))
+    which = "A^T" if mode == "vjp" else "A"
+    head = (f"{name}: the {mode} linear solve with {which} = dF/dx ({solver!r}, products by "
+            f"{method}) ")
+    if brk:
+        return SingularJacobianError(
+            head + f"broke down after {it} iterations (residual {res:.3g}): dF/dx looks "
+            "singular or not of the structure the solver assumes at x*. Expected a non-singular "
+            "Jacobian. Check that x* is an isolated root (the implicit function theorem needs "
+            "it), drop tags that do not hold, or regularize with a ridge, e.g. "
+            f"solve={type(solver).__name__}(ridge=1e-8)."
+        )
+    return LinearSolveError(
+        head + f"did not converge: residual {res:.3g} after {it} iterations. Expected it within "
+        "tolerance. Raise maxiter, loosen rtol, pass a preconditioner, use Dense, or add a "
+        "ridge if dF/dx is nearly singular."
+    )
+
+
+def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: Callable,
+                   rmatvec: Callable, rhs: Any, tags: frozenset, on_failure: str, name: str,
+                   mode: str) -> Any:
+    sol, info = bk.linear_solve(solver, matvec, rhs, rmatvec=rmatvec, tags=tags)
+    info = LinearSolveInfo(*info)
+    bk.record(lambda it, rn, cv: BackwardRecord(name, mode, repr(solver), lin.method, it, rn, cv),
+              info.iterations, info.residual_norm, info.converged)
+    return bk.handle_failure(
+        sol, info.converged, on_failure,
+        lambda it, rn, brk: _linear_failure(name, mode, solver, lin.method, it, rn, brk),
+        info.iterations, info.residual_norm, info.breakdown,
+    )
+
+
+def _check_options(solve: Any, on_failure: str) -> None:
+    if not isinstance(solve, AbstractLinearSolver):
+        raise StructureError(
+            f"solve: expected a linear solver such as idf.CG() or idf.Dense(), got "
+            f"{type(solve).__name__}. Note: the forward solver is the decorated function; "
+            "`solve=` is the linear solver for the derivative."
+        )
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure: expected one of {ON_FAILURE}, got {on_failure!r}.")
+
+
+def _check_tangents(bk: Backend, args: tuple, tangents: tuple) -> tuple:
+    if not isinstance(tangents, (tuple, list)) or len(tangents) != len(args):
+        got = len(tangents) if isinstance(tangents, (tuple, list)) else type(tangents).__name__
+        raise StructureError(
+            f"tangents: expected a tuple with one tangent per argument ({len(args)}), got {got}."
+        )
+    for i, (a, t) in enumerate(zip(args, tangents)):
+        la, ta = bk.tree_flatten(a), bk.tree_flatten(t)
+        if t is None:
+            continue
+        if la[1] != ta[1]:
+            raise StructureError(
+                f"tangents[{i}]: expected the structure of args[{i}] ({la[1]}), got {ta[1]}."
+            )
+        for (path, leaf), tl in zip(bk.tree_leaves_with_path(a, f"args[{i}]"), ta[0]):
+            if bk.is_float(leaf) and not isinstance(leaf, float) and tl is not None and \
+                    not isinstance(tl, (int, float)) and tuple(tl.shape) != tuple(leaf.shape):
+                raise StructureError(
+                    f"tangent of {path}: expected shape {tuple(leaf.shape)}, got "
+                    f"{tuple(tl.shape)}."
+                )
+    return tuple(tangents)
+
+
+# ---- the rules ---------------------------------------------------------------------------------
+#
+# Let x*(θ) satisfy F(x*(θ), θ) = 0 for θ near θ₀, with A = ∂ₓF(x*, θ) invertible. Differentiating
+# the identity in θ along a direction θ̇ gives
+#
+#     A ẋ + B θ̇ = 0,        B = ∂_θF(x*, θ),        so        ẋ = −A⁻¹ (B θ̇).          (JVP)
+#
+# The map θ̇ ↦ ẋ is linear, J = −A⁻¹B. Its transpose applied to a cotangent x̄ is
+#
+#     θ̄ = Jᵀ x̄ = −Bᵀ A⁻ᵀ x̄ = −Bᵀ u,   where   Aᵀ u = x̄.                              (VJP)
+#
+# So a JVP costs one product with B and one solve with A; a VJP one solve with Aᵀ and one product
+# with Bᵀ. Neither looks at the solver that produced x*, hence constant memory in its iterations.
+# For a fixed point x = T(x, θ), F = T − x and A = ∂ₓT − I; for stationarity ∇ₓf = 0, A is the
+# Hessian of f (symmetric, so Aᵀ = A and CG/MINRES apply).
+
+def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangents: Sequence[Any],
+                 *, solve: AbstractLinearSolver = Auto(), tags: Any = None,
+                 derivatives: Any = None, on_failure: str = "raise",
+                 backend: Backend | None = None, name: str | None = None,
+                 linearization: Any = None) -> Any:
+    """Forward-mode implicit derivative: $\\dot x = -A^{-1} (B \\dot\\theta)$.
+
+    **Arguments:**
+
+    - `F`: the condition, `F(x, *args)` returning a residual shaped like `x`.
+    - `x_star`: a root, $F(x^*, \\theta) = 0$ (a pytree of arrays).
+    - `args`: the tuple $\\theta$ of arguments of `F` after `x`.
+    - `tangents`: a tuple with one tangent per argument (None or zeros for no perturbation).
+    - `solve`: the linear solver for $A$ (default `Auto()`).
+    - `tags`: structure of $A$, e.g. `{idf.symmetric}`.
+    - `derivatives`: optional `idf.Derivatives` with hand-written products (NumPy reference).
+    - `on_failure`: "raise", "warn" or "nan" when the linear solve fails.
+    - `backend`, `name`, `linearization`: the backend (default: found from the arrays), a name
+      for messages, and a `Linearization` to reuse across calls at the same point.
+
+    **Returns:** $\\dot x$, shaped like `x_star`.
+    """
+    _check_options(solve, on_failure)
+    tags = as_tags(tags)
+    args = tuple(args)
+    bk = backend or get_backend(x_star, args, tangents)
+    tangents = _check_tangents(bk, args, tuple(tangents))
+    name = name or getattr(F, "__name__", "F")
+    lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
+    rhs, unravel = ravel(bk, lin.B(tangents))
+    solver = resolve_solver(solve, rhs.shape[-1], tags)
+
+    def matvec(v: Any) -> Any:
+        return ravel(bk, lin.A(unravel(v)))[0]
+
+    def rmatvec(u: Any) -> Any:
+        return ravel(bk, lin.AT(unravel(u)))[0]
+
+    sol = _solve_checked(bk, lin, solver, matvec, rmatvec, -rhs, tags, on_failure, name, "jvp")
+    return unravel(sol)
+
+
+def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotangent: Any, *,
+                 solve: AbstractLinearSolver = Auto(), tags: Any = None, derivatives: Any = None,
+                 on_failure: str = "raise", argnums: Sequence[int] | None = None,
+                 backend: Backend | None = None, name: str | None = None,
+                 linearization: Any = None) -> tuple:
+    """Reverse-mode implicit derivative: $\\bar\\theta = -B^\\top u$ with $A^\\top u = \\bar x$.
+
+    **Arguments:**
+
+    - `F`, `x_star`, `args`, `solve`, `tags`, `derivatives`, `on_failure`: as in `implicit_jvp`.
+    - `cotangent`: $\\bar x$, shaped like `x_star`.
+    - `argnums`: indices of `args` to differentiate (default all); the others get None.
+    - `backend`, `name`, `linearization`: as in `implicit_jvp`.
+
+    **Returns:** a tuple with one cotangent per argument, shaped like it; None for integer and
+    boolean leaves and for arguments outside `argnums`.
+    """
+    _check_options(solve, on_failure)
+    tags = as_tags(tags)
+    args = tuple(args)
+    bk = backend or get_backend(x_star, args, cotangent)
+    name = name or getattr(F, "__name__", "F")
+    xs, xdef = bk.tree_flatten(x_star)
+    cs, cdef = bk.tree_flatten(cotangent)
+    if xdef != cdef or any(tuple(a.shape) != tuple(c.shape) for a, c in zip(xs, cs)):
+        raise StructureError(
+            f"cotangent: expected the structure and shapes of x ({xdef}, "
+            f"{[tuple(a.shape) for a in xs]}), got {cdef}, "
+            f"{[tuple(getattr(c, 'shape', ())) for c in cs]}."
+        )
+    lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
+    rhs, unravel = ravel(bk, cotangent)
+    solver = resolve_solver(solve, rhs.shape[-1], tags)
+
+    def matvec(u: Any) -> Any:
+        return ravel(bk, lin.AT(unravel(u)))[0]
+
+    def rmatvec(v: Any) -> Any:
+        return ravel(bk, lin.A(unravel(v)))[0]
+
+    u = _solve_checked(bk, lin, solver, matvec, rmatvec, rhs, tags, on_failure, name, "vjp")
+    neg_u = unravel(-u)
+    return lin.BT(neg_u, argnums)

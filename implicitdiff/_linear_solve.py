@@ -1,0 +1,609 @@
+"""Linear solvers for $A x = b$, written once against the array API.
+
+Every solver takes a `matvec` ($v \\mapsto A v$) and a right-hand side `b` of shape `(n,)`, or
+`(..., n)` for a batch of independent problems (then `matvec` must map `(..., n)` to `(..., n)`
+row by row). Iterative methods loop with the backend's `while_loop`, so the same code runs eagerly
+(NumPy, PyTorch) and compiled (`lax.while_loop` under JAX). Batched problems stop per element: an
+element that converged is frozen while the others go on.
+
+Solvers are frozen dataclasses: hashable, safe as defaults, static under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._diagnostics import LinearSolveInfo
+from ._errors import StructureError
+from ._tags import positive_definite, symmetric
+
+MatVec = Callable[[Any], Any]
+
+
+def _default_rtol(xp: Any, dtype: Any, direct: bool) -> float:
+    # Krylov defaults give >= 10 correct digits in float64 on problems with condition number
+    # up to ~100; direct solves only flag numerically singular systems.
+    if dtype == xp.float64:
+        return 1.5e-8 if direct else 1e-12
+    if dtype == xp.float32:
+        return 3e-3 if direct else 1e-6
+    return 3e-2 if direct else 1e-3
+
+
+def _dot(xp: Any, a: Any, b: Any) -> Any:
+    return xp.sum(a * b, axis=-1, keepdims=True)
+
+
+def _norm(xp: Any, a: Any) -> Any:
+    return xp.sqrt(_dot(xp, a, a))
+
+
+def _div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
+    """`a / b` where `mask`, 0 elsewhere, never dividing by a masked-out `b`."""
+    one = xp.ones_like(b)
+    return xp.where(mask, a / xp.where(mask, b, one), xp.zeros_like(a))
+
+
+def _sel(xp: Any, mask: Any, new: Any, old: Any) -> Any:
+    return xp.where(mask, new, old)
+
+
+class AbstractLinearSolver(abc.ABC):
+    """Base class of the linear solvers.
+
+    `solve(matvec, b, *, x0=None, rmatvec=None, tags=frozenset(), backend=None) -> (x, info)`.
+    """
+
+    rtol: float | None
+    atol: float
+    ridge: float
+
+    def solve(self, matvec: MatVec, b: Any, *, x0: Any = None, rmatvec: MatVec | None = None,
+              tags: frozenset = frozenset(), backend: Any = None) -> tuple[Any, LinearSolveInfo]:
+        """Solve $(A + \\text{ridge}\\, I)\\, x = b$.
+
+        **Arguments:**
+
+        - `matvec`: $v \\mapsto A v$ on arrays shaped like `b`.
+        - `b`: right-hand side, shape `(n,)` or `(..., n)` for a batch.
+        - `x0`: initial guess for iterative methods (default zeros).
+        - `rmatvec`: $u \\mapsto A^\\top u$, needed by `NormalCG` only.
+        - `tags`: structure of $A$ (`idf.symmetric`, `idf.positive_definite`), used by `Auto`.
+        - `backend`: the backend providing `while_loop`; found from `b` when omitted.
+
+        **Returns:** `(x, info)` with `info` a `LinearSolveInfo` (iterations, residual_norm,
+        converged, breakdown), arrays of the batch shape.
+        """
+        from ._backend import get_backend
+
+        bk = backend if backend is not None else get_backend(b)
+        xp = bk.namespace(b)
+        if getattr(b, "ndim", 0) < 1:
+            raise StructureError(
+                f"{type(self).__name__}.solve: expected a right-hand side of shape (n,) or "
+                f"(..., n), got shape {getattr(b, 'shape', ())}. Ravel the vector first."
+            )
+        if x0 is not None and tuple(x0.shape) != tuple(b.shape):
+            raise StructureError(
+                f"{type(self).__name__}.solve: expected x0 of shape {tuple(b.shape)} like b, got "
+                f"{tuple(x0.shape)}."
+            )
+        ridge = self.ridge
+        if ridge:
+            mv0, rmv0 = matvec, rmatvec
+
+            def matvec(v: Any) -> Any:
+                return mv0(v) + ridge * v
+
+            if rmv0 is not None:
+                def rmatvec(u: Any) -> Any:
+                    return rmv0(u) + ridge * u
+        x, info = self._solve(bk, xp, matvec, b, x0, rmatvec, tags)
+        return x, info
+
+    @abc.abstractmethod
+    def _solve(self, bk: Any, xp: Any, matvec: MatVec, b: Any, x0: Any,
+               rmatvec: MatVec | None, tags: frozenset) -> tuple[Any, LinearSolveInfo]:
+        ...
+
+    def _tol(self, xp: Any, b: Any, direct: bool = False) -> Any:
+        rtol = self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, direct)
+        return xp.maximum(rtol * _norm(xp, b), xp.asarray(self.atol, dtype=b.dtype))
+
+    def _maxiter(self, n: int) -> int:
+        m = getattr(self, "maxiter", None)
+        return 10 * n if m is None else m
+
+
+def _check_common(obj: Any) -> None:
+    name = type(obj).__name__
+    if obj.rtol is not None and not obj.rtol >= 0:
+        raise ValueError(f"{name}: expected rtol >= 0 or None, got {obj.rtol!r}.")
+    if not obj.atol >= 0:
+        raise ValueError(f"{name}: expected atol >= 0, got {obj.atol!r}.")
+    if not obj.ridge >= 0:
+        raise ValueError(f"{name}: expected ridge >= 0, got {obj.ridge!r}.")
+    m = getattr(obj, "maxiter", None)
+    if m is not None and (not isinstance(m, int) or m < 1):
+        raise ValueError(f"{name}: expected maxiter a positive int or None, got {m!r}.")
+
+
+def _info(xp: Any, iters: Any, rn: Any, tol: Any, brk: Any) -> LinearSolveInfo:
+    conv = (rn <= tol) & ~brk
+    return LinearSolveInfo(iters[..., 0], rn[..., 0], conv[..., 0], brk[..., 0])
+
+
+def _zeros_like_b(xp: Any, b: Any, x0: Any) -> Any:
+    return xp.zeros_like(b) if x0 is None else x0
+
+
+# ---- direct solvers ----------------------------------------------------------------------------
+
+def _direct_info(bk: Any, xp: Any, solver: Any, matvec: MatVec, M: Any, b: Any,
+                 x: Any) -> tuple[Any, LinearSolveInfo]:
+    finite = xp.all(xp.isfinite(x), axis=-1, keepdims=True)
+    x = xp.where(finite, x, xp.zeros_like(x) * float("nan"))
+    r = (M @ x[..., None])[..., 0] - b
+    rn = _norm(xp, r)
+    rn = xp.where(finite, rn, xp.full_like(rn, float("inf")))
+    tol = solver._tol(xp, b, direct=True)
+    brk = ~finite | ~(rn <= tol)
+    iters = xp.zeros_like(rn, dtype=xp.int32)
+    return x, _info(xp, iters, rn, tol, brk)
+
+
+@dataclass(frozen=True)
+class Dense(AbstractLinearSolver):
+    """Materialize $A$ (n matrix-vector products) and solve by LU factorization.
+
+    Exact up to rounding; $O(n^3)$. Reports `breakdown` (hence a `SingularJacobianError` when
+    used by the implicit rules) when the factorization fails or the solution's relative residual
+    exceeds `rtol` (default $\\sqrt{\\epsilon}$ of the dtype), the mark of a numerically singular
+    matrix.
+
+    **Arguments:** `rtol`, `atol` (residual check), `ridge` (solve $(A + \\text{ridge} I)x=b$).
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        M = bk.materialize(matvec, b)
+        try:
+            x = xp.linalg.solve(M, b[..., None])[..., 0]
+        except bk.linalg_errors:
+            x = xp.zeros_like(b) * float("nan")
+        return _direct_info(bk, xp, self, matvec, M, b, x)
+
+
+@dataclass(frozen=True)
+class Cholesky(AbstractLinearSolver):
+    """Materialize $A$ (symmetric positive definite) and solve by Cholesky factorization.
+
+    About twice as fast as `Dense`. Reports a breakdown when $A$ is not positive definite.
+
+    **Arguments:** `rtol`, `atol` (residual check), `ridge`.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        M = bk.materialize(matvec, b)
+        S = (M + xp.matrix_transpose(M)) / 2
+        try:
+            L = xp.linalg.cholesky(S)
+            y = bk.solve_triangular(L, b, lower=True)
+            x = bk.solve_triangular(xp.matrix_transpose(L), y, lower=False)
+        except bk.linalg_errors:
+            x = xp.zeros_like(b) * float("nan")
+        return _direct_info(bk, xp, self, matvec, M, b, x)
+
+
+# ---- Krylov solvers ----------------------------------------------------------------------------
+
+def _identity(v: Any) -> Any:
+    return v
+
+
+@dataclass(frozen=True)
+class CG(AbstractLinearSolver):
+    """Conjugate gradient, for symmetric positive definite $A$.
+
+    Breaks down (reported, never silent) when it meets a direction of non-positive curvature.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: stop when $\\|r\\| \\le \\max(\\text{atol}, \\text{rtol}\\,\\|b\\|)$; default
+      rtol is $10^{-12}$ in float64, $10^{-6}$ in float32.
+    - `maxiter`: default $10n$.
+    - `preconditioner`: $v \\mapsto M^{-1} v$, symmetric positive definite.
+    - `ridge`: solve $(A + \\text{ridge}\\, I) x = b$.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    maxiter: int | None = None
+    preconditioner: Callable[[Any], Any] | None = field(default=None, compare=True)
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        return _cg(bk, xp, matvec, b, x0, self.preconditioner or _identity, self._tol(xp, b),
+                   self._maxiter(b.shape[-1]))
+
+
+def _cg(bk, xp, A, b, x0, M, tol, maxiter):
+    x = _zeros_like_b(xp, b, x0)
+    r = b - A(x) if x0 is not None else b
+    z = M(r)
+    p = z
+    rz = _dot(xp, r, z)
+    rn = _norm(xp, r)
+    iters = xp.zeros_like(rn, dtype=xp.int32)
+    brk = xp.zeros_like(rn, dtype=xp.bool)
+    k = xp.asarray(0, dtype=xp.int32)
+
+    def cond(s):
+        k, rn, brk = s[0], s[5], s[7]
+        return (k < maxiter) & xp.any((rn > tol) & ~brk)
+
+    def body(s):
+        k, x, r, p, rz, rn, iters, brk = s
+        active = (rn > tol) & ~brk
+        Ap = A(p)
+        pAp = _dot(xp, p, Ap)
+        bad = active & ~(pAp > 0)
+        go = active & ~bad
+        alpha = _div(xp, rz, pAp, go)
+        x = x + alpha * p
+        r = _sel(xp, go, r - alpha * Ap, r)
+        z = M(r)
+        rz_new = _dot(xp, r, z)
+        beta = _div(xp, rz_new, rz, go & (rz != 0))
+        p = _sel(xp, go, z + beta * p, p)
+        rz = _sel(xp, go, rz_new, rz)
+        rn = _sel(xp, go, _norm(xp, r), rn)
+        return (k + 1, x, r, p, rz, rn, iters + xp.astype(go, xp.int32), brk | bad)
+
+    k, x, r, p, rz, rn, iters, brk = bk.while_loop(cond, body, (k, x, r, p, rz, rn, iters, brk))
+    return x, _info(xp, iters, rn, tol, brk)
+
+
+@dataclass(frozen=True)
+class NormalCG(AbstractLinearSolver):
+    """CG on the normal equations $A^\\top A x = A^\\top b$, for any non-singular $A$.
+
+    Squares the condition number, so it is never chosen automatically; needs products with
+    $A^\\top$. The tolerance applies to the normal-equation residual $\\|A^\\top(b - Ax)\\|$.
+
+    **Arguments:** `rtol`, `atol`, `maxiter`, `ridge` as in `CG`.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    maxiter: int | None = None
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        if rmatvec is None:
+            raise StructureError(
+                "NormalCG: expected rmatvec (products with A^T), got None. Pass rmatvec= or use "
+                "GMRES/BiCGStab, which need only A."
+            )
+        bt = rmatvec(b)
+
+        def normal(v: Any) -> Any:
+            return rmatvec(matvec(v))
+
+        return _cg(bk, xp, normal, bt, x0, _identity, self._tol(xp, bt),
+                   self._maxiter(b.shape[-1]))
+
+
+@dataclass(frozen=True)
+class MINRES(AbstractLinearSolver):
+    """Minimum residual method, for symmetric (possibly indefinite) $A$.
+
+    **Arguments:** `rtol`, `atol`, `maxiter`, `preconditioner` (symmetric positive definite),
+    `ridge`, as in `CG`. The tolerance applies to the (preconditioned) residual estimate.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    maxiter: int | None = None
+    preconditioner: Callable[[Any], Any] | None = None
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        # Paige & Saunders (1975): Lanczos tridiagonalization with a QR factorization by Givens
+        # rotations updated one column at a time; x moves along the directions w_k.
+        A, M = matvec, self.preconditioner or _identity
+        maxiter = self._maxiter(b.shape[-1])
+        x = _zeros_like_b(xp, b, x0)
+        r1 = b - A(x) if x0 is not None else b
+        y = M(r1)
+        b1sq = _dot(xp, r1, y)
+        brk = ~(b1sq >= 0)
+        beta1 = xp.sqrt(xp.where(brk, xp.zeros_like(b1sq), b1sq))
+        tol = self._tol(xp, b) if self.preconditioner is None else xp.maximum(
+            (self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, False)) * beta1,
+            xp.asarray(self.atol, dtype=b.dtype))
+        zero = xp.zeros_like(beta1)
+        one = xp.ones_like(beta1)
+        w = xp.zeros_like(b)
+        state = dict(k=xp.asarray(0, dtype=xp.int32), x=x, r1=r1, r2=r1, y=y, beta=beta1,
+                     oldb=zero, dbar=zero, epsln=zero, phibar=beta1, cs=-one, sn=zero, w=w,
+                     w2=w, iters=xp.zeros_like(beta1, dtype=xp.int32), brk=brk)
+
+        def cond(s):
+            return (s["k"] < maxiter) & xp.any((s["phibar"] > tol) & ~s["brk"])
+
+        def body(s):
+            active = (s["phibar"] > tol) & ~s["brk"]
+            beta, oldb_prev = s["beta"], s["oldb"]
+            v = _div(xp, s["y"], beta, active & (beta > 0))
+            y = A(v)
+            y = y - _div(xp, beta, oldb_prev, active & (oldb_prev > 0)) * s["r1"]
+            alfa = _dot(xp, v, y)
+            y = y - _div(xp, alfa, beta, active & (beta > 0)) * s["r2"]
+            r1, r2 = s["r2"], y
+            y = M(r2)
+            bsq = _dot(xp, r2, y)
+            bad = active & ~(bsq >= 0)
+            beta_new = xp.sqrt(xp.where(bsq >= 0, bsq, xp.zeros_like(bsq)))
+            cs, sn, dbar, phibar = s["cs"], s["sn"], s["dbar"], s["phibar"]
+            oldeps = s["epsln"]
+            delta = cs * dbar + sn * alfa
+            gbar = sn * dbar - cs * alfa
+            epsln = sn * beta_new
+            dbar_new = -cs * beta_new
+            gamma = xp.sqrt(gbar * gbar + beta_new * beta_new)
+            singular = active & ~(gamma > 0)
+            go = active & ~bad & ~singular
+            cs_new = _div(xp, gbar, gamma, go)
+            sn_new = _div(xp, beta_new, gamma, go)
+            phi = cs_new * phibar
+            w1, w2 = s["w2"], s["w"]
+            w_new = _div(xp, v - oldeps * w1 - delta * w2, gamma, go)
+            x = s["x"] + _sel(xp, go, phi, zero) * w_new
+            return dict(
+                k=s["k"] + 1, x=x,
+                r1=_sel(xp, go, r1, s["r1"]), r2=_sel(xp, go, r2, s["r2"]),
+                y=_sel(xp, go, y, s["y"]), beta=_sel(xp, go, beta_new, beta),
+                oldb=_sel(xp, go, beta, oldb_prev), dbar=_sel(xp, go, dbar_new, dbar),
+                epsln=_sel(xp, go, epsln, oldeps), phibar=_sel(xp, go, sn_new * phibar, phibar),
+                cs=_sel(xp, go, cs_new, cs), sn=_sel(xp, go, sn_new, sn),
+                w=_sel(xp, go, w_new, s["w"]), w2=_sel(xp, go, w2, s["w2"]),
+                iters=s["iters"] + xp.astype(go, xp.int32), brk=s["brk"] | bad | singular,
+            )
+
+        s = bk.while_loop(cond, body, state)
+        return s["x"], _info(xp, s["iters"], s["phibar"], tol, s["brk"])
+
+
+@dataclass(frozen=True)
+class GMRES(AbstractLinearSolver):
+    """Restarted GMRES, for any non-singular $A$.
+
+    Each cycle builds an orthonormal Krylov basis of size `restart` (classical Gram-Schmidt
+    applied twice), solves the small least-squares problem by Givens rotations, then checks the
+    true residual $\\|b - Ax\\|$. A cycle that does not reduce it stops the method (reported as
+    not converged).
+
+    **Arguments:** `rtol`, `atol`, `maxiter` (matrix-vector products, default $10n$), `restart`
+    (default 30), `preconditioner` (applied on the right), `ridge`.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    maxiter: int | None = None
+    restart: int = 30
+    preconditioner: Callable[[Any], Any] | None = None
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if not isinstance(self.restart, int) or self.restart < 1:
+            raise ValueError(f"GMRES: expected restart a positive int, got {self.restart!r}.")
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        A, M = matvec, self.preconditioner or _identity
+        n = b.shape[-1]
+        m = min(self.restart, n)
+        max_cycles = max(1, -(-self._maxiter(n) // m))
+        tol = self._tol(xp, b)
+        x = _zeros_like_b(xp, b, x0)
+        r = b - A(x) if x0 is not None else b
+        rn = _norm(xp, r)
+        iters = xp.zeros_like(rn, dtype=xp.int32)
+        brk = xp.zeros_like(rn, dtype=xp.bool)
+        stalled = xp.zeros_like(rn, dtype=xp.bool)
+
+        def cond(s):
+            k, rn, brk, stalled = s[0], s[3], s[5], s[6]
+            return (k < max_cycles) & xp.any((rn > tol) & ~brk & ~stalled)
+
+        def body(s):
+            k, x, r, rn, iters, brk, stalled = s
+            active = (rn > tol) & ~brk & ~stalled
+            V = [_div(xp, r, rn, rn > 0)]
+            H: list[list[Any]] = []  # H[j] is column j: entries 0..j+1 (after rotations: R)
+            cs_l: list[Any] = []
+            sn_l: list[Any] = []
+            g = [rn, xp.zeros_like(rn)]
+            for j in range(m):
+                w = A(M(V[j]))
+                h = [_dot(xp, V[i], w) for i in range(j + 1)]
+                for i in range(j + 1):
+                    w = w - h[i] * V[i]
+                h2 = [_dot(xp, V[i], w) for i in range(j + 1)]
+                for i in range(j + 1):
+                    w = w - h2[i] * V[i]
+                    h[i] = h[i] + h2[i]
+                hn = _norm(xp, w)
+                V.append(_div(xp, w, hn, hn > 0))
+                col = [*h, hn]
+                for i in range(j):  # apply the previous rotations
+                    a, c = col[i], col[i + 1]
+                    col[i] = cs_l[i] * a + sn_l[i] * c
+                    col[i + 1] = -sn_l[i] * a + cs_l[i] * c
+                gamma = xp.sqrt(col[j] * col[j] + col[j + 1] * col[j + 1])
+                nz = gamma > 0
+                cs = xp.where(nz, _div(xp, col[j], gamma, nz), xp.ones_like(gamma))
+                sn = _div(xp, col[j + 1], gamma, nz)
+                cs_l.append(cs)
+                sn_l.append(sn)
+                col[j] = gamma
+                col[j + 1] = xp.zeros_like(gamma)
+                H.append(col)
+                g[j + 1] = -sn * g[j]
+                g[j] = cs * g[j]
+                if j + 1 < m:
+                    g.append(xp.zeros_like(rn))
+            y = [xp.zeros_like(rn)] * m
+            for j in reversed(range(m)):
+                acc = g[j]
+                for i in range(j + 1, m):
+                    acc = acc - H[i][j] * y[i]
+                y[j] = _div(xp, acc, H[j][j], xp.abs(H[j][j]) > 0)
+            dx = y[0] * V[0]
+            for j in range(1, m):
+                dx = dx + y[j] * V[j]
+            x_new = x + M(dx)
+            r_new = b - A(x_new)
+            rn_new = _norm(xp, r_new)
+            bad = active & ~xp.isfinite(rn_new)
+            improved = rn_new < rn
+            go = active & ~bad & improved
+            stall = active & ~bad & ~improved
+            return (k + 1, _sel(xp, go, x_new, x), _sel(xp, go, r_new, r),
+                    _sel(xp, go, rn_new, rn), iters + m * xp.astype(active, xp.int32),
+                    brk | bad, stalled | stall)
+
+        k = xp.asarray(0, dtype=xp.int32)
+        s = bk.while_loop(cond, body, (k, x, r, rn, iters, brk, stalled))
+        _, x, r, rn, iters, brk, stalled = s
+        return x, _info(xp, iters, rn, tol, brk)
+
+
+@dataclass(frozen=True)
+class BiCGStab(AbstractLinearSolver):
+    """Stabilized bi-conjugate gradient, for any non-singular $A$; short recurrences, two
+    matrix-vector products per iteration. Breakdowns ($\\rho = 0$, $\\omega = 0$) are reported.
+
+    **Arguments:** `rtol`, `atol`, `maxiter`, `preconditioner`, `ridge`, as in `CG`.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    maxiter: int | None = None
+    preconditioner: Callable[[Any], Any] | None = None
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        A, M = matvec, self.preconditioner or _identity
+        maxiter = self._maxiter(b.shape[-1])
+        tol = self._tol(xp, b)
+        x = _zeros_like_b(xp, b, x0)
+        r = b - A(x) if x0 is not None else b
+        rn = _norm(xp, r)
+        one = xp.ones_like(rn)
+        zeros = xp.zeros_like(b)
+        state = (xp.asarray(0, dtype=xp.int32), x, r, r, zeros, zeros, one, one, one, rn,
+                 xp.zeros_like(rn, dtype=xp.int32), xp.zeros_like(rn, dtype=xp.bool))
+
+        def cond(s):
+            return (s[0] < maxiter) & xp.any((s[9] > tol) & ~s[11])
+
+        def body(s):
+            k, x, r, rhat, p, v, rho, alpha, omega, rn, iters, brk = s
+            active = (rn > tol) & ~brk
+            rho_new = _dot(xp, rhat, r)
+            bad = active & ~(xp.abs(rho_new) > 0)
+            go = active & ~bad
+            beta = _div(xp, rho_new, rho, go) * _div(xp, alpha, omega, go)
+            p_new = r + beta * (p - omega * v)
+            phat = M(p_new)
+            v_new = A(phat)
+            rv = _dot(xp, rhat, v_new)
+            bad = bad | (go & ~(xp.abs(rv) > 0))
+            go = active & ~bad
+            alpha_new = _div(xp, rho_new, rv, go)
+            s_vec = r - alpha_new * v_new
+            sn = _norm(xp, s_vec)
+            sdone = go & (sn <= tol)
+            shat = M(s_vec)
+            t = A(shat)
+            tt = _dot(xp, t, t)
+            omega_new = _div(xp, _dot(xp, t, s_vec), tt, go & ~sdone & (tt > 0))
+            bad = bad | (go & ~sdone & ~(xp.abs(omega_new) > 0))
+            go = active & ~bad
+            x_new = x + alpha_new * phat + omega_new * shat
+            r_new = s_vec - omega_new * t
+            rn_new = xp.where(sdone, sn, _norm(xp, r_new))
+            return (k + 1, _sel(xp, go, x_new, x), _sel(xp, go, r_new, r), rhat,
+                    _sel(xp, go, p_new, p), _sel(xp, go, v_new, v),
+                    _sel(xp, go, rho_new, rho), _sel(xp, go, alpha_new, alpha),
+                    _sel(xp, go, omega_new, omega), _sel(xp, go, rn_new, rn),
+                    iters + xp.astype(go, xp.int32), brk | bad)
+
+        s = bk.while_loop(cond, body, state)
+        return s[1], _info(xp, s[10], s[9], tol, s[11])
+
+
+@dataclass(frozen=True)
+class Auto(AbstractLinearSolver):
+    """Pick a solver from the structure tags and the size $n$.
+
+    $n \\le$ `dense_max`: `Cholesky` if tagged symmetric and positive definite, else `Dense`.
+    Larger: `CG` if symmetric positive definite, `MINRES` if symmetric, else `GMRES`. Never
+    normal-equation CG. The tolerances and `maxiter` are passed on.
+    """
+
+    rtol: float | None = None
+    atol: float = 0.0
+    maxiter: int | None = None
+    ridge: float = 0.0
+    dense_max: int = 256
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def select(self, n: int, tags: frozenset) -> AbstractLinearSolver:
+        """The concrete solver used for a system of size `n` with structure `tags`."""
+        spd = symmetric in tags and positive_definite in tags
+        common = dict(rtol=self.rtol, atol=self.atol, ridge=self.ridge)
+        if n <= self.dense_max:
+            return Cholesky(**common) if spd else Dense(**common)
+        common["maxiter"] = self.maxiter
+        if spd:
+            return CG(**common)
+        if symmetric in tags:
+            return MINRES(**common)
+        return GMRES(**common)
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        chosen = self.select(b.shape[-1], tags)
+        return chosen._solve(bk, xp, matvec, b, x0, rmatvec, tags)

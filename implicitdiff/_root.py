@@ -1,0 +1,239 @@
+"""The decorators: `custom_root`, `custom_fixed_point`, and the function object they return."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._backend import Backend, get_backend
+from ._diagnostics import ForwardRecord
+from ._errors import NonConvergenceError, StructureError
+from ._ift import _check_options
+from ._linear_solve import AbstractLinearSolver, Auto
+from ._tags import as_tags
+
+
+@dataclass(frozen=True)
+class Derivatives:
+    """Hand-written products with the Jacobians of `F`, for the NumPy reference backend (the
+    autodiff backends take them from the framework and ignore these).
+
+    Each is optional; what is missing comes from the complex step, then central differences.
+
+    - `jvp_x(v, x, *args)`: $\\partial_x F\\, v$, shaped like `x`.
+    - `vjp_x(u, x, *args)`: $\\partial_x F^\\top u$, shaped like `x`.
+    - `jvp_args(args_dot, x, *args)`: $\\partial_\\theta F\\, \\dot\\theta$, `args_dot` a tuple.
+    - `vjp_args(u, x, *args)`: $\\partial_\\theta F^\\top u$, a tuple like `args`.
+    """
+
+    jvp_x: Callable[..., Any] | None = None
+    vjp_x: Callable[..., Any] | None = None
+    jvp_args: Callable[..., Any] | None = None
+    vjp_args: Callable[..., Any] | None = None
+
+
+def default_residual_tol(dtype_eps: float) -> float:
+    """The default forward residual tolerance: $10\\sqrt{\\epsilon}$ of the dtype of `x`."""
+    return 10.0 * math.sqrt(dtype_eps)
+
+
+class ImplicitFunction:
+    """A solver decorated with `custom_root` or `custom_fixed_point`.
+
+    Call it like the solver: `fn(*args, **options)`. Positional arguments are $\\theta$: they are
+    passed to `F` and differentiated; keyword options go to the solver only. The attributes
+    `F`, `solver`, `solve`, `tags`, `has_aux`, `residual_tol`, `on_failure`, `derivatives` hold
+    the configuration.
+    """
+
+    def __init__(self, solver: Callable[..., Any], F: Callable[..., Any], *,
+                 solve: AbstractLinearSolver, tags: frozenset, has_aux: bool,
+                 residual_tol: float | None, on_failure: str, derivatives: Derivatives | None):
+        if not callable(solver):
+            raise TypeError(f"expected a callable solver to decorate, got {type(solver).__name__}.")
+        self.solver = solver
+        self.F = F
+        self.solve = solve
+        self.tags = tags
+        self.has_aux = has_aux
+        self.residual_tol = residual_tol
+        self.on_failure = on_failure
+        self.derivatives = derivatives
+        functools.update_wrapper(self, solver)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.solver, "__name__", type(self.solver).__name__)
+
+    def __call__(self, *args: Any, **options: Any) -> Any:
+        bk = get_backend(args, options)
+        return bk.call(self, args, options)
+
+    def __repr__(self) -> str:
+        return f"<implicit function {self.name} (condition {getattr(self.F, '__name__', 'F')})>"
+
+    # -- shared by every backend: run the solver and check the result --------------------------
+    def run_solver(self, args: tuple, options: dict) -> tuple[Any, Any]:
+        """Call the solver; split `(x, aux)` when `has_aux`."""
+        out = self.solver(*args, **options)
+        if self.has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise StructureError(
+                    f"{self.name}: has_aux=True expects the solver to return (x, aux), got "
+                    f"{type(out).__name__}. Return a pair or set has_aux=False."
+                )
+            return out
+        return out, None
+
+    def check(self, bk: Backend, x: Any, args: tuple) -> Any:
+        """Check x's structure, F's output structure, and the residual; apply `on_failure`."""
+        xs = bk.tree_leaves_with_path(x, "x")
+        for path, leaf in xs:
+            if type(leaf) is float or not bk.is_float(leaf):
+                raise StructureError(
+                    f"{self.name}: expected the solver to return floating arrays, got "
+                    f"{type(leaf).__name__} {getattr(leaf, 'dtype', '')} at {path}. Return "
+                    "arrays of a real floating dtype (float32/float64)."
+                )
+        r = self.F(x, *args)
+        check_like(bk, r, x, f"{self.name}: F(x, *args)")
+        xp = bk.namespace(*[leaf for _, leaf in xs])
+        res = None
+        finite = None
+        for (_, xl), rl in zip(xs, bk.tree_flatten(r)[0]):
+            m = xp.max(xp.abs(rl)) if rl.size else xp.zeros((), dtype=rl.dtype)
+            f = xp.all(xp.isfinite(xl))
+            res = m if res is None else xp.maximum(res, m)
+            finite = f if finite is None else finite & f
+        tol = self.residual_tol
+        if tol is None:
+            tol = default_residual_tol(float(xp.finfo(xs[0][1].dtype).eps))
+        ok = finite & (res <= tol)
+        name = self.name
+        bk.record(lambda r_: ForwardRecord(name, float(r_), float(tol), bool(r_ <= tol)), res)
+        return bk.handle_failure(x, ok, self.on_failure, _forward_error(name, tol), res, finite)
+
+
+def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:
+    def make(res: Any, finite: Any) -> NonConvergenceError:
+        res_f = float(res)
+        if not bool(finite):
+            msg = (f"{name}: the solver returned NaN or inf. Expected a finite root x* of F. "
+                   "Check the solver's inputs and its convergence.")
+        else:
+            msg = (f"{name}: the forward solve stopped far from the root: max|F(x*, θ)| = "
+                   f"{res_f:.3g}, expected at most residual_tol = {tol:.3g}. The derivative "
+                   "would be meaningless. Tighten the solver's tolerance or raise its iteration "
+                   "limit; or, if this accuracy is enough, pass a larger residual_tol.")
+        return NonConvergenceError(msg, residual_norm=res_f, tolerance=tol)
+
+    return make
+
+
+def check_like(bk: Backend, r: Any, x: Any, what: str) -> None:
+    """Raise StructureError unless `r` has the structure, shapes and dtypes of `x`."""
+    xdef = bk.tree_flatten(x)[1]
+    rl, rdef = bk.tree_flatten(r)
+    if xdef != rdef:
+        raise StructureError(
+            f"{what}: expected a residual with the structure of x ({xdef}), got {rdef}. F must "
+            "return a residual shaped like x."
+        )
+    for (path, a), b in zip(bk.tree_leaves_with_path(x, "x"), rl):
+        shape = tuple(getattr(b, "shape", ()))
+        if shape != tuple(a.shape):
+            raise StructureError(
+                f"{what}: at {path} expected shape {tuple(a.shape)} like x, got {shape}. F must "
+                "return a residual shaped like x."
+            )
+        if getattr(b, "dtype", None) != a.dtype:
+            raise StructureError(
+                f"{what}: at {path} expected dtype {a.dtype} like x, got "
+                f"{getattr(b, 'dtype', type(b).__name__)}. Cast the residual (or the solver's "
+                "output) so both have one dtype."
+            )
+
+
+def _validate(F: Any, solve: Any, on_failure: str, residual_tol: Any, has_aux: Any) -> None:
+    if not callable(F):
+        raise TypeError(f"expected the condition F to be callable, got {type(F).__name__}.")
+    _check_options(solve, on_failure)
+    if residual_tol is not None and not (isinstance(residual_tol, (int, float)) and
+                                         residual_tol > 0):
+        raise ValueError(f"residual_tol: expected a positive number or None, got "
+                         f"{residual_tol!r}.")
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"has_aux: expected a bool, got {has_aux!r}.")
+
+
+def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
+                tags: Any = None, has_aux: bool = False, residual_tol: float | None = None,
+                on_failure: str = "raise", derivatives: Derivatives | None = None
+                ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
+    """Decorate a solver whose output $x^*$ satisfies $F(x^*, \\theta) = 0$.
+
+    ```python
+    @idf.custom_root(F, solve=idf.CG(), tags={idf.symmetric, idf.positive_definite})
+    def ridge(lam, A, b):
+        return np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ b)
+    ```
+
+    **Arguments:**
+
+    - `F`: the condition `F(x, *args) -> residual` with the residual shaped like `x`; `x` and
+      `args` may be pytrees.
+    - `solve`: linear solver for $A = \\partial_x F$ in the derivative (default `Auto()`).
+    - `tags`: structure of $A$: `{idf.symmetric}`, `{idf.symmetric, idf.positive_definite}`.
+    - `has_aux`: the solver returns `(x, aux)`; aux is passed through and gets no gradient.
+    - `residual_tol`: the forward solve is accepted when $\\max|F(x^*, \\theta)| \\le$
+      `residual_tol`; default $10\\sqrt{\\epsilon}$ of x's dtype. Pass `math.inf` to skip.
+    - `on_failure`: what a failed forward or backward solve does: `"raise"` (default),
+      `"warn"`, or `"nan"` (the failed output, or failed batch elements, become NaN).
+    - `derivatives`: optional `idf.Derivatives` with hand-written products (NumPy reference).
+
+    **Returns:** a decorator turning `solver(*args, **options) -> x` into an `ImplicitFunction`
+    with the same call signature, differentiable in `args` by the implicit function theorem.
+    """
+    _validate(F, solve, on_failure, residual_tol, has_aux)
+    tags_ = as_tags(tags)
+
+    def decorate(solver: Callable[..., Any]) -> ImplicitFunction:
+        return ImplicitFunction(solver, F, solve=solve, tags=tags_, has_aux=has_aux,
+                                residual_tol=residual_tol, on_failure=on_failure,
+                                derivatives=derivatives)
+
+    return decorate
+
+
+def fixed_point_condition(T: Callable[..., Any]) -> Callable[..., Any]:
+    """$F(x, \\theta) = T(x, \\theta) - x$, leaf by leaf, for any backend."""
+
+    def F(x: Any, *args: Any) -> Any:
+        bk = get_backend(x)
+        t = T(x, *args)
+        check_like(bk, t, x, f"{getattr(T, '__name__', 'T')}(x, *args)")
+        tl, tdef = bk.tree_flatten(t)
+        xl, _ = bk.tree_flatten(x)
+        return bk.tree_unflatten(tdef, [a - b for a, b in zip(tl, xl)])
+
+    F.__name__ = f"fixed_point({getattr(T, '__name__', 'T')})"
+    return F
+
+
+def custom_fixed_point(T: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
+                       tags: Any = None, has_aux: bool = False,
+                       residual_tol: float | None = None, on_failure: str = "raise",
+                       derivatives: Derivatives | None = None
+                       ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
+    """Decorate a solver whose output satisfies $x^* = T(x^*, \\theta)$.
+
+    The same as `custom_root` with $F = T - x$, so $A = \\partial_x T - I$. All options as in
+    `custom_root`; `derivatives`, if given, are products with the Jacobians of $F = T - x$.
+    """
+    if not callable(T):
+        raise TypeError(f"expected the map T to be callable, got {type(T).__name__}.")
+    return custom_root(fixed_point_condition(T), solve=solve, tags=tags, has_aux=has_aux,
+                       residual_tol=residual_tol, on_failure=on_failure, derivatives=derivatives)
