@@ -165,9 +165,15 @@ class Backend(abc.ABC):
         sees the implicit rule."""
 
     def linear_solve(self, solver: Any, matvec: Callable, b: Any, *, rmatvec: Callable | None,
-                     tags: frozenset) -> tuple[Any, Any]:
-        """Solve $A x = b$ with `solver`. JAX overrides it to register the transpose solve."""
-        return solver.solve(matvec, b, rmatvec=rmatvec, tags=tags, backend=self)
+                     tags: frozenset, check: Callable[[Any, Any], Any],
+                     check_transpose: Callable[[Any, Any], Any]) -> Any:
+        """Solve $A x = b$ with `solver` and return `check(x, info)`.
+
+        `check` records the diagnostics and applies `on_failure`; `check_transpose` does the same
+        for a solve with $A^\\top$, for backends (JAX) that register the transpose solve so
+        reverse mode can run it later.
+        """
+        return check(*solver.solve(matvec, b, rmatvec=rmatvec, tags=tags, backend=self))
 
     def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
         """Forward-mode derivative of `f` (see `implicitdiff.jvp`)."""

@@ -86,15 +86,24 @@ def _linear_failure(name: str, mode: str, solver: AbstractLinearSolver, method: 
 def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: Callable,
                    rmatvec: Callable, rhs: Any, tags: frozenset, on_failure: str, name: str,
                    mode: str) -> Any:
-    sol, info = bk.linear_solve(solver, matvec, rhs, rmatvec=rmatvec, tags=tags)
-    info = LinearSolveInfo(*info)
-    bk.record(lambda it, rn, cv: BackwardRecord(name, mode, repr(solver), lin.method, it, rn, cv),
-              info.iterations, info.residual_norm, info.converged)
-    return bk.handle_failure(
-        sol, info.converged, on_failure,
-        lambda it, rn, brk: _linear_failure(name, mode, solver, lin.method, it, rn, brk),
-        info.iterations, info.residual_norm, info.breakdown,
-    )
+    def checker(m: str) -> Callable[[Any, Any], Any]:
+        # Record the solve and apply on_failure; `m` is "jvp" (solve with A) or "vjp" (A^T).
+        def check(sol: Any, info: Any) -> Any:
+            info = LinearSolveInfo(*info)
+            bk.record(lambda it, rn, cv: BackwardRecord(name, m, repr(solver), lin.method, it,
+                                                        rn, cv),
+                      info.iterations, info.residual_norm, info.converged)
+            return bk.handle_failure(
+                sol, info.converged, on_failure,
+                lambda it, rn, brk: _linear_failure(name, m, solver, lin.method, it, rn, brk),
+                info.iterations, info.residual_norm, info.breakdown,
+            )
+
+        return check
+
+    other = "vjp" if mode == "jvp" else "jvp"
+    return bk.linear_solve(solver, matvec, rhs, rmatvec=rmatvec, tags=tags,
+                           check=checker(mode), check_transpose=checker(other))
 
 
 def _check_options(solve: Any, on_failure: str) -> None:

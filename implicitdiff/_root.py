@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ._backend import Backend, get_backend
 from ._diagnostics import ForwardRecord
 from ._errors import NonConvergenceError, StructureError
@@ -88,8 +90,10 @@ class ImplicitFunction:
             return out
         return out, None
 
-    def check(self, bk: Backend, x: Any, args: tuple) -> Any:
-        """Check x's structure, F's output structure, and the residual; apply `on_failure`."""
+    def check(self, bk: Backend, x: Any, args: tuple, F: Callable[..., Any] | None = None) -> Any:
+        """Check x's structure, F's output structure, and the residual; apply `on_failure`.
+
+        `F` replaces `self.F` (the JAX backend passes its closure-converted condition)."""
         xs = bk.tree_leaves_with_path(x, "x")
         for path, leaf in xs:
             if type(leaf) is float or not bk.is_float(leaf):
@@ -98,7 +102,7 @@ class ImplicitFunction:
                     f"{type(leaf).__name__} {getattr(leaf, 'dtype', '')} at {path}. Return "
                     "arrays of a real floating dtype (float32/float64)."
                 )
-        r = self.F(x, *args)
+        r = (F or self.F)(x, *args)
         check_like(bk, r, x, f"{self.name}: F(x, *args)")
         xp = bk.namespace(*[leaf for _, leaf in xs])
         res = None
@@ -113,14 +117,15 @@ class ImplicitFunction:
             tol = default_residual_tol(float(xp.finfo(xs[0][1].dtype).eps))
         ok = finite & (res <= tol)
         name = self.name
-        bk.record(lambda r_: ForwardRecord(name, float(r_), float(tol), bool(r_ <= tol)), res)
+        bk.record(lambda r_: ForwardRecord(name, float(np.max(r_)), float(tol),
+                                           bool(np.all(r_ <= tol))), res)
         return bk.handle_failure(x, ok, self.on_failure, _forward_error(name, tol), res, finite)
 
 
 def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:
     def make(res: Any, finite: Any) -> NonConvergenceError:
-        res_f = float(res)
-        if not bool(finite):
+        res_f = float(np.max(np.asarray(res)))
+        if not bool(np.all(np.asarray(finite))):
             msg = (f"{name}: the solver returned NaN or inf. Expected a finite root x* of F. "
                    "Check the solver's inputs and its convergence.")
         else:
