@@ -315,16 +315,8 @@ def backend_of_leaf(x: Any) -> Backend | None:
     )
 
 
-def get_backend(*trees: Any) -> Backend:
-    """The backend for the arrays in `trees`.
-
-    **Arguments:**
-
-    - `trees`: pytrees of arrays (and Python scalars, which fit any backend).
-
-    **Returns:** the `Backend` owning the arrays; the NumPy reference when there are only Python
-    scalars. Raises `BackendNotFoundError` for an unknown array type or a mix of frameworks.
-    """
+def find_backend(*trees: Any) -> Backend | None:
+    """Like `get_backend`, but None when the trees hold no arrays (only Python scalars)."""
     found: dict[str, tuple[Backend, str]] = {}
     for i, tree in enumerate(trees):
         for path, leaf in _generic_paths(tree, f"arg{i}"):
@@ -337,9 +329,21 @@ def get_backend(*trees: Any) -> Backend:
             f"expected the arrays of one framework in a call, got several: {desc}. Convert them "
             "to one framework first."
         )
-    if found:
-        return next(iter(found.values()))[0]
-    return _load("numpy")
+    return next(iter(found.values()))[0] if found else None
+
+
+def get_backend(*trees: Any) -> Backend:
+    """The backend for the arrays in `trees`.
+
+    **Arguments:**
+
+    - `trees`: pytrees of arrays (and Python scalars, which fit any backend).
+
+    **Returns:** the `Backend` owning the arrays; the NumPy reference when there are only Python
+    scalars. Raises `BackendNotFoundError` for an unknown array type or a mix of frameworks.
+    """
+    bk = find_backend(*trees)
+    return bk if bk is not None else _load("numpy")
 
 
 def _generic_paths(tree: Any, prefix: str) -> list[tuple[str, Any]]:

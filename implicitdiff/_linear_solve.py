@@ -142,6 +142,21 @@ def _zeros_like_b(xp: Any, b: Any, x0: Any) -> Any:
 
 # ---- direct solvers ----------------------------------------------------------------------------
 
+def _per_element(bk: Any, xp: Any, factor_solve: Callable[[Any, Any], Any], M: Any,
+                 b: Any) -> Any:
+    """`factor_solve(M, b)`; when it raises on a batch, again one element at a time, so one
+    singular element (NaN) does not fail the independent others. Eager frameworks only raise."""
+    try:
+        return factor_solve(M, b)
+    except bk.linalg_errors:
+        if b.ndim == 1:
+            return xp.zeros_like(b) * float("nan")
+    n = b.shape[-1]
+    Mf, bf = xp.reshape(M, (-1, n, n)), xp.reshape(b, (-1, n))
+    return xp.reshape(xp.stack([_per_element(bk, xp, factor_solve, Mf[i], bf[i])
+                                for i in range(bf.shape[0])]), b.shape)
+
+
 def _direct_info(bk: Any, xp: Any, solver: Any, matvec: MatVec, M: Any, b: Any,
                  x: Any) -> tuple[Any, LinearSolveInfo]:
     finite = xp.all(xp.isfinite(x), axis=-1, keepdims=True)
@@ -176,10 +191,7 @@ class Dense(AbstractLinearSolver):
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
         M = bk.materialize(matvec, b)
-        try:
-            x = xp.linalg.solve(M, b[..., None])[..., 0]
-        except bk.linalg_errors:
-            x = xp.zeros_like(b) * float("nan")
+        x = _per_element(bk, xp, lambda M, b: xp.linalg.solve(M, b[..., None])[..., 0], M, b)
         return _direct_info(bk, xp, self, matvec, M, b, x)
 
 
@@ -202,12 +214,13 @@ class Cholesky(AbstractLinearSolver):
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
         M = bk.materialize(matvec, b)
         S = (M + xp.matrix_transpose(M)) / 2
-        try:
+
+        def factor_solve(S: Any, b: Any) -> Any:
             L = xp.linalg.cholesky(S)
             y = bk.solve_triangular(L, b, lower=True)
-            x = bk.solve_triangular(xp.matrix_transpose(L), y, lower=False)
-        except bk.linalg_errors:
-            x = xp.zeros_like(b) * float("nan")
+            return bk.solve_triangular(xp.matrix_transpose(L), y, lower=False)
+
+        x = _per_element(bk, xp, factor_solve, S, b)
         return _direct_info(bk, xp, self, matvec, M, b, x)
 
 

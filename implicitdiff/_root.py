@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Backend, get_backend
+from ._backend import Backend, find_backend, get_backend
 from ._diagnostics import ForwardRecord
 from ._errors import NonConvergenceError, StructureError
 from ._ift import _check_options
@@ -47,13 +47,14 @@ class ImplicitFunction:
 
     Call it like the solver: `fn(*args, **options)`. Positional arguments are $\\theta$: they are
     passed to `F` and differentiated; keyword options go to the solver only. The attributes
-    `F`, `solver`, `solve`, `tags`, `has_aux`, `residual_tol`, `on_failure`, `derivatives` hold
-    the configuration.
+    `F`, `solver`, `solve`, `tags`, `has_aux`, `residual_tol`, `on_failure`, `derivatives`,
+    `result_shape` hold the configuration.
     """
 
     def __init__(self, solver: Callable[..., Any], F: Callable[..., Any], *,
                  solve: AbstractLinearSolver, tags: frozenset, has_aux: bool,
-                 residual_tol: float | None, on_failure: str, derivatives: Derivatives | None):
+                 residual_tol: float | None, on_failure: str, derivatives: Derivatives | None,
+                 result_shape: Any = None):
         if not callable(solver):
             raise TypeError(f"expected a callable solver to decorate, got {type(solver).__name__}.")
         self.solver = solver
@@ -64,6 +65,7 @@ class ImplicitFunction:
         self.residual_tol = residual_tol
         self.on_failure = on_failure
         self.derivatives = derivatives
+        self.result_shape = result_shape
         functools.update_wrapper(self, solver)
 
     @property
@@ -71,7 +73,11 @@ class ImplicitFunction:
         return getattr(self.solver, "__name__", type(self.solver).__name__)
 
     def __call__(self, *args: Any, **options: Any) -> Any:
-        bk = get_backend(args, options)
+        bk = find_backend(args, options)
+        if bk is None:
+            # Only Python scalars were passed: the arrays, if any, live in closures. The
+            # solver's output tells which framework they belong to.
+            bk = get_backend(self.run_solver(args, options)[0])
         return bk.call(self, args, options)
 
     def __repr__(self) -> str:
@@ -176,7 +182,8 @@ def _validate(F: Any, solve: Any, on_failure: str, residual_tol: Any, has_aux: A
 
 def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
                 tags: Any = None, has_aux: bool = False, residual_tol: float | None = None,
-                on_failure: str = "raise", derivatives: Derivatives | None = None
+                on_failure: str = "raise", derivatives: Derivatives | None = None,
+                result_shape: Any = None
                 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Decorate a solver whose output $x^*$ satisfies $F(x^*, \\theta) = 0$.
 
@@ -198,6 +205,10 @@ def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
     - `on_failure`: what a failed forward or backward solve does: `"raise"` (default),
       `"warn"`, or `"nan"` (the failed output, or failed batch elements, become NaN).
     - `derivatives`: optional `idf.Derivatives` with hand-written products (NumPy reference).
+    - `result_shape`: for a host solver (NumPy, SciPy, C) called with JAX arrays under `jit`,
+      `vmap` or `grad`: the output's `jax.ShapeDtypeStruct` pytree (`(x, aux)` with
+      `has_aux`), or a function of the arguments returning it. Without it the shape is taken
+      from an earlier call with concrete arguments of the same shapes.
 
     **Returns:** a decorator turning `solver(*args, **options) -> x` into an `ImplicitFunction`
     with the same call signature, differentiable in `args` by the implicit function theorem.
@@ -208,7 +219,7 @@ def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
     def decorate(solver: Callable[..., Any]) -> ImplicitFunction:
         return ImplicitFunction(solver, F, solve=solve, tags=tags_, has_aux=has_aux,
                                 residual_tol=residual_tol, on_failure=on_failure,
-                                derivatives=derivatives)
+                                derivatives=derivatives, result_shape=result_shape)
 
     return decorate
 
@@ -231,7 +242,7 @@ def fixed_point_condition(T: Callable[..., Any]) -> Callable[..., Any]:
 def custom_fixed_point(T: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
                        tags: Any = None, has_aux: bool = False,
                        residual_tol: float | None = None, on_failure: str = "raise",
-                       derivatives: Derivatives | None = None
+                       derivatives: Derivatives | None = None, result_shape: Any = None
                        ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Decorate a solver whose output satisfies $x^* = T(x^*, \\theta)$.
 
@@ -241,4 +252,5 @@ def custom_fixed_point(T: Callable[..., Any], *, solve: AbstractLinearSolver = A
     if not callable(T):
         raise TypeError(f"expected the map T to be callable, got {type(T).__name__}.")
     return custom_root(fixed_point_condition(T), solve=solve, tags=tags, has_aux=has_aux,
-                       residual_tol=residual_tol, on_failure=on_failure, derivatives=derivatives)
+                       residual_tol=residual_tol, on_failure=on_failure, derivatives=derivatives,
+                       result_shape=result_shape)
