@@ -13,7 +13,7 @@ import importlib
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import _tree
@@ -287,7 +287,7 @@ def _load(name: str) -> Backend:
         mod, _, attr = spec.partition(":")
         try:
             bk = getattr(importlib.import_module(mod), attr)
-        except ImportError as e:
+        except (ImportError, AttributeError) as e:
             raise BackendNotFoundError(
                 f"backend {name!r}: expected module {mod!r} to be importable, got {e}. "
                 "Reinstall implicitdiff or the package that registered this backend."
@@ -296,9 +296,13 @@ def _load(name: str) -> Backend:
     return bk
 
 
-def _candidates() -> list[Backend]:
+def _candidates() -> Iterator[Backend]:
+    # Lazily, in table order: a leaf found by an earlier backend (numpy first) never loads a
+    # later one, so a framework whose backend cannot load does not break the others.
     _read_entry_points()
-    return [_load(name) for name, (fw, _) in list(_table.items()) if fw in sys.modules]
+    for name, (fw, _) in list(_table.items()):
+        if fw in sys.modules:
+            yield _load(name)
 
 
 def backend_of_leaf(x: Any) -> Backend | None:

@@ -86,6 +86,11 @@ class AbstractLinearSolver(abc.ABC):
                 f"{type(self).__name__}.solve: expected a right-hand side of shape (n,) or "
                 f"(..., n), got shape {getattr(b, 'shape', ())}. Ravel the vector first."
             )
+        if not xp.isdtype(b.dtype, "real floating"):
+            raise StructureError(
+                f"{type(self).__name__}.solve: expected a real floating right-hand side, got "
+                f"dtype {b.dtype}. Cast b (and the operator) to float32 or float64."
+            )
         if x0 is not None and tuple(x0.shape) != tuple(b.shape):
             raise StructureError(
                 f"{type(self).__name__}.solve: expected x0 of shape {tuple(b.shape)} like b, got "
@@ -132,6 +137,7 @@ def _check_common(obj: Any) -> None:
 
 
 def _info(xp: Any, iters: Any, rn: Any, tol: Any, brk: Any) -> LinearSolveInfo:
+    brk = brk | ~xp.isfinite(rn)  # NaN/inf in the operator or right-hand side
     conv = (rn <= tol) & ~brk
     return LinearSolveInfo(iters[..., 0], rn[..., 0], conv[..., 0], brk[..., 0])
 
@@ -422,7 +428,8 @@ class GMRES(AbstractLinearSolver):
     true residual $\\|b - Ax\\|$. A cycle that does not reduce it stops the method (reported as
     not converged).
 
-    **Arguments:** `rtol`, `atol`, `maxiter` (matrix-vector products, default $10n$), `restart`
+    **Arguments:** `rtol`, `atol`, `maxiter` (matrix-vector products, default $10n$, rounded up
+    to whole cycles), `restart`
     (default 30), `preconditioner` (applied on the right), `ridge`.
     """
 

@@ -150,8 +150,8 @@ def check_like(bk: Backend, r: Any, x: Any, what: str) -> None:
     rl, rdef = bk.tree_flatten(r)
     if xdef != rdef:
         raise StructureError(
-            f"{what}: expected a residual with the structure of x ({xdef}), got {rdef}. F must "
-            "return a residual shaped like x."
+            f"{what}: expected a residual with the structure of x ({xdef}), got {rdef}"
+            f"{_first_difference(bk, x, r)}. F must return a residual shaped like x."
         )
     for (path, a), b in zip(bk.tree_leaves_with_path(x, "x"), rl):
         shape = tuple(getattr(b, "shape", ()))
@@ -166,6 +166,21 @@ def check_like(bk: Backend, r: Any, x: Any, what: str) -> None:
                 f"{getattr(b, 'dtype', type(b).__name__)}. Cast the residual (or the solver's "
                 "output) so both have one dtype."
             )
+
+
+def _first_difference(bk: Backend, x: Any, r: Any) -> str:
+    """Where the leaves of `r` first depart from those of `x`, by key path ("" if only the node
+    types differ, e.g. a list for a tuple)."""
+    xp = [p for p, _ in bk.tree_leaves_with_path(x, "x")]
+    rp = [p for p, _ in bk.tree_leaves_with_path(r, "x")]
+    for a, b in zip(xp, rp):
+        if a != b:
+            return f": x has a leaf at {a} where the residual has one at {b}"
+    if len(xp) > len(rp):
+        return f": the residual lacks the leaf at {xp[len(rp)]}"
+    if len(rp) > len(xp):
+        return f": the residual has an extra leaf at {rp[len(xp)]}"
+    return ""
 
 
 def _validate(F: Any, solve: Any, on_failure: str, residual_tol: Any, has_aux: Any) -> None:

@@ -51,6 +51,9 @@ class NumpyLinearization(Linearization):
     # ---- where the products come from ------------------------------------------------------
     @property
     def method(self) -> str:  # type: ignore[override]
+        # Both rules use B (JVP, before the solve) or Bᵀ (VJP, after it, so after the record of
+        # the solve): settle its source now so that a VJP's record names it too.
+        self._resolve("args")
         xm = self.x_method or "not needed"
         am = self.args_method or "not needed"
         return xm if xm == am else f"x: {xm}; θ: {am}"
@@ -73,8 +76,10 @@ class NumpyLinearization(Linearization):
         if scale == 0.0:
             return _tree.tree_map(np.zeros_like, self.x)
         h = _CS_H / scale
-        xs = self.x if xdir is None else _tree.tree_map(
-            lambda a, v: a.astype(np.complex128) + 1j * h * v, self.x, xdir)
+        # x is complex even when only the args move, so F sees one dtype throughout (a fixed
+        # point's T - x, or an F that checks or copies x's dtype, would otherwise fail).
+        xs = _tree.tree_map(lambda a: a.astype(np.complex128), self.x) if xdir is None else \
+            _tree.tree_map(lambda a, v: a.astype(np.complex128) + 1j * h * v, self.x, xdir)
         args = self.args if adir is None else _perturb_args(self.args, adir, 1j * h)
         try:
             with warnings.catch_warnings():
@@ -117,7 +122,8 @@ class NumpyLinearization(Linearization):
         size = max(_maxabs(cs), _maxabs(cd), 1e-300)
         return "complex-step" if diff <= _CD_REL * size + 1e-12 else "central-difference"
 
-    def _directional(self, which: str, xdir: Any, adir: tuple | None) -> Any:
+    def _resolve(self, which: str) -> str:
+        """The source of products with ∂F/∂x (`which` "x") or ∂F/∂θ ("args"), probed once."""
         attr = "x_method" if which == "x" else "args_method"
         if getattr(self, attr) is None:
             rng = np.random.default_rng(0)
@@ -127,7 +133,11 @@ class NumpyLinearization(Linearization):
             else:
                 probe_a = _random_arg_dir(self.args, rng)
                 setattr(self, attr, self._probe(None, probe_a))
-        if getattr(self, attr) == "complex-step":
+        return getattr(self, attr)
+
+    def _directional(self, which: str, xdir: Any, adir: tuple | None) -> Any:
+        attr = "x_method" if which == "x" else "args_method"
+        if self._resolve(which) == "complex-step":
             out = self._cs(xdir, adir)
             if out is not None:
                 return out
@@ -286,7 +296,7 @@ class NumpyBackend(Backend):
         except ImportError:  # pragma: no cover - scipy is optional
             return super().solve_triangular(L, b, lower=lower)
         if L.ndim == 2:
-            return solve_triangular(L, b.T, lower=lower).T
+            return solve_triangular(L, b.T, lower=lower, check_finite=False).T
         return super().solve_triangular(L, b, lower=lower)
 
     def linearize(self, F, x, args, *, derivatives=None, tags=frozenset()):
@@ -303,7 +313,7 @@ class NumpyBackend(Backend):
             raise TypeError(
                 f"idf.{what} with NumPy arrays: expected a solver decorated with "
                 f"idf.custom_root or idf.custom_fixed_point, got {f!r}. NumPy has no autodiff, "
-                "so compositions cannot be differentiated here; call idf.{what} on the decorated "
+                f"so compositions cannot be differentiated here; call idf.{what} on the decorated "
                 "solver and apply the chain rule yourself, or pass JAX/PyTorch arrays."
             )
         return f
