@@ -217,8 +217,9 @@ def _split_static(args: tuple) -> tuple[list[Any], Callable[[Sequence[Any]], tup
 
 
 def _shape_key(dyn: Sequence[Any], options: dict) -> tuple:
-    return tuple((tuple(np.shape(d)), str(jnp.result_type(d))) for d in dyn) + (
-        tuple(sorted((k, repr(v)) for k, v in options.items() if not _is_arraylike(v))),)
+    shapes = tuple((tuple(np.shape(d)), str(jnp.result_type(d))) for d in dyn)
+    static = tuple(sorted((k, repr(v)) for k, v in options.items() if not _is_arraylike(v)))
+    return (*shapes, static)
 
 
 def _is_arraylike(v: Any) -> bool:
