@@ -423,13 +423,14 @@ class MINRES(AbstractLinearSolver):
 class GMRES(AbstractLinearSolver):
     """Restarted GMRES, for any non-singular $A$.
 
-    Each cycle builds an orthonormal Krylov basis of size `restart` (classical Gram-Schmidt
-    applied twice), solves the small least-squares problem by Givens rotations, then checks the
+    Each cycle builds an orthonormal Krylov basis of up to `restart` vectors (classical
+    Gram-Schmidt applied twice), keeps the small least-squares problem triangular with Givens
+    rotations, and ends early once the residual estimate is within tolerance; then it checks the
     true residual $\\|b - Ax\\|$. A cycle that does not reduce it stops the method (reported as
-    not converged).
+    not converged). All loops are the backend's `while_loop`, so under `jit` the method compiles
+    once, whatever `restart` is.
 
-    **Arguments:** `rtol`, `atol`, `maxiter` (matrix-vector products, default $10n$, rounded up
-    to whole cycles), `restart`
+    **Arguments:** `rtol`, `atol`, `maxiter` (matrix-vector products, default $10n$), `restart`
     (default 30), `preconditioner` (applied on the right), `ridge`.
     """
 
@@ -449,7 +450,7 @@ class GMRES(AbstractLinearSolver):
         A, M = matvec, self.preconditioner or _identity
         n = b.shape[-1]
         m = min(self.restart, n)
-        max_cycles = max(1, -(-self._maxiter(n) // m))
+        maxiter = self._maxiter(n)
         tol = self._tol(xp, b)
         x = _zeros_like_b(xp, b, x0)
         r = b - A(x) if x0 is not None else b
@@ -457,57 +458,16 @@ class GMRES(AbstractLinearSolver):
         iters = xp.zeros_like(rn, dtype=xp.int32)
         brk = xp.zeros_like(rn, dtype=xp.bool)
         stalled = xp.zeros_like(rn, dtype=xp.bool)
+        cycle = _gmres_cycle(bk, xp, A, M, b, m, tol)
 
         def cond(s):
             k, rn, brk, stalled = s[0], s[3], s[5], s[6]
-            return (k < max_cycles) & xp.any((rn > tol) & ~brk & ~stalled)
+            return (k < maxiter) & xp.any((rn > tol) & ~brk & ~stalled)
 
         def body(s):
             k, x, r, rn, iters, brk, stalled = s
             active = (rn > tol) & ~brk & ~stalled
-            V = [_div(xp, r, rn, rn > 0)]
-            H: list[list[Any]] = []  # H[j] is column j: entries 0..j+1 (after rotations: R)
-            cs_l: list[Any] = []
-            sn_l: list[Any] = []
-            g = [rn, xp.zeros_like(rn)]
-            for j in range(m):
-                w = A(M(V[j]))
-                h = [_dot(xp, V[i], w) for i in range(j + 1)]
-                for i in range(j + 1):
-                    w = w - h[i] * V[i]
-                h2 = [_dot(xp, V[i], w) for i in range(j + 1)]
-                for i in range(j + 1):
-                    w = w - h2[i] * V[i]
-                    h[i] = h[i] + h2[i]
-                hn = _norm(xp, w)
-                V.append(_div(xp, w, hn, hn > 0))
-                col = [*h, hn]
-                for i in range(j):  # apply the previous rotations
-                    a, c = col[i], col[i + 1]
-                    col[i] = cs_l[i] * a + sn_l[i] * c
-                    col[i + 1] = -sn_l[i] * a + cs_l[i] * c
-                gamma = xp.sqrt(col[j] * col[j] + col[j + 1] * col[j + 1])
-                nz = gamma > 0
-                cs = xp.where(nz, _div(xp, col[j], gamma, nz), xp.ones_like(gamma))
-                sn = _div(xp, col[j + 1], gamma, nz)
-                cs_l.append(cs)
-                sn_l.append(sn)
-                col[j] = gamma
-                col[j + 1] = xp.zeros_like(gamma)
-                H.append(col)
-                g[j + 1] = -sn * g[j]
-                g[j] = cs * g[j]
-                if j + 1 < m:
-                    g.append(xp.zeros_like(rn))
-            y = [xp.zeros_like(rn)] * m
-            for j in reversed(range(m)):
-                acc = g[j]
-                for i in range(j + 1, m):
-                    acc = acc - H[i][j] * y[i]
-                y[j] = _div(xp, acc, H[j][j], xp.abs(H[j][j]) > 0)
-            dx = y[0] * V[0]
-            for j in range(1, m):
-                dx = dx + y[j] * V[j]
+            dx, steps, used = cycle(r, rn, active)
             x_new = x + M(dx)
             r_new = b - A(x_new)
             rn_new = _norm(xp, r_new)
@@ -515,14 +475,115 @@ class GMRES(AbstractLinearSolver):
             improved = rn_new < rn
             go = active & ~bad & improved
             stall = active & ~bad & ~improved
-            return (k + 1, _sel(xp, go, x_new, x), _sel(xp, go, r_new, r),
-                    _sel(xp, go, rn_new, rn), iters + m * xp.astype(active, xp.int32),
-                    brk | bad, stalled | stall)
+            return (k + used, _sel(xp, go, x_new, x), _sel(xp, go, r_new, r),
+                    _sel(xp, go, rn_new, rn), iters + steps, brk | bad, stalled | stall)
 
         k = xp.asarray(0, dtype=xp.int32)
         s = bk.while_loop(cond, body, (k, x, r, rn, iters, brk, stalled))
-        _, x, r, rn, iters, brk, stalled = s
-        return x, _info(xp, iters, rn, tol, brk)
+        return s[1], _info(xp, s[4], s[3], tol, s[5])
+
+
+def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: Any) -> Callable:
+    """One GMRES cycle of at most `m` Arnoldi steps from residual `r`, with masks instead of
+    dynamic indexing so that every backend (and `jit`) runs it. Returns the update `dx`, the
+    steps taken per element and the steps taken by the batch."""
+    lead = (1,) * b.ndim
+    idx = xp.reshape(xp.arange(m + 1, device=_dev(b)), (m + 1, *lead))  # basis / row index
+    cidx = xp.reshape(xp.arange(m, device=_dev(b)), (m, *lead))  # column index
+    hcol = xp.reshape(xp.arange(m, device=_dev(b)), (1, m, *lead))
+    scal = (*b.shape[:-1], 1)  # a per-element scalar
+
+    def pick(arr: Any, index: Any, j: Any) -> Any:  # arr[j] along axis 0
+        return xp.sum(xp.where(index == j, arr, xp.zeros_like(arr)), axis=0)
+
+    def cycle(r: Any, rn: Any, active: Any) -> tuple[Any, Any, Any]:
+        zeros_v = xp.zeros((m + 1, *b.shape), dtype=b.dtype, device=_dev(b))
+        V = xp.where(idx == 0, _div(xp, r, rn, rn > 0)[None], zeros_v)
+        H = xp.zeros((m + 1, m, *scal), dtype=b.dtype, device=_dev(b))
+        cs = xp.ones((m, *scal), dtype=b.dtype, device=_dev(b))
+        sn = xp.zeros((m, *scal), dtype=b.dtype, device=_dev(b))
+        g = xp.where(idx == 0, rn[None], xp.zeros((m + 1, *scal), dtype=b.dtype,
+                                                  device=_dev(b)))
+        steps = xp.zeros_like(rn, dtype=xp.int32)
+        res = rn
+        j0 = xp.asarray(0, dtype=xp.int32)
+
+        def inner_cond(s):
+            j, res, act = s[0], s[6], s[8]
+            return (j < m) & xp.any(act & (res > tol))
+
+        def inner_body(s):
+            j, V, H, cs, sn, g, res, steps, act = s
+            live = act & (res > tol)
+            w = A(M(pick(V, idx, j)))
+            below = idx <= j
+            h = xp.where(below, xp.sum(V * w[None], axis=-1, keepdims=True), 0.0 * res[None])
+            w = w - xp.sum(h * V, axis=0)
+            h2 = xp.where(below, xp.sum(V * w[None], axis=-1, keepdims=True), 0.0 * res[None])
+            w = w - xp.sum(h2 * V, axis=0)
+            h = h + h2
+            hn = _norm(xp, w)
+            V = xp.where((idx == j + 1) & live, _div(xp, w, hn, hn > 0)[None], V)
+            col = xp.where(idx == j + 1, hn[None], h)
+
+            def rot_cond(t):
+                return t[0] < j
+
+            def rot_body(t):  # apply rotation i to rows i, i+1 of the new column
+                i, col = t
+                a, c = pick(col, idx, i), pick(col, idx, i + 1)
+                ci, si = pick(cs, cidx, i), pick(sn, cidx, i)
+                col = xp.where(idx == i, (ci * a + si * c)[None], col)
+                col = xp.where(idx == i + 1, (-si * a + ci * c)[None], col)
+                return i + 1, col
+
+            _, col = bk.while_loop(rot_cond, rot_body, (xp.asarray(0, dtype=xp.int32), col))
+            a, c = pick(col, idx, j), pick(col, idx, j + 1)
+            gamma = xp.sqrt(a * a + c * c)
+            nz = gamma > 0
+            cj = xp.where(nz, _div(xp, a, gamma, nz), xp.ones_like(gamma))
+            sj = _div(xp, c, gamma, nz)
+            col = xp.where(idx == j, gamma[None], xp.where(idx == j + 1, 0.0 * col, col))
+            # elements that already converged keep their state (as if they had stopped)
+            H = xp.where((hcol == j) & live, col[:, None], H)
+            cs = xp.where((cidx == j) & live, cj[None], cs)
+            sn = xp.where((cidx == j) & live, sj[None], sn)
+            gj = pick(g, idx, j)
+            g_new = xp.where(idx == j, (cj * gj)[None],
+                             xp.where(idx == j + 1, (-sj * gj)[None], g))
+            g = xp.where(live, g_new, g)
+            res_new = xp.abs(pick(g, idx, j + 1))
+            res = xp.where(live, res_new, res)
+            return (j + 1, V, H, cs, sn, g, res, steps + xp.astype(live, xp.int32), act)
+
+        s = bk.while_loop(inner_cond, inner_body, (j0, V, H, cs, sn, g, res, steps, active))
+        used, V, H, g, steps = s[0], s[1], s[2], s[5], s[7]
+
+        # back substitution R y = g over the columns used; unused columns of R are zero
+        y = xp.zeros((m, *scal), dtype=b.dtype, device=_dev(b))
+
+        def back_cond(t):
+            return t[0] >= 0
+
+        def back_body(t):
+            k, y = t
+            row = pick(H, idx[:, None], k)  # (m, ...) row k of R
+            rkk = pick(row, cidx, k)
+            acc = pick(g, idx, k) - xp.sum(xp.where(cidx > k, row * y, 0.0 * y), axis=0)
+            yk = _div(xp, acc, rkk, (xp.abs(rkk) > 0) & (k < used))
+            return k - 1, xp.where(cidx == k, yk[None], y)
+
+        _, y = bk.while_loop(back_cond, back_body, (xp.asarray(m - 1, dtype=xp.int32), y))
+        dx = xp.sum(y * V[:m], axis=0)
+        return dx, steps, used
+
+    return cycle
+
+
+def _dev(x: Any) -> Any:
+    import array_api_compat
+
+    return array_api_compat.device(x)
 
 
 @dataclass(frozen=True)
