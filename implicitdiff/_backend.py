@@ -296,26 +296,34 @@ def _load(name: str) -> Backend:
     return bk
 
 
-def _candidates() -> Iterator[Backend]:
+def _candidates(failures: list[str]) -> Iterator[Backend]:
     # Lazily, in table order: a leaf found by an earlier backend (numpy first) never loads a
-    # later one, so a framework whose backend cannot load does not break the others.
+    # later one, and a backend that cannot load is skipped (its error kept in `failures`), so
+    # one broken backend does not break the others.
     _read_entry_points()
     for name, (fw, _) in list(_table.items()):
         if fw in sys.modules:
-            yield _load(name)
+            try:
+                bk = _load(name)
+            except BackendNotFoundError as e:
+                failures.append(str(e))
+                continue
+            yield bk
 
 
 def backend_of_leaf(x: Any) -> Backend | None:
     """The backend owning one leaf; None for Python scalars and None."""
     if x is None or isinstance(x, (bool, int, float, complex)):
         return None
-    for bk in _candidates():
+    failures: list[str] = []
+    for bk in _candidates(failures):
         if bk.owns(x):
             return bk
     raise BackendNotFoundError(
         f"expected arrays of a registered framework ({', '.join(list_backends())}), got an "
         f"object of type {type(x).__module__}.{type(x).__qualname__}. Convert it to a NumPy, JAX "
         "or PyTorch array, or register a backend for it with idf.register_backend."
+        + "".join(f" Also: {f}" for f in failures)
     )
 
 
