@@ -143,8 +143,8 @@ def ridge(lam: Any, A: Any, b: Any) -> Any:
 
 def _ridge_args() -> tuple:
     rng = _rng()
-    A = rng.standard_normal((20, 8))
-    b = rng.standard_normal(20)
+    A = rng.standard_normal((24, 12))
+    b = rng.standard_normal(24)
     return np.asarray(0.7), A, b
 
 
@@ -211,7 +211,7 @@ def stationary(theta: Any, Q: Any) -> Any:
 
 def _stationary_args() -> tuple:
     rng = _rng()
-    n = 10
+    n = 12
     L = rng.standard_normal((n, n)) / np.sqrt(n)
     Q = L @ L.T + 0.5 * np.eye(n)
     theta = 2.0 * rng.standard_normal(n)
@@ -243,7 +243,7 @@ def nonsymmetric(theta: Any, M: Any) -> Any:
 
 def _nonsymmetric_args() -> tuple:
     rng = _rng()
-    n = 15
+    n = 12
     S = rng.standard_normal((n, n))
     S *= 0.8 / np.linalg.norm(S, 2)
     M = 2.0 * np.eye(n) + S
