@@ -20,7 +20,8 @@ def jvp(f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any]
 
     **Arguments:**
 
-    - `f`: a function of the primals. With NumPy arrays it must be a decorated solver.
+    - `f`: a function of the primals. With NumPy arrays it must be a decorated solver, or
+      `functools.partial(solver, **options)` to pass keyword options.
     - `primals`: tuple of arguments.
     - `tangents`: tuple of tangents, one per primal, shaped like it.
 
@@ -41,7 +42,8 @@ def vjp(f: Callable[..., Any], *primals: Any, argnums: int | Sequence[int] | Non
 
     **Arguments:**
 
-    - `f`: a function of the primals. With NumPy arrays it must be a decorated solver.
+    - `f`: a function of the primals. With NumPy arrays it must be a decorated solver, or
+      `functools.partial(solver, **options)` to pass keyword options.
     - `primals`: the arguments.
     - `argnums`: (keyword) the primals to differentiate; the others get None. Saves work in the
       NumPy reference, which builds $\\partial_\\theta F^\\top$ column by column.

@@ -494,3 +494,44 @@ def test_diagnostics_record_forward_and_backward():
     with idf.diagnostics() as d, pytest.warns(RuntimeWarning, match="far from the root"):
         loose(*args)
     assert not d.forward[0].ok and d.forward[0].residual_norm > 1e-3
+
+
+def test_keyword_options_through_partial_in_numpy_transforms():
+    import functools
+
+    def F(x, t):
+        return x**3 + x - t
+
+    @idf.custom_root(F)
+    def cubic(t, *, iters=3):
+        x = t
+        for _ in range(iters):
+            x = x - (x**3 + x - t) / (3 * x**2 + 1)
+        return x
+
+    with pytest.raises(idf.NonConvergenceError):
+        idf.jvp(cubic, (np.array(2.0),), (np.array(1.0),))
+    x, x_dot = idf.jvp(functools.partial(cubic, iters=50), (np.array(2.0),), (np.array(1.0),))
+    assert abs(x_dot - 1 / (3 * x**2 + 1)) < 1e-12
+    _, pullback = idf.vjp(functools.partial(cubic, iters=50), np.array(2.0))
+    assert abs(pullback(np.array(1.0))[0] - 1 / (3 * x**2 + 1)) < 1e-12
+
+
+def test_user_jvp_args_alone_also_serves_the_vjp():
+    def F(x, th):
+        return x - np.sin(th)
+
+    calls = []
+
+    def jvp_args(t, x, th):
+        calls.append(1)
+        return -np.cos(th) * t[0]
+
+    @idf.custom_root(F, derivatives=idf.Derivatives(jvp_args=jvp_args))
+    def s(th):
+        return np.sin(th)
+
+    th = np.array([0.3, 1.0])
+    _, pullback = idf.vjp(s, th)
+    np.testing.assert_allclose(pullback(np.ones(2))[0], np.cos(th), rtol=1e-12)
+    assert calls

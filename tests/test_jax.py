@@ -92,7 +92,8 @@ def test_jvp_vjp_dot_product(data):
     ridge = make_ridge(idf.GMRES())
     rng = np.random.default_rng(1)
     primals = (0.4, A, b)
-    tangents = (0.7, jnp.asarray(rng.standard_normal(A.shape)), jnp.asarray(rng.standard_normal(12)))
+    tangents = (0.7, jnp.asarray(rng.standard_normal(A.shape)),
+                jnp.asarray(rng.standard_normal(12)))
     u = jnp.asarray(rng.standard_normal(5))
     _, Jv = jax.jvp(ridge, primals, tangents)
     _, pullback = jax.vjp(ridge, *primals)
@@ -150,11 +151,13 @@ def test_vmap_grad_finishes_under_timeout(data):
     assert np.all(np.isfinite(out))
 
 
-def test_fixed_point_and_float32():
+@pytest.mark.parametrize("dtype,tol,iters", [("float64", 1e-8, 60), ("float32", 1e-3, 30)])
+def test_fixed_point_and_float32(dtype, tol, iters):
     rng = np.random.default_rng(2)
     W = rng.standard_normal((6, 6))
     W = 0.5 * W / np.linalg.norm(W, 2)
     U = rng.standard_normal((6, 3))
+    dtype = jnp.dtype(dtype)
 
     def T(z, W, U, theta):
         return jnp.tanh(W @ z + U @ theta)
@@ -165,15 +168,14 @@ def test_fixed_point_and_float32():
             z = T(z, W, U, theta)
         return z
 
-    for dtype, tol, iters in [(jnp.float64, 1e-8, 60), (jnp.float32, 1e-3, 30)]:
-        fp = idf.custom_fixed_point(T)(lambda W, U, theta: run(W, U, theta, iters))
-        Wj, Uj = jnp.asarray(W, dtype), jnp.asarray(U, dtype)
-        th = jnp.asarray([0.3, -0.2, 0.5], dtype)
-        g = jax.grad(lambda th: jnp.sum(fp(Wj, Uj, th)))(th)
-        assert g.dtype == dtype
-        # oracle: unrolled autodiff through many iterations converges to the implicit gradient
-        g_unrolled = jax.grad(lambda th: jnp.sum(run(Wj, Uj, th, 200)))(th)
-        assert rel(g, g_unrolled) < tol
+    fp = idf.custom_fixed_point(T)(lambda W, U, theta: run(W, U, theta, iters))
+    Wj, Uj = jnp.asarray(W, dtype), jnp.asarray(U, dtype)
+    th = jnp.asarray([0.3, -0.2, 0.5], dtype)
+    g = jax.grad(lambda th: jnp.sum(fp(Wj, Uj, th)))(th)
+    assert g.dtype == dtype
+    # oracle: unrolled autodiff through many iterations converges to the implicit gradient
+    g_unrolled = jax.grad(lambda th: jnp.sum(run(Wj, Uj, th, 200)))(th)
+    assert rel(g, g_unrolled) < tol
 
 
 def test_keyword_options_are_static_and_not_differentiated(data):
@@ -204,13 +206,18 @@ def test_pytrees_and_integer_arguments():
         return {"a": k * theta["w"] ** 2, "b": jnp.sin(theta["v"])}
 
     theta = {"w": jnp.array([1.0, 2.0]), "v": jnp.array(0.5)}
+
+    def total(th, k):
+        out = solve(th, k)
+        return jnp.sum(out["a"]) + out["b"]
+
     for k in (3, jnp.array(3)):
-        g = jax.grad(lambda th: jnp.sum(solve(th, k)["a"]) + solve(th, k)["b"])(theta)
+        g = jax.grad(total)(theta, k)
         assert rel(g["w"], 6 * theta["w"]) < 1e-12
         assert rel(g["v"], jnp.cos(0.5)) < 1e-12
     # an integer array argument gets a float0 cotangent, not a crash
     _, pullback = jax.vjp(solve, theta, jnp.array(3))
-    gt, gk = pullback({"a": jnp.ones(2), "b": jnp.array(1.0)})
+    _, gk = pullback({"a": jnp.ones(2), "b": jnp.array(1.0)})
     assert gk.dtype == jax.dtypes.float0
 
 
@@ -232,11 +239,13 @@ def test_equinox_module_argument():
         return x
 
     rng = np.random.default_rng(3)
-    layer = Layer(jnp.asarray(rng.standard_normal((4, 4)) * 0.3), jnp.asarray(rng.standard_normal(4)))
+    layer = Layer(jnp.asarray(rng.standard_normal((4, 4)) * 0.3),
+                  jnp.asarray(rng.standard_normal(4)))
     g = jax.grad(lambda L: jnp.sum(solve(L)))(layer)
     eps = 1e-6
     dc = jnp.zeros(4).at[1].set(eps)
-    fd = (jnp.sum(solve(Layer(layer.W, layer.c + dc))) - jnp.sum(solve(Layer(layer.W, layer.c - dc)))) / (2 * eps)
+    fd = (jnp.sum(solve(Layer(layer.W, layer.c + dc)))
+          - jnp.sum(solve(Layer(layer.W, layer.c - dc)))) / (2 * eps)
     assert abs(float(g.c[1] - fd)) < 1e-7
 
 
@@ -399,3 +408,18 @@ def test_no_warnings_on_plain_use(data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jax.grad(lambda lam: jnp.sum(ridge(lam, A, b)))(0.3)
+
+
+def test_has_aux_passes_non_array_values_through():
+    def F(x, t):
+        return x - t**2
+
+    @idf.custom_root(F, has_aux=True)
+    def f(t):
+        return t**2, {"msg": "info", "n": 3, "arr": t * 0}
+
+    t = jnp.array([1.0, 2.0])
+    _, aux = f(t)
+    assert aux["msg"] == "info" and aux["n"] == 3 and aux["arr"].shape == (2,)
+    assert rel(jax.grad(lambda t: jnp.sum(f(t)[0]))(t), 2 * t) < 1e-12
+    assert jax.jit(lambda t: f(t)[1]["arr"])(t).shape == (2,)

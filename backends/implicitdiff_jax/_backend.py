@@ -275,8 +275,20 @@ def _call(bk: JaxBackend, fn: ImplicitFunction, args: tuple, options: dict) -> A
     dyn, rebuild = _split_static(args)
     dyn = [jnp.asarray(d) if isinstance(d, (np.ndarray, np.generic)) else d for d in dyn]
 
+    aux_static: dict[str, Any] = {}
+
     def run(*d: Any) -> Any:
-        return fn.run_solver(rebuild(d), options)
+        x, aux = fn.run_solver(rebuild(d), options)
+        if not fn.has_aux:
+            return x, aux
+        # aux passes through untouched: array leaves as outputs, other leaves (strings,
+        # objects) kept aside at trace time and put back after the call.
+        leaves, treedef = jax.tree_util.tree_flatten(aux)
+        keep = [isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or _is_tracer(leaf)
+                for leaf in leaves]
+        aux_static.update(treedef=treedef, keep=keep,
+                          static=[None if k else leaf for leaf, k in zip(leaves, keep)])
+        return x, [leaf for leaf, k in zip(leaves, keep) if k]
 
     # 1. The solver: traceable JAX code, or host code through pure_callback.
     try:
@@ -325,7 +337,14 @@ def _call(bk: JaxBackend, fn: ImplicitFunction, args: tuple, options: dict) -> A
         return (x, aux), (x_dot, jax.tree_util.tree_map(_float0_zeros_like, aux))
 
     x, aux = sol(*dyn, *F_consts, *S_consts)
-    return (x, aux) if fn.has_aux else x
+    if not fn.has_aux:
+        return x
+    if aux_static:  # a traceable solver: rebuild aux with its non-array leaves
+        it = iter(aux)
+        leaves = [next(it) if k else leaf
+                  for leaf, k in zip(aux_static["static"], aux_static["keep"])]
+        aux = jax.tree_util.tree_unflatten(aux_static["treedef"], leaves)
+    return x, aux
 
 
 backend = JaxBackend()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -202,14 +203,28 @@ class NumpyLinearization(Linearization):
                     e.reshape(-1)[j] = 1.0
                     leaf_dirs = [None] * len(leaves)
                     leaf_dirs[k] = e
-                    adir = tuple(_tree.tree_unflatten(treedef, leaf_dirs) if m == i else None
-                                 for m in range(len(self.args)))
-                    col = ravel(backend, self._directional("args", None, adir))[0]
+                    if self.d is not None and self.d.jvp_args is not None:
+                        # the user's JVP in θ, one basis direction at a time (zeros elsewhere)
+                        leaf_dirs = [e if m == k else (np.zeros(np.shape(lf)) if
+                                                       _is_float_leaf(lf) else None)
+                                     for m, lf in enumerate(leaves)]
+                        t = tuple(_tree.tree_unflatten(treedef, leaf_dirs) if m == i else
+                                  _tree.tree_map(_zero_tangent, a)
+                                  for m, a in enumerate(self.args))
+                        col = ravel(backend, self.B(t))[0]
+                    else:
+                        adir = tuple(_tree.tree_unflatten(treedef, leaf_dirs) if m == i
+                                     else None for m in range(len(self.args)))
+                        col = ravel(backend, self._directional("args", None, adir))[0]
                     gflat[j] = col @ uflat
                 grads.append(np.float64(g) if type(leaf) is float else
                              g.astype(getattr(leaf, "dtype", np.float64)))
             out.append(_tree.tree_unflatten(treedef, grads))
         return tuple(out)
+
+
+def _zero_tangent(leaf: Any) -> Any:
+    return np.zeros(np.shape(leaf)) if _is_float_leaf(leaf) else None
 
 
 def _grad_like(arg: Any, g: Any) -> Any:
@@ -308,7 +323,13 @@ class NumpyBackend(Backend):
         return (x, aux) if fn.has_aux else x
 
     # ---- transforms (the implicit rule of a decorated solver) ------------------------------
-    def _need_implicit(self, f: Any, what: str) -> ImplicitFunction:
+    def _need_implicit(self, f: Any, what: str) -> tuple[ImplicitFunction, dict]:
+        """The decorated solver and its keyword options; `functools.partial(solver, tol=...)`
+        (keywords only) passes options."""
+        options: dict = {}
+        if isinstance(f, functools.partial) and not f.args and isinstance(f.func,
+                                                                          ImplicitFunction):
+            f, options = f.func, dict(f.keywords)
         if not isinstance(f, ImplicitFunction):
             raise TypeError(
                 f"idf.{what} with NumPy arrays: expected a solver decorated with "
@@ -316,25 +337,25 @@ class NumpyBackend(Backend):
                 f"so compositions cannot be differentiated here; call idf.{what} on the decorated "
                 "solver and apply the chain rule yourself, or pass JAX/PyTorch arrays."
             )
-        return f
+        return f, options
 
     def _rule_kwargs(self, f: ImplicitFunction) -> dict:
         return dict(solve=f.solve, tags=f.tags, derivatives=f.derivatives,
                     on_failure=f.on_failure, backend=self, name=f.name)
 
-    def _primal(self, f: ImplicitFunction, primals: tuple) -> tuple[Any, Any]:
-        x, aux = f.run_solver(primals, {})
+    def _primal(self, f: ImplicitFunction, primals: tuple, options: dict) -> tuple[Any, Any]:
+        x, aux = f.run_solver(primals, options)
         return f.check(self, x, primals), aux
 
     def jvp(self, f, primals, tangents):
-        f = self._need_implicit(f, "jvp")
-        x, aux = self._primal(f, primals)
+        f, options = self._need_implicit(f, "jvp")
+        x, aux = self._primal(f, primals, options)
         x_dot = implicit_jvp(f.F, x, primals, tangents, **self._rule_kwargs(f))
         return ((x, aux), (x_dot, None)) if f.has_aux else (x, x_dot)
 
     def vjp(self, f, primals, argnums):
-        f = self._need_implicit(f, "vjp")
-        x, aux = self._primal(f, primals)
+        f, options = self._need_implicit(f, "vjp")
+        x, aux = self._primal(f, primals, options)
         lin = self.linearize(f.F, x, primals, derivatives=f.derivatives, tags=f.tags)
 
         def vjp_fn(cotangent: Any) -> tuple:
@@ -344,7 +365,7 @@ class NumpyBackend(Backend):
         return ((x, aux) if f.has_aux else x), vjp_fn
 
     def jacobian(self, f, primals, argnums):
-        f = self._need_implicit(f, "jacobian")
+        f, options = self._need_implicit(f, "jacobian")
         if not -len(primals) <= argnums < len(primals):
             raise StructureError(f"jacobian: argnums {argnums} out of range for "
                                  f"{len(primals)} primals.")
@@ -354,7 +375,7 @@ class NumpyBackend(Backend):
                 f"jacobian: expected argument {argnums} to be a floating array or float, got "
                 f"{type(arg).__name__}. For pytree arguments use idf.jvp/idf.vjp."
             )
-        x, _ = self._primal(f, primals)
+        x, _ = self._primal(f, primals, options)
         lin = self.linearize(f.F, x, primals, derivatives=f.derivatives, tags=f.tags)
         shape = np.shape(arg)
         p = int(np.prod(shape))
