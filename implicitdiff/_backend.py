@@ -105,7 +105,7 @@ class Backend(abc.ABC):
 
     def tree_unflatten(self, treedef: Any, leaves: Sequence[Any]) -> Any:
         """Inverse of `tree_flatten`."""
-        return _tree.tree_unflatten(treedef, leaves)
+        return _tree.tree_unflatten(treedef, list(leaves))
 
     def tree_leaves_with_path(self, tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
         """Leaves with readable key paths, for error messages."""

@@ -64,7 +64,10 @@ class Diagnostics:
     backward: list[BackwardRecord] = field(default_factory=list)
 
     def _add(self, rec: Any) -> None:
-        (self.forward if isinstance(rec, ForwardRecord) else self.backward).append(rec)
+        if isinstance(rec, ForwardRecord):
+            self.forward.append(rec)
+        else:
+            self.backward.append(rec)
 
 
 _state = threading.local()

@@ -184,7 +184,7 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     args = tuple(args)
     bk = backend or get_backend(x_star, args, tangents)
     tangents = _check_tangents(bk, args, tuple(tangents))
-    name = name or getattr(F, "__name__", "F")
+    name = name or str(getattr(F, "__name__", "F"))
     lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
     rhs, unravel = ravel(bk, lin.B(tangents))
     solver = resolve_solver(solve, rhs.shape[-1], tags)
@@ -220,7 +220,7 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     tags = as_tags(tags)
     args = tuple(args)
     bk = backend or get_backend(x_star, args, cotangent)
-    name = name or getattr(F, "__name__", "F")
+    name = name or str(getattr(F, "__name__", "F"))
     xs, xdef = bk.tree_flatten(x_star)
     cs, cdef = bk.tree_flatten(cotangent)
     if xdef != cdef or any(tuple(a.shape) != tuple(c.shape) for a, c in zip(xs, cs)):

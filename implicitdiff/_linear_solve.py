@@ -96,17 +96,8 @@ class AbstractLinearSolver(abc.ABC):
                 f"{type(self).__name__}.solve: expected x0 of shape {tuple(b.shape)} like b, got "
                 f"{tuple(x0.shape)}."
             )
-        ridge = self.ridge
-        if ridge:
-            mv0, rmv0 = matvec, rmatvec
-
-            def matvec(v: Any) -> Any:
-                return mv0(v) + ridge * v
-
-            if rmv0 is not None:
-                def rmatvec(u: Any) -> Any:
-                    return rmv0(u) + ridge * u
-        x, info = self._solve(bk, xp, matvec, b, x0, rmatvec, tags)
+        x, info = self._solve(bk, xp, _shifted(matvec, self.ridge), b, x0,
+                              None if rmatvec is None else _shifted(rmatvec, self.ridge), tags)
         return x, info
 
     @abc.abstractmethod
@@ -121,6 +112,13 @@ class AbstractLinearSolver(abc.ABC):
     def _maxiter(self, n: int) -> int:
         m = getattr(self, "maxiter", None)
         return 10 * n if m is None else m
+
+
+def _shifted(matvec: MatVec, ridge: float) -> MatVec:
+    """$v \\mapsto (A + \\text{ridge}\\, I) v$."""
+    if not ridge:
+        return matvec
+    return lambda v: matvec(v) + ridge * v
 
 
 def _check_common(obj: Any) -> None:
@@ -675,15 +673,16 @@ class Auto(AbstractLinearSolver):
     def select(self, n: int, tags: frozenset) -> AbstractLinearSolver:
         """The concrete solver used for a system of size `n` with structure `tags`."""
         spd = symmetric in tags and positive_definite in tags
-        common = dict(rtol=self.rtol, atol=self.atol, ridge=self.ridge)
+        rtol, atol, ridge, maxiter = self.rtol, self.atol, self.ridge, self.maxiter
         if n <= self.dense_max:
-            return Cholesky(**common) if spd else Dense(**common)
-        common["maxiter"] = self.maxiter
+            if spd:
+                return Cholesky(rtol=rtol, atol=atol, ridge=ridge)
+            return Dense(rtol=rtol, atol=atol, ridge=ridge)
         if spd:
-            return CG(**common)
+            return CG(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge)
         if symmetric in tags:
-            return MINRES(**common)
-        return GMRES(**common)
+            return MINRES(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge)
+        return GMRES(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge)
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
         chosen = self.select(b.shape[-1], tags)

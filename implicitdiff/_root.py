@@ -121,6 +121,7 @@ class ImplicitFunction:
         tol = self.residual_tol
         if tol is None:
             tol = default_residual_tol(float(xp.finfo(xs[0][1].dtype).eps))
+        assert res is not None and finite is not None  # x has at least one leaf
         ok = finite & (res <= tol)
         name = self.name
         bk.record(lambda r_: ForwardRecord(name, float(np.max(r_)), float(tol),

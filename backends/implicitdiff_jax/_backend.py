@@ -53,9 +53,10 @@ class JaxLinearization(Linearization):
         return self._jvp_x(v)
 
     def AT(self, u: Any) -> Any:
-        if self._vjp_x is None:
-            self._vjp_x = jax.linear_transpose(self._jvp_x, self.x)
-        return self._vjp_x(u)[0]
+        vjp = self._vjp_x
+        if vjp is None:
+            vjp = self._vjp_x = jax.linear_transpose(self._jvp_x, self.x)
+        return vjp(u)[0]
 
     def B(self, args_dot: tuple) -> Any:
         tangents = tuple(

@@ -201,7 +201,7 @@ class NumpyLinearization(Linearization):
                 for j in range(gflat.size):
                     e = np.zeros(np.shape(leaf))
                     e.reshape(-1)[j] = 1.0
-                    leaf_dirs = [None] * len(leaves)
+                    leaf_dirs: list[Any] = [None] * len(leaves)
                     leaf_dirs[k] = e
                     if self.d is not None and self.d.jvp_args is not None:
                         # the user's JVP in θ, one basis direction at a time (zeros elsewhere)
