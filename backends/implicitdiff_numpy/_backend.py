@@ -38,8 +38,11 @@ class NumpyLinearization(Linearization):
     """Products with the Jacobians of `F` at `(x, args)` without autodiff."""
 
     def __init__(self, F: Callable[..., Any], x: Any, args: tuple, *, derivatives: Any = None,
-                 tags: frozenset = frozenset()):
+                 tags: frozenset = frozenset(), argnums: Sequence[int] | None = None):
         self.F, self.x, self.args = F, x, args
+        # the arguments derivatives are wanted for: the probe of ∂F/∂θ perturbs only those
+        self.argnums = tuple(range(len(args))) if argnums is None else tuple(argnums)
+        self._complex_x = False  # whether F needs a complex x when only θ is complex
         self.d = derivatives
         self.tags = tags
         self.x_leaves, self.x_def = _tree.tree_flatten(x)
@@ -77,11 +80,24 @@ class NumpyLinearization(Linearization):
         if scale == 0.0:
             return _tree.tree_map(np.zeros_like, self.x)
         h = _CS_H / scale
-        # x is complex even when only the args move, so F sees one dtype throughout (a fixed
-        # point's T - x, or an F that checks or copies x's dtype, would otherwise fail).
-        xs = _tree.tree_map(lambda a: a.astype(np.complex128), self.x) if xdir is None else \
-            _tree.tree_map(lambda a, v: a.astype(np.complex128) + 1j * h * v, self.x, xdir)
         args = self.args if adir is None else _perturb_args(self.args, adir, 1j * h)
+        if xdir is not None:
+            out = self._eval_complex(_tree.tree_map(
+                lambda a, v: a.astype(np.complex128) + 1j * h * v, self.x, xdir), args)
+        else:
+            # Only θ moves: try the real x (cheaper: real-by-complex products stay small);
+            # an F that needs one dtype throughout (a fixed point's T - x) gets a complex x.
+            out = None if self._complex_x else self._eval_complex(self.x, args)
+            if out is None:
+                out = self._eval_complex(
+                    _tree.tree_map(lambda a: a.astype(np.complex128), self.x), args)
+                self._complex_x = out is not None
+        if out is None:
+            return None
+        return self._cast_like_x(_tree.tree_map(lambda v: np.imag(v) / h, out))
+
+    def _eval_complex(self, xs: Any, args: tuple) -> Any | None:
+        """F at complex inputs; None if F fails there or drops the imaginary part."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", np.exceptions.ComplexWarning)
@@ -91,7 +107,7 @@ class NumpyLinearization(Linearization):
         leaves = _tree.tree_flatten(out)[0]
         if not all(np.iscomplexobj(v) for v in leaves):
             return None
-        return self._cast_like_x(_tree.tree_map(lambda v: np.imag(v) / h, out))
+        return out
 
     def _cd(self, xdir: Any, adir: tuple | None) -> Any:
         """Central differences of F along (xdir, adir)."""
@@ -132,7 +148,7 @@ class NumpyLinearization(Linearization):
                 probe_x = _tree.tree_map(lambda a: rng.standard_normal(np.shape(a)), self.x)
                 setattr(self, attr, self._probe(probe_x, None))
             else:
-                probe_a = _random_arg_dir(self.args, rng)
+                probe_a = _random_arg_dir(self.args, rng, self.argnums)
                 setattr(self, attr, self._probe(None, probe_a))
         return getattr(self, attr)
 
@@ -250,9 +266,12 @@ def _float_dirs(args: tuple, args_dot: tuple) -> tuple:
     return tuple(out)
 
 
-def _random_arg_dir(args: tuple, rng: np.random.Generator) -> tuple:
-    out = []
-    for a in args:
+def _random_arg_dir(args: tuple, rng: np.random.Generator, argnums: Sequence[int]) -> tuple:
+    out: list[Any] = []
+    for i, a in enumerate(args):
+        if i not in argnums:
+            out.append(None)
+            continue
         al, adef = _tree.tree_flatten(a)
         out.append(_tree.tree_unflatten(adef, [
             rng.standard_normal(np.shape(aa)) if _is_float_leaf(aa) else None for aa in al]))
@@ -314,8 +333,9 @@ class NumpyBackend(Backend):
             return solve_triangular(L, b.T, lower=lower, check_finite=False).T
         return super().solve_triangular(L, b, lower=lower)
 
-    def linearize(self, F, x, args, *, derivatives=None, tags=frozenset()):
-        return NumpyLinearization(F, x, tuple(args), derivatives=derivatives, tags=tags)
+    def linearize(self, F, x, args, *, derivatives=None, tags=frozenset(), argnums=None):
+        return NumpyLinearization(F, x, tuple(args), derivatives=derivatives, tags=tags,
+                                  argnums=argnums)
 
     def call(self, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
         x, aux = fn.run_solver(args, options)
@@ -356,7 +376,8 @@ class NumpyBackend(Backend):
     def vjp(self, f, primals, argnums):
         f, options = self._need_implicit(f, "vjp")
         x, aux = self._primal(f, primals, options)
-        lin = self.linearize(f.F, x, primals, derivatives=f.derivatives, tags=f.tags)
+        lin = self.linearize(f.F, x, primals, derivatives=f.derivatives, tags=f.tags,
+                             argnums=argnums)
 
         def vjp_fn(cotangent: Any) -> tuple:
             return implicit_vjp(f.F, x, primals, cotangent, argnums=argnums, linearization=lin,
@@ -376,7 +397,10 @@ class NumpyBackend(Backend):
                 f"{type(arg).__name__}. For pytree arguments use idf.jvp/idf.vjp."
             )
         x, _ = self._primal(f, primals, options)
-        lin = self.linearize(f.F, x, primals, derivatives=f.derivatives, tags=f.tags)
+        lin = self.linearize(f.F, x, primals, derivatives=f.derivatives, tags=f.tags,
+                             argnums=(argnums % len(primals),))
+        if f.derivatives is None or f.derivatives.jvp_x is None:
+            lin.jac_x()  # many solves with one A: build it once (n products), not per solve
         shape = np.shape(arg)
         p = int(np.prod(shape))
         xflat, unravel = ravel(self, x)
