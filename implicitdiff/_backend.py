@@ -359,10 +359,20 @@ def get_backend(*trees: Any) -> Backend:
 
 
 def _generic_paths(tree: Any, prefix: str) -> list[tuple[str, Any]]:
-    # JAX pytrees with registered nodes flatten with jax.tree_util when jax is loaded.
-    if "jax" in sys.modules:
+    # The core's pytree first. Only a leaf that is neither a scalar nor an array may be a node
+    # registered with jax.tree_util (an equinox module, ...): then, with jax loaded, flatten with
+    # jax. (Tensors and NumPy arrays never go through jax.tree_util, which torch.compile cannot
+    # trace.)
+    paths = _tree.tree_leaves_with_path(tree, prefix)
+    if "jax" in sys.modules and not all(_plain_leaf(leaf) for _, leaf in paths):
         import jax
 
         leaves = jax.tree_util.tree_leaves_with_path(tree)
         return [(prefix + jax.tree_util.keystr(p), leaf) for p, leaf in leaves]
-    return _tree.tree_leaves_with_path(tree, prefix)
+    return paths
+
+
+def _plain_leaf(x: Any) -> bool:
+    """A scalar, a string or an array (anything with a dtype and a shape): not a pytree node."""
+    return x is None or isinstance(x, (bool, int, float, complex, str)) or (
+        hasattr(x, "dtype") and hasattr(x, "shape"))

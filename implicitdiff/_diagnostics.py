@@ -35,12 +35,17 @@ class LinearSolveInfo(NamedTuple):
 
 @dataclass(frozen=True)
 class ForwardRecord:
-    """One forward solve: $\\max|F(x^*, \\theta)|$ against the tolerance."""
+    """One forward solve: $\\max|F(x^*, \\theta)|$ against the tolerance.
+
+    With `batch_dims > 0`, `residual_norm` and `ok` cover the whole batch and `per_element`
+    holds the residual of each batch element (a NumPy array of the batch shape); else None.
+    """
 
     function: str
     residual_norm: float
     residual_tol: float
     ok: bool
+    per_element: Any = None
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,13 @@ class ImplicitFunction:
     Call it like the solver: `fn(*args, **options)`. Positional arguments are $\\theta$: they are
     passed to `F` and differentiated; keyword options go to the solver only. The attributes
     `F`, `solver`, `solve`, `tags`, `has_aux`, `residual_tol`, `on_failure`, `derivatives`,
-    `result_shape` hold the configuration.
+    `result_shape`, `batch_dims` hold the configuration.
     """
 
     def __init__(self, solver: Callable[..., Any], F: Callable[..., Any], *,
                  solve: AbstractLinearSolver, tags: frozenset, has_aux: bool,
                  residual_tol: float | None, on_failure: str, derivatives: Derivatives | None,
-                 result_shape: Any = None):
+                 result_shape: Any = None, batch_dims: int = 0):
         if not callable(solver):
             raise TypeError(f"expected a callable solver to decorate, got {type(solver).__name__}.")
         self.solver = solver
@@ -66,6 +66,7 @@ class ImplicitFunction:
         self.on_failure = on_failure
         self.derivatives = derivatives
         self.result_shape = result_shape
+        self.batch_dims = batch_dims
         functools.update_wrapper(self, solver)
 
     @property
@@ -111,11 +112,20 @@ class ImplicitFunction:
         r = (F or self.F)(x, *args)
         check_like(bk, r, x, f"{self.name}: F(x, *args)")
         xp = bk.namespace(*[leaf for _, leaf in xs])
+        k = self.batch_dims
+        batch = _batch_shape(self.name, xs, k)
         res = None
         finite = None
         for (_, xl), rl in zip(xs, bk.tree_flatten(r)[0]):
-            m = xp.max(xp.abs(rl)) if rl.size else xp.zeros((), dtype=rl.dtype)
-            f = xp.all(xp.isfinite(xl))
+            # with batch_dims = k, one residual and one finiteness flag per batch element
+            axes = tuple(range(k, rl.ndim))
+            if not axes:
+                m, f = xp.abs(rl), xp.isfinite(xl)
+            elif rl.size:
+                m, f = xp.max(xp.abs(rl), axis=axes), xp.all(xp.isfinite(xl), axis=axes)
+            else:
+                m = xp.zeros(batch, dtype=rl.dtype)
+                f = xp.ones(batch, dtype=xp.bool)
             res = m if res is None else xp.maximum(res, m)
             finite = f if finite is None else finite & f
         tol = self.residual_tol
@@ -125,18 +135,24 @@ class ImplicitFunction:
         ok = finite & (res <= tol)
         name = self.name
         bk.record(lambda r_: ForwardRecord(name, float(np.max(r_)), float(tol),
-                                           bool(np.all(r_ <= tol))), res)
+                                           bool(np.all(r_ <= tol)),
+                                           np.asarray(r_) if k else None), res)
         return bk.handle_failure(x, ok, self.on_failure, _forward_error(name, tol), res, finite)
 
 
 def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:
     def make(res: Any, finite: Any) -> NonConvergenceError:
         res_f = float(np.max(np.asarray(res)))
+        name_ = name
+        if np.ndim(res):  # batch_dims > 0: name the failed elements
+            bad = np.argwhere(~(np.asarray(finite) & (np.asarray(res) <= tol)))
+            shown = ", ".join(str(tuple(int(i) for i in b)) for b in bad[:5])
+            name_ += f" (batch elements {shown}{', ...' if len(bad) > 5 else ''})"
         if not bool(np.all(np.asarray(finite))):
-            msg = (f"{name}: the solver returned NaN or inf. Expected a finite root x* of F. "
+            msg = (f"{name_}: the solver returned NaN or inf. Expected a finite root x* of F. "
                    "Check the solver's inputs and its convergence.")
         else:
-            msg = (f"{name}: the forward solve stopped far from the root: max|F(x*, θ)| = "
+            msg = (f"{name_}: the forward solve stopped far from the root: max|F(x*, θ)| = "
                    f"{res_f:.3g}, expected at most residual_tol = {tol:.3g}. The derivative "
                    "would be meaningless. Tighten the solver's tolerance or raise its iteration "
                    "limit; or, if this accuracy is enough, pass a larger residual_tol.")
@@ -184,7 +200,26 @@ def _first_difference(bk: Backend, x: Any, r: Any) -> str:
     return ""
 
 
-def _validate(F: Any, solve: Any, on_failure: str, residual_tol: Any, has_aux: Any) -> None:
+def _batch_shape(name: str, xs: list, k: int) -> tuple:
+    """The common leading `k` dimensions of the leaves of x (batch_dims = k)."""
+    if not k:
+        return ()
+    batch = None
+    for path, leaf in xs:
+        shape = tuple(leaf.shape)
+        if len(shape) < k or (batch is not None and shape[:k] != batch):
+            raise StructureError(
+                f"{name}: batch_dims={k} expects every leaf of x to share its first {k} "
+                f"dimensions (the batch), got shape {shape} at {path}"
+                + (f" where other leaves have batch shape {batch}" if batch is not None else "")
+                + ". Give every leaf the batch dimensions, or lower batch_dims."
+            )
+        batch = shape[:k]
+    return batch or ()
+
+
+def _validate(F: Any, solve: Any, on_failure: str, residual_tol: Any, has_aux: Any,
+              batch_dims: Any = 0) -> None:
     if not callable(F):
         raise TypeError(f"expected the condition F to be callable, got {type(F).__name__}.")
     _check_options(solve, on_failure)
@@ -194,12 +229,14 @@ def _validate(F: Any, solve: Any, on_failure: str, residual_tol: Any, has_aux: A
                          f"{residual_tol!r}.")
     if not isinstance(has_aux, bool):
         raise TypeError(f"has_aux: expected a bool, got {has_aux!r}.")
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
+        raise ValueError(f"batch_dims: expected a non-negative int, got {batch_dims!r}.")
 
 
 def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
                 tags: Any = None, has_aux: bool = False, residual_tol: float | None = None,
                 on_failure: str = "raise", derivatives: Derivatives | None = None,
-                result_shape: Any = None
+                result_shape: Any = None, batch_dims: int = 0
                 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Decorate a solver whose output $x^*$ satisfies $F(x^*, \\theta) = 0$.
 
@@ -225,17 +262,25 @@ def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
       `vmap` or `grad`: the output's `jax.ShapeDtypeStruct` pytree (`(x, aux)` with
       `has_aux`), or a function of the arguments returning it. Without it the shape is taken
       from an earlier call with concrete arguments of the same shapes.
+    - `batch_dims`: the first `batch_dims` dimensions of every leaf of `x` index independent
+      problems (element $i$ of $F$ depends on element $i$ of $x$ only; arguments may be batched
+      or shared). The forward residual check and `on_failure` then apply per element (with
+      `"nan"` only the failed elements become NaN), diagnostics are per element, and backends
+      that support it (PyTorch) solve the linear systems per element, each stopping on its own.
+      Derivatives are those of the whole batch: shared arguments get the sum of the per-element
+      gradients. Default 0.
 
     **Returns:** a decorator turning `solver(*args, **options) -> x` into an `ImplicitFunction`
     with the same call signature, differentiable in `args` by the implicit function theorem.
     """
-    _validate(F, solve, on_failure, residual_tol, has_aux)
+    _validate(F, solve, on_failure, residual_tol, has_aux, batch_dims)
     tags_ = as_tags(tags)
 
     def decorate(solver: Callable[..., Any]) -> ImplicitFunction:
         return ImplicitFunction(solver, F, solve=solve, tags=tags_, has_aux=has_aux,
                                 residual_tol=residual_tol, on_failure=on_failure,
-                                derivatives=derivatives, result_shape=result_shape)
+                                derivatives=derivatives, result_shape=result_shape,
+                                batch_dims=batch_dims)
 
     return decorate
 
@@ -258,7 +303,8 @@ def fixed_point_condition(T: Callable[..., Any]) -> Callable[..., Any]:
 def custom_fixed_point(T: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
                        tags: Any = None, has_aux: bool = False,
                        residual_tol: float | None = None, on_failure: str = "raise",
-                       derivatives: Derivatives | None = None, result_shape: Any = None
+                       derivatives: Derivatives | None = None, result_shape: Any = None,
+                       batch_dims: int = 0
                        ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Decorate a solver whose output satisfies $x^* = T(x^*, \\theta)$.
 
@@ -269,4 +315,4 @@ def custom_fixed_point(T: Callable[..., Any], *, solve: AbstractLinearSolver = A
         raise TypeError(f"expected the map T to be callable, got {type(T).__name__}.")
     return custom_root(fixed_point_condition(T), solve=solve, tags=tags, has_aux=has_aux,
                        residual_tol=residual_tol, on_failure=on_failure, derivatives=derivatives,
-                       result_shape=result_shape)
+                       result_shape=result_shape, batch_dims=batch_dims)

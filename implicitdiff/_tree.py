@@ -66,43 +66,47 @@ def _children(tree: Any) -> tuple[Any, tuple, list] | None:
     return None
 
 
+# The recursions are module-level functions, not closures: a nested function that calls itself
+# is a reference cycle, which would keep every flattened leaf (tensors included) alive until the
+# cyclic garbage collector runs.
+
+def _flatten_into(t: Any, leaves: list[Any]) -> TreeDef:
+    node = _children(t)
+    if node is None:
+        leaves.append(t)
+        return _LEAF
+    kind, meta, kids = node
+    if kind == "none":
+        return _NONE
+    return TreeDef(kind, meta, tuple(_flatten_into(k, leaves) for k in kids))
+
+
 def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
     """Flatten `tree` into its leaves (left to right) and its structure."""
     leaves: list[Any] = []
-
-    def go(t: Any) -> TreeDef:
-        node = _children(t)
-        if node is None:
-            leaves.append(t)
-            return _LEAF
-        kind, meta, kids = node
-        if kind == "none":
-            return _NONE
-        return TreeDef(kind, meta, tuple(go(k) for k in kids))
-
-    treedef = go(tree)
+    treedef = _flatten_into(tree, leaves)
     return leaves, treedef
+
+
+def _unflatten_from(td: TreeDef, it: Iterator[Any]) -> Any:
+    if td.kind == "leaf":
+        return next(it)
+    if td.kind == "none":
+        return None
+    kids = [_unflatten_from(c, it) for c in td.children]
+    if td.kind == "tuple":
+        return tuple(kids)
+    if td.kind == "list":
+        return kids
+    if td.kind == "dict":
+        return dict(zip(td.meta, kids))
+    return td.kind(*kids)
 
 
 def tree_unflatten(treedef: TreeDef, leaves: list[Any] | tuple[Any, ...]) -> Any:
     """Rebuild a pytree of structure `treedef` from `leaves`."""
     it = iter(leaves)
-
-    def go(td: TreeDef) -> Any:
-        if td.kind == "leaf":
-            return next(it)
-        if td.kind == "none":
-            return None
-        kids = [go(c) for c in td.children]
-        if td.kind == "tuple":
-            return tuple(kids)
-        if td.kind == "list":
-            return kids
-        if td.kind == "dict":
-            return dict(zip(td.meta, kids))
-        return td.kind(*kids)
-
-    out = go(treedef)
+    out = _unflatten_from(treedef, it)
     rest = list(it)
     if rest:
         raise ValueError(f"tree_unflatten: {len(rest)} leaves too many for {treedef!r}")

@@ -1,0 +1,16 @@
+"""The PyTorch backend of implicitdiff.
+
+A solver decorated with `idf.custom_root` / `idf.custom_fixed_point`, called with tensors, runs
+untraced (under `torch.no_grad()`) and returns $x^*$. When an argument requires grad, or a
+`torch.func` transform or forward-mode AD is active, the call goes through a
+`torch.autograd.Function` whose `backward` (VJP), `jvp` (forward mode) and `vmap` rules apply the
+implicit function theorem, so `.backward()`, `torch.autograd.grad` (with `create_graph=True` too),
+`torch.autograd.forward_ad` and `torch.func.{grad, vjp, jvp, jacrev, jacfwd, hessian, vmap}` work.
+See `docs/torch.md`.
+"""
+
+from ._backend import TorchBackend as TorchBackend
+from ._backend import TorchLinearization as TorchLinearization
+from ._backend import backend as backend
+
+__all__ = ["TorchBackend", "TorchLinearization", "backend"]

@@ -1,0 +1,287 @@
+"""The PyTorch backend: `TorchBackend`, `TorchLinearization`, and the array namespace with the
+workarounds the core's dense solvers need on this torch build."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+
+from implicitdiff import _tree
+from implicitdiff._backend import Backend, Linearization, nan_where
+from implicitdiff._diagnostics import _emit, collecting
+from implicitdiff._errors import ImplicitDiffError, StructureError
+from implicitdiff._root import ImplicitFunction
+
+from ._function import Operator, Problem, func_vjp, leaves_aligned
+from ._function import call as _call
+
+# Batched LU (`torch.linalg.solve`, `lu_factor`, `inv`) in the CPU build of torch 2.13 with MKL
+# and more than one thread fails for n >= 150 (hangs at n = 150; above, MKL prints "Parameter 6
+# was incorrect on entry to DLASWP" to stdout and torch raises about invalid pivots). Unbatched
+# LU is fine, so batched CPU solves at or above this size go one matrix at a time.
+_BATCHED_LU_MAX = 127
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_LinAlgError: type[Exception] = torch.linalg.LinAlgError  # pyright: ignore[reportPrivateImportUsage]
+
+
+def _upcast(*ts: torch.Tensor) -> tuple[list[torch.Tensor], torch.dtype | None]:
+    """Half-precision dtypes have no LAPACK kernels: solve in float32, cast back."""
+    dt = ts[0].dtype
+    if dt in _LOW_PRECISION:
+        return [t.float() for t in ts], dt
+    return list(ts), None
+
+
+class _Linalg:
+    """`xp.linalg` for torch with per-element failure and the batched-LU workaround."""
+
+    def __init__(self, base: Any):
+        self._base = base
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+    def solve(self, M: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        (M, b), back = _upcast(M, b)
+        n = M.shape[-1]
+        batch = M.shape[:-2]
+        if M.ndim > 2 and M.device.type == "cpu" and n > _BATCHED_LU_MAX and batch.numel() > 1:
+            Mf = M.reshape(-1, n, n)
+            bf = torch.broadcast_to(b, (*batch, *b.shape[-2:])).reshape(-1, *b.shape[-2:])
+            xs = [_solve_one(Mf[i], bf[i]) for i in range(Mf.shape[0])]
+            x = torch.stack(xs).reshape(*batch, *b.shape[-2:])
+        else:
+            x = _solve_one(M, b)
+        return x if back is None else x.to(back)
+
+    def cholesky(self, M: torch.Tensor) -> torch.Tensor:
+        (M,), back = _upcast(M)
+        L, info = torch.linalg.cholesky_ex(M)
+        bad = info != 0
+        if bool(bad.any()):
+            if M.ndim == 2:
+                raise _LinAlgError("cholesky: the matrix is not positive definite")
+            L = torch.where(bad[..., None, None], torch.full_like(L, float("nan")), L)
+        return L if back is None else L.to(back)
+
+
+def _solve_one(M: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LU solve; an element whose factorization fails becomes NaN (the others are kept)."""
+    x, info = torch.linalg.solve_ex(M, b)
+    bad = info != 0
+    if bool(bad.any()):
+        x = torch.where(bad.reshape(*bad.shape, 1, 1), torch.full_like(x, float("nan")), x)
+    return x
+
+
+class _Namespace:
+    """The array-API namespace for torch, with `linalg` replaced by `_Linalg` and `where` by
+    `torch.where` (the solvers' operands already share a dtype; the compat wrapper's promotion
+    logic costs more than the operation on small vectors)."""
+
+    def __init__(self, base: Any):
+        self._base = base
+        self.linalg = _Linalg(base.linalg)
+        self.where = torch.where
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._base, name)
+        setattr(self, name, value)  # cached: later lookups skip __getattr__
+        return value
+
+
+_namespace: _Namespace | None = None
+
+
+def _float_leaf(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.is_floating_point()
+    return type(x) is float
+
+
+class TorchLinearization(Linearization):
+    """Products with the Jacobians of `F` at `(x, args)` from `torch.func`.
+
+    $A^\\top u$ and $B^\\top u$ are reverse-mode products (`torch.func.vjp`, one recorded
+    evaluation of `F` each, reused); $A v$ and $B \\dot\\theta$ are the transposes of those, taken
+    by reverse mode again (the "double-vjp" trick), so they also work inside an
+    `autograd.Function.jvp`, where forward-mode AD cannot nest. Tensor leaves of `args` that are
+    not floating, and non-tensor leaves, are constants: their cotangent is None.
+    """
+
+    method = "autodiff"
+
+    def __init__(self, F: Callable[..., Any], x: Any, args: tuple, *,
+                 tags: frozenset = frozenset()):
+        self.F, self.x, self.args, self.tags = F, x, tuple(args), tags
+        self.problem = Problem.of(F, self.args)
+        self.problem.tags = tags
+        self.xs, self.x_def = _tree.tree_flatten(x)
+        self.problem.x_def = self.x_def
+        self.ths = self.problem.tensors(self.args)
+        self._ops: Any = None
+
+    def _get_ops(self) -> Any:
+        if self._ops is None:
+            self._ops = Operator(self.problem, list(self.xs), list(self.ths))
+        return self._ops
+
+    def A(self, v: Any) -> Any:
+        leaves = _tree.tree_flatten(v)[0]
+        return _tree.tree_unflatten(self.x_def, self._get_ops().A(leaves))
+
+    def AT(self, u: Any) -> Any:
+        leaves = _tree.tree_flatten(u)[0]
+        return _tree.tree_unflatten(self.x_def, self._get_ops().AT(leaves))
+
+    def B(self, args_dot: tuple) -> Any:
+        dots = self.problem.tensor_tangents(tuple(args_dot))
+        return _tree.tree_unflatten(self.x_def, self._get_ops().B(dots))
+
+    def BT(self, u: Any, argnums: Sequence[int] | None = None) -> tuple:
+        leaves = _tree.tree_flatten(u)[0]
+        wanted = self.problem.wanted(argnums)
+        grads = self._get_ops().BT(leaves, wanted)
+        return self.problem.args_cotangent(grads, wanted)
+
+
+class TorchBackend(Backend):
+    """The backend for `torch.Tensor`: the implicit rule is a `torch.autograd.Function`."""
+
+    name = "torch"
+    framework = "torch"
+    linalg_errors = (_LinAlgError,)
+
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def is_float(self, x: Any) -> bool:
+        return _float_leaf(x)
+
+    def namespace(self, *arrays: Any) -> Any:
+        global _namespace
+        if _namespace is None:
+            import array_api_compat.torch as base
+
+            _namespace = _Namespace(base)
+        return _namespace
+
+    def materialize(self, matvec: Callable[[Any], Any], b: Any) -> Any:
+        whole = getattr(matvec, "materialize", None)
+        M = whole(b) if whole is not None else None
+        if M is not None:  # one batched product (the backend's own first-order products)
+            return M
+        n = b.shape[-1]
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
+        cols = [matvec(eye[j].expand(b.shape)) for j in range(n)]
+        return torch.stack(cols, dim=-1)
+
+    def solve_triangular(self, L: Any, b: Any, *, lower: bool) -> Any:
+        (L, b), back = _upcast(L, b)
+        x = torch.linalg.solve_triangular(L, b[..., None], upper=not lower)[..., 0]
+        return x if back is None else x.to(back)
+
+    # ---- failures and diagnostics: host data, no device sync unless needed ------------------
+    def handle_failure(self, value: Any, ok: Any, on_failure: str,
+                       make_error: Callable[..., ImplicitDiffError], *data: Any) -> Any:
+        if on_failure == "nan":  # no host sync: a where on the flags
+            return nan_where(self, value, ok)
+        if bool(torch.all(ok)):
+            return value
+        err = make_error(*[_host(d) for d in data])
+        if on_failure == "raise":
+            raise err
+        warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+        return value
+
+    def record(self, make_record: Callable[..., Any], *data: Any) -> None:
+        if collecting():
+            _emit(make_record(*[_host(d) for d in data]))
+
+    def linearize(self, F, x, args, *, derivatives=None, tags=frozenset()):
+        return TorchLinearization(F, x, tuple(args), tags=tags)
+
+    def call(self, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
+        return _call(self, fn, args, options)
+
+    # ---- transforms: torch.func ---------------------------------------------------------------
+    def jvp(self, f, primals, tangents):
+        has_aux = isinstance(f, ImplicitFunction) and f.has_aux
+        leaves, treedef = _tree.tree_flatten(tuple(primals))
+        tleaves = leaves_aligned(tuple(tangents), treedef)
+        idx = [i for i, (p, t) in enumerate(zip(leaves, tleaves))
+               if _float_tensor(p) and t is not None]
+        g = _rebuild(f, leaves, treedef, idx)
+        sub_p = tuple(leaves[i] for i in idx)
+        sub_t = tuple(_as_tangent(tleaves[i], leaves[i]) for i in idx)
+        if has_aux:
+            out, out_dot, aux = cast(tuple, torch.func.jvp(g, sub_p, sub_t, has_aux=True))
+            return (out, aux), (out_dot, None)
+        return torch.func.jvp(g, sub_p, sub_t)
+
+    def vjp(self, f, primals, argnums):
+        has_aux = isinstance(f, ImplicitFunction) and f.has_aux
+        wanted = set(range(len(primals)) if argnums is None else argnums)
+        leaves, treedef = _tree.tree_flatten(tuple(primals))
+        owner = [i for i, p in enumerate(primals) for _ in _tree.tree_flatten(p)[0]]
+        idx = [j for j, leaf in enumerate(leaves) if owner[j] in wanted and _float_tensor(leaf)]
+        g = _rebuild(f, leaves, treedef, idx)
+        sub_p = tuple(leaves[j] for j in idx)
+        if has_aux:
+            out, inner, aux = cast(tuple, torch.func.vjp(g, *sub_p, has_aux=True))
+            out = (out, aux)
+        else:
+            out, inner = func_vjp(g, *sub_p)
+
+        def vjp_fn(cotangent: Any) -> tuple:
+            grads = inner(cotangent) if sub_p else ()
+            res: list[Any] = [None] * len(leaves)
+            for j, g_ in zip(idx, grads):
+                res[j] = g_
+            return tuple(_tree.tree_unflatten(treedef, res))
+
+        return out, vjp_fn
+
+    def jacobian(self, f, primals, argnums):
+        arg = primals[argnums]
+        if not (isinstance(arg, torch.Tensor) and arg.is_floating_point()):
+            raise StructureError(
+                f"jacobian: expected argument {argnums} to be a floating tensor, got "
+                f"{type(arg).__name__} {getattr(arg, 'dtype', '')}. For pytree arguments use "
+                "idf.jvp/idf.vjp or torch.func.jacrev."
+            )
+        has_aux = isinstance(f, ImplicitFunction) and f.has_aux
+        g = (lambda *p: f(*p)[0]) if has_aux else f
+        return torch.func.jacrev(g, argnums=argnums % len(primals))(*primals)
+
+
+def _float_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _rebuild(f: Callable[..., Any], leaves: list, treedef: Any, idx: Sequence[int]
+             ) -> Callable[..., Any]:
+    """`f` as a function of the leaves at `idx` (the other leaves fixed)."""
+    def g(*sub: Any) -> Any:
+        full = list(leaves)
+        for i, s_ in zip(idx, sub):
+            full[i] = s_
+        return f(*_tree.tree_unflatten(treedef, full))
+
+    return g
+
+
+def _host(d: Any) -> Any:
+    return d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else d
+
+
+def _as_tangent(t: Any, p: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t.to(dtype=p.dtype, device=p.device)
+    return torch.full_like(p, float(t))
+
+
+backend = TorchBackend()

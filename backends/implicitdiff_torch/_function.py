@@ -1,0 +1,719 @@
+"""The implicit rule as `torch.autograd.Function`s.
+
+Two Functions carry everything:
+
+- `ImplicitFn`: $\\theta \\mapsto x^*(\\theta)$. `forward` runs the user's solver untraced and
+  checks the residual; `backward` is $\\bar\\theta = -B^\\top u$ with $A^\\top u = \\bar x$;
+  `jvp` is $\\dot x = -A^{-1} B \\dot\\theta$; `vmap` runs one solve per batch element.
+- `LinSolve`: $y = M(p)^{-1} r$ with $M = A = \\partial_x F(x^*, \\theta)$ or $M = A^\\top$ and
+  $p = (x^*, \\theta)$. Its own `backward` is again a linear solve, with $M^\\top$, and its own
+  `jvp` a solve with $M$, so derivatives of any order come out right (`gradgradcheck`,
+  `hessian`).
+
+All products with the Jacobians of `F` are reverse-mode (`torch.func.vjp`); forward products are
+obtained by transposing a reverse-mode product ("double vjp"). That keeps them legal inside
+`Function.jvp`, where forward-mode AD cannot nest, composable with every `torch.func` transform,
+and differentiable again when `create_graph=True`.
+
+Derivation of the `LinSolve` rules. With $y = M^{-1} r$: $dy = M^{-1}(dr - dM\\, y)$, so for a
+cotangent $\\bar y$, with $w = M^{-\\top} \\bar y$: $\\bar r = w$ and
+$\\bar p = -\\partial_p \\langle w, M(p)\\, y\\rangle$. Both cases reduce to one reverse product,
+since $\\langle w, A^\\top y \\rangle = \\langle A^\\top y, w\\rangle$ and
+$\\langle w, A y\\rangle = \\langle A^\\top w, y\\rangle$: it is
+$\\partial_p\\langle A(p)^\\top a, b\\rangle$ with $(a, b) = (y, w)$ or $(w, y)$, the vjp with
+cotangent $b$ of $p \\mapsto A(p)^\\top a$.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from implicitdiff import _tree
+from implicitdiff._errors import StructureError
+from implicitdiff._ift import _solve_checked, resolve_solver
+from implicitdiff._root import ImplicitFunction
+from implicitdiff._tags import symmetric
+
+
+def _is_float_tensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+# ---- the problem: F, the structure of args, and which leaves are tensors ------------------------
+
+class Problem:
+    """What the Functions need to evaluate `F` from flat tensors: the condition, the structure of
+    `args` and `options`, their non-tensor leaves (constants), and the structure of `x`.
+
+    Passed to `Function.apply` as a non-tensor argument; one per call.
+    """
+
+    def __init__(self, F: Callable[..., Any], fn: ImplicitFunction | None, args: tuple,
+                 options: dict | None = None):
+        self.F = F
+        self.fn = fn
+        self.tags: frozenset = fn.tags if fn is not None else frozenset()
+        self.batch_dims: int = int(getattr(fn, "batch_dims", 0) or 0)
+        leaves, self.args_def = _tree.tree_flatten(tuple(args))
+        self.arg_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        self.arg_static = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        self.float_th = [leaves[i].is_floating_point() for i in self.arg_pos]
+        owner = []
+        for a_i, a in enumerate(args):
+            owner += [a_i] * len(_tree.tree_flatten(a)[0])
+        self.th_arg = [owner[i] for i in self.arg_pos]
+        self.n_args = len(args)
+        self.n_th = len(self.arg_pos)
+        oleaves, self.opt_def = _tree.tree_flatten(dict(options or {}))
+        self.opt_pos = [i for i, leaf in enumerate(oleaves) if isinstance(leaf, torch.Tensor)]
+        self.opt_static = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in oleaves]
+        self.n_opt = len(self.opt_pos)
+        self.x_def: Any = None
+        self.n_x = 0
+        self.aux_def: Any = None
+        self.aux_pos: list[int] = []
+        self.aux_static: list[Any] = []
+        self.check_closure = False
+
+    @classmethod
+    def of(cls, F: Callable[..., Any], args: tuple) -> Problem:
+        return cls(F, None, args)
+
+    # -- args and options from flat tensors ---------------------------------------------------
+    def tensors(self, args: tuple) -> list[torch.Tensor]:
+        leaves = _tree.tree_flatten(tuple(args))[0]
+        return [leaves[i] for i in self.arg_pos]
+
+    def option_tensors(self, options: dict) -> list[torch.Tensor]:
+        leaves = _tree.tree_flatten(dict(options))[0]
+        return [leaves[i] for i in self.opt_pos]
+
+    def args_from(self, ths: Sequence[Any]) -> tuple:
+        leaves = list(self.arg_static)
+        for p, t in zip(self.arg_pos, ths):
+            leaves[p] = t
+        return _tree.tree_unflatten(self.args_def, leaves)
+
+    def options_from(self, opts: Sequence[Any]) -> dict:
+        leaves = list(self.opt_static)
+        for p, t in zip(self.opt_pos, opts):
+            leaves[p] = t
+        return _tree.tree_unflatten(self.opt_def, leaves)
+
+    def tensor_tangents(self, args_dot: tuple) -> list[Any]:
+        """Tangents aligned with the tensor leaves of args (None where none or not floating)."""
+        tl = leaves_aligned(tuple(args_dot), self.args_def)
+        return [tl[p] if self.float_th[j] and isinstance(tl[p], torch.Tensor) else None
+                for j, p in enumerate(self.arg_pos)]
+
+    def wanted(self, argnums: Sequence[int] | None) -> list[int]:
+        keep = range(self.n_args) if argnums is None else set(argnums)
+        return [j for j in range(self.n_th) if self.th_arg[j] in keep and self.float_th[j]]
+
+    def args_cotangent(self, grads: Sequence[Any], wanted: Sequence[int]) -> tuple:
+        """A tuple like `args` with the gradient of every tensor leaf, None elsewhere."""
+        leaves: list[Any] = [None] * len(self.arg_static)
+        for j, g in enumerate(grads):
+            if j in wanted:
+                leaves[self.arg_pos[j]] = g
+        args = _tree.tree_unflatten(self.args_def, leaves)
+        return tuple(args)
+
+    # -- the condition on flat leaves ---------------------------------------------------------
+    def F_flat(self, xs: Sequence[torch.Tensor], ths: Sequence[Any]) -> tuple:
+        x = _tree.tree_unflatten(self.x_def, list(xs))
+        r = self.F(x, *self.args_from(ths))
+        return tuple(_tree.tree_flatten(r)[0])
+
+    # -- aux -----------------------------------------------------------------------------------
+    def split_aux(self, aux: Any) -> list[torch.Tensor]:
+        leaves, self.aux_def = _tree.tree_flatten(aux)
+        self.aux_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        self.aux_static = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        return [leaves[i] for i in self.aux_pos]
+
+    def join_aux(self, tensors: Sequence[torch.Tensor]) -> Any:
+        leaves = list(self.aux_static)
+        for p, t in zip(self.aux_pos, tensors):
+            leaves[p] = t
+        return _tree.tree_unflatten(self.aux_def, leaves)
+
+    def vmapped(self) -> Problem:
+        """The same problem over a new leading batch dimension of every tensor (x and the
+        tensor leaves of args): `F` mapped with `torch.func.vmap`, `batch_dims` one more."""
+        return VmappedProblem(self)
+
+
+def leaves_aligned(tangents: Any, treedef: Any) -> list[Any]:
+    """The leaves of `tangents` aligned with those of the pytree whose structure is `treedef`;
+    None (for a whole subtree or a leaf) means no tangent there."""
+    if treedef.kind == "leaf":
+        return [tangents]
+    if treedef.kind == "none":
+        return []
+    if tangents is None:
+        return [None] * treedef.num_leaves
+    kids = ([tangents[k] for k in treedef.meta] if treedef.kind == "dict" else list(tangents))
+    return [leaf for k, c in zip(kids, treedef.children) for leaf in leaves_aligned(k, c)]
+
+
+class VmappedProblem(Problem):
+    """`Problem.vmapped()`: every tensor leaf has a new leading dimension, one problem each."""
+
+    def __init__(self, base: Problem):
+        self.__dict__.update(base.__dict__)
+        self.base = base
+        self.batch_dims = base.batch_dims + 1
+
+    def F_flat(self, xs: Sequence[torch.Tensor], ths: Sequence[Any]) -> tuple:
+        base = self.base
+        return torch.func.vmap(lambda xs_, ths_: base.F_flat(xs_, ths_))(list(xs), list(ths))
+
+
+# ---- products with the Jacobians of F -----------------------------------------------------------
+
+def func_vjp(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:
+    """`torch.func.vjp` without aux (typed as the pair it returns)."""
+    return cast(tuple[Any, Callable[..., Any]], torch.func.vjp(f, *primals))
+
+
+def _zeros_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(t)
+
+
+def jvp_by_vjp(f: Callable[..., tuple], primals: Sequence[torch.Tensor],
+               tangents: Sequence[Any]) -> list[torch.Tensor]:
+    """$J \\dot p$ of `f` (returning a tuple) by reverse mode twice: $c \\mapsto J^\\top c$ is
+    linear, its vjp with cotangent $\\dot p$ is $J \\dot p$."""
+    out, vjp_fn = func_vjp(f, *primals)
+    zeros = tuple(_zeros_like(o) for o in out)
+    _, vjp2 = func_vjp(lambda *c: vjp_fn(c), *zeros)
+    tans = tuple(_zeros_like(p) if t is None else t.to(p.dtype)
+                 for p, t in zip(primals, tangents))
+    return list(vjp2(tans))
+
+
+class Operator:
+    """Products with $A = \\partial_x F$, $A^\\top$, $B = \\partial_\\theta F$, $B^\\top$ at
+    `(xs, ths)`, on lists of leaves, and the raveling of x-shaped leaves into vectors of shape
+    `(*batch, n)` (`batch` the first `problem.batch_dims` dimensions)."""
+
+    method = "autodiff"
+
+    def __init__(self, problem: Problem, xs: Sequence[torch.Tensor], ths: Sequence[Any]):
+        self.p = problem
+        self.xs = list(xs)
+        self.ths = list(ths)
+        self.k = problem.batch_dims
+        self._vx: Any = None
+        self._ax: Any = None
+        dt = self.xs[0].dtype
+        for x in self.xs[1:]:
+            dt = torch.promote_types(dt, x.dtype)
+        self.flat_dtype = dt
+
+    # -- raveling ------------------------------------------------------------------------------
+    def ravel(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+        """x-shaped leaves (possibly with extra leading dimensions) to `(..., *batch, n)`."""
+        k = self.k
+        parts = [leaf.reshape(*leaf.shape[:leaf.ndim - x.ndim + k], -1).to(self.flat_dtype)
+                 for leaf, x in zip(leaves, self.xs)]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def unravel(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of `ravel`."""
+        out, start, k = [], 0, self.k
+        for x in self.xs:
+            size = math.prod(x.shape[k:])
+            piece = flat[..., start:start + size].reshape(*flat.shape[:-1], *x.shape[k:])
+            out.append(piece.to(x.dtype))
+            start += size
+        return out
+
+    # -- products on leaves ------------------------------------------------------------------
+    def _vjp_x(self) -> Any:
+        if self._vx is None:
+            ths = self.ths
+            self._vx = func_vjp(lambda *x: self.p.F_flat(x, ths), *self.xs)
+        return self._vx
+
+    def AT(self, u: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        r, f = self._vjp_x()
+        return list(f(tuple(ui.to(ri.dtype) for ui, ri in zip(u, r))))
+
+    def A(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if symmetric in self.p.tags:
+            return self.AT(v)
+        if self._ax is None:
+            r, f = self._vjp_x()
+            zeros = tuple(_zeros_like(t) for t in r)
+            self._ax = func_vjp(lambda *c: f(c), *zeros)[1]
+        return list(self._ax(tuple(vi.to(xi.dtype) for vi, xi in zip(v, self.xs))))
+
+    def _with(self, idx: Sequence[int], sub: Sequence[Any]) -> list[Any]:
+        full = list(self.ths)
+        for i, s in zip(idx, sub):
+            full[i] = s
+        return full
+
+    def B(self, dots: Sequence[Any]) -> list[torch.Tensor]:
+        idx = [i for i, d in enumerate(dots) if d is not None and self.p.float_th[i]]
+        if not idx:
+            return [_zeros_like(x) for x in self.xs]
+        xs = self.xs
+        return jvp_by_vjp(lambda *sub: self.p.F_flat(xs, self._with(idx, sub)),
+                          [self.ths[i] for i in idx], [dots[i] for i in idx])
+
+    def BT(self, u: Sequence[torch.Tensor], wanted: Sequence[int]) -> list[Any]:
+        idx = [i for i in wanted if self.p.float_th[i]]
+        out: list[Any] = [None] * len(self.ths)
+        if not idx:
+            return out
+        xs = self.xs
+        r, f = func_vjp(lambda *sub: self.p.F_flat(xs, self._with(idx, sub)),
+                              *[self.ths[i] for i in idx])
+        for i, g in zip(idx, f(tuple(ui.to(ri.dtype) for ui, ri in zip(u, r)))):
+            out[i] = g
+        return out
+
+    # -- on raveled vectors, for the linear solvers -------------------------------------------
+    def A_flat(self, v: torch.Tensor) -> torch.Tensor:
+        return self.ravel(self.A(self.unravel(v)))
+
+    def AT_flat(self, u: torch.Tensor) -> torch.Tensor:
+        return self.ravel(self.AT(self.unravel(u)))
+
+
+class FastOperator(Operator):
+    """`Operator` for a first-order backward pass outside any transform: one recorded evaluation
+    of `F` at detached `(xs, ths)` serves every product, through `torch.autograd.grad` (which
+    runs only the branches leading to the inputs it is asked for). Not differentiable again."""
+
+    def __init__(self, problem: Problem, xs: Sequence[torch.Tensor], ths: Sequence[Any],
+                 wanted: Sequence[int]):
+        super().__init__(problem, xs, ths)
+        self.wanted = [i for i in wanted if problem.float_th[i]]
+        with torch.enable_grad():
+            self.xd = [x.detach().requires_grad_() for x in self.xs]
+            self.thd = [t.detach().requires_grad_() if i in self.wanted else t
+                        for i, t in enumerate(self.ths)]
+            self.r = problem.F_flat(self.xd, self.thd)
+        self._c: Any = None
+
+    def _grad(self, inputs: Sequence[torch.Tensor], u: Sequence[torch.Tensor],
+              retain: bool = True) -> list[torch.Tensor]:
+        u = [ui.to(ri.dtype) for ui, ri in zip(u, self.r)]
+        batched = u[0].ndim > self.r[0].ndim  # several cotangents at once (materializing)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            gs = torch.autograd.grad(self.r, inputs, u, retain_graph=retain, allow_unused=True,
+                                     is_grads_batched=batched)
+        lead = u[0].shape[:1] if batched else ()
+        return [i.new_zeros(*lead, *i.shape) if g is None else g for i, g in zip(inputs, gs)]
+
+    def AT(self, u: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self._grad(self.xd, u)
+
+    def A(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if symmetric in self.p.tags:
+            return self.AT(v)
+        if v[0].ndim > self.xs[0].ndim:  # several vectors: one at a time
+            return [torch.stack(c) for c in zip(*(self.A([vi[j] for vi in v])
+                                                  for j in range(v[0].shape[0])))]
+        with torch.enable_grad():
+            if self._c is None:
+                c = [torch.zeros_like(ri).requires_grad_() for ri in self.r]
+                gs = torch.autograd.grad(self.r, self.xd, c, retain_graph=True,
+                                         create_graph=True, allow_unused=True)
+                self._c = (c, [torch.zeros_like(x) if g is None else g
+                               for x, g in zip(self.xd, gs)])
+            c, g = self._c
+            out = torch.autograd.grad(g, c, [vi.to(xi.dtype) for vi, xi in zip(v, self.xs)],
+                                      retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(ci) if o is None else o for ci, o in zip(c, out)]
+
+    def BT(self, u: Sequence[torch.Tensor], wanted: Sequence[int]) -> list[Any]:
+        out: list[Any] = [None] * len(self.ths)
+        idx = [i for i in wanted if i in self.wanted]
+        if idx:
+            for i, g in zip(idx, self._grad([self.thd[i] for i in idx], u)):
+                out[i] = g
+        return out
+
+
+def _backend() -> Any:
+    from ._backend import backend
+
+    return backend
+
+
+class MatVec:
+    """A product on raveled vectors, `(*batch, n) -> (*batch, n)`. When `several` is true it
+    also takes `(m, *batch, n)` (m vectors at once), so `materialize` builds the matrix in one
+    batched product instead of n."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], several: bool):
+        self.f, self.several = f, several
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.f(v)
+
+    def materialize(self, b: torch.Tensor) -> torch.Tensor | None:
+        """The matrix `(*batch, n, n)` of this product, or None if it cannot batch."""
+        if not self.several:
+            return None
+        n = b.shape[-1]
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
+        basis = eye.reshape(n, *([1] * (b.ndim - 1)), n).expand(n, *b.shape)
+        return torch.movedim(self.f(basis), 0, -1)
+
+
+def _solve(problem: Problem, ops: Operator, transpose: bool, rhs: torch.Tensor) -> torch.Tensor:
+    """$M^{-1}$ rhs with the core's linear solver, failure handling and diagnostics."""
+    fn = problem.fn
+    assert fn is not None
+    solver = resolve_solver(fn.solve, rhs.shape[-1], fn.tags)
+    fast = isinstance(ops, FastOperator)
+    AT = MatVec(ops.AT_flat, fast)
+    A = MatVec(ops.A_flat, fast and symmetric in fn.tags)
+    matvec, rmatvec = (AT, A) if transpose else (A, AT)
+    return _solve_checked(_backend(), ops, solver, matvec, rmatvec, rhs, fn.tags,
+                          fn.on_failure, fn.name, "vjp" if transpose else "jvp")
+
+
+def _refuse_forward_over_forward(problem: Problem) -> None:
+    """Forward mode over forward mode through any `autograd.Function` loses the outer tangent of
+    the saved tensors in torch (pytorch/pytorch#197867: `jacfwd(jacfwd(f))` gives zero or wrong
+    second derivatives). Raise instead of returning a silently wrong derivative."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    jvps = [i for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp]
+    if len(jvps) > 1:
+        name = problem.fn.name if problem.fn is not None else "F"
+        raise NotImplementedError(
+            f"{name}: forward mode over forward mode (torch.func.jvp of torch.func.jvp, "
+            "jacfwd(jacfwd(f))) through a torch.autograd.Function gives wrong second derivatives "
+            "in PyTorch (pytorch/pytorch#197867), so implicitdiff refuses it. Expected at most "
+            "one forward-mode transform; got nested ones. Use reverse mode for one of the two: "
+            "torch.func.hessian (jacfwd(jacrev)), jacrev(jacfwd) or jacrev(jacrev)."
+        )
+
+
+def _select(t: Any, d: int | None, i: int) -> Any:
+    return t if d is None or not isinstance(t, torch.Tensor) else t.select(d, i)
+
+
+def _loop_vmap(apply: Callable[..., Any], info: Any, in_dims: Sequence[Any],
+               args: Sequence[Any]) -> tuple[Any, Any]:
+    """A vmap rule: one call per batch element, outputs stacked along dimension 0."""
+    outs = [apply(*[_select(a, d, i) for a, d in zip(args, in_dims)])
+            for i in range(info.batch_size)]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs), 0
+    stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
+    return stacked, (0,) * len(stacked)
+
+
+# ---- the differentiable linear solve ------------------------------------------------------------
+
+class LinSolve(torch.autograd.Function):
+    """$y = M(p)^{-1} r$, $M = \\partial_x F(x^*, \\theta)$ (`transpose=False`) or its transpose,
+    $p$ = `(*xs, *ths)`. Differentiable in $r$ and $p$ to any order."""
+
+    @staticmethod
+    def forward(problem: Problem, transpose: bool, rhs: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        nx = problem.n_x
+        ops = Operator(problem, params[:nx], params[nx:])
+        return _solve(problem, ops, transpose, rhs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        problem, transpose, _rhs, *params = inputs
+        ctx.problem, ctx.transpose = problem, transpose
+        ctx.save_for_backward(output, *params)
+        ctx.save_for_forward(output, *params)
+
+    @staticmethod
+    def backward(ctx: Any, ybar: torch.Tensor) -> tuple:
+        problem, transpose = ctx.problem, ctx.transpose
+        y, *params = ctx.saved_tensors
+        nx = problem.n_x
+        w = LinSolve.apply(problem, not transpose, ybar, *params)
+        needs = ctx.needs_input_grad[3:]
+        idx = [j for j in range(len(params)) if needs[j] and
+               (j < nx or problem.float_th[j - nx])]
+        grads: list[Any] = [None] * len(params)
+        if idx:
+            a, b = (y, w) if transpose else (w, y)
+            for j, g in zip(idx, _d_AT(problem, params, idx, a, b)):
+                grads[j] = -g
+        return (None, None, w, *grads)
+
+    @staticmethod
+    def jvp(ctx: Any, _p: Any, _t: Any, rhs_dot: torch.Tensor | None, *param_dots: Any
+            ) -> torch.Tensor:
+        problem, transpose = ctx.problem, ctx.transpose
+        _refuse_forward_over_forward(problem)
+        y, *params = ctx.saved_tensors
+        nx = problem.n_x
+        idx = [j for j, d in enumerate(param_dots) if d is not None and
+               (j < nx or problem.float_th[j - nx])]
+        rhs = torch.zeros_like(y) if rhs_dot is None else rhs_dot
+        if idx:
+            def My(*sub: torch.Tensor) -> tuple:
+                q = _with(params, idx, sub)
+                ops = Operator(problem, q[:nx], q[nx:])
+                yy = ops.unravel(y)
+                return (ops.ravel(ops.AT(yy) if transpose else ops.A(yy)),)
+
+            (dMy,) = jvp_by_vjp(My, [params[j] for j in idx], [param_dots[j] for j in idx])
+            rhs = rhs - dMy
+        return LinSolve.apply(problem, transpose, rhs, *params)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, problem: Problem, transpose: bool,
+             *rest: torch.Tensor) -> tuple[Any, Any]:
+        # One batched solve instead of one per element: the vmapped dimension goes first (an
+        # unbatched input is expanded, a view), F is vmapped over it, and the core's solvers
+        # treat it as one more batch dimension (each element stops on its own).
+        def front(t: torch.Tensor, d: int | None) -> torch.Tensor:
+            if d is None:
+                return t.unsqueeze(0).expand(info.batch_size, *t.shape)
+            return t.movedim(d, 0)
+
+        moved = [front(t, d) for t, d in zip(rest, in_dims[2:])]
+        return LinSolve.apply(problem.vmapped(), transpose, *moved), 0
+
+
+def _with(params: Sequence[Any], idx: Sequence[int], sub: Sequence[Any]) -> list[Any]:
+    q = list(params)
+    for j, s in zip(idx, sub):
+        q[j] = s
+    return q
+
+
+def _d_AT(problem: Problem, params: Sequence[torch.Tensor], idx: Sequence[int],
+          a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+    """$\\partial_p \\langle A(p)^\\top a, b\\rangle$ for the params `idx`; `a`, `b` raveled."""
+    nx = problem.n_x
+
+    def h(*sub: torch.Tensor) -> tuple:
+        q = _with(params, idx, sub)
+        ops = Operator(problem, q[:nx], q[nx:])
+        return (ops.ravel(ops.AT(ops.unravel(a))),)
+
+    _, f = func_vjp(h, *[params[j] for j in idx])
+    return list(f((b,)))
+
+
+# ---- the implicit function ----------------------------------------------------------------------
+
+class ImplicitFn(torch.autograd.Function):
+    """$\\theta \\mapsto x^*(\\theta)$: inputs `(problem, *ths, *option_tensors)`, outputs
+    `(*x_leaves, *aux_tensor_leaves)`."""
+
+    @staticmethod
+    def forward(problem: Problem, *inputs: torch.Tensor) -> tuple:
+        ths, opts = inputs[:problem.n_th], inputs[problem.n_th:]
+        args = problem.args_from(ths)
+        x, aux = run_forward(problem, args, problem.options_from(opts))
+        xs, problem.x_def = _tree.tree_flatten(x)
+        problem.n_x = len(xs)
+        aux_t = problem.split_aux(aux) if problem.fn is not None and problem.fn.has_aux else []
+        outs = [_unalias(t, inputs) for t in (*xs, *aux_t)]
+        return tuple(outs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        problem = inputs[0]
+        ctx.problem = problem
+        ths = inputs[1:1 + problem.n_th]
+        xs = output[:problem.n_x]
+        ctx.save_for_backward(*xs, *ths)
+        ctx.save_for_forward(*xs, *ths)
+        aux = output[problem.n_x:]
+        if aux:
+            ctx.mark_non_differentiable(*aux)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        problem = ctx.problem
+        nx, n_th = problem.n_x, problem.n_th
+        saved = ctx.saved_tensors
+        xs, ths = saved[:nx], saved[nx:]
+        needs = ctx.needs_input_grad[1:1 + n_th]
+        wanted = [j for j in range(n_th) if needs[j] and problem.float_th[j]]
+        none_opts = (None,) * problem.n_opt
+        if not wanted:
+            return (None, *([None] * n_th), *none_opts)
+        xs, xbar = _drop_failed(problem, xs, grads[:nx])
+        if not (torch.is_grad_enabled() or _transforms_active() or _forward_ad_active()):
+            # first order, outside any transform: nothing records this pass
+            fast = FastOperator(problem, xs, ths, wanted)
+            u = _solve(problem, fast, True, fast.ravel(xbar))
+            g = fast.BT(fast.unravel(-u), wanted)
+            return (None, *g, *none_opts)
+        ops = Operator(problem, xs, ths)
+        rhs = ops.ravel(xbar)
+        u = LinSolve.apply(problem, True, rhs, *xs, *ths)
+        g = ops.BT(ops.unravel(-u), wanted)
+        return (None, *g, *none_opts)
+
+    @staticmethod
+    def jvp(ctx: Any, _p: Any, *tangents: Any) -> tuple:
+        problem = ctx.problem
+        _refuse_forward_over_forward(problem)
+        nx, n_th = problem.n_x, problem.n_th
+        saved = ctx.saved_tensors
+        xs, ths = saved[:nx], saved[nx:]
+        dots = [t if problem.float_th[j] else None for j, t in enumerate(tangents[:n_th])]
+        ops = Operator(problem, xs, ths)
+        rhs = -ops.ravel(ops.B(dots))
+        xdot = LinSolve.apply(problem, False, rhs, *xs, *ths)
+        n_aux = len(problem.aux_pos)
+        return (*ops.unravel(xdot), *([None] * n_aux))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, problem: Problem, *inputs: torch.Tensor
+             ) -> tuple[Any, Any]:
+        def one(*a: Any) -> Any:
+            return ImplicitFn.apply(problem, *a)
+
+        return _loop_vmap(one, info, in_dims[1:], inputs)
+
+
+def _drop_failed(problem: Problem, xs: Sequence[torch.Tensor], xbar: Sequence[torch.Tensor]
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """With `batch_dims > 0` and `on_failure="nan"`, batch elements whose forward solve failed
+    (x* is NaN there) contribute nothing to the gradient: their x* and cotangent become zero,
+    so one failed element does not spoil the gradient of the arguments the batch shares."""
+    k = problem.batch_dims
+    if not k or problem.fn is None or problem.fn.on_failure != "nan":
+        return list(xs), list(xbar)
+    ok = None
+    for x in xs:
+        f = torch.isfinite(x).reshape(*x.shape[:k], -1).all(dim=-1)
+        ok = f if ok is None else ok & f
+    assert ok is not None
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        m = ok.reshape(*ok.shape, *([1] * (t.ndim - k)))
+        return torch.where(m, t, torch.zeros_like(t))
+
+    return [keep(x) for x in xs], [keep(g) for g in xbar]
+
+
+def _unalias(t: torch.Tensor, inputs: Sequence[Any]) -> torch.Tensor:
+    """A Function must not return its input (or a view of it) as an output: copy those."""
+    for inp in inputs:
+        if isinstance(inp, torch.Tensor) and t.data_ptr() == inp.data_ptr() and t.numel():
+            return t.clone()
+    return t
+
+
+# ---- the forward solve ---------------------------------------------------------------------------
+
+def _to_tensors(x: Any, args: tuple) -> Any:
+    """NumPy results of an external solver become tensors on the arguments' device and dtype."""
+    ref = [t for t in _tree.tree_flatten(tuple(args))[0] if isinstance(t, torch.Tensor)]
+    floats = [t for t in ref if t.is_floating_point()]
+    device = ref[0].device if ref else None
+    dtype = None
+    for t in floats:
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+
+    def conv(leaf: Any) -> Any:
+        if isinstance(leaf, (np.ndarray, np.generic)) and np.issubdtype(leaf.dtype, np.floating):
+            t = torch.as_tensor(np.ascontiguousarray(leaf))
+            return t.to(device=device, dtype=dtype or t.dtype)
+        return leaf
+
+    return _tree.tree_map(conv, x)
+
+
+def _det(t: Any) -> Any:
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def _residual_checking_closure(problem: Problem, x: Any, args: tuple) -> Any:
+    """F at detached `(x, args)`, with grad enabled, raising if the residual requires grad: then
+    F reads a tensor that requires grad from its closure, whose gradient the implicit rule could
+    not deliver. Returns the (detached) residual, for the residual check."""
+    xd = _tree.tree_map(_det, x)
+    ad = tuple(_tree.tree_map(_det, a) for a in args)
+    with torch.enable_grad():
+        r = problem.F(xd, *ad)
+    bad = [path for path, leaf in _tree.tree_leaves_with_path(r, "F(x, *args)")
+           if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+    if bad:
+        name = problem.fn.name if problem.fn is not None else "F"
+        raise StructureError(
+            f"{name}: F uses a tensor that requires grad but is not one of its arguments (its "
+            f"output {bad[0]} requires grad with x and every argument detached). Expected every "
+            "tensor to differentiate, such as a module's parameters, to be passed as an "
+            "argument, so the implicit rule can return its gradient; got a closure over it. "
+            "Pass it as an argument (for an nn.Module: dict(module.named_parameters()) with "
+            "torch.func.functional_call), or detach it inside F if it needs no gradient."
+        )
+    return _tree.tree_map(_det, r)
+
+
+def run_forward(problem: Problem, args: tuple, options: dict) -> tuple[Any, Any]:
+    """Run the solver untraced, bring NumPy results back, check the residual."""
+    fn = problem.fn
+    assert fn is not None
+    with torch.no_grad():
+        x, aux = fn.run_solver(args, options)
+    x = _to_tensors(x, args)
+    F: Callable[..., Any] | None = None
+    if problem.check_closure:
+        r = _residual_checking_closure(problem, x, args)
+
+        def residual(*_: Any) -> Any:  # the check reuses this evaluation of F
+            return r
+
+        F = residual
+    with torch.no_grad():
+        x = fn.check(_backend(), x, args, F=F)
+    return x, aux
+
+
+def _transforms_active() -> bool:
+    from torch._C._functorch import peek_interpreter_stack  # pyright: ignore
+
+    return peek_interpreter_stack() is not None
+
+
+def _forward_ad_active() -> bool:
+    return getattr(fwAD, "_current_level", -1) >= 0
+
+
+def _call(bk: Any, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
+    """`fn(*args, **options)` for tensors: untraced when nothing needs a derivative, else through
+    `ImplicitFn`. Runs eagerly under `torch.compile` (a graph break)."""
+    problem = Problem(fn.F, fn, args, options)
+    ths = problem.tensors(args)
+    transforms = _transforms_active()
+    problem.check_closure = torch.is_grad_enabled() and not transforms
+    traced = transforms or _forward_ad_active() or any(
+        t.requires_grad for j, t in enumerate(ths) if problem.float_th[j])
+    if not traced:
+        x, aux = run_forward(problem, args, options)
+        return (x, aux) if fn.has_aux else x
+    outs = ImplicitFn.apply(problem, *ths, *problem.option_tensors(options))
+    x = _tree.tree_unflatten(problem.x_def, list(outs[:problem.n_x]))
+    if fn.has_aux:
+        return x, problem.join_aux(outs[problem.n_x:])
+    return x
+
+
+call = cast(Callable[[Any, ImplicitFunction, tuple, dict], Any], torch.compiler.disable(_call))
