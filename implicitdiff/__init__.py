@@ -44,3 +44,12 @@ from ._transforms import jvp as jvp
 from ._transforms import vjp as vjp
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `idf.conditions` without an explicit import; the subpackage imports no framework either.
+    if name == "conditions":
+        import importlib
+
+        return importlib.import_module(".conditions", __name__)
+    raise AttributeError(f"module 'implicitdiff' has no attribute {name!r}")
