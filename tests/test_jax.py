@@ -423,3 +423,23 @@ def test_has_aux_passes_non_array_values_through():
     assert aux["msg"] == "info" and aux["n"] == 3 and aux["arr"].shape == (2,)
     assert rel(jax.grad(lambda t: jnp.sum(f(t)[0]))(t), 2 * t) < 1e-12
     assert jax.jit(lambda t: f(t)[1]["arr"])(t).shape == (2,)
+
+
+def test_raise_under_vmap_reports_the_failed_elements():
+    def F(x, t):
+        return x**3 + x - t
+
+    @idf.custom_root(F)
+    def cubic(t):
+        x = t
+        for _ in range(60):
+            x = x - (x**3 + x - t) / (3 * x**2 + 1)
+        return jnp.where(t > 5, x + 1.0, x)
+
+    good = jax.jit(jax.vmap(cubic))(jnp.array([1.0, 2.0]))
+    assert np.all(np.isfinite(good))
+    with pytest.raises(Exception, match="stopped far from the root"):
+        jax.block_until_ready(jax.jit(jax.vmap(cubic))(jnp.array([1.0, 6.0, 2.0])))
+    with pytest.warns(RuntimeWarning, match="stopped far"):
+        warn = idf.custom_root(F, on_failure="warn")(cubic.solver)
+        jax.block_until_ready(jax.jit(jax.vmap(warn))(jnp.array([1.0, 6.0])))

@@ -89,6 +89,26 @@ def _is_dynamic(leaf: Any) -> bool:
     return isinstance(leaf, (float, jax.Array, np.ndarray, np.generic)) or _is_tracer(leaf)
 
 
+def _failure_check(report: Callable[..., None]) -> Callable[..., Any]:
+    """`report(ok, *data)` in a host callback that runs only when some `ok` is false.
+
+    A `lax.cond` keeps the callback off the happy path. Under `vmap` a batched predicate would
+    turn the cond into a select that calls back once per element on every call; the custom
+    batching rule reduces `ok` over the batch first, so it stays one cond and one callback."""
+
+    @jax.custom_batching.custom_vmap
+    def check(ok: Any, *data: Any) -> Any:
+        lax.cond(jnp.all(ok), lambda: None, lambda: jax.debug.callback(report, ok, *data))
+        return jnp.zeros((), jnp.int32)
+
+    @check.def_vmap
+    def _rule(axis_size: int, in_batched: Any, ok: Any, *data: Any) -> Any:
+        check(jnp.all(ok), *data)
+        return jnp.zeros((), jnp.int32), False
+
+    return check
+
+
 class JaxBackend(Backend):
     """The backend for `jax.Array`s and tracers."""
 
@@ -147,8 +167,7 @@ class JaxBackend(Backend):
                 raise err
             warnings.warn(str(err), RuntimeWarning, stacklevel=2)
 
-        # The callback only runs when something failed (under vmap, cond becomes select).
-        lax.cond(jnp.all(ok), lambda: None, lambda: jax.debug.callback(report, ok, *data))
+        _failure_check(report)(ok, *data)  # kept by the callback's effect
         return value
 
     def record(self, make_record: Callable[..., Any], *data: Any) -> None:
