@@ -32,6 +32,7 @@ from ._linear_solve import BiCGStab as BiCGStab
 from ._linear_solve import Cholesky as Cholesky
 from ._linear_solve import Dense as Dense
 from ._linear_solve import NormalCG as NormalCG
+from ._linear_solve import Richardson as Richardson
 from ._root import Derivatives as Derivatives
 from ._root import ImplicitFunction as ImplicitFunction
 from ._root import custom_fixed_point as custom_fixed_point

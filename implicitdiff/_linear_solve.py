@@ -653,6 +653,61 @@ class BiCGStab(AbstractLinearSolver):
 
 
 @dataclass(frozen=True)
+class Richardson(AbstractLinearSolver):
+    """Richardson iteration $x \\leftarrow x + \\omega\\,(b - A x)$: two vectors of state, one
+    matrix-vector product per iteration.
+
+    Converges when the spectral radius of $I - \\omega A$ is below 1. For a fixed point
+    $x = T(x, \\theta)$, $A = \\partial_x T - I$ and `omega=-1` gives the iteration
+    $u \\leftarrow \\partial_x T^\\top u - \\bar x$, the "fixed-point backward" of deep equilibrium
+    models, which converges whenever $T$ is a contraction, with the least memory of any solver.
+    A diverging iteration is reported as a breakdown.
+
+    **Arguments:** `omega` (default 1), `rtol`, `atol`, `maxiter` (default $10n$), `ridge`.
+    """
+
+    omega: float = 1.0
+    rtol: float | None = None
+    atol: float = 0.0
+    maxiter: int | None = None
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if not self.omega:
+            raise ValueError(f"Richardson: expected a non-zero omega, got {self.omega!r}.")
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        maxiter = self._maxiter(b.shape[-1])
+        tol = self._tol(xp, b)
+        omega = self.omega
+        x = _zeros_like_b(xp, b, x0)
+        r = b - matvec(x) if x0 is not None else b
+        rn = _norm(xp, r)
+        rn0 = rn
+        state = (xp.asarray(0, dtype=xp.int32), x, r, rn, xp.zeros_like(rn, dtype=xp.int32),
+                 xp.zeros_like(rn, dtype=xp.bool))
+
+        def cond(s):
+            return (s[0] < maxiter) & xp.any((s[3] > tol) & ~s[5])
+
+        def body(s):
+            k, x, r, rn, iters, brk = s
+            go = (rn > tol) & ~brk
+            x_new = x + omega * r
+            r_new = b - matvec(x_new)
+            rn_new = _norm(xp, r_new)
+            # growing far beyond the start, or non-finite: the iteration diverges
+            bad = go & ~(rn_new <= 1e4 * xp.maximum(rn0, tol))
+            go = go & ~bad
+            return (k + 1, _sel(xp, go, x_new, x), _sel(xp, go, r_new, r),
+                    _sel(xp, go, rn_new, rn), iters + xp.astype(go, xp.int32), brk | bad)
+
+        s = bk.while_loop(cond, body, state)
+        return s[1], _info(xp, s[4], s[3], tol, s[5])
+
+
+@dataclass(frozen=True)
 class Auto(AbstractLinearSolver):
     """Pick a solver from the structure tags and the size $n$.
 

@@ -824,3 +824,26 @@ def test_torch_batched_per_element():
     Xn, infon = idf.CG().solve(_batch_ops(As)[0], bs)
     np.testing.assert_allclose(X.numpy(), Xn, rtol=1e-10, atol=1e-300)
     _same_iterations_up_to_rounding(info.iterations.numpy(), infon.iterations)
+
+
+def test_richardson_fixed_point_backward_and_divergence():
+    rng = np.random.default_rng(7)
+    n = 30
+    J = rng.standard_normal((n, n))
+    J *= 0.6 / np.linalg.norm(J, 2)  # a contraction's Jacobian
+    A = J - np.eye(n)  # dF/dx for F = T - x
+    b = rng.standard_normal(n)
+    x, info = idf.Richardson(omega=-1.0).solve(lambda v: A @ v, b)
+    assert bool(info.converged) and not bool(info.breakdown)
+    assert rel_err(x, np.linalg.solve(A, b)) <= 1e-10
+    assert 0 < int(info.iterations) < 200
+    # expansive: ||I - omega A|| > 1 makes it diverge, which is reported, never "converged"
+    x, info = idf.Richardson(omega=-1.0, maxiter=500).solve(lambda v: (3 * J - np.eye(n)) @ v, b)
+    assert not bool(info.converged)
+    # batched, per-element stopping
+    B = np.stack([b, 0 * b, 2 * b])
+    X, info = idf.Richardson(omega=-1.0).solve(lambda V: V @ A.T, B)
+    assert info.converged.all() and int(info.iterations[1]) == 0
+    np.testing.assert_allclose(X[2], 2 * X[0], rtol=1e-9)
+    with pytest.raises(ValueError, match="omega"):
+        idf.Richardson(omega=0.0)

@@ -1,0 +1,200 @@
+"""The machinery shared by the drop-ins: run a host solve inside an `idf.custom_root`-decorated
+solver and carry the solver's result object out beside the differentiable `x`.
+
+The decorated solver is called with `has_aux=True`:
+
+- NumPy and PyTorch run it directly (torch on detached tensors); the full SciPy result is kept on
+  the host side (`holder`) and returned as SciPy returned it, with `x` replaced.
+- JAX runs it through `jax.pure_callback` (the core's external-solver path, with `result_shape`
+  given so the solve runs once). Only arrays cross a callback, so the aux is a fixed set of array
+  fields (`fun`, `success`, `status`, ...). Called eagerly with concrete arrays, the full result
+  object from the host is used; traced (`jit`, `vmap`, `grad`), the result holds the array fields
+  only.
+
+SciPy's own failure (`success=False`, or an exception such as `fixed_point`'s RuntimeError) is
+handled on the host before the core's residual check: `on_failure="raise"` raises
+`NonConvergenceError` with SciPy's message, `"warn"` warns, `"nan"` returns NaN (which the core's
+check then lets through as NaN).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._errors import NonConvergenceError, StructureError
+from .._linear_solve import AbstractLinearSolver
+from .._root import custom_root
+from ._host import Framework, default_residual_tol, is_traced
+
+ON_FAILURE = ("raise", "warn", "nan")
+
+
+@dataclass
+class Holder:
+    """What the host solve leaves for the Python side of the call (one per call)."""
+
+    result: Any = None
+    error: BaseException | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One drop-in call, ready for the core.
+
+    - `F(x, *thetas)`: the condition (`x` the framework-side unknown).
+    - `host_solve(x0_np, *thetas_np) -> (x_np, result, ok, message)`.
+    - `thetas`: the positional (differentiable) arguments of the decorated solver.
+    - `x_spec`: pytree of `ArraySpec` of `x` (JAX's `result_shape`).
+    - `aux_fields`: `{name: numpy dtype}` of the scalar result fields carried under JAX.
+    """
+
+    name: str
+    F: Callable[..., Any]
+    tags: frozenset
+    host_solve: Callable[..., tuple[Any, Any, bool, str]]
+    thetas: tuple
+    x0: Any
+    x_spec: Any
+    aux_fields: dict
+    get_field: Callable[[Any, str], Any]
+
+
+def check_on_failure(on_failure: str) -> None:
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure: expected one of {ON_FAILURE}, got {on_failure!r}.")
+
+
+def as_args(args: Any) -> tuple:
+    """SciPy's convention: a non-tuple `args` is one argument."""
+    return args if isinstance(args, tuple) else (args,)
+
+
+def check_args(who: str, what: str, f: Callable[..., Any], n_lead: int, args: tuple) -> None:
+    """Raise `StructureError` when `f(x, *args)` cannot bind (wrong number of `args`)."""
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):  # builtins, C functions: nothing to check
+        return
+    try:
+        sig.bind(*([None] * n_lead), *args)
+    except TypeError as e:
+        raise StructureError(
+            f"{who}: {what} has the signature {getattr(f, '__name__', what)}{sig}, but it is "
+            f"called as {what}(x, *args) with {len(args)} args ({e}). Expected args= to hold "
+            f"exactly the arguments of {what} after x (a tuple; a single non-tuple value counts "
+            "as one argument)."
+        ) from None
+
+
+def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: str,
+        linear_solver: AbstractLinearSolver) -> tuple[Any, Any, Holder]:
+    """Run the plan through `idf.custom_root`. Returns `(x, aux, holder)`: `x` differentiable in
+    the thetas, `aux` the JAX array fields (None for NumPy/torch), `holder.result` the host
+    result when the call was not traced."""
+    holder = Holder()
+    jaxy = fw.name == "jax"
+    lead = () if fw.name == "numpy" else (plan.x0,)
+
+    def solver(*thetas: Any) -> Any:
+        if lead:
+            x0_h, thetas_h = fw.to_host(thetas[0]), fw.to_host(thetas[1:])
+        else:
+            x0_h, thetas_h = fw.to_host(plan.x0), fw.to_host(thetas)
+        x, result, ok, message = plan.host_solve(x0_h, *thetas_h)
+        holder.result = result
+        if not ok:
+            err = NonConvergenceError(
+                f"{plan.name}: SciPy reported failure: {message} The derivative of x* is only "
+                "meaningful at a solution. Raise the iteration limit (maxiter/max_nfev), "
+                "loosen the tolerance, start closer, or check the problem; on_failure='warn' "
+                "or 'nan' lets the result through."
+            )
+            if on_failure == "raise":
+                holder.error = err
+                raise err
+            if on_failure == "warn":
+                warnings.warn(str(err), RuntimeWarning, stacklevel=2)
+            else:
+                x = _tree_map_np(lambda a: np.full_like(a, np.nan), x)
+        x = _tree_map_np_spec(x, plan.x_spec)
+        if jaxy:
+            aux = {k: np.asarray(plan.get_field(result, k), dtype=dt)
+                   for k, dt in plan.aux_fields.items()}
+            return x, aux
+        return x, None
+
+    solver.__name__ = plan.name
+    result_shape = None
+    if jaxy:
+        import jax
+
+        def _sds(spec: Any) -> Any:
+            return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                                          spec)
+
+        result_shape = (_sds(plan.x_spec),
+                        {k: jax.ShapeDtypeStruct((), dt) for k, dt in plan.aux_fields.items()})
+
+    if residual_tol is None:
+        residual_tol = default_residual_tol(fw.float_dtype_eps(plan.x0))
+    if lead:
+        base_F = plan.F
+
+        def F(x: Any, x0: Any, *thetas: Any) -> Any:  # x* does not depend on the guess x0
+            return base_F(x, *thetas)
+
+        F.__name__ = getattr(base_F, "__name__", "F")
+    else:
+        F = plan.F
+    fn = custom_root(F, solve=linear_solver, tags=plan.tags, has_aux=True,
+                     residual_tol=residual_tol, on_failure=on_failure,
+                     result_shape=result_shape)(solver)
+    try:
+        x, aux = fn(*lead, *plan.thetas)
+    except Exception as e:  # a failure raised inside jax.pure_callback comes back wrapped
+        if holder.error is not None and e is not holder.error:
+            raise holder.error from e
+        raise
+    if is_traced(x):
+        holder.result = None
+    return x, aux, holder
+
+
+def _tree_map_np(f: Callable[[Any], Any], x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return type(x)(_tree_map_np(f, a) for a in x)
+    return f(np.asarray(x))
+
+
+def _tree_map_np_spec(x: Any, spec: Any) -> Any:
+    """Cast the host `x` to the planned shapes and dtypes."""
+    if isinstance(spec, ArraySpec):
+        return np.asarray(x, dtype=spec.dtype).reshape(spec.shape)
+    return type(spec)(_tree_map_np_spec(a, s) for a, s in zip(x, spec))
+
+
+class ArraySpec:
+    """Shape and NumPy dtype of one leaf of `x` (a pytree leaf, not a tuple)."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: tuple, dtype: Any):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+
+
+def spec_of(fw: Framework, x: Any) -> ArraySpec:
+    """`ArraySpec` of a framework array."""
+    dt = getattr(x, "dtype", None)
+    if fw.name == "torch":
+        np_dt = np.dtype(str(dt).replace("torch.", ""))
+    else:
+        np_dt = np.dtype(dt) if dt is not None else np.dtype(np.float64)
+    return ArraySpec(tuple(x.shape), np_dt)

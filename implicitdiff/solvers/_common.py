@@ -1,0 +1,254 @@
+"""What the forward solvers share: the result type, tolerances, and the driver loop.
+
+Every solver iterates on `z` of shape `(..., n)`: the last axis is the problem, the leading axes
+(any number, possibly none) index independent problems of one batch. The map (`T` or `F`) must
+act row by row: element `i` of its output depends on element `i` of `z` only. Each batch element
+stops on its own; a stopped element is frozen (its value, residual and statistics no longer
+change) while the others go on. All loops are the backend's `while_loop`, so the same code runs
+eagerly (NumPy, PyTorch) and compiled (`lax.while_loop` under `jax.jit`), and memory is the
+method's own state, never a record of the iterations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .._errors import StructureError
+
+
+class SolverResult(NamedTuple):
+    """What a forward solver returns: arrays only, so it passes through `jax.jit` and `vmap`.
+
+    Shapes: `value` like `z0`, `(..., n)`; the statistics have the batch shape `(...)` (`()` for
+    an unbatched problem); the traces `(..., maxiter)`.
+
+    - `value`: the last accepted iterate $z_k$.
+    - `steps`: accepted iterations per element (int32).
+    - `converged`: whether the element met the tolerance (bool). False for an element that hit
+      `maxiter`, or whose iteration produced NaN/inf (then `value` is its last finite iterate).
+    - `residual_norm`: $\\|r(z_k)\\|_2$ with $r = T(z) - z$ (fixed point) or $r = F(z)$ (root).
+    - `relative_residual`: $\\|T(z_k) - z_k\\| / \\|T(z_k)\\|$ (fixed point) or
+      $\\|F(z_k)\\| / \\|F(z_0)\\|$ (root).
+    - `trace`: `trace[..., j]` is the residual norm after iteration `j + 1`; NaN after the
+      element stopped.
+    - `relative_trace`: the same for the relative residual.
+    """
+
+    value: Any
+    steps: Any
+    converged: Any
+    residual_norm: Any
+    relative_residual: Any
+    trace: Any
+    relative_trace: Any
+
+
+def default_tol(xp: Any, dtype: Any) -> float:
+    """$\\sqrt{\\epsilon}$ of the dtype: about $1.5\\cdot 10^{-8}$ in float64, $3.5\\cdot 10^{-4}$
+    in float32."""
+    return float(xp.finfo(dtype).eps) ** 0.5
+
+
+def norm(xp: Any, a: Any) -> Any:
+    """Euclidean norm over the last axis, kept as a length-1 axis: `(..., n) -> (..., 1)`."""
+    return xp.sqrt(xp.sum(a * a, axis=-1, keepdims=True))
+
+
+def dot(xp: Any, a: Any, b: Any) -> Any:
+    return xp.sum(a * b, axis=-1, keepdims=True)
+
+
+def safe_div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
+    """`a / b` where `mask`, 0 elsewhere, never dividing by a masked-out `b`."""
+    return xp.where(mask, a / xp.where(mask, b, xp.ones_like(b)), xp.zeros_like(a))
+
+
+def finite(xp: Any, a: Any) -> Any:
+    """Whether each row of `a` is finite: `(..., n) -> (..., 1)`."""
+    return xp.all(xp.isfinite(a), axis=-1, keepdims=True)
+
+
+def setup(name: str, z0: Any, maxiter: Any, tol: Any, atol: Any) -> tuple[Any, Any]:
+    """The backend and namespace of `z0`, after checking the arguments."""
+    from .._backend import get_backend
+
+    bk = get_backend(z0)
+    xp = bk.namespace(z0)
+    if getattr(z0, "ndim", 0) < 1:
+        raise StructureError(
+            f"{name}: expected z0 of shape (n,) or (..., n) (batch dimensions first, the "
+            f"problem last), got shape {tuple(getattr(z0, 'shape', ()))}. Ravel or reshape the "
+            "initial guess first."
+        )
+    if not xp.isdtype(z0.dtype, "real floating"):
+        raise StructureError(
+            f"{name}: expected a real floating z0, got dtype {z0.dtype}. Cast it to float32 or "
+            "float64."
+        )
+    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1:
+        raise ValueError(f"{name}: expected maxiter a positive int, got {maxiter!r}.")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"{name}: expected tol >= 0 or None, got {tol!r}.")
+    if not atol >= 0:
+        raise ValueError(f"{name}: expected atol >= 0, got {atol!r}.")
+    return bk, xp
+
+
+def residual_fn(name: str, fun: Callable[..., Any], args: tuple, z0: Any, xp: Any,
+                fixed_point: bool) -> Callable[[Any], tuple[Any, Any]]:
+    """`z -> (r, scale)`: the residual and the norm the relative residual divides by.
+
+    Fixed point: $r = T(z) - z$, scale $\\|T(z)\\|$. Root: $r = F(z)$, scale $\\|F(z_0)\\|$."""
+    fname = getattr(fun, "__name__", "T" if fixed_point else "F")
+
+    def check(out: Any) -> Any:
+        if tuple(getattr(out, "shape", ())) != tuple(z0.shape) or out.dtype != z0.dtype:
+            raise StructureError(
+                f"{name}: expected {fname}(z, *args) to return an array of shape "
+                f"{tuple(z0.shape)} and dtype {z0.dtype} like z, got shape "
+                f"{tuple(getattr(out, 'shape', ()))} and dtype {getattr(out, 'dtype', None)}. "
+                f"{fname} must map (..., n) to (..., n), row by row."
+            )
+        return out
+
+    if fixed_point:
+        def resid(z: Any) -> tuple[Any, Any]:
+            t = check(fun(z, *args))
+            return t - z, norm(xp, t)
+
+        return resid
+
+    scale0 = norm(xp, check(fun(z0, *args)))
+
+    def resid_root(z: Any) -> tuple[Any, Any]:
+        return check(fun(z, *args)), scale0
+
+    return resid_root
+
+
+def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, *,
+            tol: float | None, atol: float, maxiter: int, mstate: Any,
+            step: Callable[..., tuple[Any, Any, Any, Any, Any]]) -> SolverResult:
+    """The loop every solver runs.
+
+    `step(mstate, z, r, rn, active) -> (z_new, r_new, scale_new, ok, update)` proposes the next
+    iterate with its residual (`ok`: a finite, acceptable step, shape `(..., 1)`);
+    `update(mstate, accept) -> mstate` then commits the method's state for the accepted elements.
+    An element stops when its residual is within tolerance, or when it cannot make a finite step
+    (then it is reported not converged), or at `maxiter`.
+    """
+    rtol = default_tol(xp, z0.dtype) if tol is None else tol
+    r0, scale0 = resid(z0)
+    rn0 = norm(xp, r0)
+    atol_a = xp.asarray(atol, dtype=z0.dtype)
+
+    def done(rn: Any, scale: Any) -> Any:
+        return rn <= xp.maximum(atol_a, rtol * scale)
+
+    dev = device(z0)
+    idx = xp.arange(maxiter, dtype=xp.int32, device=dev)
+    nan_trace = xp.full((*z0.shape[:-1], maxiter), float("nan"), dtype=z0.dtype, device=dev)
+    ok0 = finite(xp, z0) & xp.isfinite(rn0) & xp.isfinite(scale0)
+    state = dict(
+        k=xp.asarray(0, dtype=xp.int32), z=z0, r=r0, rn=rn0, scale=scale0,
+        steps=xp.zeros_like(rn0, dtype=xp.int32), conv=done(rn0, scale0) & ok0, failed=~ok0,
+        trace=nan_trace, rtrace=nan_trace, m=mstate,
+    )
+
+    def cond(s: dict) -> Any:
+        return (s["k"] < maxiter) & xp.any(~s["conv"] & ~s["failed"])
+
+    def body(s: dict) -> dict:
+        active = ~s["conv"] & ~s["failed"]
+        z_new, r_new, scale_new, ok, update = step(s["m"], s["z"], s["r"], s["rn"], active)
+        rn_new = norm(xp, r_new)
+        ok = ok & finite(xp, z_new) & xp.isfinite(rn_new) & xp.isfinite(scale_new)
+        accept = active & ok
+        rel_new = safe_div(xp, rn_new, scale_new, scale_new > 0)
+        at_k = (idx == s["k"]) & accept
+        return dict(
+            k=s["k"] + 1,
+            z=xp.where(accept, z_new, s["z"]),
+            r=xp.where(accept, r_new, s["r"]),
+            rn=xp.where(accept, rn_new, s["rn"]),
+            scale=xp.where(accept, scale_new, s["scale"]),
+            steps=s["steps"] + xp.astype(accept, xp.int32),
+            conv=s["conv"] | (accept & done(rn_new, scale_new)),
+            failed=s["failed"] | (active & ~ok),
+            trace=xp.where(at_k, rn_new, s["trace"]),
+            rtrace=xp.where(at_k, rel_new, s["rtrace"]),
+            m=update(s["m"], accept),
+        )
+
+    s = bk.while_loop(cond, body, state)
+    rel = safe_div(xp, s["rn"], s["scale"], s["scale"] > 0)
+    return SolverResult(s["z"], s["steps"][..., 0], s["conv"][..., 0], s["rn"][..., 0],
+                        rel[..., 0], s["trace"], s["rtrace"])
+
+
+def device(x: Any) -> Any:
+    import array_api_compat
+
+    return array_api_compat.device(x)
+
+
+def spd_solve(xp: Any, G: Any, b: Any) -> Any:
+    """Solve $G x = b$ for small symmetric positive definite `G` `(..., m, m)`, `b` `(..., m)`,
+    by an unrolled Cholesky factorization written with elementwise operations: it never raises
+    and, with pivots floored at the smallest normal number, never divides by zero. Meant for the
+    regularized Gram systems of Anderson acceleration ($m \\lesssim 20$)."""
+    m = G.shape[-1]
+    tiny = float(xp.finfo(G.dtype).tiny)
+    L: list[list[Any]] = [[None] * m for _ in range(m)]
+    for j in range(m):
+        d = G[..., j, j] - sum((L[j][k] * L[j][k] for k in range(j)), xp.zeros_like(G[..., 0, 0]))
+        ljj = xp.sqrt(xp.maximum(d, xp.full_like(d, tiny)))
+        L[j][j] = ljj
+        for i in range(j + 1, m):
+            s = G[..., i, j] - sum((L[i][k] * L[j][k] for k in range(j)),
+                                   xp.zeros_like(G[..., 0, 0]))
+            L[i][j] = s / ljj
+    y: list[Any] = []
+    for i in range(m):  # L y = b
+        s = b[..., i] - sum((L[i][k] * y[k] for k in range(i)), xp.zeros_like(b[..., 0]))
+        y.append(s / L[i][i])
+    x: list[Any] = [None] * m
+    for i in reversed(range(m)):  # L^T x = y
+        s = y[i] - sum((L[k][i] * x[k] for k in range(i + 1, m)), xp.zeros_like(b[..., 0]))
+        x[i] = s / L[i][i]
+    return xp.stack(x, axis=-1)
+
+
+def backtrack(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z: Any, p: Any,
+              rn: Any, active: Any, *, max_backtracks: int, shrink: float = 0.5,
+              c: float = 1e-4) -> tuple[Any, Any, Any, Any, Any]:
+    """Backtracking line search on the residual norm along `p`, per element.
+
+    Tries $\\alpha = 1, \\rho, \\rho^2, \\dots$ ($\\rho$ = `shrink`, `max_backtracks + 1` trials at
+    most) and stops, per element, at the first with $\\|r(z + \\alpha p)\\| \\le (1 - c\\alpha)
+    \\|r(z)\\|$. Returns `(z_new, r_new, scale_new, rn_new)` of that trial, or, where none passed,
+    of the trial with the smallest finite residual (`rn_new` = inf where every trial was NaN/inf;
+    then `z_new` is `z`)."""
+    inf = xp.full_like(rn, float("inf"))
+    found0 = ~active
+    one = xp.ones_like(rn)
+
+    def cond(s: tuple) -> Any:
+        j, found = s[0], s[6]
+        return (j <= max_backtracks) & xp.any(~found)
+
+    def body(s: tuple) -> tuple:
+        j, alpha, zb, rb, sb, nb, found = s
+        zt = z + alpha * p
+        rt, st = resid(zt)
+        nt = norm(xp, rt)
+        good = ~found & xp.isfinite(nt) & finite(xp, zt) & xp.isfinite(st)
+        passed = good & (nt <= (1 - c * alpha) * rn)
+        better = good & (passed | (nt < nb))
+        return (j + 1, alpha * shrink, xp.where(better, zt, zb), xp.where(better, rt, rb),
+                xp.where(better, st, sb), xp.where(better, nt, nb), found | passed)
+
+    r0 = xp.zeros_like(z)
+    s = bk.while_loop(cond, body, (xp.asarray(0, dtype=xp.int32), one, z, r0, inf, inf, found0))
+    return s[2], s[3], s[4], s[5], s[6] & active

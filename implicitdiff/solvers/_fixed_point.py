@@ -1,0 +1,52 @@
+"""Fixed-point iteration with damping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._common import SolverResult, iterate, residual_fn, setup
+
+
+def fixed_point_iteration(T: Callable[..., Any], z0: Any, *args: Any, tol: float | None = None,
+                          atol: float = 0.0, maxiter: int = 100,
+                          damping: float = 1.0) -> SolverResult:
+    """Find $z = T(z, \\theta)$ by damped fixed-point iteration,
+    $z_{k+1} = (1 - \\delta)\\, z_k + \\delta\\, T(z_k)$.
+
+    Converges linearly when $T$ is a contraction (rate $\\|\\partial_z T\\|$); damping
+    $\\delta < 1$ can make a non-contractive but well-behaved map converge (e.g. when the
+    Jacobian's eigenvalues have real part below 1 but modulus above 1).
+
+    **Arguments:**
+
+    - `T`: `T(z, *args) -> z'`, mapping `(..., n)` to `(..., n)` row by row.
+    - `z0`: initial guess, shape `(n,)` or `(..., n)` (leading dimensions are a batch of
+      independent problems, each stopping on its own).
+    - `args`: passed to `T`.
+    - `tol`: relative tolerance: an element stops when
+      $\\|T(z) - z\\| \\le \\max(\\text{atol}, \\text{tol}\\,\\|T(z)\\|)$. Default
+      $\\sqrt{\\epsilon}$ of the dtype.
+    - `atol`: absolute tolerance (default 0).
+    - `maxiter`: the most iterations (default 100); also the length of the traces.
+    - `damping`: $\\delta \\in (0, 1]$ (default 1: plain iteration).
+
+    **Returns:** a `SolverResult` (value, steps, converged, residual_norm, relative_residual,
+    trace, relative_trace).
+    """
+    bk, xp = setup("fixed_point_iteration", z0, maxiter, tol, atol)
+    if not 0 < damping <= 1:
+        raise ValueError(f"fixed_point_iteration: expected 0 < damping <= 1, got {damping!r}.")
+    resid = residual_fn("fixed_point_iteration", T, args, z0, xp, fixed_point=True)
+
+    def step(m: Any, z: Any, r: Any, rn: Any, active: Any):
+        z_new = z + damping * r
+        r_new, scale_new = resid(z_new)
+        return z_new, r_new, scale_new, active | ~active, _keep
+
+    return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter,
+                   mstate=(), step=step)
+
+
+def _keep(m: Any, accept: Any) -> Any:
+    return m
