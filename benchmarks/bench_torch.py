@@ -140,10 +140,18 @@ def deq_methods(K: int, data) -> dict[str, Callable[[], tuple]]:
         return z
 
     layer = idf.custom_fixed_point(T, solve=idf.BiCGStab(), batch_dims=1)(loop)
+    # the two-vector fixed-point backward u <- J^T u - xbar (least memory)
+    layer_r = idf.custom_fixed_point(T, solve=idf.Richardson(omega=-1.0), batch_dims=1)(loop)
 
     def m_implicitdiff():
         W, U, b = params()
         z = layer(W, U, b, x)
+        (z * z).sum().backward()
+        return W.grad, U.grad, b.grad
+
+    def m_implicitdiff_richardson():
+        W, U, b = params()
+        z = layer_r(W, U, b, x)
         (z * z).sum().backward()
         return W.grad, U.grad, b.grad
 
@@ -171,7 +179,7 @@ def deq_methods(K: int, data) -> dict[str, Callable[[], tuple]]:
         (f0 * f0).sum().backward()
         return W.grad, U.grad, b.grad
 
-    out = {"implicitdiff": m_implicitdiff}
+    out = {"implicitdiff": m_implicitdiff, "implicitdiff Richardson": m_implicitdiff_richardson}
     if torchdeq is not None:
         deq = torchdeq.get_deq(f_solver="fixed_point_iter", f_max_iter=K, f_tol=1e-30,
                                b_solver="fixed_point_iter", b_max_iter=K, b_tol=1e-30,

@@ -146,7 +146,10 @@ class JaxBackend(Backend):
 
     def materialize(self, matvec: Callable, b: Any) -> Any:
         n = b.shape[-1]
-        eye = jnp.eye(n, dtype=b.dtype)
+        # A data dependency on b (hence on x*) makes XLA factor this matrix after the forward
+        # solve, never beside it: two batched LU factorizations running at once deadlock
+        # XLA:CPU's thread pool on small machines (seen with vmap of a Dense backward).
+        eye = jnp.eye(n, dtype=b.dtype) + 0.0 * jnp.sum(b)
         return jax.vmap(lambda e: matvec(jnp.broadcast_to(e, b.shape)), out_axes=-1)(eye)
 
     def solve_triangular(self, L: Any, b: Any, *, lower: bool) -> Any:
