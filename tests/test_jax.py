@@ -443,3 +443,19 @@ def test_raise_under_vmap_reports_the_failed_elements():
     with pytest.warns(RuntimeWarning, match="stopped far"):
         warn = idf.custom_root(F, on_failure="warn")(cubic.solver)
         jax.block_until_ready(jax.jit(jax.vmap(warn))(jnp.array([1.0, 6.0])))
+
+
+@pytest.mark.timeout(120)
+def test_vmap_grad_dense_does_not_deadlock():
+    # Two batched LU factorizations running side by side (the forward solve and the Dense
+    # backward) once deadlocked XLA:CPU's thread pool; the backward now waits for x*.
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.standard_normal((200, 100)))
+    y = jnp.asarray(rng.standard_normal(200))
+    lams = jnp.asarray(np.geomspace(0.01, 10, 16))
+    for solve in (idf.Dense(), idf.Cholesky()):
+        ridge = make_ridge(solve)
+        f = jax.jit(jax.vmap(jax.grad(lambda lam: jnp.sum(ridge(lam, X, y) ** 2))))
+        for _ in range(100):
+            out = jax.block_until_ready(f(lams))
+        assert np.all(np.isfinite(out))
