@@ -48,9 +48,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `idf.conditions` without an explicit import; the subpackage imports no framework either.
-    if name == "conditions":
+    # `idf.conditions`, `idf.solvers` without an explicit import; neither imports a framework.
+    if name in ("conditions", "solvers"):
         import importlib
 
-        return importlib.import_module(".conditions", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'implicitdiff' has no attribute {name!r}")

@@ -319,7 +319,7 @@ class TorchFramework(Framework):
 
         def conv(a: Any) -> Any:
             if isinstance(a, (np.ndarray, np.generic)):
-                t = torch.as_tensor(np.ascontiguousarray(a), device=self.device)
+                t = torch.as_tensor(np.array(a), device=self.device)
                 return t.to(self.dtype) if t.is_floating_point() else t
             return a
 
@@ -330,7 +330,7 @@ class TorchFramework(Framework):
         if isinstance(x, torch.Tensor):
             t = x.detach()
         else:
-            t = torch.as_tensor(np.ascontiguousarray(np.asarray(x)), device=self.device)
+            t = torch.as_tensor(np.array(x), device=self.device)
         dtype = like.dtype if like is not None else self.dtype
         return t.to(dtype=dtype)
 
@@ -338,7 +338,7 @@ class TorchFramework(Framework):
         return float(self.torch.finfo(self.dtype).eps)
 
     def _t(self, x: Any) -> Any:
-        return self.torch.as_tensor(np.ascontiguousarray(x), dtype=self.dtype, device=self.device)
+        return self.torch.as_tensor(np.array(x), dtype=self.dtype, device=self.device)
 
     def host(self, f, theta, *, scalar=False):
         def h(x: Any, *extra: Any) -> Any:

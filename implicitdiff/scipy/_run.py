@@ -19,6 +19,7 @@ check then lets through as NaN).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import warnings
 from collections.abc import Callable
@@ -94,7 +95,8 @@ def check_args(who: str, what: str, f: Callable[..., Any], n_lead: int, args: tu
 
 
 def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: str,
-        linear_solver: AbstractLinearSolver) -> tuple[Any, Any, Holder]:
+        linear_solver: AbstractLinearSolver, derivatives: Any = None
+        ) -> tuple[Any, Any, Holder]:
     """Run the plan through `idf.custom_root`. Returns `(x, aux, holder)`: `x` differentiable in
     the thetas, `aux` the JAX array fields (None for NumPy/torch), `holder.result` the host
     result when the call was not traced."""
@@ -124,11 +126,15 @@ def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: st
             else:
                 x = _tree_map_np(lambda a: np.full_like(a, np.nan), x)
         x = _tree_map_np_spec(x, plan.x_spec)
+        if fw.name == "torch":
+            # hand tensors back ourselves: the core's NumPy-to-tensor conversion turns a 0-d
+            # array into shape (1,) (np.ascontiguousarray)
+            x = fw.from_host(x)
         if jaxy:
             aux = {k: np.asarray(plan.get_field(result, k), dtype=dt)
                    for k, dt in plan.aux_fields.items()}
             return x, aux
-        return x, None
+        return x, (result if fw.name == "numpy" else None)
 
     solver.__name__ = plan.name
     result_shape = None
@@ -155,7 +161,11 @@ def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: st
         F = plan.F
     fn = custom_root(F, solve=linear_solver, tags=plan.tags, has_aux=True,
                      residual_tol=residual_tol, on_failure=on_failure,
-                     result_shape=result_shape)(solver)
+                     result_shape=result_shape, derivatives=derivatives)(solver)
+    capture = _CAPTURE.get()
+    if capture is not None:
+        capture.append(fn)
+        raise _Captured
     try:
         x, aux = fn(*lead, *plan.thetas)
     except Exception as e:  # a failure raised inside jax.pure_callback comes back wrapped
@@ -164,7 +174,48 @@ def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: st
         raise
     if is_traced(x):
         holder.result = None
-    return x, aux, holder
+    return x, (aux if jaxy else None), holder
+
+
+_CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("capture", default=None)
+
+
+class _Captured(Exception):
+    pass
+
+
+def implicit_function(drop_in: Callable[..., Any], *call_args: Any, **call_kwargs: Any
+                      ) -> Any:
+    """The decorated solver behind a drop-in call, for `idf.vjp` / `idf.jvp` /
+    `idf.jacobian` on NumPy arrays (which differentiate decorated solvers, not compositions).
+
+    ```python
+    g = implicit_function(isc.minimize, fun, x0, args=(lam, X, y), method="L-BFGS-B",
+                          bounds=bounds, tol=1e-12)
+    (x, res), vjp_fn = idf.vjp(g, lam, X, y)      # g(*args) -> (x, OptimizeResult)
+    dlam, dX, dy = vjp_fn(x_bar)
+    ```
+
+    `drop_in` is one of the drop-ins, called as you would call it; nothing is solved here. The
+    returned `ImplicitFunction` takes the drop-in's `args` as positional arguments and returns
+    `(x, result)` (`has_aux=True`; `result` is SciPy's object on NumPy). For `minimize` with
+    `constraints` it takes `(args, eq_args, ineq_args)` (the `args` of the equality and of the
+    inequality constraint dicts, each a tuple of tuples, in order) and `x` is
+    `(z, nu, mu)` with the KKT multipliers. With JAX or PyTorch inputs there is no need for
+    it: differentiate the drop-in's `.x` directly.
+    """
+    captured: list = []
+    token = _CAPTURE.set(captured)
+    try:
+        drop_in(*call_args, **call_kwargs)
+    except _Captured:
+        pass
+    finally:
+        _CAPTURE.reset(token)
+    if not captured:
+        raise TypeError(f"implicit_function: expected one of the implicitdiff.scipy drop-ins, "
+                        f"got {drop_in!r}.")
+    return captured[0]
 
 
 def _tree_map_np(f: Callable[[Any], Any], x: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._common import SolverResult, device, iterate, norm, residual_fn, safe_div, setup, spd_solve
+from ._common import SolverResult, device, iterate, norm, residual_fn, safe_div, setup
 
 
 def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float = 1.0,
@@ -25,8 +25,9 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     Gram matrix $\\Delta G^\\top \\Delta G + \\lambda I$ has eigenvalues in
     $[\\lambda, m + \\lambda]$: repeated, parallel or vanishing directions (a constant or linear
     $T$, a stalled iteration) give a well-conditioned system, never NaN — unlike the bordered,
-    unregularized form of the reference DEQ implementation. It is solved by an unrolled
-    Cholesky factorization, per batch element. The history is a ring buffer of $m$ slots;
+    unregularized form of the reference DEQ implementation. It is solved per batch element by
+    LU (`linalg.solve`), and a non-finite $\\gamma$ (only from non-finite input) falls back to
+    $\\gamma = 0$, a plain mixing step. The history is a ring buffer of $m$ slots;
     memory is $2m$ vectors per element.
 
     **Arguments:**
@@ -58,12 +59,15 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     hist = xp.zeros((*z0.shape[:-1], m, z0.shape[-1]), dtype=z0.dtype, device=dev)
     slots = xp.reshape(xp.arange(m, dtype=xp.int32, device=dev), (m, 1))
     eye = lam * xp.eye(m, dtype=z0.dtype, device=dev)
+    noise = float(xp.finfo(z0.dtype).eps) ** 0.5
 
     def step(s: Any, z: Any, g: Any, gn: Any, active: Any):
         k, dZ, dG = s
         gram = xp.matmul(dG, xp.matrix_transpose(dG)) + eye  # (..., m, m)
         rhs = xp.matmul(dG, g[..., None])[..., 0]  # (..., m)
-        gamma = spd_solve(xp, gram, rhs)[..., None]  # (..., m, 1)
+        # SPD with eigenvalues in [lam, m + lam]: LU never meets a zero pivot, nothing raises
+        gamma = xp.linalg.solve(gram, rhs[..., None])  # (..., m, 1)
+        gamma = xp.where(xp.isfinite(gamma), gamma, xp.zeros_like(gamma))
         z_new = z + beta * g - xp.sum(gamma * (dZ + beta * dG), axis=-2)
         g_new, scale_new = resid(z_new)
         ok = xp.isfinite(norm(xp, z_new))
@@ -71,7 +75,9 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
         def update(s: Any, accept: Any) -> Any:
             dg, dz = g_new - g, z_new - z
             dn = norm(xp, dg)
-            keep = accept & (dn > 0)
+            # a change of g below sqrt(eps) |g| is rounding noise (T(z) - z cancels): scaled to
+            # unit length it would be a random direction, so it is left out of the history
+            keep = accept & (dn > noise * xp.maximum(norm(xp, g), norm(xp, g_new)))
             at = (slots == (k % m)[..., None]) & keep[..., None]
             dG2 = xp.where(at, safe_div(xp, dg, dn, keep)[..., None, :], dG)
             dZ2 = xp.where(at, safe_div(xp, dz, dn, keep)[..., None, :], dZ)

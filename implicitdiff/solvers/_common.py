@@ -193,33 +193,6 @@ def device(x: Any) -> Any:
     return array_api_compat.device(x)
 
 
-def spd_solve(xp: Any, G: Any, b: Any) -> Any:
-    """Solve $G x = b$ for small symmetric positive definite `G` `(..., m, m)`, `b` `(..., m)`,
-    by an unrolled Cholesky factorization written with elementwise operations: it never raises
-    and, with pivots floored at the smallest normal number, never divides by zero. Meant for the
-    regularized Gram systems of Anderson acceleration ($m \\lesssim 20$)."""
-    m = G.shape[-1]
-    tiny = float(xp.finfo(G.dtype).tiny)
-    L: list[list[Any]] = [[None] * m for _ in range(m)]
-    for j in range(m):
-        d = G[..., j, j] - sum((L[j][k] * L[j][k] for k in range(j)), xp.zeros_like(G[..., 0, 0]))
-        ljj = xp.sqrt(xp.maximum(d, xp.full_like(d, tiny)))
-        L[j][j] = ljj
-        for i in range(j + 1, m):
-            s = G[..., i, j] - sum((L[i][k] * L[j][k] for k in range(j)),
-                                   xp.zeros_like(G[..., 0, 0]))
-            L[i][j] = s / ljj
-    y: list[Any] = []
-    for i in range(m):  # L y = b
-        s = b[..., i] - sum((L[i][k] * y[k] for k in range(i)), xp.zeros_like(b[..., 0]))
-        y.append(s / L[i][i])
-    x: list[Any] = [None] * m
-    for i in reversed(range(m)):  # L^T x = y
-        s = y[i] - sum((L[k][i] * x[k] for k in range(i + 1, m)), xp.zeros_like(b[..., 0]))
-        x[i] = s / L[i][i]
-    return xp.stack(x, axis=-1)
-
-
 def backtrack(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z: Any, p: Any,
               rn: Any, active: Any, *, max_backtracks: int, shrink: float = 0.5,
               c: float = 1e-4) -> tuple[Any, Any, Any, Any, Any]:

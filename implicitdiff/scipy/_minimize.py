@@ -1,0 +1,364 @@
+"""`minimize`: `scipy.optimize.minimize` with a differentiable `.x`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import scipy.optimize
+
+from .. import conditions as cond
+from .._errors import StructureError
+from .._linear_solve import AbstractLinearSolver, Auto
+from ._host import Framework, default_residual_tol, framework_name, get_framework
+from ._run import ArraySpec, Plan, as_args, check_args, check_on_failure, run, spec_of
+
+_JAC = {"cg", "bfgs", "newton-cg", "l-bfgs-b", "tnc", "slsqp", "dogleg", "trust-ncg",
+        "trust-krylov", "trust-exact", "trust-constr"}
+_HESS = {"dogleg", "trust-exact"}
+_HESSP = {"newton-cg", "trust-ncg", "trust-krylov", "trust-constr"}
+_AUX = {"fun": np.float64, "success": np.bool_, "status": np.int32, "nit": np.int32,
+        "nfev": np.int32}
+
+
+def _field(res: Any, k: str) -> Any:
+    v = res.get(k, -1) if hasattr(res, "get") else -1
+    return np.nan if k == "fun" and v is None else v
+
+
+def _bounds(bounds: Any, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """`(lb, ub)` as float arrays of length n with ±inf, or None when there are no finite
+    bounds."""
+    if bounds is None:
+        return None
+    if isinstance(bounds, scipy.optimize.Bounds):
+        lb = np.broadcast_to(np.asarray(bounds.lb, dtype=np.float64), (n,)).copy()
+        ub = np.broadcast_to(np.asarray(bounds.ub, dtype=np.float64), (n,)).copy()
+    else:
+        pairs = list(bounds)
+        if len(pairs) != n:
+            raise StructureError(
+                f"minimize: expected {n} (min, max) pairs in bounds, one per entry of x0, got "
+                f"{len(pairs)}."
+            )
+        lb = np.array([-np.inf if p[0] is None else float(p[0]) for p in pairs])
+        ub = np.array([np.inf if p[1] is None else float(p[1]) for p in pairs])
+    if not (np.isfinite(lb).any() or np.isfinite(ub).any()):
+        return None
+    return lb, ub
+
+
+def _constraints(constraints: Any) -> list[dict]:
+    if isinstance(constraints, dict):
+        constraints = [constraints]
+    out = []
+    for i, c in enumerate(constraints or ()):
+        if not isinstance(c, dict) or c.get("type") not in ("eq", "ineq") or not callable(
+                c.get("fun")):
+            raise StructureError(
+                f"minimize: constraint {i}: expected a dict {{'type': 'eq' | 'ineq', 'fun': "
+                f"callable, 'jac': optional, 'args': optional}}, got {c!r}. Write "
+                "LinearConstraint / NonlinearConstraint objects in the dict form (SciPy's "
+                "'ineq' means fun(x) >= 0)."
+            )
+        out.append(c)
+    return out
+
+
+def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = None,
+             jac: Any = None, hess: Any = None, hessp: Any = None, bounds: Any = None,
+             constraints: Any = (), tol: float | None = None, callback: Any = None,
+             options: dict | None = None, *, residual_tol: float | None = None,
+             on_failure: str = "raise", linear_solver: AbstractLinearSolver = Auto()
+             ) -> scipy.optimize.OptimizeResult:
+    """`scipy.optimize.minimize` whose result's `x` is differentiable in `args` (and in the
+    constraints' `args`), in the framework of the inputs.
+
+    The call and the returned `OptimizeResult` are SciPy's. The derivative of
+    $x^*(\\theta)$, $\\theta$ = `args`, comes from an optimality condition at the solution, never
+    from SciPy's iterations:
+
+    - no constraints, no finite bounds: stationarity $\\nabla_x f(x^*, \\theta) = 0$;
+    - finite bounds only: the projected-gradient fixed point
+      $x - P_{[l, u]}(x - \\nabla_x f) = 0$, exact on the active set (a variable at a bound has
+      derivative 0; the free ones get the reduced-Hessian formula);
+    - `constraints` (dicts, SciPy's form; `'ineq'` means `fun(x) >= 0`): the KKT conditions,
+      with finite bounds as extra inequalities. The multipliers are recovered at the solution by
+      a non-negative least-squares fit of the Lagrangian's stationarity on the active set
+      (SciPy's methods do not all return them).
+
+    With JAX or PyTorch inputs and no `jac` (`hess`/`hessp` for the methods that use them),
+    SciPy gets exact ones from `jax.grad`/`jax.hessian` or `torch.func`. With NumPy inputs
+    SciPy's behaviour is unchanged; a given `jac` is then also used for the condition (write it
+    complex-safe for an exact reference).
+
+    **Arguments:** those of `scipy.optimize.minimize`; `fun(x, *args)` written with the
+    framework's ops or array-API ops. Keyword-only extras:
+
+    - `residual_tol`: the residual check $\\max|F(x^*, \\theta)| \\le$ `residual_tol`; default
+      $\\max(10^{-4}, 10\\sqrt{\\epsilon})$ (SciPy's default tolerances are loose; pass `tol=`
+      for accurate derivatives).
+    - `on_failure`: `"raise"` (default; `NonConvergenceError` with SciPy's message), `"warn"`
+      or `"nan"`, for SciPy's `success=False`, a constraint violated at the returned x, or a
+      residual above `residual_tol`.
+    - `linear_solver`: the linear solver of the derivative (default `idf.Auto()`).
+
+    **Returns:** SciPy's `OptimizeResult` with `x` differentiable. Under JAX tracing (`jit`,
+    `vmap`, `grad`) it holds `x` and the array fields `fun`, `success`, `status`, `nit`,
+    `nfev` only (`message` and the others are host objects).
+    """
+    check_on_failure(on_failure)
+    args = as_args(args)
+    cons = _constraints(constraints)
+    con_args = tuple(as_args(c.get("args", ())) for c in cons)
+    check_args("minimize", "fun", fun, 1, args)
+    for i, (c, a) in enumerate(zip(cons, con_args)):
+        check_args("minimize", f"constraints[{i}]['fun']", c["fun"], 1, a)
+    name = framework_name(args, con_args)
+    if name == "numpy":
+        name = framework_name(x0)
+    like = x0 if name == "torch" and hasattr(x0, "detach") else _first_tensor(args)
+    fw = get_framework(name, like)
+    x0f = fw.array(x0)
+    if len(x0f.shape) > 1:
+        raise StructureError(f"minimize: expected a 1-d x0, got shape {tuple(x0f.shape)}.")
+    x0f = x0f.reshape((-1,))
+    n = int(x0f.shape[0])
+    if method is None:
+        method = "SLSQP" if cons else ("L-BFGS-B" if bounds is not None else "BFGS")
+    meth = method.lower() if isinstance(method, str) else None
+    box = _bounds(bounds, n)
+    if residual_tol is None:
+        residual_tol = default_residual_tol(fw.float_dtype_eps(x0f))
+
+    def f_obj(x: Any, *a: Any) -> Any:
+        return fun(x, *a)[0] if jac is True else fun(x, *a)
+
+    f_obj.__name__ = getattr(fun, "__name__", "fun")
+    user_grad: Callable[..., Any] | None = None
+    if fw.name == "numpy":
+        if callable(jac):
+            user_grad = jac
+        elif jac is True:
+            def user_grad(x: Any, *a: Any) -> Any:
+                return fun(x, *a)[1]
+
+    eqs = [(c, a) for c, a in zip(cons, con_args) if c["type"] == "eq"]
+    ineqs = [(c, a) for c, a in zip(cons, con_args) if c["type"] == "ineq"]
+    xp = array_api_compat.array_namespace(x0f)
+
+    # ---- the condition --------------------------------------------------------------------
+    if not cons and box is None:
+        Fs = cond.stationarity(f_obj, grad=user_grad)
+        F, tags, thetas = Fs, Fs.tags, args
+        x_spec: Any = spec_of(fw, x0f)
+    elif not cons:
+        assert box is not None
+        lb_f, ub_f = fw.array(box[0], like=x0f), fw.array(box[1], like=x0f)
+        g_packed = None if user_grad is None else (lambda x, a: user_grad(x, *a))
+        Fp = cond.projected_gradient(lambda x, a: f_obj(x, *a), cond.projection_box,
+                                     grad=g_packed)
+
+        def F(x: Any, *a: Any) -> Any:
+            return Fp(x, a, (lb_f, ub_f))
+
+        F.__name__ = f"projected_gradient({f_obj.__name__}, box)"
+        tags, thetas = frozenset(), args
+        x_spec = spec_of(fw, x0f)
+    else:
+        F, x_spec, m_eq, m_in = _kkt_condition(fw, xp, f_obj, user_grad, eqs, ineqs, box, x0f)
+        tags = F.tags
+        thetas = (args, tuple(a for _, a in eqs), tuple(a for _, a in ineqs))
+
+    # ---- the host solve -------------------------------------------------------------------
+    def host_solve(x0_h: Any, *th: Any) -> tuple[Any, Any, bool, str]:
+        a = th[0] if cons else th
+        eq_a, in_a = (th[1], th[2]) if cons else ((), ())
+        kw: dict[str, Any] = {"method": method, "tol": tol, "callback": callback,
+                              "options": options}
+        if bounds is not None:
+            kw["bounds"] = bounds
+        if fw.name == "numpy":
+            kw.update(jac=jac, hess=hess, hessp=hessp, args=a)
+            if cons:
+                kw["constraints"] = [dict(c, args=ca) for (c, _), ca in
+                                     zip(eqs + ineqs, (*eq_a, *in_a))]
+            fun_s: Any = fun
+        else:
+            a_fw = fw.from_host(a)
+            if jac is True:
+                host = fw.host(fun, a_fw)
+
+                def fun_s(x: Any) -> Any:
+                    v, g = host(x)
+                    return float(v), np.asarray(g, dtype=np.float64)
+
+                kw["jac"] = True
+            elif jac is None and meth in _JAC:
+                fun_s = fw.value_and_grad(f_obj, a_fw)
+                kw["jac"] = True
+            else:
+                fun_s = fw.host(fun, a_fw, scalar=True)
+                kw["jac"] = fw.host(jac, a_fw) if callable(jac) else jac
+            if hess is None and hessp is None:
+                if meth in _HESS:
+                    kw["hess"] = fw.hess(f_obj, a_fw)
+                elif meth in _HESSP:
+                    kw["hessp"] = fw.hessp(f_obj, a_fw)
+            else:
+                kw["hess"] = fw.host(hess, a_fw) if callable(hess) else hess
+                kw["hessp"] = fw.host(hessp, a_fw) if callable(hessp) else hessp
+            if cons:
+                kw["constraints"] = [_host_constraint(fw, c, fw.from_host(ca), meth)
+                                     for (c, _), ca in zip(eqs + ineqs, (*eq_a, *in_a))]
+        res = scipy.optimize.minimize(fun_s, np.asarray(x0_h, dtype=np.float64).reshape(-1),
+                                      **kw)
+        ok, msg = bool(res.success), str(res.message)
+        z = np.asarray(res.x, dtype=np.float64)
+        if not cons:
+            if ok and box is not None and (np.any(z < box[0] - residual_tol) or
+                                           np.any(z > box[1] + residual_tol)):
+                ok, msg = False, ("the returned x is outside the bounds (the method does not "
+                                  "enforce bounds?).")
+            return z, res, ok, msg
+        nu, mu, viol = _multipliers(fw, f_obj, user_grad, z, a, eqs, eq_a, ineqs, in_a, box,
+                                    m_eq, m_in)
+        if ok and viol > residual_tol:
+            ok, msg = False, (f"the returned x violates the constraints: max violation "
+                              f"{viol:.3g} > residual_tol = {residual_tol:.3g} (SciPy said: "
+                              f"{res.message}; does the method support constraints?).")
+        x = (z, *((nu,) if eqs else ()), *((mu,) if m_in else ()))
+        return x, res, ok, msg
+
+    plan = Plan("minimize", F, frozenset(tags), host_solve, thetas, x0f, x_spec, _AUX, _field)
+    x, aux, holder = run(fw, plan, residual_tol=residual_tol, on_failure=on_failure,
+                         linear_solver=linear_solver)
+    z = x[0] if cons else x
+    if holder.result is not None:
+        res = scipy.optimize.OptimizeResult(holder.result)
+        res["x"] = z
+    else:
+        res = scipy.optimize.OptimizeResult(x=z, **aux)
+    if cons:
+        res["kkt_multipliers"] = tuple(x[1:])
+    return res
+
+
+def _first_tensor(tree: Any) -> Any:
+    from .. import _tree
+
+    for leaf in _tree.tree_flatten(tree)[0]:
+        if hasattr(leaf, "detach") and getattr(leaf, "is_floating_point", lambda: False)():
+            return leaf
+    return None
+
+
+def _host_constraint(fw: Framework, c: dict, ca: tuple, meth: str | None) -> dict:
+    out = {"type": c["type"], "fun": fw.host(c["fun"], ca)}
+    if callable(c.get("jac")):
+        out["jac"] = fw.host(c["jac"], ca)
+    elif meth in _JAC:
+        out["jac"] = fw.jacobian(c["fun"], ca)
+    return out
+
+
+def _count(fw: Framework, c: dict, x0f: Any, ca: tuple) -> int:
+    if fw.name == "jax":
+        import jax
+
+        return int(np.prod(jax.eval_shape(lambda z, a: c["fun"](z, *a), x0f, ca).shape))
+    return int(np.size(fw.to_host(c["fun"](x0f, *ca))))
+
+
+def _kkt_condition(fw: Framework, xp: Any, f_obj: Callable[..., Any],
+                   user_grad: Callable[..., Any] | None, eqs: list, ineqs: list,
+                   box: tuple | None, x0f: Any) -> tuple[Any, Any, int, int]:
+    """The KKT condition for SciPy's constraint dicts (and finite bounds), `x = (z, nu, mu)`."""
+    m_eq = sum(_count(fw, c, x0f, a) for c, a in eqs)
+    m_in = sum(_count(fw, c, x0f, a) for c, a in ineqs)
+    if box is not None:
+        lo_i = np.flatnonzero(np.isfinite(box[0]))
+        hi_i = np.flatnonzero(np.isfinite(box[1]))
+        m_in += lo_i.size + hi_i.size
+        lb_f = fw.array(box[0][lo_i], like=x0f)
+        ub_f = fw.array(box[1][hi_i], like=x0f)
+        lo_idx = fw.from_host(lo_i.astype(np.int64))
+        hi_idx = fw.from_host(hi_i.astype(np.int64))
+
+    def flat(zz: Any, v: Any) -> Any:
+        ns = array_api_compat.array_namespace(zz)
+        return ns.reshape(ns.asarray(v) if not hasattr(v, "dtype") else v, (-1,))
+
+    def eq_fn(z: Any, eq_a: tuple) -> Any:
+        ns = array_api_compat.array_namespace(z)
+        return ns.concat([flat(z, c["fun"](z, *a)) for (c, _), a in zip(eqs, eq_a)])
+
+    def in_fn(z: Any, in_a: tuple) -> Any:
+        ns = array_api_compat.array_namespace(z)
+        parts = [-flat(z, c["fun"](z, *a)) for (c, _), a in zip(ineqs, in_a)]
+        if box is not None:
+            parts += [lb_f - ns.take(z, lo_idx), ns.take(z, hi_idx) - ub_f]
+        return ns.concat(parts)
+
+    g_packed = None if user_grad is None else (lambda z, a: user_grad(z, *a))
+    K = cond.kkt(lambda z, a: f_obj(z, *a), eq=eq_fn if eqs else None,
+                 ineq=in_fn if m_in else None, grad=g_packed)
+
+    def F(x: Any, a: tuple, eq_a: tuple, in_a: tuple) -> Any:
+        return K(x, a, eq_a if eqs else None, in_a if m_in else None)
+
+    F.__name__ = K.__name__
+    F.tags = K.tags  # type: ignore[attr-defined]
+    z_spec = spec_of(fw, x0f)
+
+    x_spec = (z_spec, *((ArraySpec((m_eq,), z_spec.dtype),) if eqs else ()),
+              *((ArraySpec((m_in,), z_spec.dtype),) if m_in else ()))
+    return F, x_spec, m_eq, m_in
+
+
+def _multipliers(fw: Framework, f_obj: Callable[..., Any], user_grad: Any, z: np.ndarray,
+                 a: tuple, eqs: list, eq_a: tuple, ineqs: list, in_a: tuple,
+                 box: tuple | None, m_eq: int, m_in: int) -> tuple[Any, Any, float]:
+    """Multipliers $(\\nu, \\mu \\ge 0)$ at the solution $z$ from the Lagrangian's stationarity
+    $\\nabla f + J_h^\\top \\nu + J_g^\\top \\mu = 0$, by bounded least squares on the active
+    inequalities ($g_i \\ge -10^{-7}$; the others get $\\mu_i = 0$). Also the largest constraint
+    violation $\\max(|h|, g^+)$."""
+    a_fw = fw.from_host(a) if fw.name != "numpy" else a
+    grad = fw.grad_np(f_obj, z, a_fw, user=user_grad)
+    rows_h, vals_h, rows_g, vals_g = [], [], [], []
+    for (c, _), ca in zip(eqs, eq_a):
+        ca_fw = fw.from_host(ca) if fw.name != "numpy" else ca
+        vals_h.append(np.ravel(fw.to_host(fw.host(c["fun"], ca_fw)(z))))
+        rows_h.append(fw.jac_np(c["fun"], z, ca_fw, user=c.get("jac")))
+    for (c, _), ca in zip(ineqs, in_a):
+        ca_fw = fw.from_host(ca) if fw.name != "numpy" else ca
+        vals_g.append(-np.ravel(fw.to_host(fw.host(c["fun"], ca_fw)(z))))
+        rows_g.append(-fw.jac_np(c["fun"], z, ca_fw, user=c.get("jac")))
+    n = z.size
+    if box is not None:
+        eye = np.eye(n)
+        lo_i = np.flatnonzero(np.isfinite(box[0]))
+        hi_i = np.flatnonzero(np.isfinite(box[1]))
+        vals_g += [box[0][lo_i] - z[lo_i], z[hi_i] - box[1][hi_i]]
+        rows_g += [-eye[lo_i], eye[hi_i]]
+    h = np.concatenate(vals_h) if vals_h else np.zeros(0)
+    g = np.concatenate(vals_g) if vals_g else np.zeros(0)
+    Jh = np.concatenate(rows_h).reshape(-1, n) if rows_h else np.zeros((0, n))
+    Jg = np.concatenate(rows_g).reshape(-1, n) if rows_g else np.zeros((0, n))
+    viol = max(float(np.max(np.abs(h), initial=0.0)), float(np.max(g, initial=0.0)))
+    active = np.flatnonzero(g >= -1e-7)
+    M = np.concatenate([Jh, Jg[active]]).T  # (n, m_eq + n_active)
+    nu, mu = np.zeros(m_eq), np.zeros(m_in)
+    if M.shape[1]:
+        lo = np.concatenate([np.full(m_eq, -np.inf), np.zeros(active.size)])
+        hi = np.full(M.shape[1], np.inf)
+        if np.all(np.isinf(lo)):
+            sol = np.linalg.lstsq(M, -grad, rcond=None)[0]
+        else:
+            sol = scipy.optimize.lsq_linear(M, -grad, bounds=(lo, hi), method="bvls",
+                                            tol=1e-14).x
+        nu = sol[:m_eq]
+        mu[active] = sol[m_eq:]
+    return nu, mu, viol
