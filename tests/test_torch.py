@@ -827,3 +827,21 @@ def test_compile_gives_eager_gradients(rng):
         torch.compile(model)(x).backward()
     for k, p in model.named_parameters():
         assert torch.allclose(p.grad, eager[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_scalar_root_from_a_numpy_solver():
+    def F(x, t):
+        return x**3 + x - t
+
+    @idf.custom_root(F)
+    def cubic(t):
+        x = np.asarray(t.detach())
+        for _ in range(60):
+            x = x - (x**3 + x - np.asarray(t.detach())) / (3 * x**2 + 1)
+        return x
+
+    t = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    x = cubic(t)
+    assert x.shape == () and x.dtype == torch.float64
+    x.backward()
+    assert abs(float(t.grad) - 1 / (3 * float(x.detach()) ** 2 + 1)) < 1e-12

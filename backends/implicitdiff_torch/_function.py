@@ -232,7 +232,7 @@ class Operator:
         out, start, k = [], 0, self.k
         for x in self.xs:
             size = math.prod(x.shape[k:])
-            piece = flat[..., start:start + size].reshape(*flat.shape[:-1], *x.shape[k:])
+            piece = flat[..., start:start + size].reshape((*flat.shape[:-1], *x.shape[k:]))
             out.append(piece.to(x.dtype))
             start += size
         return out
@@ -633,7 +633,7 @@ def _to_tensors(x: Any, args: tuple) -> Any:
 
     def conv(leaf: Any) -> Any:
         if isinstance(leaf, (np.ndarray, np.generic)) and np.issubdtype(leaf.dtype, np.floating):
-            t = torch.as_tensor(np.ascontiguousarray(leaf))
+            t = torch.as_tensor(np.array(leaf))
             return t.to(device=device, dtype=dtype or t.dtype)
         return leaf
 

@@ -19,16 +19,27 @@ import numpy as np
 
 from .. import _tree
 from .._backend import find_backend
-from .._errors import StructureError
+from .._errors import BackendNotFoundError, StructureError
 
 _CS_H = 1e-30
 
 
 def framework_name(*trees: Any) -> str:
-    """`"numpy"`, `"jax"` or `"torch"`: the framework of the arrays in `trees` (NumPy when there
-    are only Python numbers)."""
-    bk = find_backend(*trees)
-    return "numpy" if bk is None else bk.framework
+    """`"numpy"`, `"jax"` or `"torch"`: the framework of the arrays in `trees`. NumPy arrays mix
+    with the arrays of one framework (they are converted to it, as `jnp` functions would); NumPy
+    when there are only NumPy arrays and Python numbers."""
+    found = set()
+    for tree in trees:
+        for leaf in _tree.tree_flatten(tree)[0]:
+            bk = find_backend(leaf)
+            if bk is not None and bk.framework != "numpy":
+                found.add(bk.framework)
+    if len(found) > 1:
+        raise BackendNotFoundError(
+            f"implicitdiff.scipy: expected the arrays of one framework (NumPy arrays may mix "
+            f"with them), got {sorted(found)}. Convert them to one framework first."
+        )
+    return found.pop() if found else "numpy"
 
 
 def is_traced(x: Any) -> bool:

@@ -116,11 +116,11 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
     check_args("minimize", "fun", fun, 1, args)
     for i, (c, a) in enumerate(zip(cons, con_args)):
         check_args("minimize", f"constraints[{i}]['fun']", c["fun"], 1, a)
-    name = framework_name(args, con_args)
-    if name == "numpy":
-        name = framework_name(x0)
+    name = framework_name(x0, args, con_args)
     like = x0 if name == "torch" and hasattr(x0, "detach") else _first_tensor(args)
     fw = get_framework(name, like)
+    args, con_args = fw.from_host(args), fw.from_host(con_args)
+    cons = [dict(c, args=a) for c, a in zip(cons, con_args)]
     x0f = fw.array(x0)
     if len(x0f.shape) > 1:
         raise StructureError(f"minimize: expected a 1-d x0, got shape {tuple(x0f.shape)}.")

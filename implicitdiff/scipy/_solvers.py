@@ -28,13 +28,14 @@ def _getter(res: Any, k: str) -> Any:
     return getattr(res, k, -1)
 
 
-def _setup(who: str, f: Callable[..., Any], x0: Any, args: tuple, *extra: Any) -> Any:
+def _setup(who: str, f: Callable[..., Any], x0: Any, args: tuple, *extra: Any
+           ) -> tuple[Any, tuple]:
+    """The framework of the call, and `args` with NumPy arrays converted to it."""
     check_args(who, "fun", f, 1, args)
-    name = framework_name(args)
-    if name == "numpy":
-        name = framework_name(x0, *extra)
+    name = framework_name(x0, args, *extra)
     like = x0 if name == "torch" and hasattr(x0, "detach") else _first_tensor(args)
-    return get_framework(name, like)
+    fw = get_framework(name, like)
+    return fw, fw.from_host(args)
 
 
 def _as_like(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -74,7 +75,7 @@ def root(fun: Callable[..., Any], x0: Any, args: Any = (), method: str = "hybr",
     """
     check_on_failure(on_failure)
     args = as_args(args)
-    fw = _setup("root", fun, x0, args)
+    fw, args = _setup("root", fun, x0, args)
     x0f = fw.array(x0).reshape((-1,))
     meth = method.lower() if isinstance(method, str) else None
     if residual_tol is None:
@@ -157,7 +158,7 @@ def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
         )
     args = as_args(args)
     kwargs = dict(kwargs or {})
-    fw = _setup("least_squares", fun, x0, args)
+    fw, args = _setup("least_squares", fun, x0, args)
     x0f = fw.array(x0).reshape((-1,))
     n = int(x0f.shape[0])
     if residual_tol is None:
@@ -240,7 +241,7 @@ def fixed_point(func: Callable[..., Any], x0: Any, args: Any = (), xtol: float =
     """
     check_on_failure(on_failure)
     args = as_args(args)
-    fw = _setup("fixed_point", func, x0, args)
+    fw, args = _setup("fixed_point", func, x0, args)
     x0f = fw.array(x0)
     if residual_tol is None:
         residual_tol = default_residual_tol(fw.float_dtype_eps(x0f))
@@ -285,13 +286,22 @@ def root_scalar(f: Callable[..., Any], args: Any = (), method: str | None = None
     """
     check_on_failure(on_failure)
     args = as_args(args)
-    fw = _setup("root_scalar", f, x0 if x0 is not None else 0.0, args, bracket)
+    fw, args = _setup("root_scalar", f, x0 if x0 is not None else 0.0, args, bracket)
     guess = x0 if x0 is not None else (bracket[0] if bracket is not None else 0.0)
     x0f = fw.array(guess).reshape(())
     if residual_tol is None:
         residual_tol = default_residual_tol(fw.float_dtype_eps(x0f))
     F = _as_like(lambda x, *a: f(x, *a)[0] if fprime is True else f(x, *a))
     F.__name__ = getattr(f, "__name__", "f")
+    F_root = F
+    x_root = x0f
+    if fw.name == "torch":
+        # the torch backend's backward does not take a 0-d x yet: solve for shape (1,)
+        def F_root(x: Any, *a: Any) -> Any:
+            return F(x.reshape(()), *a).reshape((1,))
+
+        F_root.__name__ = F.__name__
+        x_root = x0f.reshape((1,))
     meth = method.lower() if isinstance(method, str) else None
     newtonish = meth in ("newton", "halley") or (meth is None and x0 is not None and
                                                   bracket is None)
@@ -301,7 +311,7 @@ def root_scalar(f: Callable[..., Any], args: Any = (), method: str | None = None
                               "xtol": xtol, "rtol": rtol, "maxiter": maxiter,
                               "options": options}
         if x0 is not None:
-            kw["x0"] = float(np.asarray(x0_h))
+            kw["x0"] = float(np.asarray(x0_h).reshape(()))
         if fw.name == "numpy":
             kw.update(fprime=fprime, fprime2=fprime2)
             res = scipy.optimize.root_scalar(f, args=a, **kw)
@@ -319,10 +329,11 @@ def root_scalar(f: Callable[..., Any], args: Any = (), method: str | None = None
         return np.asarray(res.root), res, bool(res.converged), str(res.flag)
 
     aux = {"converged": np.bool_, "iterations": np.int32, "function_calls": np.int32}
-    plan = Plan("root_scalar", F, frozenset(), host_solve, args, x0f, spec_of(fw, x0f), aux,
-                _getter)
+    plan = Plan("root_scalar", F_root, frozenset(), host_solve, args, x_root,
+                spec_of(fw, x_root), aux, _getter)
     x, aux_v, holder = run(fw, plan, residual_tol=residual_tol, on_failure=on_failure,
                            linear_solver=linear_solver)
+    x = x.reshape(())
     if holder.result is not None:
         out = copy.copy(holder.result)
         out.root = x
