@@ -455,7 +455,11 @@ def test_vmap_grad_dense_does_not_deadlock():
     lams = jnp.asarray(np.geomspace(0.01, 10, 16))
     for solve in (idf.Dense(), idf.Cholesky()):
         ridge = make_ridge(solve)
-        f = jax.jit(jax.vmap(jax.grad(lambda lam: jnp.sum(ridge(lam, X, y) ** 2))))
+
+        def loss(lam, ridge=ridge):
+            return jnp.sum(ridge(lam, X, y) ** 2)
+
+        f = jax.jit(jax.vmap(jax.grad(loss)))
         for _ in range(100):
             out = jax.block_until_ready(f(lams))
         assert np.all(np.isfinite(out))
