@@ -31,6 +31,7 @@ from ._linear_solve import Auto as Auto
 from ._linear_solve import BiCGStab as BiCGStab
 from ._linear_solve import Cholesky as Cholesky
 from ._linear_solve import Dense as Dense
+from ._linear_solve import NeumannSolve as NeumannSolve
 from ._linear_solve import NormalCG as NormalCG
 from ._linear_solve import Richardson as Richardson
 from ._root import Derivatives as Derivatives
@@ -49,8 +50,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # `idf.conditions`, `idf.solvers` without an explicit import; neither imports a framework.
-    if name in ("conditions", "solvers"):
-        import importlib
+    # `idf.torch`, `idf.jax`: the backend packages (and so the framework), on first access only.
+    import importlib
 
+    if name in ("conditions", "solvers"):
         return importlib.import_module("." + name, __name__)
+    if name in ("torch", "jax"):
+        return importlib.import_module("implicitdiff_" + name)
     raise AttributeError(f"module 'implicitdiff' has no attribute {name!r}")

@@ -708,6 +708,44 @@ class Richardson(AbstractLinearSolver):
 
 
 @dataclass(frozen=True)
+class NeumannSolve(AbstractLinearSolver):
+    """$k$ terms of the Neumann series for a fixed point's $A = J - I$ ($J = \\partial_z T$):
+    $A^{-1} b = -(I - J)^{-1} b \\approx -\\sum_{j<k} J^j b$.
+
+    This is Richardson's iteration with $\\omega = -1$ from $x_0 = 0$, stopped after exactly
+    `terms` steps ($k - 1$ products with $A$) whatever the residual: an **approximation**, whose
+    relative error is about $\\|J\\|^k$ for a contraction. It always reports `converged=True`
+    (unless the result is not finite), so the implicit rule accepts it; `residual_norm` is that
+    of the last computed residual (before the last term).
+
+    **Arguments:** `terms` (default 5, at least 1).
+    """
+
+    terms: int = 5
+    rtol: float | None = None
+    atol: float = 0.0
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.terms, bool) or not isinstance(self.terms, int) or self.terms < 1:
+            raise ValueError(f"NeumannSolve: expected terms a positive int, got {self.terms!r}.")
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+        # Richardson x <- x + ω (b - A x), ω = -1: x_1 = -b, x_{j+1} = J x_j - b, so
+        # x_k = -(I + J + ... + J^{k-1}) b; the first term needs no product.
+        x = -b
+        r = b - matvec(x) if self.terms > 1 else b
+        for j in range(1, self.terms):
+            x = x - r
+            if j < self.terms - 1:
+                r = b - matvec(x)
+        rn = xp.sqrt(xp.sum(r * r, axis=-1))
+        finite = xp.isfinite(rn) & xp.all(xp.isfinite(x), axis=-1)
+        iters = xp.zeros_like(rn, dtype=xp.int32) + (self.terms - 1)
+        return x, LinearSolveInfo(iters, rn, finite, ~finite)
+
+
+@dataclass(frozen=True)
 class Auto(AbstractLinearSolver):
     """Pick a solver from the structure tags and the size $n$.
 

@@ -1,0 +1,431 @@
+"""The PyTorch DEQ layer (`implicitdiff_torch.DEQ`): exact gradients against a dense oracle and
+finite differences, the size of the approximate backward modes' errors, higher order,
+torch.func, failure reporting, warm starts, and the toolkit (spectral norm, variational dropout,
+Jacobian regularization, correction states)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import implicitdiff as idf  # noqa: E402
+from implicitdiff_torch import (  # noqa: E402
+    DEQ,
+    IFT,
+    JFB,
+    Neumann,
+    NeumannSolve,
+    Phantom,
+    VariationalDropout,
+    correction_states,
+    jacobian_penalty,
+)
+
+F64 = torch.float64
+
+
+class Cell(nn.Module):
+    """f(z, x) = tanh(W z + U x + b) with ‖W‖₂ = rho."""
+
+    def __init__(self, h: int, d: int, rho: float, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = nn.Linear(h, h, bias=False)
+        self.U = nn.Linear(d, h)
+        with torch.no_grad():
+            W = torch.randn(h, h, generator=g)
+            self.W.weight.copy_(rho * W / torch.linalg.matrix_norm(W, 2))
+            self.U.weight.copy_(torch.randn(h, d, generator=g) / d ** 0.5)
+            self.U.bias.copy_(0.1 * torch.randn(h, generator=g))
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(z) + self.U(x))
+
+
+def make(h=12, d=5, batch=6, rho=0.5, **kw):
+    cell = Cell(h, d, rho).to(F64)
+    x = torch.randn(batch, d, dtype=F64, generator=torch.Generator().manual_seed(1))
+    kw.setdefault("solver_options", dict(tol=1e-13, maxiter=200))
+    return cell, DEQ(cell, z_shape=(h,), **kw), x
+
+
+def loss_fn(z):
+    return ((z - 0.3) ** 2).sum()
+
+
+def dense_oracle(cell, x):
+    """The exact implicit gradient of loss_fn, densely, with tanh' written out (no autograd):
+    z* by 2000 plain iterations, (I - J)ᵀ u = z̄ with J = diag(1 - z²) W per sample."""
+    W, U, b = (p.detach() for p in (cell.W.weight, cell.U.weight, cell.U.bias))
+    z = torch.zeros(x.shape[0], W.shape[0], dtype=F64)
+    for _ in range(2000):
+        z = torch.tanh(z @ W.T + x @ U.T + b)
+    d = 1 - z ** 2
+    J = d[:, :, None] * W[None]
+    A = torch.eye(W.shape[0], dtype=F64) - J
+    u = torch.linalg.solve(A.mT, (2 * (z - 0.3))[..., None])[..., 0]
+    v = d * u
+    return {"W": v.T @ z, "U": v.T @ x, "b": v.sum(0), "x": v @ U}
+
+
+def grads(deq, cell, x):
+    cell.zero_grad()
+    xr = x.clone().requires_grad_()
+    loss_fn(deq(xr)).backward()
+    return {"W": cell.W.weight.grad.clone(), "U": cell.U.weight.grad.clone(),
+            "b": cell.U.bias.grad.clone(), "x": xr.grad.clone()}
+
+
+def flat(g):
+    return torch.cat([g[k].flatten() for k in ("W", "U", "b", "x")])
+
+
+def rel(a, b):
+    return float((flat(a) - flat(b)).norm() / flat(b).norm())
+
+
+# ---- exact gradients -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solve", [idf.BiCGStab(), idf.Richardson(omega=-1.0, maxiter=500),
+                                   idf.Dense()], ids=["bicgstab", "richardson", "dense"])
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point_iteration"])
+def test_exact_gradient_matches_dense_oracle(solver, solve):
+    cell, deq, x = make(solver=solver, backward=IFT(solve))
+    assert rel(grads(deq, cell, x), dense_oracle(cell, x)) < 1e-9
+    assert bool(deq.stats.converged.all())
+
+
+def test_exact_gradient_matches_finite_differences():
+    cell, deq, x = make()
+    g = grads(deq, cell, x)
+    gen = torch.Generator().manual_seed(3)
+    dW = torch.randn(cell.W.weight.shape, dtype=F64, generator=gen)
+    dx = torch.randn(x.shape, dtype=F64, generator=gen)
+    eps = 1e-5
+    W0 = cell.W.weight.detach().clone()
+
+    def L(s):
+        with torch.no_grad():
+            cell.W.weight.copy_(W0 + s * dW)
+            return float(loss_fn(deq(x + s * dx)))
+
+    fd = (L(eps) - L(-eps)) / (2 * eps)
+    L(0.0)
+    an = float((g["W"] * dW).sum() + (g["x"] * dx).sum())
+    assert abs(fd - an) <= 1e-7 * max(1.0, abs(an))
+
+
+def test_gradients_agree_with_numpy_reference_problem():
+    # the same fixed point as an idf.custom_fixed_point on NumPy arrays (the reference backend)
+    cell, deq, x = make(h=4, d=3, batch=1)
+    W, U, b = (p.detach().numpy() for p in (cell.W.weight, cell.U.weight, cell.U.bias))
+    xn = x.numpy()[0]
+
+    def T(z, W, U, b, x):
+        return np.tanh(W @ z + U @ x + b)
+
+    @idf.custom_fixed_point(T, solve=idf.Dense())
+    def fp(W, U, b, x):
+        z = np.zeros(W.shape[0])
+        for _ in range(500):
+            z = T(z, W, U, b, x)
+        return z
+
+    z, vjp = idf.vjp(fp, W, U, b, xn)
+    gW, gU, gb, gx = vjp(2 * (z - 0.3))
+    g = grads(deq, cell, x)
+    np.testing.assert_allclose(g["W"].numpy(), gW, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(g["U"].numpy(), gU, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(g["b"].numpy(), gb, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(g["x"].numpy()[0], gx, rtol=1e-6, atol=1e-9)
+
+
+# ---- approximate modes: documented error sizes ------------------------------------------------
+
+@pytest.mark.parametrize("rho", [0.3, 0.5, 0.9])
+def test_approximate_modes_error_sizes(rho):
+    cell, deq, x = make(h=16, d=8, batch=8, rho=rho)
+    exact = grads(deq, cell, x)
+    assert rel(exact, dense_oracle(cell, x)) < 1e-9
+    err = {}
+    for mode in [JFB(), Neumann(2), Neumann(5), Neumann(10), Phantom(5), Phantom(10, 0.5)]:
+        d = DEQ(cell, z_shape=(16,), backward=mode, solver_options=dict(tol=1e-13, maxiter=200))
+        err[mode] = rel(grads(d, cell, x), exact)
+    # documented in docs/deq.md: JFB ≲ ρ, Neumann(k) and Phantom(k) ≲ ρ^k, damped
+    # Phantom(k, λ) ≲ (1 - λ + λρ)^k; all are approximations (error well above rounding)
+    assert 1e-3 < err[JFB()] < rho
+    for k in (2, 5, 10):
+        assert err[Neumann(k)] < rho ** k
+    assert err[Neumann(2)] > err[Neumann(5)] > err[Neumann(10)] > 1e-12
+    assert abs(err[Phantom(5)] - err[Neumann(5)]) < 1e-6  # undamped phantom = Neumann
+    assert err[Phantom(10, 0.5)] < (0.5 + 0.5 * rho) ** 10
+    assert err[JFB()] == pytest.approx(
+        rel(grads(DEQ(cell, z_shape=(16,), backward=Neumann(1),
+                      solver_options=dict(tol=1e-13, maxiter=200)), cell, x), exact), rel=1e-6)
+
+
+def test_neumann_solve_is_the_truncated_series_in_numpy():
+    rng = np.random.default_rng(0)
+    J = rng.standard_normal((5, 5))
+    J *= 0.5 / np.linalg.norm(J, 2)
+    b = rng.standard_normal(5)
+    x, info = NeumannSolve(terms=4).solve(lambda v: J @ v - v, b)
+    series = -(b + J @ b + J @ J @ b + J @ J @ J @ b)
+    np.testing.assert_allclose(x, series, rtol=1e-12)
+    assert bool(info.converged) and int(info.iterations) == 3
+    with pytest.raises(ValueError, match="terms"):
+        NeumannSolve(terms=0)
+
+
+# ---- higher order and torch.func ---------------------------------------------------------------
+
+def test_gradgradcheck_exact_mode():
+    cell, deq, x = make(h=3, d=2, batch=2)
+    names = [n for n, _ in deq.named_parameters()]
+    base = {n: p.detach() for n, p in deq.named_parameters()}
+
+    def fn(W, x):
+        return torch.func.functional_call(deq, {**base, "f.W.weight": W}, (x,))
+
+    inputs = (cell.W.weight.detach().clone().requires_grad_(), x.clone().requires_grad_())
+    assert names == ["f.W.weight", "f.U.weight", "f.U.bias"]
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_torch_func_grad_over_functional_call():
+    cell, deq, x = make()
+    params = {n: p.detach() for n, p in deq.named_parameters()}
+    g = torch.func.grad(lambda p, x: loss_fn(torch.func.functional_call(deq, p, (x,))),
+                        argnums=(0, 1))(params, x)
+    ref = dense_oracle(cell, x)
+    assert torch.allclose(g[0]["f.W.weight"], ref["W"], rtol=1e-8, atol=1e-10)
+    assert torch.allclose(g[1], ref["x"], rtol=1e-8, atol=1e-10)
+
+
+def test_torch_func_grad_phantom_mode():
+    cell, deq, x = make(backward=Phantom(30))
+    params = {n: p.detach() for n, p in deq.named_parameters()}
+    g = torch.func.grad(lambda p: loss_fn(torch.func.functional_call(deq, p, (x,))))(params)
+    assert torch.allclose(g["f.W.weight"], dense_oracle(cell, x)["W"], rtol=1e-6, atol=1e-8)
+
+
+# ---- failure ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backward", [IFT(), JFB(), Phantom(3)], ids=["ift", "jfb", "phantom"])
+def test_divergent_layer_raises(backward):
+    _cell, deq, x = make(rho=4.0, solver="fixed_point_iteration", backward=backward,
+                        solver_options=dict(maxiter=30))
+    with pytest.raises(idf.NonConvergenceError, match="DEQ"):
+        deq(x.requires_grad_())
+    assert not bool(deq.stats.converged.all())
+
+
+def test_divergent_layer_nan_flags_statistics():
+    _cell, deq, x = make(rho=4.0, solver="fixed_point_iteration", on_failure="nan",
+                        solver_options=dict(maxiter=30))
+    z = deq(x)
+    bad = ~deq.stats.converged
+    assert bool(bad.any())
+    assert bool(torch.isnan(z[bad]).all())  # never a silently wrong value
+
+
+def test_nonconverged_backward_solve_raises():
+    _cell, deq, x = make(rho=0.9, backward=IFT(idf.Richardson(omega=-1.0, maxiter=2)))
+    z = deq(x.requires_grad_())
+    with pytest.raises(idf.LinearSolveError):
+        loss_fn(z).backward()
+
+
+# ---- warm start, statistics ------------------------------------------------------------------
+
+def test_warm_start_reduces_steps():
+    cell, deq, x = make(rho=0.8, warm_start=True, solver_options=dict(tol=1e-10, maxiter=200))
+    deq(x)
+    cold = int(deq.stats.steps.sum())
+    assert not deq.stats.warm_started
+    deq(x)  # the same problem again: already at the fixed point
+    assert deq.stats.warm_started and int(deq.stats.steps.sum()) == 0
+    with torch.no_grad():  # a small parameter update, as between training steps
+        cell.U.bias.add_(1e-7)
+    z = deq(x)
+    assert deq.stats.warm_started
+    assert int(deq.stats.steps.sum()) < cold / 2
+    ref = DEQ(cell, z_shape=(12,), solver_options=dict(tol=1e-12, maxiter=200))(x)
+    assert torch.allclose(z, ref, atol=1e-8)
+    deq(x[:3])  # another batch size: cold start
+    assert not deq.stats.warm_started
+    s = deq.stats.summary()
+    assert set(s) == {"steps_mean", "steps_max", "rel_residual_max", "converged_frac"}
+
+
+# ---- toolkit ---------------------------------------------------------------------------------
+
+def test_spectral_norm_parametrization():
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    cell = Cell(8, 3, 1.5).to(F64)  # ‖W‖ = 1.5, normalized to 1 by spectral_norm
+    spectral_norm(cell.W)
+    cell.W.weight.data  # noqa: B018 - materialize the parametrization once
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    deq = DEQ(cell, z_shape=(8,), solver_options=dict(tol=1e-12, maxiter=200))
+    loss_fn(deq(x)).backward()  # training mode: power iterations run inside f
+    orig = cell.W.parametrizations.weight.original
+    assert torch.isfinite(orig.grad).all()
+    cell.eval()  # fixed u, v: compare with autograd through a long unrolled iteration
+    cell.zero_grad()
+    loss_fn(deq(x)).backward()
+    g = orig.grad.clone()
+    cell.zero_grad()
+    z = torch.zeros(4, 8, dtype=F64)
+    for _ in range(300):
+        z = cell(z, x)
+    loss_fn(z).backward()
+    assert torch.allclose(g, orig.grad, rtol=1e-7, atol=1e-9)
+
+
+class DropCell(Cell):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.drop = VariationalDropout(0.3)
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(self.drop(z)) + self.U(x))
+
+
+def test_variational_dropout_fixed_across_iterations():
+    torch.manual_seed(0)
+    cell = DropCell(10, 4, 0.6).to(F64)
+    x = torch.randn(5, 4, dtype=F64)
+    deq = DEQ(cell, z_shape=(10,), solver_options=dict(tol=1e-12, maxiter=200))
+    z = deq(x)  # converges: the mask is the same at every iteration
+    assert bool(deq.stats.converged.all())
+    mask = cell.drop.mask.clone()
+    loss_fn(z).backward()
+    g = cell.W.weight.grad.clone()
+    cell.zero_grad()
+    zz = torch.zeros(5, 10, dtype=F64)
+    for _ in range(300):  # unrolled with the same mask
+        zz = cell(zz, x)
+    loss_fn(zz).backward()
+    assert torch.equal(mask, cell.drop.mask)
+    assert torch.allclose(g, cell.W.weight.grad, rtol=1e-7, atol=1e-9)
+    deq(x)
+    assert not torch.equal(mask, cell.drop.mask)  # a new mask per forward pass
+    cell.eval()
+    assert torch.equal(cell.drop(zz), zz)
+
+
+def test_jacobian_penalty_estimates_frobenius_norm():
+    cell, deq, x = make(h=10, d=4, batch=3)
+    z = deq(x)
+    gen = torch.Generator().manual_seed(0)
+    est = jacobian_penalty(cell, z, x, n_samples=4000, generator=gen)
+    zd = z.detach()
+    d = 1 - cell(zd, x).detach() ** 2
+    J = d[:, :, None] * cell.W.weight.detach()[None]
+    exact = float((J ** 2).sum() / 3 / 10)
+    assert float(est.detach()) == pytest.approx(exact, rel=0.05)
+    cell.zero_grad()
+    deq.jacobian_penalty(x, z).backward()
+    assert cell.W.weight.grad.abs().sum() > 0
+
+
+def test_correction_states():
+    cell, deq, x = make()
+    states = correction_states(deq, x, iterations=(1, 3, 30))
+    assert [tuple(s.shape) for s in states] == [(6, 12)] * 3
+    zstar = deq(x).detach()
+    errs = [float((s.detach() - zstar).abs().max()) for s in states]
+    assert errs[0] > errs[1] > errs[2]
+    sum(loss_fn(s) for s in states).backward()
+    assert cell.W.weight.grad.abs().sum() > 0
+
+
+def test_bad_options():
+    cell = Cell(3, 2, 0.5)
+    with pytest.raises(ValueError, match="backward"):
+        DEQ(cell, backward="exactish")
+    with pytest.raises(ValueError, match="solver"):
+        DEQ(cell, solver="newtonian")
+    with pytest.raises(ValueError, match="damping"):
+        Phantom(3, damping=0.0)
+    deq = DEQ(lambda z, x: torch.cat([z, z], -1), z_shape=(3,))
+    with pytest.raises(idf.StructureError, match="shape"):
+        deq(torch.zeros(2, 3))
+
+
+def test_float32_default_tolerances():
+    cell = Cell(16, 4, 0.7)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    deq = DEQ(cell, z_shape=(16,))
+    z = deq(x)
+    loss_fn(z).backward()
+    ref = dense_oracle(cell.double(), x.double())
+    # the forward stops at the solver's default relative tolerance √ε ≈ 3.5e-4 (float32):
+    # the gradient is that accurate, not more (docs/deq.md)
+    err = (cell.W.weight.grad.double() - ref["W"]).norm() / ref["W"].norm()
+    assert float(err) < 3e-3
+    assert math.isfinite(deq.stats.summary()["rel_residual_max"])
+
+
+# ---- the example ----------------------------------------------------------------------------
+
+def test_digits_example_smoke(capsys):
+    pytest.importorskip("sklearn")
+    path = pathlib.Path(__file__).parents[1] / "examples" / "deq_digits.py"
+    spec = importlib.util.spec_from_file_location("deq_digits", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--quick"])
+    assert out["deq"]["steps"] == 3
+    assert 0.0 <= out["deq"]["test_acc"] <= 1.0
+    assert len(out["memory"]) == 2
+    assert "peak memory" in capsys.readouterr().out
+
+
+# ---- JAX: the pure-function DEQ ---------------------------------------------------------------
+
+def test_jax_deq_gradients_modes_jit():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from implicitdiff_jax import deq
+
+    cell, _, x = make(h=12, d=5, batch=6)
+    ref = dense_oracle(cell, x)
+    with jax.enable_x64(True):
+        params = {"W": jnp.asarray(cell.W.weight.detach().numpy()),
+                  "U": jnp.asarray(cell.U.weight.detach().numpy()),
+                  "b": jnp.asarray(cell.U.bias.detach().numpy())}
+        xj = jnp.asarray(x.numpy())
+
+        def f(p, z, x):
+            return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
+
+        def L(p, x, backward="ift", steps=5):
+            z, _ = deq(f, p, x, z_shape=(12,), backward=backward, steps=steps,
+                       solver_options=dict(tol=1e-13, maxiter=200))
+            return jnp.sum((z - 0.3) ** 2)
+
+        gW = ref["W"].numpy()
+        g = jax.jit(jax.grad(L, argnums=(0, 1)))(params, xj)
+        np.testing.assert_allclose(g[0]["W"], gW, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(g[1], ref["x"].numpy(), rtol=1e-8, atol=1e-10)
+
+        def err(backward, steps=5):
+            gg = jax.grad(L)(params, xj, backward, steps)["W"]
+            return float(np.linalg.norm(gg - gW) / np.linalg.norm(gW))
+
+        assert err("neumann") < 0.5 ** 5 and abs(err("phantom") - err("neumann")) < 1e-6
+        assert 1e-3 < err("jfb") < 0.5
+        z, stats = deq(f, params, xj, z_shape=(12,))
+        assert z.shape == (6, 12) and bool(stats.converged.all())
