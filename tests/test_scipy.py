@@ -22,18 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-try:
-    import torch
-
-    import implicitdiff_torch
-
-    HAVE_TORCH = hasattr(implicitdiff_torch, "backend")
-except ImportError:  # pragma: no cover - torch is optional
-    torch = None
-    HAVE_TORCH = False
-
-FRAMEWORKS = ["numpy", "jax", *(["torch"] if HAVE_TORCH else [])]
-
+from frameworks import FRAMEWORKS, HAVE_TORCH, torch  # noqa: E402
 
 # ---- helpers -----------------------------------------------------------------------------------
 
