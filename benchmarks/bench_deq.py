@@ -1,0 +1,348 @@
+"""DEQ benchmarks: implicitdiff's `DEQ` against torchdeq, and its JAX `deq` against optimistix.
+
+    python benchmarks/bench_deq.py            # full run (under 3 minutes on 2 CPU cores)
+    python benchmarks/bench_deq.py --quick    # fewer repeats, for a smoke test
+
+The model: z = tanh(W z + U x + b), batch 64, hidden 256, input 256, float32, ‖W‖₂ = ρ with
+ρ = 0.5 and 0.9; loss sum(z²), gradient with respect to (W, U, b).
+
+1. PyTorch. The same cell module (`nn.Linear`s) inside
+   - implicitdiff `DEQ(cell, solver="anderson", backward=IFT(BiCGStab) | IFT(Richardson) |
+     Phantom(5))`,
+   - torchdeq `get_deq(f_solver="anderson", ift=True, b_solver="fixed_point_iter")` (IFT) and
+     `get_deq(f_solver="anderson", grad=5, tau=1.0)` (phantom gradient, 5 steps).
+
+   Equal forward settings: relative-residual tolerance ‖f(z) − z‖ / ‖f(z)‖ ≤ 1e-4 (the same
+   definition in both libraries), at most 100 iterations, Anderson history of 5 differences
+   (implicitdiff `m=5`; torchdeq `m=6`, which stores 6 iterates, i.e. 5 differences). Backward
+   linear solves: relative tolerance 1e-5, at most 100 iterations. torchdeq stops the whole batch
+   when the worst sample meets the tolerance; implicitdiff stops each sample on its own.
+
+   Reported: forward and backward time (medians of interleaved repeats: the methods take turns,
+   so a load spike on a shared machine hits them alike), the forward iterations (per-sample
+   steps, mean/max, and the number of batched calls of f the forward made, counted by a
+   wrapper), peak memory of one forward + backward (the largest sum of live tensor bytes, from
+   the `[memory]` events of `torch.profiler`), and the gradient's relative error against the
+   exact implicit gradient computed densely in float64.
+
+2. JAX. `implicitdiff_jax.deq` (Anderson, IFT with BiCGStab) against the same model written with
+   `optimistix.fixed_point(fn, solver, z0, adjoint=optx.ImplicitAdjoint())` vmapped over the
+   batch (per-sample problems: the default `AutoLinearSolver` then factors a 256×256 Jacobian per
+   sample; unvmapped it would be one 16384×16384 system), with `FixedPointIteration` and
+   `Newton`. `jax.jit(jax.value_and_grad(loss))` time (compiled, median of interleaved repeats)
+   and gradient error against the same float64 reference.
+
+Absolute times are for this machine only (CPU); compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import implicitdiff as idf
+
+warnings.filterwarnings("ignore")
+
+try:
+    import torchdeq
+except ImportError:  # pragma: no cover - optional
+    torchdeq = None
+
+B, H, D = 64, 256, 256
+TOL, MAXITER, BTOL = 1e-4, 100, 1e-5
+
+
+# ---- measurement helpers -------------------------------------------------------------------
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of live tensor bytes allocated during `fn()`, from the profiler's memory events."""
+    import torch.profiler as tp
+
+    fn()  # warm-up outside the window
+    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def rel_error(got, ref) -> float:
+    num = sum(float(((torch.as_tensor(np.asarray(g)).double() - r) ** 2).sum())
+              for g, r in zip(got, ref))
+    den = sum(float((r ** 2).sum()) for r in ref)
+    return (num / den) ** 0.5
+
+
+# ---- the model and its exact gradient --------------------------------------------------------
+
+def make_data(rho: float):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(H, H, generator=g, dtype=torch.float64)
+    W = rho * W / torch.linalg.matrix_norm(W, 2)
+    U = torch.randn(H, D, generator=g, dtype=torch.float64) / D ** 0.5
+    b = 0.1 * torch.randn(H, generator=g, dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    return W, U, b, x
+
+
+def exact_grads(W, U, b, x):
+    """The exact implicit gradient of sum(z²) wrt (W, U, b) in float64, densely, per sample."""
+    z = torch.zeros(B, H, dtype=torch.float64)
+    for _ in range(1000):
+        z = torch.tanh(z @ W.T + x @ U.T + b)
+    d = 1 - z ** 2
+    A = torch.eye(H, dtype=torch.float64) - d[:, :, None] * W[None]   # I - J per sample
+    u = torch.linalg.solve(A.mT, (2 * z)[..., None])[..., 0]          # (I - J)ᵀ u = z̄
+    v = d * u
+    return v.T @ z, v.T @ x, v.sum(0)
+
+
+class Cell(nn.Module):
+    """f(z, x) = tanh(W z + U x + b); counts its (batched) calls."""
+
+    def __init__(self, W, U, b):
+        super().__init__()
+        self.W = nn.Linear(H, H, bias=False)
+        self.U = nn.Linear(D, H)
+        with torch.no_grad():
+            self.W.weight.copy_(W)
+            self.U.weight.copy_(U)
+            self.U.bias.copy_(b)
+        self.calls = 0
+
+    def forward(self, z, x):
+        self.calls += 1
+        return torch.tanh(self.W(z) + self.U(x))
+
+    def grads(self):
+        return self.W.weight.grad, self.U.weight.grad, self.U.bias.grad
+
+
+# ---- 1. PyTorch: implicitdiff DEQ vs torchdeq -----------------------------------------------
+
+def torch_methods(data):
+    """name -> (cell, forward() -> (z, stats-dict)); the forward's iterations from the stats."""
+    from implicitdiff_torch import DEQ, IFT, Phantom
+
+    W, U, b, x64 = data
+    x = x64.float()
+    opts = {"tol": TOL, "maxiter": MAXITER, "m": 5}
+    out = {}
+
+    def idf_method(backward):
+        cell = Cell(W, U, b)
+        layer = DEQ(cell, z_shape=(H,), solver="anderson", solver_options=opts,
+                    backward=backward)
+
+        def fwd():
+            z = layer(x)
+            s = layer.stats
+            return z, {"steps_mean": float(s.steps.float().mean()),
+                       "steps_max": int(s.steps.max()),
+                       "rel_res": float(s.relative_residual.max())}
+
+        return cell, fwd
+
+    out["implicitdiff IFT (BiCGStab)"] = idf_method(
+        IFT(idf.BiCGStab(rtol=BTOL, maxiter=MAXITER)))
+    out["implicitdiff IFT (Richardson)"] = idf_method(
+        IFT(idf.Richardson(omega=-1.0, rtol=BTOL, maxiter=MAXITER)))
+    if torchdeq is not None:
+        def tdeq_method(**kw):
+            cell = Cell(W, U, b)
+            layer = torchdeq.get_deq(f_solver="anderson", f_max_iter=MAXITER, f_tol=TOL,
+                                     f_stop_mode="rel", **kw)
+
+            def fwd():
+                zs, info = layer(lambda z: cell(z, x), torch.zeros(B, H),
+                                 solver_kwargs={"m": 6})
+                return zs[-1], {"steps_mean": float(info["nstep"].float().mean()),
+                                "steps_max": int(info["nstep"].max()),
+                                "rel_res": float(info["rel_lowest"].max())}
+
+            return cell, fwd
+
+        out["torchdeq IFT (fixed_point_iter)"] = tdeq_method(
+            ift=True, b_solver="fixed_point_iter", b_tol=BTOL, b_stop_mode="rel",
+            b_max_iter=MAXITER)
+    out["implicitdiff Phantom(5)"] = idf_method(Phantom(5))
+    if torchdeq is not None:
+        out["torchdeq phantom (grad=5)"] = tdeq_method(grad=5, tau=1.0)
+    return out
+
+
+def bench_torch_deq(rho: float, repeats: int) -> list[str]:
+    data = make_data(rho)
+    ref = exact_grads(*data)
+    methods = torch_methods(data)
+
+    def step(cell, fwd):
+        for p in cell.parameters():
+            p.grad = None
+        cell.calls = 0
+        t0 = time.perf_counter()
+        z, st = fwd()
+        t1 = time.perf_counter()
+        calls = cell.calls
+        (z * z).sum().backward()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, st, calls
+
+    for cell, fwd in methods.values():  # warm-up
+        step(cell, fwd)
+    tf: dict[str, list[float]] = {k: [] for k in methods}
+    tb: dict[str, list[float]] = {k: [] for k in methods}
+    info = {}
+    for _ in range(repeats):
+        for k, (cell, fwd) in methods.items():
+            a, c, st, calls = step(cell, fwd)
+            tf[k].append(a)
+            tb[k].append(c)
+            info[k] = (st, calls)
+    med_f = {k: statistics.median(v) for k, v in tf.items()}
+    med_b = {k: statistics.median(v) for k, v in tb.items()}
+    lines = []
+    for k, (cell, fwd) in methods.items():
+        step(cell, fwd)
+        err = rel_error(cell.grads(), ref)
+        mem = peak_bytes(lambda cell=cell, fwd=fwd: step(cell, fwd)) / 2 ** 20
+        st, calls = info[k]
+        base = "torchdeq IFT (fixed_point_iter)" if "IFT" in k else "torchdeq phantom (grad=5)"
+        tot = med_f[k] + med_b[k]
+        ratio = f"{tot / (med_f[base] + med_b[base]):.2f}" if base in med_f else "n/a"
+        lines.append(
+            f"| {rho} | {k} | {st['steps_mean']:.1f} / {st['steps_max']} | {calls} "
+            f"| {st['rel_res']:.1e} | {med_f[k] * 1e3:.1f} | {med_b[k] * 1e3:.1f} "
+            f"| {tot * 1e3:.1f} | {ratio} | {mem:.2f} | {err:.1e} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+# ---- 2. JAX: implicitdiff_jax.deq vs optimistix ---------------------------------------------
+
+def bench_jax(rho: float, repeats: int) -> list[str]:
+    import jax
+    import jax.numpy as jnp
+    import optimistix as optx
+
+    from implicitdiff_jax import deq
+
+    W, U, b, x = make_data(rho)
+    ref = exact_grads(W, U, b, x)
+    params = {"W": jnp.asarray(W.float().numpy()), "U": jnp.asarray(U.float().numpy()),
+              "b": jnp.asarray(b.float().numpy())}
+    xj = jnp.asarray(x.float().numpy())
+
+    def f(p, z, x):
+        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
+
+    def loss_idf(p, x):
+        z, stats = deq(f, p, x, z_shape=(H,),
+                       solver_options={"tol": TOL, "maxiter": MAXITER, "m": 5},
+                       solve=idf.BiCGStab(rtol=BTOL, maxiter=MAXITER))
+        return (z * z).sum(), stats.steps
+
+    def optx_loss(solver):
+        def fn(z, args):
+            p, xi = args
+            return jnp.tanh(p["W"] @ z + p["U"] @ xi + p["b"])
+
+        def one(p, xi):
+            sol = optx.fixed_point(fn, solver, jnp.zeros(H, xj.dtype), args=(p, xi),
+                                   max_steps=MAXITER, adjoint=optx.ImplicitAdjoint(),
+                                   throw=False)
+            return sol.value, sol.stats["num_steps"]
+
+        def loss(p, x):
+            z, steps = jax.vmap(one, in_axes=(None, 0))(p, x)
+            return (z * z).sum(), steps
+
+        return loss
+
+    fns = {
+        "implicitdiff deq (Anderson, IFT BiCGStab)": loss_idf,
+        "optimistix FixedPointIteration + ImplicitAdjoint":
+            optx_loss(optx.FixedPointIteration(rtol=TOL, atol=TOL)),
+        "optimistix Newton + ImplicitAdjoint": optx_loss(optx.Newton(rtol=TOL, atol=TOL)),
+    }
+    jitted = {k: jax.jit(jax.value_and_grad(v, has_aux=True)) for k, v in fns.items()}
+    results, compile_s = {}, {}
+    for k, g in jitted.items():
+        t = time.perf_counter()
+        results[k] = jax.block_until_ready(g(params, xj))
+        compile_s[k] = time.perf_counter() - t
+    times: dict[str, list[float]] = {k: [] for k in jitted}
+    for _ in range(repeats):
+        for k, g in jitted.items():
+            t = time.perf_counter()
+            jax.block_until_ready(g(params, xj))
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["implicitdiff deq (Anderson, IFT BiCGStab)"]
+    lines = []
+    for k in jitted:
+        (_, steps), grads = results[k]
+        err = rel_error([grads["W"], grads["U"], grads["b"]], ref)
+        steps = np.asarray(steps)
+        lines.append(f"| {rho} | {k} | {steps.mean():.1f} / {steps.max()} | "
+                     f"{med[k] * 1e3:.1f} | {med[k] / base:.2f} | {compile_s[k]:.1f} | "
+                     f"{err:.1e} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: robust on a shared machine)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rt, rj = (3, 3) if args.quick else (11, 11)
+    from importlib.metadata import version
+    tdv = version("torchdeq") if torchdeq is not None else "not installed"
+    head = [
+        "DEQ z = tanh(Wz + Ux + b): batch 64, hidden 256, float32, grad of sum(z²) wrt "
+        "(W, U, b); forward Anderson to relative residual 1e-4 (history 5), backward solves to "
+        "1e-5 relative",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; torchdeq "
+        f"{tdv}; median of {rt} interleaved "
+        "repeats",
+        "",
+        "| ρ | method | fwd steps mean / max | f calls (fwd) | max rel. residual | fwd ms "
+        "| bwd ms | total ms | × torchdeq (same mode) | peak MiB | grad rel. err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(head), flush=True)
+    for rho in (0.5, 0.9):
+        bench_torch_deq(rho, rt)
+    try:
+        import jax
+        import optimistix  # noqa: F401
+    except ImportError:  # pragma: no cover - optional
+        print("\n(JAX / optimistix not installed: JAX part skipped)")
+        return
+    print("", flush=True)
+    print(f"JAX {jax.__version__}, jit(value_and_grad), median of {rj} interleaved repeats "
+          "(compile time excluded, shown separately)\n")
+    print("| ρ | method | steps mean / max | ms | × implicitdiff | compile s | grad rel. err |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for rho in (0.5, 0.9):
+        bench_jax(rho, rj)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
