@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 import implicitdiff as idf
 from implicitdiff_torch import DEQ, IFT
@@ -34,18 +35,17 @@ class Cell(nn.Module):
     so the fixed point exists, is unique, and the solver finds it throughout training.
     (Without the normalization, training drifts toward non-contractive layers where Anderson
     fails on a few samples after some epochs; the layer then raises rather than return a
-    meaningless gradient.) ‖W‖₂ is computed exactly (`matrix_norm(W, 2)`), so f is the same
-    map at every iteration; `spectral_norm`'s power iteration in training mode would change it
-    slightly at every call."""
+    meaningless gradient.) ‖W‖₂ is estimated by `spectral_norm`'s power iteration; inside a
+    `DEQ` it runs once per forward pass (before the solve), so f is the same map at every
+    solver iteration and in the backward."""
 
     def __init__(self, hidden: int, gamma: float = 0.9):
         super().__init__()
-        self.W = nn.Linear(hidden, hidden, bias=False)
+        self.W = spectral_norm(nn.Linear(hidden, hidden, bias=False))
         self.gamma = gamma
 
     def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        W = self.W.weight
-        return torch.tanh(self.gamma * z @ (W / torch.linalg.matrix_norm(W, 2)).T + u)
+        return torch.tanh(self.gamma * self.W(z) + u)
 
 
 class DEQClassifier(nn.Module):

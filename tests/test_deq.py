@@ -291,6 +291,74 @@ def test_spectral_norm_parametrization():
     assert torch.allclose(g, orig.grad, rtol=1e-7, atol=1e-9)
 
 
+def close_singular_values_cell(h=8, seed=0):
+    """A cell whose W has its two top singular values 1.5 and 1.49, under spectral_norm: the
+    power iteration converges slowly, so each of its steps changes σ noticeably."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    cell = Cell(h, 3, 1.0).to(F64)
+    g = torch.Generator().manual_seed(seed)
+    Q1 = torch.linalg.qr(torch.randn(h, h, generator=g, dtype=F64))[0]
+    Q2 = torch.linalg.qr(torch.randn(h, h, generator=g, dtype=F64))[0]
+    s = torch.linspace(1.5, 0.2, h, dtype=F64)
+    s[1] = 1.49
+    with torch.no_grad():
+        cell.W.weight.copy_(Q1 @ torch.diag(s) @ Q2.T)
+    spectral_norm(cell.W)
+    return cell
+
+
+def test_spectral_norm_training_mode_one_power_iteration_per_forward():
+    """In training mode the power iteration runs once per DEQ forward pass (not at every
+    solver iteration, where f would change under the solver and the residual check fails);
+    the gradient is exact for the map with that pass's u, v, even when f is called again
+    (here: a training-mode call that moves u, v) between forward and backward."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    cell = close_singular_values_cell()
+    sn = cell.W.parametrizations.weight[0]
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    deq = DEQ(cell, z_shape=(8,), solver_options=dict(tol=1e-12, maxiter=200))
+    assert cell.training
+    # the expected u, v: one power iteration from the current ones, on a copy
+    ref = Cell(8, 3, 1.0).to(F64)
+    spectral_norm(ref.W)
+    ref.load_state_dict(cell.state_dict())
+    ref.W.weight  # noqa: B018 - one power iteration (training mode)
+    u1, v1 = ref.W.parametrizations.weight[0]._u.clone(), ref.W.parametrizations.weight[0]._v
+    z = deq(x)  # would raise NonConvergenceError if f changed at every solver iteration
+    assert bool(deq.stats.converged.all())
+    torch.testing.assert_close(sn._u, u1, rtol=0, atol=0)
+    torch.testing.assert_close(sn._v, v1, rtol=0, atol=0)
+    cell(z.detach(), x)  # another training-mode call: moves u, v before backward
+    assert not torch.equal(sn._u, u1)
+    orig = cell.W.parametrizations.weight.original
+    cell.zero_grad()
+    loss_fn(z).backward()
+    g = orig.grad.clone()
+    # oracle: autograd through a long unrolled iteration of the map with the pass's u, v
+    ref.eval()
+    ref.zero_grad()
+    zz = torch.zeros(4, 8, dtype=F64)
+    for _ in range(600):
+        zz = ref(zz, x)
+    torch.testing.assert_close(z.detach(), zz.detach(), rtol=1e-10, atol=1e-12)
+    loss_fn(zz).backward()
+    torch.testing.assert_close(g, ref.W.parametrizations.weight.original.grad, rtol=1e-7,
+                               atol=1e-9)
+    assert torch.isfinite(cell.U.weight.grad).all()
+
+
+def test_spectral_norm_training_mode_phantom_and_penalty():
+    cell = close_singular_values_cell()
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    deq = DEQ(cell, z_shape=(8,), backward=Phantom(3),
+              solver_options=dict(tol=1e-12, maxiter=200))
+    z = deq(x)
+    (loss_fn(z) + deq.jacobian_penalty(x, z)).backward()
+    assert torch.isfinite(cell.W.parametrizations.weight.original.grad).all()
+
+
 class DropCell(Cell):
     def __init__(self, *a):
         super().__init__(*a)
@@ -429,3 +497,32 @@ def test_jax_deq_gradients_modes_jit():
         assert 1e-3 < err("jfb") < 0.5
         z, stats = deq(f, params, xj, z_shape=(12,))
         assert z.shape == (6, 12) and bool(stats.converged.all())
+
+
+# ---- the JAX digits example and the convergence tutorial (smoke) ------------------------------
+
+def _load_example(name):
+    path = pathlib.Path(__file__).parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_digits_jax_example_smoke(capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("jax")
+    out = _load_example("deq_digits_jax").main(["--quick"])
+    assert out["steps"] == 3
+    assert 0.0 <= out["test_acc"] <= 1.0
+    assert "DEQ (JAX) test accuracy" in capsys.readouterr().out
+
+
+def test_convergence_example_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "conv.png"
+    out = _load_example("convergence").main(["--quick", "--rho", "0.5", "--out", str(png)])
+    assert png.stat().st_size > 1000
+    assert all(bool(r.converged) for r in out["results"].values())
+    assert out["jacobian_error"] < 1e-10

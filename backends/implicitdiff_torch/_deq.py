@@ -23,7 +23,8 @@ See `docs/deq.md` for the error of each approximation against the exact gradient
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -175,8 +176,12 @@ class DEQ(nn.Module):
     `f` must act sample by sample on a leading batch dimension (sample $i$ of its output depends
     on sample $i$ of `z` and `x` only); `z` may have any per-sample shape, the solver sees it
     flattened to `(batch, n)`. Stochastic layers inside `f` must be fixed across iterations:
-    use `VariationalDropout`, not `nn.Dropout`. Spectral or weight normalization
-    (`torch.nn.utils.parametrizations.spectral_norm`) work as they are.
+    use `VariationalDropout`, not `nn.Dropout`. Parametrizations of submodules of `f`
+    (`torch.nn.utils.parametrizations.spectral_norm`, `weight_norm`, ...) are evaluated once
+    per forward pass: in training mode `spectral_norm`'s power iteration runs once, before the
+    solve, and its vectors $u, v$ are then frozen for that pass (solve, residual check and
+    backward), so $f$ is one fixed map; `parametrizations.weight.original` gets the exact
+    implicit gradient.
 
     **Arguments:**
 
@@ -237,7 +242,8 @@ class DEQ(nn.Module):
         shape = self._shape
         zz = z.reshape(z.shape[0], *shape)
         if isinstance(self.f, nn.Module):
-            out = torch.func.functional_call(self.f, params, (zz, x))
+            with _frozen_parametrizations(self.f):
+                out = torch.func.functional_call(self.f, params, (zz, x))
         else:
             out = self.f(zz, x)
         if tuple(out.shape) != tuple(zz.shape):
@@ -301,7 +307,7 @@ class DEQ(nn.Module):
                 and bool(torch.isfinite(self._z_last).all())):
             z0f, self._warm = self._z_last, True
         _prepare_dropout(self.f, z0)
-        params = self.params()
+        params = {**self.params(), **_step_parametrizations(self.f)}
         mode = self.backward_mode
         if isinstance(mode, (IFT, Neumann)):
             z = self._layer(params, x, z0=z0f)
@@ -354,12 +360,68 @@ class DEQ(nn.Module):
         """`jacobian_penalty(self.f, z, x, n_samples)`: Hutchinson's estimate of
         $\\|\\partial f/\\partial z\\|_F^2 / n$ at `z` (detached), differentiable in the
         parameters of `f` and in `x`."""
+        if isinstance(self.f, nn.Module) and _parametrization_lists(self.f):
+            def f(zz: torch.Tensor, xx: Any) -> torch.Tensor:
+                with _frozen_parametrizations(self.f):
+                    return self.f(zz, xx)
+
+            return jacobian_penalty(f, z, x, n_samples=n_samples)
         return jacobian_penalty(self.f, z, x, n_samples=n_samples)
 
     def extra_repr(self) -> str:
         name = getattr(self.solver, "__name__", type(self.solver).__name__)
         return (f"solver={name}, backward={self.backward_mode!r}, "
                 f"warm_start={self.warm_start}")
+
+
+# ---- parametrizations (spectral_norm, weight_norm, ...): one evaluation per forward pass -------
+
+def _parametrization_lists(f: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(qualified name, ParametrizationList)` of every parametrized tensor inside `f`."""
+    from torch.nn.utils import parametrize
+
+    out = []
+    for name, m in f.named_modules():
+        if parametrize.is_parametrized(m):
+            for t, plist in m.parametrizations.items():
+                out.append((f"{name}.parametrizations.{t}" if name else f"parametrizations.{t}",
+                            plist))
+    return out
+
+
+def _step_parametrizations(f: Any) -> dict[str, torch.Tensor]:
+    """Once per forward pass: evaluate each parametrization of `f` in its own mode (in
+    training mode `spectral_norm` runs its power iteration here, updating $u, v$ in place),
+    then return a snapshot (clones) of the parametrizations' buffers. Passed to
+    `functional_call` with the parameters, they pin the state the map uses in the solve, the
+    residual check and the backward, even if `f` is called again (e.g. by a regularizer)
+    before `backward()`."""
+    if not isinstance(f, nn.Module):
+        return {}
+    lists = _parametrization_lists(f)
+    if not lists:
+        return {}
+    snap: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for prefix, plist in lists:
+            plist()  # the state update of a training-mode parametrization, once
+            for bname, buf in plist.named_buffers():
+                snap[f"{prefix}.{bname}"] = buf.detach().clone()
+    return snap
+
+
+@contextlib.contextmanager
+def _frozen_parametrizations(f: nn.Module) -> Iterator[None]:
+    """Evaluate the parametrizations of `f` as fixed functions of their parameters: their
+    modules in eval mode (no power iteration: `spectral_norm` uses its current $u, v$)."""
+    mods = [m for _, plist in _parametrization_lists(f) for m in plist.modules() if m.training]
+    for m in mods:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.training = True
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
