@@ -71,8 +71,11 @@ def adam_update(params: dict, grads: dict, state: dict, lr: Any, b1: float = 0.9
     m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
     v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
     c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-    new = jax.tree_util.tree_map(lambda p, m, v: p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps),
-                                 params, m, v)
+    # cast back: with jax_enable_x64 on, the bias corrections are float64 and would promote
+    # float32 parameters (and so the whole DEQ) to float64
+    new = jax.tree_util.tree_map(
+        lambda p, m, v: (p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps)).astype(p.dtype),
+        params, m, v)
     return new, {"m": m, "v": v, "t": t}
 
 
