@@ -42,10 +42,10 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import torch
+from bench_torch import peak_bytes
 from torch import nn
 
 import implicitdiff as idf
@@ -62,22 +62,6 @@ TOL, MAXITER, BTOL = 1e-4, 100, 1e-5
 
 
 # ---- measurement helpers -------------------------------------------------------------------
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of live tensor bytes allocated during `fn()`, from the profiler's memory events."""
-    import torch.profiler as tp
-
-    fn()  # warm-up outside the window
-    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
 
 def rel_error(got, ref) -> float:
     num = sum(float(((torch.as_tensor(np.asarray(g)).double() - r) ** 2).sum())

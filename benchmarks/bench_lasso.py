@@ -61,11 +61,9 @@ rounds of the per-round ratio of two calls (paired, robust on a shared, noisy ma
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import platform
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -74,6 +72,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_jax import first_call, median_iqr, paired_ratio, time_interleaved
 from jax import lax
 
 import implicitdiff as idf
@@ -243,50 +242,7 @@ def reference(data: Data, lam: float) -> dict[str, Any]:
                 cond_S=float(np.linalg.cond(G)))
 
 
-# ---- timing (as in bench_jax.py) ---------------------------------------------------------------
-
-def time_interleaved(fns: dict[str, Callable[..., Any]], args: tuple, rounds: int,
-                     seed: int = 0, warmup: int = 3) -> dict[str, np.ndarray]:
-    """Per-call wall times (s), `rounds` per function, calls interleaved in a shuffled order."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    rnd = random.Random(seed)
-    names = list(fns)
-    times = {k: np.empty(rounds) for k in names}
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            rnd.shuffle(names)
-            for k in names:
-                fn = fns[k]
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                times[k][r] = time.perf_counter() - t0
-    finally:
-        if gc_was:
-            gc.enable()
-    return times
-
-
-def median_iqr(t: np.ndarray) -> tuple[float, float]:
-    q1, med, q3 = np.percentile(t, [25, 50, 75])
-    return float(med), float(q3 - q1)
-
-
-def paired_ratio(times: dict[str, np.ndarray], a: str, b: str) -> float | None:
-    """Median over rounds of time(a) / time(b), both measured in the same round."""
-    if a not in times or b not in times:
-        return None
-    return float(np.median(times[a] / times[b]))
-
-
-def first_call(fn: Callable[..., Any], args: tuple) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0, out
-
+# ---- timing: the harness of bench_jax.py ------------------------------------------------------
 
 def fmt_us(s: float) -> str:
     return f"{s * 1e6:,.0f}"
