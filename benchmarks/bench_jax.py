@@ -565,7 +565,8 @@ def targets(single: dict[str, Any], mem: dict[str, Any], iterations: tuple[int, 
 
 # ---- main --------------------------------------------------------------------------------------
 
-def environment() -> str:
+def environment(packages: tuple[str, ...] = ("jaxopt", "optimistix")) -> str:
+    """One line: JAX, its device, implicitdiff, the compared `packages`, Python and the load."""
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(mod: str) -> str:
@@ -577,7 +578,7 @@ def environment() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     dev = jax.devices()[0]
     return (f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), implicitdiff "
-            f"{idf.__version__}, jaxopt {ver('jaxopt')}, optimistix {ver('optimistix')}; "
+            f"{idf.__version__}, {', '.join(f'{p} {ver(p)}' for p in packages)}; "
             f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPU "
             f"cores, load average {load:.1f} at start")
 

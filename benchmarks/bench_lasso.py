@@ -62,8 +62,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -72,7 +70,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_jax import first_call, median_iqr, paired_ratio, time_interleaved
+from bench_jax import environment, first_call, median_iqr, paired_ratio, table, time_interleaved
 from jax import lax
 
 import implicitdiff as idf
@@ -258,29 +256,6 @@ def fmt_err(e: float | None) -> str:
     return "0 (exact)" if e == 0 else f"{e:.1e}"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def environment() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(mod: str) -> str:
-        try:
-            return version(mod)
-        except PackageNotFoundError:
-            return "not installed"
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    dev = jax.devices()[0]
-    return (f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), implicitdiff "
-            f"{idf.__version__}, jaxopt {ver('jaxopt')}, scikit-learn {ver('scikit-learn')}; "
-            f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPU "
-            f"cores, load average {load:.1f} at start")
-
-
 # ---- the benchmark -----------------------------------------------------------------------------
 
 def run(rounds: int, seed: int) -> int:
@@ -341,7 +316,7 @@ def run(rounds: int, seed: int) -> int:
                  "", f"{np.max(np.abs(ref['dx'])):.3g}", ""])
 
     S = ref["S"]
-    print(f"# JAX: lasso hypergradient\n\n{environment()}.\n")
+    print(f"# JAX: lasso hypergradient\n\n{environment(('jaxopt', 'scikit-learn'))}.\n")
     print(f"Diabetes (scikit-learn), standardized, {M_TRAIN} training / "
           f"{data[2].shape[0]} validation rows, n = {X.shape[1]}; λ = {LAM_FRAC} λ_max = "
           f"{lam_f:.6g}; support {int(S.sum())} of {S.size} features, cond(X_SᵀX_S) = "
