@@ -211,13 +211,28 @@ def proximal_gradient(f: Callable[..., Any], prox: Callable[..., Any], *, step: 
     _optional_callable(grad, "proximal_gradient", "grad")
     eta = _step(step, "proximal_gradient")
 
+    step_ = _forward_backward(f, grad, eta, lambda y, theta_g: prox(y, theta_g, eta),
+                              who, "prox(y, theta_g, step)")
+
     def F(x: Any, theta_f: Any = None, theta_g: Any = None) -> Any:
-        y = _axpy(x, eta, _gradient(f, grad, x, (theta_f,), who))
-        p = prox(y, theta_g, eta)
-        _check_like(p, x, f"{who}: prox(y, theta_g, step)")
-        return _sub(x, p)
+        return step_(x, theta_f, theta_g)
 
     return Condition(F, who)
+
+
+def _forward_backward(f: Callable[..., Any], grad: Callable[..., Any] | None, eta: float,
+                      backward: Callable[[Any, Any], Any], who: str,
+                      label: str) -> Callable[..., Any]:
+    """$F(x, \\theta_f, \\theta_b) = x - \\text{backward}(x - \\eta \\nabla_x f(x, \\theta_f),
+    \\theta_b)$: the fixed point of a forward-backward step (prox or projection)."""
+
+    def F(x: Any, theta_f: Any, theta_b: Any) -> Any:
+        y = _axpy(x, eta, _gradient(f, grad, x, (theta_f,), who))
+        p = backward(y, theta_b)
+        _check_like(p, x, f"{who}: {label}")
+        return _sub(x, p)
+
+    return F
 
 
 # ---- 4. projected gradient ---------------------------------------------------------------------
@@ -248,11 +263,10 @@ def projected_gradient(f: Callable[..., Any], projection: Callable[..., Any], *,
     _optional_callable(grad, "projected_gradient", "grad")
     eta = _step(step, "projected_gradient")
 
+    step_ = _forward_backward(f, grad, eta, projection, who, "projection(y, theta_proj)")
+
     def F(x: Any, theta_f: Any = None, theta_proj: Any = None) -> Any:
-        y = _axpy(x, eta, _gradient(f, grad, x, (theta_f,), who))
-        p = projection(y, theta_proj)
-        _check_like(p, x, f"{who}: projection(y, theta_proj)")
-        return _sub(x, p)
+        return step_(x, theta_f, theta_proj)
 
     return Condition(F, who)
 
