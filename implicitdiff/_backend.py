@@ -119,6 +119,31 @@ class Backend(abc.ABC):
             state = body(state)
         return state
 
+    def known_all(self, mask: Any) -> bool:
+        """Whether every entry of the boolean array `mask` is known, now, to be true.
+
+        Eager backends look (one host synchronization); tracing backends (JAX) return False.
+        The solvers use it to skip masked selects that would be the identity: a False answer
+        is always safe, it only costs the select."""
+        return bool(self.namespace(mask).all(mask))
+
+    def ring_write(self, hist: Any, slot: Any, row: Any, mask: Any, everyone: bool) -> Any:
+        """A solver's history buffer with `hist[..., slot, :] = row` for the batch elements where
+        `mask`; returns the new buffer. Shapes: `hist` `(..., m, n)`, `slot` `(..., 1)` (an
+        integer array) or a Python int (the same slot for every element), `row` `(..., n)`,
+        `mask` `(..., 1)`; `everyone`: `mask` is known to be all true.
+
+        This default is functional, a masked select over the whole buffer (what JAX compiles
+        into an in-place update). Eager backends may write into `hist` in place instead: the
+        solvers own their buffers and never read an old version after the write."""
+        xp = self.namespace(hist)
+        m = hist.shape[-2]
+        slots = xp.reshape(xp.arange(m, device=_device(hist)), (m, 1))
+        at = slots == (slot if isinstance(slot, int) else xp.astype(slot, slots.dtype)[..., None])
+        if not everyone:
+            at = at & mask[..., None]
+        return xp.where(at, row[..., None, :], hist)
+
     def materialize(self, matvec: Callable[[Any], Any], b: Any) -> Any:
         """The matrix $M$ with $M e_j$ = `matvec(e_j)`, batched like `b` (shape `(..., n, n)`)."""
         xp = self.namespace(b)

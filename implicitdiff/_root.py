@@ -109,11 +109,14 @@ class ImplicitFunction:
                     f"{type(leaf).__name__} {getattr(leaf, 'dtype', '')} at {path}. Return "
                     "arrays of a real floating dtype (float32/float64)."
                 )
-        r = (F or self.F)(x, *args)
-        check_like(bk, r, x, f"{self.name}: F(x, *args)")
         xp = bk.namespace(*[leaf for _, leaf in xs])
         k = self.batch_dims
         batch = _batch_shape(self.name, xs, k)
+        if self.residual_tol == math.inf:
+            # no residual check: F is not evaluated; x must still be finite
+            return self._check_finite(bk, xp, x, xs, k)
+        r = (F or self.F)(x, *args)
+        check_like(bk, r, x, f"{self.name}: F(x, *args)")
         res = None
         finite = None
         for (_, xl), rl in zip(xs, bk.tree_flatten(r)[0]):
@@ -138,6 +141,22 @@ class ImplicitFunction:
                                            bool(np.all(r_ <= tol)),
                                            np.asarray(r_) if k else None), res)
         return bk.handle_failure(x, ok, self.on_failure, _forward_error(name, tol), res, finite)
+
+
+    def _check_finite(self, bk: Backend, xp: Any, x: Any, xs: list, k: int) -> Any:
+        """The check with `residual_tol=math.inf`: only finiteness of x, per batch element."""
+        finite = None
+        for _, xl in xs:
+            axes = tuple(range(k, xl.ndim))
+            f = xp.all(xp.isfinite(xl), axis=axes) if axes else xp.isfinite(xl)
+            finite = f if finite is None else finite & f
+        assert finite is not None
+        name = self.name
+        bk.record(lambda f_: ForwardRecord(name, math.nan, math.inf, bool(np.all(f_)),
+                                           np.where(f_, math.nan, math.inf) if k else None),
+                  finite)
+        return bk.handle_failure(x, finite, self.on_failure, _forward_error(name, math.inf),
+                                 xp.zeros_like(finite, dtype=xs[0][1].dtype), finite)
 
 
 def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:
@@ -254,7 +273,8 @@ def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
     - `tags`: structure of $A$: `{idf.symmetric}`, `{idf.symmetric, idf.positive_definite}`.
     - `has_aux`: the solver returns `(x, aux)`; aux is passed through and gets no gradient.
     - `residual_tol`: the forward solve is accepted when $\\max|F(x^*, \\theta)| \\le$
-      `residual_tol`; default $10\\sqrt{\\epsilon}$ of x's dtype. Pass `math.inf` to skip.
+      `residual_tol`; default $10\\sqrt{\\epsilon}$ of x's dtype. `math.inf` skips the check:
+      F is then not evaluated after the solve (one evaluation saved); x must still be finite.
     - `on_failure`: what a failed forward or backward solve does: `"raise"` (default),
       `"warn"`, or `"nan"` (the failed output, or failed batch elements, become NaN).
     - `derivatives`: optional `idf.Derivatives` with hand-written products (NumPy reference).

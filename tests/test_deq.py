@@ -444,6 +444,51 @@ def test_float32_default_tolerances():
     assert math.isfinite(deq.stats.summary()["rel_residual_max"])
 
 
+class CountingCell(Cell):
+    calls = 0
+
+    def forward(self, z, x):
+        type(self).calls += 1
+        return super().forward(z, x)
+
+
+@pytest.mark.parametrize("backward,extra", [(IFT(), 0), (Phantom(2), 2)],
+                         ids=["ift", "phantom"])
+def test_forward_evaluates_f_once_per_step(backward, extra):
+    """The residual check reuses the solver's last residual (max|r| <= ||r||_2): one evaluation
+    of f per step plus the initial one, none after the solve. A solver the DEQ does not know
+    gets the check by a fresh evaluation of f."""
+    cell = CountingCell(12, 5, 0.5).to(F64)
+    x = torch.randn(6, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    deq = DEQ(cell, z_shape=(12,), backward=backward, solver_options=dict(tol=1e-12))
+    CountingCell.calls = 0
+    with torch.no_grad():
+        deq(x)
+    assert CountingCell.calls == int(deq.stats.steps.max()) + 1 + extra  # extra: phantom steps
+    assert deq.stats.max_abs_residual is None  # the bound sufficed, nothing re-evaluated
+
+    def own_solver(T, z0, *args, **kw):
+        return idf.solvers.anderson(T, z0, *args, **kw)
+
+    deq2 = DEQ(cell, z_shape=(12,), backward=backward, solver=own_solver,
+               solver_options=dict(tol=1e-12))
+    CountingCell.calls = 0
+    with torch.no_grad():
+        deq2(x)
+    assert CountingCell.calls == int(deq2.stats.steps.max()) + 2 + extra
+    assert float(deq2.stats.max_abs_residual.max()) < 1e-10
+
+
+def test_residual_check_falls_back_to_max_abs():
+    """||r||_2 above residual_tol but max|r| within it: accepted after the exact check."""
+    cell, deq, x = make(residual_tol=1e-3, solver_options=dict(tol=0.0, atol=2e-3,
+                                                                 maxiter=200))
+    z = deq(x)
+    rn, mx = deq.stats.residual_norm, deq.stats.max_abs_residual
+    assert mx is not None and bool((mx <= 1e-3).all()) and bool((rn > 1e-3).any())
+    assert torch.isfinite(z).all()
+
+
 # ---- the example ----------------------------------------------------------------------------
 
 def test_digits_example_smoke(capsys):

@@ -153,6 +153,29 @@ def test_residual_tol_is_respected():
         idf.custom_root(identity_F, residual_tol=-1.0)
 
 
+def test_residual_tol_inf_skips_F_but_checks_finiteness():
+    calls = []
+
+    def counting_F(x, theta):
+        calls.append(1)
+        return x - theta
+
+    def half_nan(theta):
+        return np.where(theta > 0, theta, np.nan)
+
+    batch = np.array([[1.0, 2.0], [-1.0, 3.0]])
+    fn = idf.custom_root(counting_F, residual_tol=math.inf, batch_dims=1)
+    assert np.array_equal(fn(copy_solver)(batch), batch) and not calls  # F never evaluated
+    with idf.diagnostics() as d:
+        x = idf.custom_root(counting_F, residual_tol=math.inf, batch_dims=1,
+                            on_failure="nan")(half_nan)(batch)
+    assert np.array_equal(x[0], batch[0]) and np.all(np.isnan(x[1])) and not calls
+    (rec,) = d.forward
+    assert not rec.ok and rec.residual_tol == math.inf
+    with pytest.raises(idf.NonConvergenceError, match="NaN or inf"):
+        idf.custom_root(counting_F, residual_tol=math.inf)(half_nan)(np.array([1.0, -1.0]))
+
+
 # ---- the linear solve with dF/dx --------------------------------------------------------
 
 

@@ -271,6 +271,61 @@ def test_per_sample_stopping(fw, name):
         np.testing.assert_allclose(one.value, res.value[i], rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_eager_fast_paths_match_traced_jax(name):
+    """NumPy and PyTorch run the loops eagerly, skipping masked selects while every element is
+    running and writing histories in place; JAX traces them (no shortcut). Same iterates."""
+    solver = SOLVERS[name][0]
+    z0, W, c, b = graded_problem()
+    runs = {f: Framework(f).run(solver, graded_map, z0, W, c, b, tol=1e-10, maxiter=400)
+            for f in FRAMEWORKS}
+    assert len(set(runs["numpy"].steps.tolist())) >= 3  # elements stop at different steps
+    for f in ("numpy", "torch"):
+        np.testing.assert_array_equal(runs[f].steps, runs["jax"].steps)
+        np.testing.assert_allclose(runs[f].value, runs["jax"].value, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(runs[f].trace, runs["jax"].trace, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("everyone", [True, False])
+@pytest.mark.parametrize("int_slot", [True, False])
+def test_ring_write_backends_agree(fw, everyone, int_slot):
+    rng = np.random.default_rng(0)
+    hist = rng.standard_normal((2, 3, 4, 5))  # batch (2, 3), m = 4 slots, n = 5
+    row = rng.standard_normal((2, 3, 5))
+    slot = 2 if int_slot else rng.integers(0, 4, size=(2, 3, 1)).astype(np.int32)
+    mask = np.ones((2, 3, 1), bool) if everyone else rng.random((2, 3, 1)) < 0.5
+    want = hist.copy()
+    for i in range(2):
+        for j in range(3):
+            if mask[i, j, 0]:
+                want[i, j, slot if int_slot else slot[i, j, 0]] = row[i, j]
+    h = fw.asarray(hist.copy())
+    bk = idf.get_backend(h)
+    a = lambda v: v if isinstance(v, int) else fw.asarray(v)  # noqa: E731
+    got = bk.ring_write(h, a(slot), a(row), a(mask), everyone)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # the functional default (what JAX runs) agrees too
+    base = idf.Backend.ring_write(bk, fw.asarray(hist.copy()), a(slot), a(row), a(mask),
+                                  everyone)
+    np.testing.assert_array_equal(np.asarray(base), want)
+
+
+def test_torch_solver_on_the_tape_is_differentiable():
+    """Run with grad enabled (unrolled differentiation through Anderson's iterations), the
+    history is not written in place: backward works and approaches the implicit gradient."""
+    torch = pytest.importorskip("torch")
+    z0, W, U, x = (torch.from_numpy(a) for a in contraction(2, rho=0.5))
+    W.requires_grad_()
+    res = anderson(tanh_layer, z0, W, U, x, tol=1e-12, maxiter=100)
+    (res.value ** 2).sum().backward()
+    unrolled = W.grad.clone()
+    W.grad = None
+    fp = idf.custom_fixed_point(tanh_layer)(
+        lambda W, U, x: anderson(tanh_layer, z0, W, U, x, tol=1e-12).value)
+    (fp(W, U, x) ** 2).sum().backward()
+    torch.testing.assert_close(unrolled, W.grad, rtol=1e-6, atol=1e-9)
+
+
 def test_several_batch_dims():
     z0, W, U, x = contraction(3, batch=(2, 3))
     res = anderson(tanh_layer, z0, W, U, x, tol=1e-10)

@@ -144,6 +144,9 @@ class JaxBackend(Backend):
     def while_loop(self, cond: Callable, body: Callable, init: Any) -> Any:
         return lax.while_loop(cond, body, init)
 
+    def known_all(self, mask: Any) -> bool:
+        return False  # the solvers' loops are traced: nothing is known before they run
+
     def materialize(self, matvec: Callable, b: Any) -> Any:
         n = b.shape[-1]
         # A data dependency on b (hence on x*) makes XLA factor this matrix after the forward

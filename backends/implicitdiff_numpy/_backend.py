@@ -324,6 +324,18 @@ class NumpyBackend(Backend):
     def is_float(self, x: Any) -> bool:
         return _is_float_leaf(x)
 
+    def ring_write(self, hist: Any, slot: Any, row: Any, mask: Any, everyone: bool) -> Any:
+        # in place: a write of one row per batch element, not a select over the whole buffer
+        if isinstance(slot, int):
+            hist[..., slot, :] = row if everyone else np.where(mask, row, hist[..., slot, :])
+            return hist
+        idx = np.broadcast_to(slot.astype(np.intp)[..., None], (*row.shape[:-1], 1, row.shape[-1]))
+        new = row[..., None, :]
+        if not everyone:
+            new = np.where(mask[..., None], new, np.take_along_axis(hist, idx, axis=-2))
+        np.put_along_axis(hist, idx, new, axis=-2)
+        return hist
+
     def solve_triangular(self, L: Any, b: Any, *, lower: bool) -> Any:
         try:
             from scipy.linalg import solve_triangular

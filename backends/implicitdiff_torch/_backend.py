@@ -169,6 +169,20 @@ class TorchBackend(Backend):
             _namespace = _Namespace(base)
         return _namespace
 
+    def ring_write(self, hist: Any, slot: Any, row: Any, mask: Any, everyone: bool) -> Any:
+        if torch.is_grad_enabled() and (hist.requires_grad or row.requires_grad):
+            # a solver run on the tape (differentiated through its iterations): no in-place
+            return super().ring_write(hist, slot, row, mask, everyone)
+        # in place: a write of one row per batch element, not a select over the whole buffer
+        if isinstance(slot, int):
+            hist[..., slot, :] = row if everyone else torch.where(mask, row, hist[..., slot, :])
+            return hist
+        idx = slot.long()[..., None].expand(*row.shape[:-1], 1, row.shape[-1])
+        new = row[..., None, :]
+        if not everyone:
+            new = torch.where(mask[..., None], new, hist.gather(-2, idx))
+        return hist.scatter_(-2, idx, new)
+
     def materialize(self, matvec: Callable[[Any], Any], b: Any) -> Any:
         whole = getattr(matvec, "materialize", None)
         M = whole(b) if whole is not None else None

@@ -675,7 +675,7 @@ def run_forward(problem: Problem, args: tuple, options: dict) -> tuple[Any, Any]
         x, aux = fn.run_solver(args, options)
     x = _to_tensors(x, args)
     F: Callable[..., Any] | None = None
-    if problem.check_closure:
+    if problem.check_closure and fn.residual_tol != math.inf:
         r = _residual_checking_closure(problem, x, args)
 
         def residual(*_: Any) -> Any:  # the check reuses this evaluation of F

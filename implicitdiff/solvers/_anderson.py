@@ -57,34 +57,49 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     resid = residual_fn(name, T, args, z0, xp, fixed_point=True)
     dev = device(z0)
     hist = xp.zeros((*z0.shape[:-1], m, z0.shape[-1]), dtype=z0.dtype, device=dev)
-    slots = xp.reshape(xp.arange(m, dtype=xp.int32, device=dev), (m, 1))
     eye = lam * xp.eye(m, dtype=z0.dtype, device=dev)
     noise = float(xp.finfo(z0.dtype).eps) ** 0.5
+
+    written: list[Any] = [0]  # eagerly: the history length while it is the same for everyone
 
     def step(s: Any, z: Any, g: Any, gn: Any, active: Any):
         k, dZ, dG = s
         gram = xp.matmul(dG, xp.matrix_transpose(dG)) + eye  # (..., m, m)
-        rhs = xp.matmul(dG, g[..., None])[..., 0]  # (..., m)
+        # (..., m, 1); a batched matrix-vector matmul is several times slower on CPU
+        rhs = xp.sum(dG * g[..., None, :], axis=-1, keepdims=True)
         # SPD with eigenvalues in [lam, m + lam]: LU never meets a zero pivot, nothing raises
-        gamma = xp.linalg.solve(gram, rhs[..., None])  # (..., m, 1)
+        gamma = xp.matrix_transpose(xp.linalg.solve(gram, rhs))  # (..., 1, m)
         gamma = xp.where(xp.isfinite(gamma), gamma, xp.zeros_like(gamma))
-        z_new = z + beta * g - xp.sum(gamma * (dZ + beta * dG), axis=-2)
+        gz, gg = xp.matmul(gamma, dZ)[..., 0, :], xp.matmul(gamma, dG)[..., 0, :]
+        z_new = z + beta * (g - gg) - gz
         g_new, scale_new = resid(z_new)
-        ok = xp.isfinite(norm(xp, z_new))
 
-        def update(s: Any, accept: Any) -> Any:
+        def update(s: Any, accept: Any, everyone: bool) -> Any:
             dg, dz = g_new - g, z_new - z
             dn = norm(xp, dg)
             # a change of g below sqrt(eps) |g| is rounding noise (T(z) - z cancels): scaled to
             # unit length it would be a random direction, so it is left out of the history
-            keep = accept & (dn > noise * xp.maximum(norm(xp, g), norm(xp, g_new)))
-            at = (slots == (k % m)[..., None]) & keep[..., None]
-            dG2 = xp.where(at, safe_div(xp, dg, dn, keep)[..., None, :], dG)
-            dZ2 = xp.where(at, safe_div(xp, dz, dn, keep)[..., None, :], dZ)
+            keep = accept & (dn > noise * xp.maximum(gn, norm(xp, g_new)))
+            all_keep = everyone and bk.known_all(keep)
+            if all_keep:
+                dgs, dzs = dg / dn, dz / dn
+            else:
+                dgs, dzs = safe_div(xp, dg, dn, keep), safe_div(xp, dz, dn, keep)
+            slot = k % m
+            if all_keep and written[0] is not None:
+                # every element has kept every step so far: they share the slot, a Python int
+                slot = written[0] % m
+                written[0] += 1
+            else:
+                written[0] = None
+            dG2 = bk.ring_write(dG, slot, dgs, keep, all_keep)
+            dZ2 = bk.ring_write(dZ, slot, dzs, keep, all_keep)
             return k + xp.astype(keep, xp.int32), dZ2, dG2
 
-        return z_new, g_new, scale_new, ok, update
+        return z_new, g_new, scale_new, xp.ones_like(active), update
 
-    state = (xp.zeros((*z0.shape[:-1], 1), dtype=xp.int32, device=dev), hist, hist)
+    # two buffers (eager backends write into them in place)
+    k0 = xp.zeros((*z0.shape[:-1], 1), dtype=xp.int32, device=dev)
+    state = (k0, hist, xp.zeros_like(hist))
     return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter, mstate=state,
                    step=step)

@@ -68,14 +68,14 @@ def broyden(fun: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = Tr
     dev = device(z0)
     m = memory
     zeros = xp.zeros((*z0.shape[:-1], m, z0.shape[-1]), dtype=z0.dtype, device=dev)
-    slots = xp.reshape(xp.arange(m, dtype=xp.int32, device=dev), (m, 1))
     guard = float(xp.finfo(z0.dtype).eps) ** 0.5
 
+    # the products with the history as sums (a batched matrix-vector matmul is slower on CPU)
     def H(U: Any, V: Any, x: Any) -> Any:
-        return h0 * x + xp.sum(xp.matmul(V, x[..., None]) * U, axis=-2)
+        return h0 * x + xp.sum(xp.sum(V * x[..., None, :], axis=-1, keepdims=True) * U, axis=-2)
 
     def HT(U: Any, V: Any, x: Any) -> Any:
-        return h0 * x + xp.sum(xp.matmul(U, x[..., None]) * V, axis=-2)
+        return h0 * x + xp.sum(xp.sum(U * x[..., None, :], axis=-1, keepdims=True) * V, axis=-2)
 
     def step(s: Any, z: Any, g: Any, gn: Any, active: Any):
         k, U, V = s
@@ -91,25 +91,28 @@ def broyden(fun: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = Tr
             ok = xp.isfinite(norm(xp, g_new))
             reset = xp.zeros_like(ok)
 
-        def update(s: Any, accept: Any) -> Any:
+        def update(s: Any, accept: Any, everyone: bool) -> Any:
             dz, dg = z_new - z, g_new - g
             Hdg = H(U, V, dg)
             v = HT(U, V, dz)
             den = dot(xp, v, dg)
             keep = accept & (xp.abs(den) > guard * norm(xp, v) * norm(xp, dg))
             u = safe_div(xp, dz - Hdg, den, keep)
-            at = (slots == (k % m)[..., None]) & keep[..., None]
-            U2 = xp.where(at, u[..., None, :], U)
-            V2 = xp.where(at, v[..., None, :], V)
+            all_keep = everyone and bk.known_all(keep)
+            U2 = bk.ring_write(U, k % m, u, keep, all_keep)
+            V2 = bk.ring_write(V, k % m, v, keep, all_keep)
             # no decrease along the Broyden direction: the estimate is bad, start afresh
-            wipe = (accept & reset)[..., None]
-            U2 = xp.where(wipe, xp.zeros_like(U2), U2)
-            V2 = xp.where(wipe, xp.zeros_like(V2), V2)
-            k2 = xp.where(accept & reset, xp.zeros_like(k), k + xp.astype(keep, xp.int32))
+            wipe = accept & reset
+            if not bk.known_all(~wipe):
+                U2 = xp.where(wipe[..., None], xp.zeros_like(U2), U2)
+                V2 = xp.where(wipe[..., None], xp.zeros_like(V2), V2)
+            k2 = xp.where(wipe, xp.zeros_like(k), k + xp.astype(keep, xp.int32))
             return k2, U2, V2
 
         return z_new, g_new, scale_new, ok, update
 
-    state = (xp.zeros((*z0.shape[:-1], 1), dtype=xp.int32, device=dev), zeros, zeros)
+    # two buffers (eager backends write into them in place)
+    state = (xp.zeros((*z0.shape[:-1], 1), dtype=xp.int32, device=dev), zeros,
+             xp.zeros_like(zeros))
     return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter, mstate=state,
                    step=step)

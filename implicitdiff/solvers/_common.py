@@ -65,8 +65,10 @@ def safe_div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
 
 
 def finite(xp: Any, a: Any) -> Any:
-    """Whether each row of `a` is finite: `(..., n) -> (..., 1)`."""
-    return xp.all(xp.isfinite(a), axis=-1, keepdims=True)
+    """Whether each row of `a` is finite: `(..., n) -> (..., 1)`. ($0 \\cdot a$ is NaN exactly
+    where `a` is NaN or infinite, and a sum of zeros cannot overflow: cheaper than `all(isfinite)`
+    for the solvers' `(batch, n)` iterates.)"""
+    return xp.isfinite(xp.sum(a * 0, axis=-1, keepdims=True))
 
 
 def setup(name: str, z0: Any, maxiter: Any, tol: Any, atol: Any) -> tuple[Any, Any]:
@@ -134,7 +136,9 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
 
     `step(mstate, z, r, rn, active) -> (z_new, r_new, scale_new, ok, update)` proposes the next
     iterate with its residual (`ok`: a finite, acceptable step, shape `(..., 1)`);
-    `update(mstate, accept) -> mstate` then commits the method's state for the accepted elements.
+    `update(mstate, accept, everyone) -> mstate` then commits the method's state for the accepted
+    elements (`everyone`: a Python bool, True when every element is known to be accepted, so
+    masked selects may be skipped; always False under tracing).
     An element stops when its residual is within tolerance, or when it cannot make a finite step
     (then it is reported not converged), or at `maxiter`.
     """
@@ -165,20 +169,27 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         rn_new = norm(xp, r_new)
         ok = ok & finite(xp, z_new) & xp.isfinite(rn_new) & xp.isfinite(scale_new)
         accept = active & ok
+        # eagerly, while every element is still running and every step is good (the usual
+        # case), the masked selects below are the identity: skip them
+        everyone = bk.known_all(accept)
+
+        def pick(new: Any, old: Any) -> Any:
+            return new if everyone else xp.where(accept, new, old)
+
         rel_new = safe_div(xp, rn_new, scale_new, scale_new > 0)
         at_k = (idx == s["k"]) & accept
         return dict(
             k=s["k"] + 1,
-            z=xp.where(accept, z_new, s["z"]),
-            r=xp.where(accept, r_new, s["r"]),
-            rn=xp.where(accept, rn_new, s["rn"]),
-            scale=xp.where(accept, scale_new, s["scale"]),
+            z=pick(z_new, s["z"]),
+            r=pick(r_new, s["r"]),
+            rn=pick(rn_new, s["rn"]),
+            scale=pick(scale_new, s["scale"]),
             steps=s["steps"] + xp.astype(accept, xp.int32),
             conv=s["conv"] | (accept & done(rn_new, scale_new)),
             failed=s["failed"] | (active & ~ok),
             trace=xp.where(at_k, rn_new, s["trace"]),
             rtrace=xp.where(at_k, rel_new, s["rtrace"]),
-            m=update(s["m"], accept),
+            m=update(s["m"], accept, everyone),
         )
 
     s = bk.while_loop(cond, body, state)

@@ -48,5 +48,5 @@ def fixed_point_iteration(T: Callable[..., Any], z0: Any, *args: Any, tol: float
                    mstate=(), step=step)
 
 
-def _keep(m: Any, accept: Any) -> Any:
+def _keep(m: Any, accept: Any, everyone: bool) -> Any:
     return m
