@@ -481,8 +481,8 @@ def test_forward_evaluates_f_once_per_step(backward, extra):
 
 def test_residual_check_falls_back_to_max_abs():
     """||r||_2 above residual_tol but max|r| within it: accepted after the exact check."""
-    cell, deq, x = make(residual_tol=1e-3, solver_options=dict(tol=0.0, atol=2e-3,
-                                                                 maxiter=200))
+    _cell, deq, x = make(residual_tol=1e-3, solver_options=dict(tol=0.0, atol=2e-3,
+                                                                  maxiter=200))
     z = deq(x)
     rn, mx = deq.stats.residual_norm, deq.stats.max_abs_residual
     assert mx is not None and bool((mx <= 1e-3).all()) and bool((rn > 1e-3).any())

@@ -44,6 +44,11 @@ class _Linalg:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
 
+    @staticmethod
+    def vector_norm(x: torch.Tensor, axis: Any = None, keepdims: bool = False, ord: Any = 2
+                    ) -> torch.Tensor:
+        return torch.linalg.vector_norm(x, ord, dim=axis, keepdim=keepdims)
+
     def solve(self, M: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         (M, b), back = _upcast(M, b)
         n = M.shape[-1]

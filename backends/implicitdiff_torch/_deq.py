@@ -276,6 +276,11 @@ class DEQ(nn.Module):
         return idf.custom_fixed_point(T, solve=solve, batch_dims=1, residual_tol=math.inf,
                                       on_failure=self.on_failure)(deq_layer)
 
+    # Under torch.compile the forward solve runs eagerly, as one graph break: its loop stops on
+    # data (`bool(tensor)` each iteration), where Dynamo would otherwise break, or recompile, at
+    # every iteration. (The exact modes reach it through the backend's disabled `call`; this
+    # covers Phantom and JFB, whose recorded steps stay compiled.)
+    @torch.compiler.disable
     def _solve(self, T: Callable[..., Any], z0: torch.Tensor, params: dict, x: Any
                ) -> torch.Tensor:
         """The forward solve, untraced, and its residual check (per `on_failure`)."""

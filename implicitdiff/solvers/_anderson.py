@@ -71,7 +71,7 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
         gamma = xp.matrix_transpose(xp.linalg.solve(gram, rhs))  # (..., 1, m)
         gamma = xp.where(xp.isfinite(gamma), gamma, xp.zeros_like(gamma))
         gz, gg = xp.matmul(gamma, dZ)[..., 0, :], xp.matmul(gamma, dG)[..., 0, :]
-        z_new = z + beta * (g - gg) - gz
+        z_new = z + (g - gg if beta == 1 else beta * (g - gg)) - gz
         g_new, scale_new = resid(z_new)
 
         def update(s: Any, accept: Any, everyone: bool) -> Any:
@@ -80,20 +80,21 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
             # a change of g below sqrt(eps) |g| is rounding noise (T(z) - z cancels): scaled to
             # unit length it would be a random direction, so it is left out of the history
             keep = accept & (dn > noise * xp.maximum(gn, norm(xp, g_new)))
-            all_keep = everyone and bk.known_all(keep)
-            if all_keep:
-                dgs, dzs = dg / dn, dz / dn
-            else:
-                dgs, dzs = safe_div(xp, dg, dn, keep), safe_div(xp, dz, dn, keep)
-            slot = k % m
-            if all_keep and written[0] is not None:
-                # every element has kept every step so far: they share the slot, a Python int
-                slot = written[0] % m
-                written[0] += 1
+            # Elements not accepted now are done (converged, or failed: frozen for good), so
+            # their history is never used again. While every element that goes on keeps its
+            # step, the goers share one slot (a Python int, eagerly) and the rows of the
+            # finished ones may be overwritten.
+            shared = written[0] is not None and bk.known_all(keep | ~accept)
+            if shared:
+                slot, written[0] = written[0] % m, written[0] + 1
+                scale = xp.where(keep, dn, xp.ones_like(dn))
+                dgs, dzs = dg / scale, dz / scale
             else:
                 written[0] = None
-            dG2 = bk.ring_write(dG, slot, dgs, keep, all_keep)
-            dZ2 = bk.ring_write(dZ, slot, dzs, keep, all_keep)
+                slot = k % m
+                dgs, dzs = safe_div(xp, dg, dn, keep), safe_div(xp, dz, dn, keep)
+            dG2 = bk.ring_write(dG, slot, dgs, keep, shared)
+            dZ2 = bk.ring_write(dZ, slot, dzs, keep, shared)
             return k + xp.astype(keep, xp.int32), dZ2, dG2
 
         return z_new, g_new, scale_new, xp.ones_like(active), update

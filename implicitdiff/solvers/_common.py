@@ -52,7 +52,7 @@ def default_tol(xp: Any, dtype: Any) -> float:
 
 def norm(xp: Any, a: Any) -> Any:
     """Euclidean norm over the last axis, kept as a length-1 axis: `(..., n) -> (..., 1)`."""
-    return xp.sqrt(xp.sum(a * a, axis=-1, keepdims=True))
+    return xp.linalg.vector_norm(a, axis=-1, keepdims=True)
 
 
 def dot(xp: Any, a: Any, b: Any) -> Any:
@@ -119,6 +119,8 @@ def residual_fn(name: str, fun: Callable[..., Any], args: tuple, z0: Any, xp: An
             t = check(fun(z, *args))
             return t - z, norm(xp, t)
 
+        # finite norms of T(z) and of T(z) - z imply a finite z: `iterate` need not check it
+        resid.implies_finite_z = True  # type: ignore[attr-defined]
         return resid
 
     scale0 = norm(xp, check(fun(z0, *args)))
@@ -143,6 +145,7 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     (then it is reported not converged), or at `maxiter`.
     """
     rtol = default_tol(xp, z0.dtype) if tol is None else tol
+    z_checked = getattr(resid, "implies_finite_z", False)
     r0, scale0 = resid(z0)
     rn0 = norm(xp, r0)
     atol_a = xp.asarray(atol, dtype=z0.dtype)
@@ -167,7 +170,9 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         active = ~s["conv"] & ~s["failed"]
         z_new, r_new, scale_new, ok, update = step(s["m"], s["z"], s["r"], s["rn"], active)
         rn_new = norm(xp, r_new)
-        ok = ok & finite(xp, z_new) & xp.isfinite(rn_new) & xp.isfinite(scale_new)
+        ok = ok & xp.isfinite(rn_new) & xp.isfinite(scale_new)
+        if not z_checked:
+            ok = ok & finite(xp, z_new)
         accept = active & ok
         # eagerly, while every element is still running and every step is good (the usual
         # case), the masked selects below are the identity: skip them
