@@ -25,7 +25,10 @@ The model: z = tanh(W z + U x + b), batch 64, hidden 256, input 256, float32, �
    the `[memory]` events of `torch.profiler`), and the gradient's relative error against the
    exact implicit gradient computed densely in float64.
 
-2. JAX. `implicitdiff_jax.deq` (Anderson, IFT with BiCGStab) against the same model written with
+2. Beyond first order (small float64 DEQ): Hessian-vector products by double backward against
+   central differences of the gradient, and `torch.func.grad` / `torch.func.jacfwd`.
+
+3. JAX. `implicitdiff_jax.deq` (Anderson, IFT with BiCGStab) against the same model written with
    `optimistix.fixed_point(fn, solver, z0, adjoint=optx.ImplicitAdjoint())` vmapped over the
    batch (per-sample problems: the default `AutoLinearSolver` then factors a 256×256 Jacobian per
    sample; unvmapped it would be one 16384×16384 system), with `FixedPointIteration` and
@@ -215,7 +218,7 @@ def bench_torch_deq(rho: float, repeats: int) -> list[str]:
     return lines
 
 
-# ---- 2. JAX: implicitdiff_jax.deq vs optimistix ---------------------------------------------
+# ---- 4. JAX: implicitdiff_jax.deq vs optimistix ---------------------------------------------
 
 def bench_jax(rho: float, repeats: int) -> list[str]:
     import jax
@@ -288,6 +291,81 @@ def bench_jax(rho: float, repeats: int) -> list[str]:
     return lines
 
 
+# ---- 3. beyond first order: second derivatives, torch.func, forward mode ----------------------
+
+def bench_higher_order() -> list[str]:
+    """On a small float64 DEQ (batch 3, hidden 8, input 4, ‖W‖₂ = 0.5, forward to 1e-12): the
+    Hessian-vector product of sum(z²) in x, from double backward (`create_graph=True`), against
+    central differences of the gradient; and whether `torch.func.grad` and `torch.func.jacfwd`
+    (forward mode) run and agree with autograd."""
+    from implicitdiff_torch import DEQ, IFT
+
+    h, d, b = 8, 4, 3
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(h, h, generator=g, dtype=torch.float64)
+    W = 0.5 * W / torch.linalg.matrix_norm(W, 2)
+    cell = Cell.__new__(Cell)
+    nn.Module.__init__(cell)
+    cell.W = nn.Linear(h, h, bias=False).double()
+    cell.U = nn.Linear(d, h).double()
+    with torch.no_grad():
+        cell.W.weight.copy_(W)
+        cell.U.weight.copy_(torch.randn(h, d, generator=g, dtype=torch.float64))
+        cell.U.bias.copy_(0.1 * torch.randn(h, generator=g, dtype=torch.float64))
+    cell.calls = 0
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, d, generator=g, dtype=torch.float64)
+
+    def idf_loss(x):
+        layer = DEQ(cell, z_shape=(h,), solver_options={"tol": 1e-12, "maxiter": 200},
+                    backward=IFT(idf.BiCGStab(rtol=1e-12)))
+        return (layer(x) ** 2).sum()
+
+    def tdeq_loss(**kw):
+        def loss(x):
+            layer = torchdeq.get_deq(f_solver="fixed_point_iter", f_max_iter=500, f_tol=1e-12,
+                                     **kw)
+            zs, _ = layer(lambda z: cell(z, x), torch.zeros(b, h, dtype=torch.float64))
+            return (zs[-1] ** 2).sum()
+        return loss
+
+    losses = {"implicitdiff DEQ, IFT": idf_loss}
+    if torchdeq is not None:
+        losses["torchdeq, ift=True"] = tdeq_loss(ift=True, b_solver="fixed_point_iter",
+                                                 b_tol=1e-12, b_max_iter=500)
+        losses["torchdeq, default (grad=1)"] = tdeq_loss()
+
+    def grad(loss, x, create_graph=False):
+        x = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(loss(x), x, create_graph=create_graph)
+        return x, gx
+
+    def short(e: Exception) -> str:
+        return f"fails: {type(e).__name__}: {str(e).splitlines()[0][:60]}..."
+
+    lines = []
+    for name, loss in losses.items():
+        eps = 1e-5
+        fd = (grad(loss, x + eps * v)[1] - grad(loss, x - eps * v)[1]) / (2 * eps)
+        xx, gx = grad(loss, x, create_graph=True)
+        try:
+            (hv,) = torch.autograd.grad((gx * v).sum(), xx)
+            hvp = f"{float((hv - fd).norm() / fd.norm()):.1e}"
+        except Exception as e:
+            hvp = short(e)
+        ref = grad(loss, x)[1]
+        cells = []
+        for fn in (torch.func.grad, torch.func.jacfwd):
+            try:
+                out = fn(loss)(x)
+                cells.append(f"runs, error {float((out - ref).norm() / ref.norm()):.0e}")
+            except Exception as e:
+                cells.append(short(e))
+        lines.append(f"| {name} | {hvp} | {cells[0]} | {cells[1]} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
@@ -313,6 +391,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(head), flush=True)
     for rho in (0.5, 0.9):
         bench_torch_deq(rho, rt)
+    print("\nSecond derivatives and torch.func (float64, batch 3, hidden 8, ‖W‖₂ = 0.5; HVP of "
+          "sum(z²) in x by double backward vs central differences of the gradient)\n")
+    print("| method | HVP rel. error | torch.func.grad | torch.func.jacfwd (forward mode) |")
+    print("|---|---|---|---|", flush=True)
+    bench_higher_order()
     try:
         import jax
         import optimistix  # noqa: F401

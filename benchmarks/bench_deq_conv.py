@@ -1,0 +1,385 @@
+"""Convolutional DEQ benchmark on scikit-learn's digits: implicitdiff's `DEQ` against torchdeq.
+
+    python benchmarks/bench_deq_conv.py            # full run (under a minute on 2 CPU cores)
+    python benchmarks/bench_deq_conv.py --quick    # fewer repeats, for a smoke test
+
+The data: the first 64 images of `sklearn.datasets.load_digits()` (bundled with scikit-learn,
+no download), 1×8×8, standardized by the global pixel mean and standard deviation, and their
+digit labels.
+
+The model (MDEQ-lite style, per sample, float32): state z of shape (64, C, 8, 8) with C = 32
+(n = 2048 per sample), and
+
+    f(z, x) = GroupNorm(8 groups, C)(relu(conv(z) + inj(x)))
+
+with `conv` a 3×3 C→C convolution (padding 1) whose weight is rescaled once so that its operator
+norm on zero-padded 8×8 maps is ρ (power iteration with `conv2d` / `conv_transpose2d`; ρ = 0.5
+and 0.9), `inj` a 3×3 1→C convolution (the input injection), biases 0.1·N(0, 1), GroupNorm
+affine at its defaults. The loss is the cross-entropy of a fixed random linear head on the
+spatially pooled state, z.mean((2, 3)) @ Wₕᵀ + bₕ, for the digit labels; the gradient is with
+respect to the cell's parameters (both convolutions, their biases, the GroupNorm affine).
+GroupNorm divides by a per-group standard deviation, so ‖∂f/∂z‖₂ is not ρ: the first table
+reports the achieved ‖∂f/∂z‖₂ at the fixed point (power iteration, per sample), the asymptotic
+rate of plain fixed-point iteration and its number of steps to a relative residual of 1e-12.
+At ρ = 0.9 ‖∂f/∂z‖₂ exceeds 1 (f is not a 2-norm contraction), but its spectral radius is below
+1: plain iteration, Anderson and the Richardson (fixed-point) backward still converge.
+
+Methods, the same cell module (float32) inside
+   - implicitdiff `DEQ(cell, z_shape=(C, 8, 8), solver="anderson", backward=IFT(BiCGStab) |
+     IFT(Richardson(omega=-1)) | Phantom(5))`,
+   - torchdeq `get_deq(f_solver="anderson", ift=True, b_solver="fixed_point_iter")` (IFT) and
+     `get_deq(f_solver="anderson", grad=5, tau=1.0)` (phantom gradient, 5 steps),
+with the settings of `bench_deq.py` (its constants are imported): forward relative residual
+‖f(z) − z‖ / ‖f(z)‖ ≤ 1e-4 per sample, at most 100 iterations, Anderson history of 5 differences
+(implicitdiff `m=5`, torchdeq `m=6`); backward linear solves to 1e-5 relative, at most 100
+iterations. torchdeq stops the whole batch when the worst sample meets the tolerance;
+implicitdiff stops each sample on its own.
+
+Reported, as in `bench_deq.py`: forward steps (per sample, mean / max), the number of batched
+calls of f in the forward (counted by the cell; it includes the extra application of f that
+torchdeq's IFT makes to attach the backward hook, implicitdiff's residual check where the
+solver's own residual norm does not already prove it, and the 5 recorded steps of the phantom
+modes), the largest relative residual, forward and backward times (medians of interleaved
+repeats), ratio of the total to torchdeq in the same mode, peak memory of one forward + backward
+(`bench_torch.peak_bytes`) and the gradient's relative error against the exact implicit
+gradient in float64. The reference: the float64 copy of the cell iterated to a relative residual
+below 1e-13, then the adjoint equation (I − ∂f/∂zᵀ) u = ∂L/∂z* solved by Richardson iteration
+(vector-Jacobian products in float64) until its update is below 1e-14 relative (the first
+table gives the final residual), u pulled back through ∂f/∂θ. It is checked against a dense solve for sample 0 (its 2048×2048 Jacobian from
+`torch.func.jacrev`, `numpy.linalg.solve`); the first table gives their relative difference,
+and the error of implicitdiff's IFT gradient when the forward is solved to 1e-6 instead of
+1e-4: the IFT errors in the main table (~1e-3) come from the forward tolerance, not from the
+backward.
+The last column is the cost of one batched f call: the cell is cheap (small images), so the
+solvers' own per-iteration work (Anderson's Gram matrices and mixing on 64 × 5 × 2048 histories,
+bookkeeping) is a large part of the forward time, in both libraries.
+torchdeq's IFT error can be lower only because its batch-wide stopping rule runs every sample
+as many steps as the slowest one, so most samples end well below 1e-4.
+
+Absolute times are for this machine only (CPU); compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from bench_deq import BTOL, MAXITER, TOL, rel_error
+from bench_torch import peak_bytes
+from torch import nn
+
+import implicitdiff as idf
+
+warnings.filterwarnings("ignore")
+
+try:
+    import torchdeq
+except ImportError:  # pragma: no cover - optional
+    torchdeq = None
+
+B, C, S, K = 64, 32, 8, 10  # batch, channels, image side, classes
+GROUPS = 8
+RHOS = (0.5, 0.9)
+
+
+# ---- data and model ----------------------------------------------------------------------------
+
+def load_data() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = d.images.astype(np.float64)
+    x = (imgs[:B] - imgs.mean()) / imgs.std()
+    return torch.tensor(x)[:, None], torch.tensor(d.target[:B])
+
+
+def conv_opnorm(w: torch.Tensor, iters: int = 200) -> float:
+    """‖conv(·, w)‖₂ on zero-padded S×S maps (padding 1), by power iteration."""
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(1, w.shape[1], S, S, generator=g, dtype=w.dtype)
+    for _ in range(iters):
+        v = F.conv_transpose2d(F.conv2d(v, w, padding=1), w, padding=1)
+        v = v / v.norm()
+    return float(F.conv2d(v, w, padding=1).norm())
+
+
+def make_params(rho: float) -> dict[str, torch.Tensor]:
+    """The cell's parameters in float64 (the conv weight rescaled to operator norm rho), and the
+    fixed head."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(C, C, 3, 3, generator=g, dtype=torch.float64)
+    return {
+        "conv.weight": rho * w / conv_opnorm(w),
+        "conv.bias": 0.1 * torch.randn(C, generator=g, dtype=torch.float64),
+        "inj.weight": torch.randn(C, 1, 3, 3, generator=g, dtype=torch.float64) / 3,
+        "inj.bias": 0.1 * torch.randn(C, generator=g, dtype=torch.float64),
+        "norm.weight": torch.ones(C, dtype=torch.float64),
+        "norm.bias": torch.zeros(C, dtype=torch.float64),
+        "head.weight": torch.randn(K, C, generator=g, dtype=torch.float64) / C ** 0.5,
+        "head.bias": torch.zeros(K, dtype=torch.float64),
+    }
+
+
+class Cell(nn.Module):
+    """f(z, x) = GroupNorm(relu(conv(z) + inj(x))); counts its (batched) calls."""
+
+    def __init__(self, params: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.inj = nn.Conv2d(1, C, 3, padding=1)
+        self.norm = nn.GroupNorm(GROUPS, C)
+        self.to(dtype)
+        with torch.no_grad():
+            for k, p in self.named_parameters():
+                p.copy_(params[k])
+        self.calls = 0
+
+    def forward(self, z, x):
+        self.calls += 1
+        return self.norm(torch.relu(self.conv(z) + self.inj(x)))
+
+    def grads(self):
+        return [p.grad for p in self.parameters()]
+
+
+def loss_fn(z, y, params):
+    logits = z.mean((2, 3)) @ params["head.weight"].to(z.dtype).T + params["head.bias"].to(z.dtype)
+    return F.cross_entropy(logits, y)
+
+
+# ---- the exact gradient in float64 and the cell's contraction --------------------------------
+
+def _rel_norm(a, b):
+    return a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
+
+
+def reference(params, x, y):
+    """The exact implicit gradient (float64) and diagnostics of the map at its fixed point."""
+    cell = Cell(params, torch.float64)
+    z = torch.zeros(B, C, S, S, dtype=torch.float64)
+    hist = []
+    with torch.no_grad():
+        for _ in range(5000):
+            fz = cell(z, x)
+            r = float(_rel_norm(fz - z, fz).max())
+            hist.append(r)
+            z = fz
+            if r < 1e-13:
+                break
+    steps_1e12 = next(i + 1 for i, r in enumerate(hist) if r < 1e-12)
+    rate = (hist[-1] / hist[-11]) ** 0.1 if len(hist) > 11 else float("nan")
+
+    zr = z.clone().requires_grad_()
+    out = cell(zr, x)
+    zl = z.clone().requires_grad_()
+    (gz,) = torch.autograd.grad(loss_fn(zl, y, params), zl)
+
+    def vjp(u):  # Jᵀu per sample
+        return torch.autograd.grad(out, zr, u, retain_graph=True)[0]
+
+    u = gz.clone()  # Richardson on u = gz + Jᵀu
+    for _ in range(5000):
+        u_new = gz + vjp(u)
+        done = float(_rel_norm(u_new - u, u_new).max()) < 1e-14
+        u = u_new
+        if done:
+            break
+    adj_res = float(_rel_norm(u - vjp(u) - gz, gz).max())
+    grads = torch.autograd.grad(out, list(cell.parameters()), u, retain_graph=True)
+
+    # ‖J‖₂ per sample by power iteration on JᵀJ (jvp then vjp)
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    for _ in range(100):
+        v = v / v.flatten(1).norm(dim=1)[:, None, None, None]
+        _, jv = torch.func.jvp(lambda q: cell(q, x), (z,), (v,))
+        v = vjp(jv)
+    jnorm = v.flatten(1).norm(dim=1) ** 0.5
+
+    # dense check of the adjoint for sample 0
+    def f0(q):
+        return cell(q.reshape(1, C, S, S), x[:1]).reshape(-1)
+
+    J0 = torch.func.jacrev(f0)(z[0].reshape(-1)).detach().numpy()
+    u0 = np.linalg.solve(np.eye(J0.shape[0]) - J0.T, gz[0].reshape(-1).numpy())
+    dense_diff = float(np.linalg.norm(u0 - u[0].reshape(-1).numpy()) / np.linalg.norm(u0))
+    diag = {"jnorm_max": float(jnorm.max()), "jnorm_mean": float(jnorm.mean()),
+            "rate": rate, "steps_1e12": steps_1e12, "adj_res": adj_res,
+            "dense_diff": dense_diff}
+    return [gr.detach() for gr in grads], diag
+
+
+def tight_forward_error(params, x, y, ref, tol: float = 1e-6) -> float:
+    """implicitdiff IFT (BiCGStab, backward as in the table) with the forward solved to `tol`:
+    the gradient error that remains when the forward tolerance is not the limit."""
+    from implicitdiff_torch import DEQ, IFT
+
+    cell = Cell(params)
+    layer = DEQ(cell, z_shape=(C, S, S), solver="anderson",
+                solver_options={"tol": tol, "maxiter": MAXITER, "m": 5},
+                backward=IFT(idf.BiCGStab(rtol=BTOL, maxiter=MAXITER)))
+    loss_fn(layer(x.float()), y, params).backward()
+    return rel_error(cell.grads(), ref)
+
+
+def f_call_ms(params, x, calls: int = 41) -> float:
+    """Median time of one batched call of the float32 cell (no autograd), in ms."""
+    cell, xf = Cell(params), x.float()
+    z = torch.zeros(B, C, S, S)
+    times = []
+    with torch.no_grad():
+        z = cell(z, xf)
+        for _ in range(calls):
+            t = time.perf_counter()
+            cell(z, xf)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+# ---- the methods ------------------------------------------------------------------------------
+
+def methods(params, x):
+    """name -> (cell, forward() -> (z, stats-dict))."""
+    from implicitdiff_torch import DEQ, IFT, Phantom
+
+    opts = {"tol": TOL, "maxiter": MAXITER, "m": 5}
+    out = {}
+
+    def idf_method(backward):
+        cell = Cell(params)
+        layer = DEQ(cell, z_shape=(C, S, S), solver="anderson", solver_options=opts,
+                    backward=backward)
+
+        def fwd():
+            z = layer(x)
+            s = layer.stats
+            return z, {"steps_mean": float(s.steps.float().mean()),
+                       "steps_max": int(s.steps.max()),
+                       "rel_res": float(s.relative_residual.max())}
+
+        return cell, fwd
+
+    def tdeq_method(**kw):
+        cell = Cell(params)
+        layer = torchdeq.get_deq(f_solver="anderson", f_max_iter=MAXITER, f_tol=TOL,
+                                 f_stop_mode="rel", **kw)
+
+        def fwd():
+            zs, info = layer(lambda z: cell(z, x), torch.zeros(B, C, S, S),
+                             solver_kwargs={"m": 6})
+            return zs[-1], {"steps_mean": float(info["nstep"].float().mean()),
+                            "steps_max": int(info["nstep"].max()),
+                            "rel_res": float(info["rel_lowest"].max())}
+
+        return cell, fwd
+
+    out["implicitdiff IFT (BiCGStab)"] = idf_method(
+        IFT(idf.BiCGStab(rtol=BTOL, maxiter=MAXITER)))
+    out["implicitdiff IFT (Richardson)"] = idf_method(
+        IFT(idf.Richardson(omega=-1.0, rtol=BTOL, maxiter=MAXITER)))
+    if torchdeq is not None:
+        out["torchdeq IFT (fixed_point_iter)"] = tdeq_method(
+            ift=True, b_solver="fixed_point_iter", b_tol=BTOL, b_stop_mode="rel",
+            b_max_iter=MAXITER)
+    out["implicitdiff Phantom(5)"] = idf_method(Phantom(5))
+    if torchdeq is not None:
+        out["torchdeq phantom (grad=5)"] = tdeq_method(grad=5, tau=1.0)
+    return out
+
+
+def bench(rho: float, params, x, y, ref, repeats: int) -> list[str]:
+    ms = methods(params, x.float())
+
+    def step(cell, fwd):
+        for p in cell.parameters():
+            p.grad = None
+        cell.calls = 0
+        t0 = time.perf_counter()
+        z, st = fwd()
+        t1 = time.perf_counter()
+        calls = cell.calls
+        loss_fn(z, y, params).backward()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, st, calls
+
+    for cell, fwd in ms.values():  # warm-up
+        step(cell, fwd)
+    tf: dict[str, list[float]] = {k: [] for k in ms}
+    tb: dict[str, list[float]] = {k: [] for k in ms}
+    info = {}
+    for _ in range(repeats):
+        for k, (cell, fwd) in ms.items():
+            a, c, st, calls = step(cell, fwd)
+            tf[k].append(a)
+            tb[k].append(c)
+            info[k] = (st, calls)
+    med_f = {k: statistics.median(v) for k, v in tf.items()}
+    med_b = {k: statistics.median(v) for k, v in tb.items()}
+    lines = []
+    for k, (cell, fwd) in ms.items():
+        step(cell, fwd)
+        err = rel_error(cell.grads(), ref)
+        mem = peak_bytes(lambda cell=cell, fwd=fwd: step(cell, fwd)) / 2 ** 20
+        st, calls = info[k]
+        base = "torchdeq IFT (fixed_point_iter)" if "IFT" in k else "torchdeq phantom (grad=5)"
+        tot = med_f[k] + med_b[k]
+        ratio = f"{tot / (med_f[base] + med_b[base]):.2f}" if base in med_f else "n/a"
+        lines.append(
+            f"| {rho} | {k} | {st['steps_mean']:.1f} / {st['steps_max']} | {calls} "
+            f"| {st['rel_res']:.1e} | {med_f[k] * 1e3:.1f} | {med_b[k] * 1e3:.1f} "
+            f"| {tot * 1e3:.1f} | {ratio} | {mem:.2f} | {err:.1e} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: robust on a shared machine)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 21
+    from importlib.metadata import version
+    tdv = version("torchdeq") if torchdeq is not None else "not installed"
+
+    x, y = load_data()
+    setups = {}
+    print(f"Conv DEQ on sklearn digits: batch {B}, state {C}×{S}×{S} (n = {C * S * S} per "
+          f"sample), f(z, x) = GroupNorm({GROUPS}, {C})(relu(conv3x3(z) + inj3x3(x))), float32; "
+          "loss cross-entropy of a fixed linear head on pooled z; grad wrt the cell's "
+          "parameters\n", flush=True)
+    print("| ρ = ‖conv‖₂ | ‖∂f/∂z‖₂ at z* (max / mean over samples) | plain iteration rate "
+          "| plain iteration steps to 1e-12 | reference adjoint residual | reference vs dense "
+          "solve (sample 0) | grad rel. err, implicitdiff IFT (BiCGStab), forward tol 1e-6 "
+          "| one f call, ms (float32, no grad) |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for rho in RHOS:
+        params = make_params(rho)
+        ref, d = reference(params, x, y)
+        setups[rho] = (params, ref)
+        print(f"| {rho} | {d['jnorm_max']:.2f} / {d['jnorm_mean']:.2f} | {d['rate']:.2f} "
+              f"| {d['steps_1e12']} | {d['adj_res']:.1e} | {d['dense_diff']:.1e} "
+              f"| {tight_forward_error(params, x, y, ref):.1e} | {f_call_ms(params, x):.2f} |",
+              flush=True)
+
+    print(f"\nForward Anderson to relative residual {TOL:g} (history 5), at most {MAXITER} "
+          f"iterations; backward solves to {BTOL:g} relative. torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU; torchdeq {tdv}; median of {repeats} "
+          "interleaved repeats\n")
+    print("| ρ | method | fwd steps mean / max | f calls (fwd) | max rel. residual | fwd ms "
+          "| bwd ms | total ms | × torchdeq (same mode) | peak MiB | grad rel. err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for rho in RHOS:
+        params, ref = setups[rho]
+        bench(rho, params, x, y, ref, repeats)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
