@@ -27,8 +27,9 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     $T$, a stalled iteration) give a well-conditioned system, never NaN — unlike the bordered,
     unregularized form of the reference DEQ implementation. It is solved per batch element by
     LU (`linalg.solve`), and a non-finite $\\gamma$ (only from non-finite input) falls back to
-    $\\gamma = 0$, a plain mixing step. The history is a ring buffer of $m$ slots;
-    memory is $2m$ vectors per element.
+    $\\gamma = 0$, a plain mixing step. The history is a ring buffer of $m$ slots holding
+    $\\Delta G$ and $\\Delta Z + \\beta\\Delta G$, with the Gram matrix updated a row and a
+    column per step; memory is $2m$ vectors and $m^2$ numbers per element.
 
     **Arguments:**
 
@@ -63,15 +64,15 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     written: list[Any] = [0]  # eagerly: the history length while it is the same for everyone
 
     def step(s: Any, z: Any, g: Any, gn: Any, active: Any):
-        k, dZ, dG = s
-        gram = xp.matmul(dG, xp.matrix_transpose(dG)) + eye  # (..., m, m)
-        # (..., m, 1); a batched matrix-vector matmul is several times slower on CPU
-        rhs = xp.sum(dG * g[..., None, :], axis=-1, keepdims=True)
+        k, dX, dG, G = s  # dX = dZ + β dG; G = dG dGᵀ, kept up to date by `update`
+        # (..., 1, m) as a row times a matrix: the batched matrix-vector form is several
+        # times slower on CPU
+        rhs = xp.matmul(g[..., None, :], xp.matrix_transpose(dG))
         # SPD with eigenvalues in [lam, m + lam]: LU never meets a zero pivot, nothing raises
-        gamma = xp.matrix_transpose(xp.linalg.solve(gram, rhs))  # (..., 1, m)
+        gamma = xp.matrix_transpose(xp.linalg.solve(G + eye, xp.matrix_transpose(rhs)))
         gamma = xp.where(xp.isfinite(gamma), gamma, xp.zeros_like(gamma))
-        gz, gg = xp.matmul(gamma, dZ)[..., 0, :], xp.matmul(gamma, dG)[..., 0, :]
-        z_new = z + (g - gg if beta == 1 else beta * (g - gg)) - gz
+        # z + βg - (ΔZ + βΔG)γ, with ΔZ + βΔG stored as one history
+        z_new = z + (g if beta == 1 else beta * g) - xp.matmul(gamma, dX)[..., 0, :]
         g_new, scale_new = resid(z_new)
 
         def update(s: Any, accept: Any, everyone: bool) -> Any:
@@ -85,22 +86,32 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
             # step, the goers share one slot (a Python int, eagerly) and the rows of the
             # finished ones may be overwritten.
             shared = written[0] is not None and bk.known_all(keep | ~accept)
+            dx = dz + (dg if beta == 1 else beta * dg)
             if shared:
                 slot, written[0] = written[0] % m, written[0] + 1
-                scale = xp.where(keep, dn, xp.ones_like(dn))
-                dgs, dzs = dg / scale, dz / scale
+                inv = 1 / xp.where(keep, dn, xp.ones_like(dn))
+                dgs, dxs = dg * inv, dx * inv
             else:
                 written[0] = None
                 slot = k % m
-                dgs, dzs = safe_div(xp, dg, dn, keep), safe_div(xp, dz, dn, keep)
+                dgs, dxs = safe_div(xp, dg, dn, keep), safe_div(xp, dx, dn, keep)
             dG2 = bk.ring_write(dG, slot, dgs, keep, shared)
-            dZ2 = bk.ring_write(dZ, slot, dzs, keep, shared)
-            return k + xp.astype(keep, xp.int32), dZ2, dG2
+            dX2 = bk.ring_write(dX, slot, dxs, keep, shared)
+            if shared:
+                # one new row of dG: one new row and column of its Gram matrix
+                row = xp.matmul(dgs[..., None, :], xp.matrix_transpose(dG2))[..., 0, :]
+                G2 = bk.ring_write(G, slot, row, keep, True)
+                G2 = xp.matrix_transpose(
+                    bk.ring_write(xp.matrix_transpose(G2), slot, row, keep, True))
+            else:
+                G2 = xp.matmul(dG2, xp.matrix_transpose(dG2))
+            return k + xp.astype(keep, xp.int32), dX2, dG2, G2
 
         return z_new, g_new, scale_new, xp.ones_like(active), update
 
-    # two buffers (eager backends write into them in place)
+    # separate buffers (eager backends write into them in place)
     k0 = xp.zeros((*z0.shape[:-1], 1), dtype=xp.int32, device=dev)
-    state = (k0, hist, xp.zeros_like(hist))
+    gram0 = xp.zeros((*z0.shape[:-1], m, m), dtype=z0.dtype, device=dev)
+    state = (k0, hist, xp.zeros_like(hist), gram0)
     return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter, mstate=state,
                    step=step)

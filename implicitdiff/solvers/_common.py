@@ -157,17 +157,18 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     idx = xp.arange(maxiter, dtype=xp.int32, device=dev)
     nan_trace = xp.full((*z0.shape[:-1], maxiter), float("nan"), dtype=z0.dtype, device=dev)
     ok0 = finite(xp, z0) & xp.isfinite(rn0) & xp.isfinite(scale0)
+    conv0 = done(rn0, scale0) & ok0
     state = dict(
         k=xp.asarray(0, dtype=xp.int32), z=z0, r=r0, rn=rn0, scale=scale0,
-        steps=xp.zeros_like(rn0, dtype=xp.int32), conv=done(rn0, scale0) & ok0, failed=~ok0,
-        trace=nan_trace, rtrace=nan_trace, m=mstate,
+        steps=xp.zeros_like(rn0, dtype=xp.int32), conv=conv0, failed=~ok0,
+        active=~conv0 & ok0, trace=nan_trace, strace=nan_trace, m=mstate,
     )
 
     def cond(s: dict) -> Any:
-        return (s["k"] < maxiter) & xp.any(~s["conv"] & ~s["failed"])
+        return (s["k"] < maxiter) & xp.any(s["active"])
 
     def body(s: dict) -> dict:
-        active = ~s["conv"] & ~s["failed"]
+        active = s["active"]
         z_new, r_new, scale_new, ok, update = step(s["m"], s["z"], s["r"], s["rn"], active)
         rn_new = norm(xp, r_new)
         ok = ok & xp.isfinite(rn_new) & xp.isfinite(scale_new)
@@ -177,12 +178,23 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         # eagerly, while every element is still running and every step is good (the usual
         # case), the masked selects below are the identity: skip them
         everyone = bk.known_all(accept)
+        at_k = idx == s["k"]
+        if everyone:  # then nothing had converged or failed, and nothing fails now
+            conv = done(rn_new, scale_new)
+            return dict(
+                k=s["k"] + 1, z=z_new, r=r_new, rn=rn_new, scale=scale_new,
+                steps=s["steps"] + 1, conv=conv, failed=s["failed"], active=~conv,
+                trace=xp.where(at_k, rn_new, s["trace"]),
+                strace=xp.where(at_k, scale_new, s["strace"]),
+                m=update(s["m"], accept, everyone),
+            )
 
         def pick(new: Any, old: Any) -> Any:
-            return new if everyone else xp.where(accept, new, old)
+            return xp.where(accept, new, old)
 
-        rel_new = safe_div(xp, rn_new, scale_new, scale_new > 0)
-        at_k = (idx == s["k"]) & accept
+        at_k = at_k & accept
+        conv = s["conv"] | (accept & done(rn_new, scale_new))
+        failed = s["failed"] | (active & ~ok)
         return dict(
             k=s["k"] + 1,
             z=pick(z_new, s["z"]),
@@ -190,17 +202,21 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
             rn=pick(rn_new, s["rn"]),
             scale=pick(scale_new, s["scale"]),
             steps=s["steps"] + xp.astype(accept, xp.int32),
-            conv=s["conv"] | (accept & done(rn_new, scale_new)),
-            failed=s["failed"] | (active & ~ok),
+            conv=conv,
+            failed=failed,
+            active=~conv & ~failed,
             trace=xp.where(at_k, rn_new, s["trace"]),
-            rtrace=xp.where(at_k, rel_new, s["rtrace"]),
+            strace=xp.where(at_k, scale_new, s["strace"]),
             m=update(s["m"], accept, everyone),
         )
 
     s = bk.while_loop(cond, body, state)
     rel = safe_div(xp, s["rn"], s["scale"], s["scale"] > 0)
+    # the relative trace from the scales, once (NaN where the element had stopped)
+    rtrace = xp.where(s["strace"] > 0, s["trace"] / s["strace"], xp.zeros_like(s["trace"]))
+    rtrace = xp.where(xp.isnan(s["trace"]), s["trace"], rtrace)
     return SolverResult(s["z"], s["steps"][..., 0], s["conv"][..., 0], s["rn"][..., 0],
-                        rel[..., 0], s["trace"], s["rtrace"])
+                        rel[..., 0], s["trace"], rtrace)
 
 
 def device(x: Any) -> Any:
