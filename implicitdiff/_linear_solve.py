@@ -38,7 +38,7 @@ def _dot(xp: Any, a: Any, b: Any) -> Any:
 
 
 def _norm(xp: Any, a: Any) -> Any:
-    return xp.sqrt(_dot(xp, a, a))
+    return xp.linalg.vector_norm(a, axis=-1, keepdims=True)
 
 
 def _div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
@@ -49,6 +49,14 @@ def _div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
 
 def _sel(xp: Any, mask: Any, new: Any, old: Any) -> Any:
     return xp.where(mask, new, old)
+
+
+def _selector(bk: Any, xp: Any, mask: Any) -> Callable[[Any, Any], Any]:
+    """`(new, old) -> where(mask, new, old)`; just `new` when `mask` is known to be all true
+    (eagerly, while every batch element is still iterating: the usual case)."""
+    if bk.known_all(mask):
+        return lambda new, old: new
+    return lambda new, old: xp.where(mask, new, old)
 
 
 class AbstractLinearSolver(abc.ABC):
@@ -285,15 +293,16 @@ def _cg(bk, xp, A, b, x0, M, tol, maxiter):
         pAp = _dot(xp, p, Ap)
         bad = active & ~(pAp > 0)
         go = active & ~bad
+        sel = _selector(bk, xp, go)
         alpha = _div(xp, rz, pAp, go)
         x = x + alpha * p
-        r = _sel(xp, go, r - alpha * Ap, r)
+        r = sel(r - alpha * Ap, r)
         z = M(r)
         rz_new = _dot(xp, r, z)
         beta = _div(xp, rz_new, rz, go & (rz != 0))
-        p = _sel(xp, go, z + beta * p, p)
-        rz = _sel(xp, go, rz_new, rz)
-        rn = _sel(xp, go, _norm(xp, r), rn)
+        p = sel(z + beta * p, p)
+        rz = sel(rz_new, rz)
+        rn = sel(_norm(xp, r), rn)
         return (k + 1, x, r, p, rz, rn, iters + xp.astype(go, xp.int32), brk | bad)
 
     k, x, r, p, rz, rn, iters, brk = bk.while_loop(cond, body, (k, x, r, p, rz, rn, iters, brk))
@@ -396,6 +405,7 @@ class MINRES(AbstractLinearSolver):
             gamma = xp.sqrt(gbar * gbar + beta_new * beta_new)
             singular = active & ~(gamma > 0)
             go = active & ~bad & ~singular
+            sel = _selector(bk, xp, go)
             cs_new = _div(xp, gbar, gamma, go)
             sn_new = _div(xp, beta_new, gamma, go)
             phi = cs_new * phibar
@@ -404,12 +414,12 @@ class MINRES(AbstractLinearSolver):
             x = s["x"] + _sel(xp, go, phi, zero) * w_new
             return dict(
                 k=s["k"] + 1, x=x,
-                r1=_sel(xp, go, r1, s["r1"]), r2=_sel(xp, go, r2, s["r2"]),
-                y=_sel(xp, go, y, s["y"]), beta=_sel(xp, go, beta_new, beta),
-                oldb=_sel(xp, go, beta, oldb_prev), dbar=_sel(xp, go, dbar_new, dbar),
-                epsln=_sel(xp, go, epsln, oldeps), phibar=_sel(xp, go, sn_new * phibar, phibar),
-                cs=_sel(xp, go, cs_new, cs), sn=_sel(xp, go, sn_new, sn),
-                w=_sel(xp, go, w_new, s["w"]), w2=_sel(xp, go, w2, s["w2"]),
+                r1=sel(r1, s["r1"]), r2=sel(r2, s["r2"]),
+                y=sel(y, s["y"]), beta=sel(beta_new, beta),
+                oldb=sel(beta, oldb_prev), dbar=sel(dbar_new, dbar),
+                epsln=sel(epsln, oldeps), phibar=sel(sn_new * phibar, phibar),
+                cs=sel(cs_new, cs), sn=sel(sn_new, sn),
+                w=sel(w_new, s["w"]), w2=sel(w2, s["w2"]),
                 iters=s["iters"] + xp.astype(go, xp.int32), brk=s["brk"] | bad | singular,
             )
 
@@ -472,9 +482,10 @@ class GMRES(AbstractLinearSolver):
             bad = active & ~xp.isfinite(rn_new)
             improved = rn_new < rn
             go = active & ~bad & improved
+            sel = _selector(bk, xp, go)
             stall = active & ~bad & ~improved
-            return (k + used, _sel(xp, go, x_new, x), _sel(xp, go, r_new, r),
-                    _sel(xp, go, rn_new, rn), iters + steps, brk | bad, stalled | stall)
+            return (k + used, sel(x_new, x), sel(r_new, r),
+                    sel(rn_new, rn), iters + steps, brk | bad, stalled | stall)
 
         k = xp.asarray(0, dtype=xp.int32)
         s = bk.while_loop(cond, body, (k, x, r, rn, iters, brk, stalled))
@@ -639,13 +650,14 @@ class BiCGStab(AbstractLinearSolver):
             omega_new = _div(xp, _dot(xp, t, s_vec), tt, go & ~sdone & (tt > 0))
             bad = bad | (go & ~sdone & ~(xp.abs(omega_new) > 0))
             go = active & ~bad
+            sel = _selector(bk, xp, go)
             x_new = x + alpha_new * phat + omega_new * shat
             r_new = s_vec - omega_new * t
             rn_new = xp.where(sdone, sn, _norm(xp, r_new))
-            return (k + 1, _sel(xp, go, x_new, x), _sel(xp, go, r_new, r), rhat,
-                    _sel(xp, go, p_new, p), _sel(xp, go, v_new, v),
-                    _sel(xp, go, rho_new, rho), _sel(xp, go, alpha_new, alpha),
-                    _sel(xp, go, omega_new, omega), _sel(xp, go, rn_new, rn),
+            return (k + 1, sel(x_new, x), sel(r_new, r), rhat,
+                    sel(p_new, p), sel(v_new, v),
+                    sel(rho_new, rho), sel(alpha_new, alpha),
+                    sel(omega_new, omega), sel(rn_new, rn),
                     iters + xp.astype(go, xp.int32), brk | bad)
 
         s = bk.while_loop(cond, body, state)
@@ -700,8 +712,9 @@ class Richardson(AbstractLinearSolver):
             # growing far beyond the start, or non-finite: the iteration diverges
             bad = go & ~(rn_new <= 1e4 * xp.maximum(rn0, tol))
             go = go & ~bad
-            return (k + 1, _sel(xp, go, x_new, x), _sel(xp, go, r_new, r),
-                    _sel(xp, go, rn_new, rn), iters + xp.astype(go, xp.int32), brk | bad)
+            sel = _selector(bk, xp, go)
+            return (k + 1, sel(x_new, x), sel(r_new, r),
+                    sel(rn_new, rn), iters + xp.astype(go, xp.int32), brk | bad)
 
         s = bk.while_loop(cond, body, state)
         return s[1], _info(xp, s[4], s[3], tol, s[5])
