@@ -83,14 +83,15 @@ def _solve_one(M: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Namespace:
-    """The array-API namespace for torch, with `linalg` replaced by `_Linalg` and `where` by
-    `torch.where` (the solvers' operands already share a dtype; the compat wrapper's promotion
-    logic costs more than the operation on small vectors)."""
+    """The array-API namespace for torch, with `linalg` replaced by `_Linalg`, and `where` and
+    `matmul` by torch's own (the core's operands already share a dtype; the compat wrappers'
+    promotion logic costs more than the operation on small arrays)."""
 
     def __init__(self, base: Any):
         self._base = base
         self.linalg = _Linalg(base.linalg)
         self.where = torch.where
+        self.matmul = torch.matmul
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._base, name)
