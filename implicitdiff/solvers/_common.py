@@ -33,6 +33,8 @@ class SolverResult(NamedTuple):
     - `trace`: `trace[..., j]` is the residual norm after iteration `j + 1`; NaN after the
       element stopped.
     - `relative_trace`: the same for the relative residual.
+    - `max_abs_residual`: $\\max_i |r(z_k)_i|$ (shape `(...)`), the quantity the residual check
+      of `custom_fixed_point`/`custom_root` bounds (`residual_tol`).
     """
 
     value: Any
@@ -42,6 +44,7 @@ class SolverResult(NamedTuple):
     relative_residual: Any
     trace: Any
     relative_trace: Any
+    max_abs_residual: Any
 
 
 def default_tol(xp: Any, dtype: Any) -> float:
@@ -216,7 +219,7 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     rtrace = xp.where(s["strace"] > 0, s["trace"] / s["strace"], xp.zeros_like(s["trace"]))
     rtrace = xp.where(xp.isnan(s["trace"]), s["trace"], rtrace)
     return SolverResult(s["z"], s["steps"][..., 0], s["conv"][..., 0], s["rn"][..., 0],
-                        rel[..., 0], s["trace"], rtrace)
+                        rel[..., 0], s["trace"], rtrace, xp.max(xp.abs(s["r"]), axis=-1))
 
 
 def device(x: Any) -> Any:
