@@ -26,16 +26,15 @@ torchdeq `get_deq(ift=True, b_solver="fixed_point_iter")` and `get_deq(grad=5)`)
   raises; in parentheses the time of the first, compiling, call, with Inductor's graph cache
   off).
 
-The rows "+ disable(_solve)" monkeypatch `DEQ._solve = torch.compiler.disable(DEQ._solve)`
-(the change recommended for the library; no library file is edited), which runs the forward
-solve eagerly as one opaque call. A second table shows how the graph count follows the number
-of forward iterations (tolerance 1e-3 ... 1e-7).
+implicitdiff runs the forward solve eagerly, one opaque call for Dynamo (`DEQ._solve` is
+`torch.compiler.disable`d; before that, Phantom and JFB compiled 26 graphs and ran 62–116
+compiled fragments per call, growing with the iterations). A second table shows how the graph
+count follows the number of forward iterations (tolerance 1e-3 ... 1e-7).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import re
@@ -43,7 +42,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from bench_deq import Cell, make_data
@@ -68,20 +67,6 @@ class QuietCell(Cell):
 
     def forward(self, z, x):
         return torch.tanh(self.W(z) + self.U(x))
-
-
-@contextlib.contextmanager
-def solve_disabled() -> Iterator[None]:
-    """The recommended library change, as a monkeypatch: the DEQ's forward solve (solver loop
-    and residual check) runs eagerly, one opaque call for Dynamo."""
-    from implicitdiff_torch import DEQ
-
-    orig = DEQ._solve
-    DEQ._solve = torch.compiler.disable(orig)
-    try:
-        yield
-    finally:
-        DEQ._solve = orig
 
 
 # ---- the cases -------------------------------------------------------------------------------
@@ -234,13 +219,10 @@ def eager_grads(loss, x, params):
 
 # ---- the tables ------------------------------------------------------------------------------
 
-def cases() -> list[tuple[str, str, bool]]:
-    out = [("implicitdiff", m, False) for m in ("IFT (BiCGStab)", "Phantom(5)", "JFB")]
-    out += [("implicitdiff + disable(_solve)", m, True)
-            for m in ("IFT (BiCGStab)", "Phantom(5)", "JFB")]
+def cases() -> list[tuple[str, str]]:
+    out = [("implicitdiff", m) for m in ("IFT (BiCGStab)", "Phantom(5)", "JFB")]
     if torchdeq is not None:
-        out += [("torchdeq", "ift (fixed_point_iter)", False), ("torchdeq", "phantom (grad=5)",
-                                                                False)]
+        out += [("torchdeq", "ift (fixed_point_iter)"), ("torchdeq", "phantom (grad=5)")]
     return out
 
 
@@ -269,37 +251,30 @@ def main(argv: list[str] | None = None) -> None:
           "| fwd graphs run per call | grad rel. err aot_eager | grad rel. err inductor "
           "| main break reasons |")
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    for lib, mode, patched in cases():
-        ctx = solve_disabled() if patched else contextlib.nullcontext()
-        with ctx:
-            loss, params = make_case("torchdeq" if lib == "torchdeq" else "implicitdiff",
-                                     mode, data, h)
-            eager = eager_grads(loss, x, params)
-            steps = loss.steps()
-            g, nb, reasons = explain_counts(loss, x)
-            fb, recompiles, runs = fwd_bwd_counts(loss, x, params)
-            e_aot = grad_error(loss, x, params, "aot_eager", eager)
-            t = time.perf_counter()
-            e_ind = "skipped" if args.quick else grad_error(loss, x, params, "inductor", eager)
-            if not args.quick and not e_ind.startswith("fail"):
-                e_ind += f" ({time.perf_counter() - t:.0f} s)"
+    for lib, mode in cases():
+        loss, params = make_case(lib, mode, data, h)
+        eager = eager_grads(loss, x, params)
+        steps = loss.steps()
+        g, nb, reasons = explain_counts(loss, x)
+        fb, recompiles, runs = fwd_bwd_counts(loss, x, params)
+        e_aot = grad_error(loss, x, params, "aot_eager", eager)
+        t = time.perf_counter()
+        e_ind = "skipped" if args.quick else grad_error(loss, x, params, "inductor", eager)
+        if not args.quick and not e_ind.startswith("fail"):
+            e_ind += f" ({time.perf_counter() - t:.0f} s)"
         print(f"| {lib} | {mode} | {steps} | {g} | {nb} | {fb} | {recompiles} | {runs} "
               f"| {e_aot} | {e_ind} | {reasons} |", flush=True)
 
     print("\nAgainst the number of forward iterations, Phantom(5) (torchdeq: grad=5): graphs "
           "compiled (explain) / compiled graphs run per forward+backward call\n")
     print("| Anderson tol | implicitdiff steps (max) | implicitdiff "
-          "| implicitdiff + disable(_solve) | torchdeq steps (max) | torchdeq |")
-    print("|---|---|---|---|---|---|", flush=True)
+          "| torchdeq steps (max) | torchdeq |")
+    print("|---|---|---|---|---|", flush=True)
     for tol in (1e-3, 1e-4, 1e-5, 1e-7):
-        row = []
-        for patched in (False, True):
-            with solve_disabled() if patched else contextlib.nullcontext():
-                loss, params = make_case("implicitdiff", "Phantom(5)", data, h, tol)
-                eager_grads(loss, x, params)
-                steps = loss.steps()
-                row.append(f"{explain_counts(loss, x)[0]} / "
-                           f"{fwd_bwd_counts(loss, x, params)[2]}")
+        loss, params = make_case("implicitdiff", "Phantom(5)", data, h, tol)
+        eager_grads(loss, x, params)
+        steps = loss.steps()
+        row = [f"{explain_counts(loss, x)[0]} / {fwd_bwd_counts(loss, x, params)[2]}"]
         if torchdeq is not None:
             loss, params = make_case("torchdeq", "phantom", data, h, tol)
             eager_grads(loss, x, params)
@@ -307,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{fwd_bwd_counts(loss, x, params)[2]}"]
         else:
             row += ["n/a", "n/a"]
-        print(f"| {tol:g} | {steps} | {row[0]} | {row[1]} | {row[2]} | {row[3]} |", flush=True)
+        print(f"| {tol:g} | {steps} | {row[0]} | {row[1]} | {row[2]} |", flush=True)
 
 
 if __name__ == "__main__":
