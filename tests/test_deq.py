@@ -549,6 +549,42 @@ def test_jax_deq_gradients_modes_jit():
         assert z.shape == (6, 12) and bool(stats.converged.all())
 
 
+@pytest.mark.parametrize("backward", ["ift", "phantom", "jfb"])
+def test_jax_deq_residual_check_every_mode(backward):
+    """The JAX deq checks the forward solve in every backward mode, from the solver's own
+    max|f(z) - z|: a divergent layer raises or gives NaN samples, never a silent value."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from implicitdiff_jax import deq
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        W = rng.standard_normal((8, 8))
+        x = jnp.asarray(rng.standard_normal((4, 8)))
+
+        def f(p, z, x):
+            return jnp.tanh(z @ p["W"].T + x)
+
+        good = {"W": jnp.asarray(0.5 * W / np.linalg.norm(W, 2))}
+        _z, stats = deq(f, good, x, backward=backward, solver_options=dict(tol=1e-12))
+        z_star = deq(f, good, x, solver_options=dict(tol=1e-12))[0]
+        want = np.max(np.abs(np.asarray(f(good, z_star, x) - z_star)), axis=-1)
+        np.testing.assert_allclose(stats.max_abs_residual, want, rtol=0, atol=1e-15)
+        bad = {"W": jnp.asarray(4.0 * W / np.linalg.norm(W, 2))}
+        opts = dict(maxiter=5)
+        with pytest.raises(idf.NonConvergenceError, match="deq"):
+            deq(f, bad, x, backward=backward, solver="fixed_point_iteration",
+                solver_options=opts)
+        zn, stats = jax.jit(lambda p, x: deq(f, p, x, backward=backward,
+                                             solver="fixed_point_iteration",
+                                             solver_options=opts, on_failure="nan"))(bad, x)
+        failed = ~np.asarray(stats.max_abs_residual <= 10 * np.sqrt(np.finfo(float).eps))
+        assert failed.any() and np.isnan(np.asarray(zn)[failed]).all()
+        with pytest.raises(ValueError, match="on_failure"):
+            deq(f, good, x, on_failure="ignore")
+
+
 # ---- the JAX digits example and the convergence tutorial (smoke) ------------------------------
 
 def _load_example(name):
