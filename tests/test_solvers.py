@@ -286,6 +286,26 @@ def test_eager_fast_paths_match_traced_jax(name):
         np.testing.assert_allclose(runs[f].trace, runs["jax"].trace, rtol=1e-8, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["anderson", "broyden", "newton"])
+def test_torch_without_shortcuts_matches(monkeypatch, name):
+    """On accelerators the torch backend does not look at masks (`known_all` is False: no host
+    synchronization); the solvers then take their masked paths, with the same iterates."""
+    torch = pytest.importorskip("torch")
+    from implicitdiff_torch import TorchBackend
+
+    assert not TorchBackend().known_all(torch.ones(3, dtype=torch.bool, device="meta"))
+    solver = SOLVERS[name][0]
+    kw = {"fixed_point": True} if name == "newton" else {}
+    z0, W, c, b = graded_problem()
+    fw = Framework("torch")
+    fast = fw.run(solver, graded_map, z0, W, c, b, tol=1e-10, maxiter=400, **kw)
+    monkeypatch.setattr(TorchBackend, "known_all", lambda self, mask: False)
+    masked = fw.run(solver, graded_map, z0, W, c, b, tol=1e-10, maxiter=400, **kw)
+    np.testing.assert_array_equal(masked.steps, fast.steps)
+    np.testing.assert_allclose(masked.value, fast.value, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(masked.trace, fast.trace, rtol=1e-8, atol=1e-14)
+
+
 @pytest.mark.parametrize("everyone", [True, False])
 @pytest.mark.parametrize("int_slot", [True, False])
 def test_ring_write_backends_agree(fw, everyone, int_slot):

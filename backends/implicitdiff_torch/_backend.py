@@ -175,6 +175,13 @@ class TorchBackend(Backend):
             _namespace = _Namespace(base)
         return _namespace
 
+    def known_all(self, mask: Any) -> bool:
+        # On an accelerator, looking is a host synchronization that stalls the queue of kernels;
+        # the masked selects it would save are cheap there. Only CPU tensors look.
+        if mask.device.type != "cpu":
+            return False
+        return bool(mask.all())
+
     def ring_write(self, hist: Any, slot: Any, row: Any, mask: Any, everyone: bool) -> Any:
         if torch.is_grad_enabled() and (hist.requires_grad or row.requires_grad):
             # a solver run on the tape (differentiated through its iterations): no in-place
