@@ -23,7 +23,7 @@ _TRACE_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.Concretizatio
 
 
 def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _any_tracer(data: Sequence[Any]) -> bool:

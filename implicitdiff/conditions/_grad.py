@@ -59,7 +59,8 @@ def vjp_x(fun: Callable[..., Any], x: Any, args: tuple, *, who: str) -> Any:
     if fw == "torch":
         import torch.func
 
-        r, pullback = torch.func.vjp(lambda z: fun(z, *args), x)
+        out = torch.func.vjp(lambda z: fun(z, *args), x)
+        r, pullback = out[0], out[1]
         return pullback(r)[0]
 
     def half_sq(z: Any, *a: Any) -> Any:

@@ -142,8 +142,10 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
         if callable(jac):
             user_grad = jac
         elif jac is True:
-            def user_grad(x: Any, *a: Any) -> Any:
+            def grad_of_fun(x: Any, *a: Any) -> Any:
                 return fun(x, *a)[1]
+
+            user_grad = grad_of_fun
 
     eqs = [(c, a) for c, a in zip(cons, con_args) if c["type"] == "eq"]
     ineqs = [(c, a) for c, a in zip(cons, con_args) if c["type"] == "ineq"]
@@ -191,10 +193,11 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
             if jac is True:
                 host = fw.host(fun, a_fw)
 
-                def fun_s(x: Any) -> Any:
+                def value_and_grad_host(x: Any) -> Any:
                     v, g = host(x)
                     return float(v), np.asarray(g, dtype=np.float64)
 
+                fun_s = value_and_grad_host
                 kw["jac"] = True
             elif jac is None and meth in _JAC:
                 fun_s = fw.value_and_grad(f_obj, a_fw)

@@ -186,24 +186,27 @@ def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
             v = r(x, *a)
             return 0.5 * (v * v).sum()
 
-        grad = None
+        grad: Callable[..., Any] | None = None
         if user_jac is not None:
-            def grad(x: Any, a: tuple) -> Any:
+            def grad_half_sq(x: Any, a: tuple) -> Any:
                 return np.asarray(user_jac(x, *a, **kwargs)).T @ r(x, *a)
 
+            grad = grad_half_sq
         Fp = cond.projected_gradient(half_sq, cond.projection_box, grad=grad)
 
-        def F(x: Any, *a: Any) -> Any:
+        def F_box(x: Any, *a: Any) -> Any:
             return Fp(x, a, (lb_f, ub_f))
 
-        F.__name__ = f"projected_gradient(½‖{r.__name__}‖², box)"
+        F_box.__name__ = f"projected_gradient(½‖{r.__name__}‖², box)"
+        F = F_box
         tags = frozenset()
 
     def host_solve(x0_h: Any, *a: Any) -> tuple[Any, Any, bool, str]:
         x0n = np.asarray(x0_h, dtype=np.float64).reshape(-1)
         if fw.name == "numpy":
-            res = scipy.optimize.least_squares(fun, x0n, jac=jac, bounds=bounds, method=method,
-                                               args=a, kwargs=kwargs, **options)
+            res = scipy.optimize.least_squares(fun, x0n, jac=jac,  # pyright: ignore[reportArgumentType]
+                                               bounds=bounds, method=method, args=a,
+                                               kwargs=kwargs, **options)
         else:
             a_fw = fw.from_host(a)
             if isinstance(jac, str):
@@ -343,7 +346,7 @@ def root_scalar(f: Callable[..., Any], args: Any = (), method: str | None = None
     out.root = x
     for k, v in aux_v.items():
         setattr(out, k, v)
-    out.flag = None
+    out.flag = None  # pyright: ignore[reportAttributeAccessIssue]
     return out
 
 

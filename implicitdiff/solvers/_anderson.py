@@ -85,10 +85,11 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
             # their history is never used again. While every element that goes on keeps its
             # step, the goers share one slot (a Python int, eagerly) and the rows of the
             # finished ones may be overwritten.
-            shared = written[0] is not None and bk.known_all(keep | ~accept)
+            count = written[0]
+            shared = count is not None and bk.known_all(keep | ~accept)
             dx = dz + (dg if beta == 1 else beta * dg)
-            if shared:
-                slot, written[0] = written[0] % m, written[0] + 1
+            if count is not None and shared:
+                slot, written[0] = count % m, count + 1
                 inv = 1 / xp.where(keep, dn, xp.ones_like(dn))
                 dgs, dxs = dg * inv, dx * inv
             else:
