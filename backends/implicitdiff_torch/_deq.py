@@ -27,7 +27,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -276,17 +276,12 @@ class DEQ(nn.Module):
         return idf.custom_fixed_point(T, solve=solve, batch_dims=1, residual_tol=math.inf,
                                       on_failure=self.on_failure)(deq_layer)
 
-    # Under torch.compile the forward solve runs eagerly, as one graph break: its loop stops on
-    # data (`bool(tensor)` each iteration), where Dynamo would otherwise break, or recompile, at
-    # every iteration. (The exact modes reach it through the backend's disabled `call`; this
-    # covers Phantom and JFB, whose recorded steps stay compiled.)
-    @torch.compiler.disable
     def _solve(self, T: Callable[..., Any], z0: torch.Tensor, params: dict, x: Any
                ) -> torch.Tensor:
         """The forward solve, untraced, and its residual check (per `on_failure`)."""
-        own = self._own is not None and all(
-            params.get(k) is v for k, v in self._own.items()) and len(params) == len(self._own)
-        p = self._own if own else params
+        own = self._own
+        p = own if own is not None and len(params) == len(own) and all(
+            params.get(k) is v for k, v in own.items()) else params
         with torch.no_grad():
             res = self.solver(T, z0, p, x, **self.solver_options)
             self._record(res)
@@ -295,6 +290,12 @@ class DEQ(nn.Module):
                 # the built-in solvers return max|f(z) - z| at the value they return
                 return self._accept(res.value, res.max_abs_residual, tol)
             return self._check(res.value, p, x)
+
+    # Under torch.compile the forward solve runs eagerly, as one graph break: its loop stops on
+    # data (`bool(tensor)` each iteration), where Dynamo would otherwise break, or recompile, at
+    # every iteration. (The exact modes reach it through the backend's disabled `call`; this
+    # covers Phantom and JFB, whose recorded steps stay compiled.)
+    _solve = cast(Any, torch.compiler.disable(_solve))
 
     def _residual_tol(self, dtype: torch.dtype) -> float:
         if self.residual_tol is not None:
@@ -389,9 +390,11 @@ class DEQ(nn.Module):
         $\\|\\partial f/\\partial z\\|_F^2 / n$ at `z` (detached), differentiable in the
         parameters of `f` and in `x`."""
         if isinstance(self.f, nn.Module) and _parametrization_lists(self.f):
+            module = self.f
+
             def f(zz: torch.Tensor, xx: Any) -> torch.Tensor:
-                with _frozen_parametrizations(self.f):
-                    return self.f(zz, xx)
+                with _frozen_parametrizations(module):
+                    return module(zz, xx)
 
             return jacobian_penalty(f, z, x, n_samples=n_samples)
         return jacobian_penalty(self.f, z, x, n_samples=n_samples)
@@ -411,7 +414,8 @@ def _parametrization_lists(f: nn.Module) -> list[tuple[str, nn.Module]]:
     out = []
     for name, m in f.named_modules():
         if parametrize.is_parametrized(m):
-            for t, plist in m.parametrizations.items():
+            plists = cast(Any, m.parametrizations)  # a ModuleDict of ParametrizationLists
+            for t, plist in plists.items():
                 out.append((f"{name}.parametrizations.{t}" if name else f"parametrizations.{t}",
                             plist))
     return out
