@@ -336,7 +336,7 @@ class DEQ(nn.Module):
         params = {**self.params(), **snapshot}
         # with no parametrization state to pin, the forward solve calls f itself (the same
         # tensors as `params`, without functional_call's per-call cost)
-        self._own = None if snapshot else dict(params)
+        self._own = None if snapshot else params
         mode = self.backward_mode
         if isinstance(mode, (IFT, Neumann)):
             z = self._layer(params, x, z0=z0f)
