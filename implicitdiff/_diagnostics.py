@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -67,6 +67,7 @@ class Diagnostics:
 
     forward: list[ForwardRecord] = field(default_factory=list)
     backward: list[BackwardRecord] = field(default_factory=list)
+    _open: bool = field(default=True, repr=False, compare=False)
 
     def _add(self, rec: Any) -> None:
         if isinstance(rec, ForwardRecord):
@@ -87,6 +88,21 @@ def _active() -> list[Diagnostics]:
 def _emit(rec: Any) -> None:
     for d in _active():
         d._add(rec)
+
+
+def _emitter() -> Callable[[Any], None]:
+    """`_emit` for a record that arrives later, maybe on another thread (a host callback of
+    compiled code, which XLA may run on one of its own threads): it goes to the blocks active
+    now, while they stay open, and to those active in the thread it arrives on, once each."""
+    captured = list(_active())
+
+    def emit(rec: Any) -> None:
+        targets = [d for d in captured if d._open]
+        targets += [d for d in _active() if not any(d is t for t in targets)]
+        for d in targets:
+            d._add(rec)
+
+    return emit
 
 
 def collecting() -> bool:
@@ -111,4 +127,5 @@ def diagnostics() -> Iterator[Diagnostics]:
     try:
         yield d
     finally:
+        d._open = False
         stack.remove(d)

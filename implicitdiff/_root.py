@@ -137,14 +137,14 @@ class ImplicitFunction:
         assert res is not None and finite is not None  # x has at least one leaf
         ok = finite & (res <= tol)
         name = self.name
-        bk.record(lambda r_: ForwardRecord(name, float(np.max(r_)), float(tol),
-                                           bool(np.all(r_ <= tol)),
-                                           np.asarray(r_) if k else None), res)
+        record_forward(bk, name, res, tol, batched=bool(k))
         return bk.handle_failure(x, ok, self.on_failure, _forward_error(name, tol), res, finite)
 
 
     def _check_finite(self, bk: Backend, xp: Any, x: Any, xs: list, k: int) -> Any:
-        """The check with `residual_tol=math.inf`: only finiteness of x, per batch element."""
+        """The check with `residual_tol=math.inf`: only finiteness of x, per batch element. No
+        residual, so no forward record (a caller that checks the residual its own way, like
+        the DEQ layers, records it with `record_forward`)."""
         finite = None
         for _, xl in xs:
             axes = tuple(range(k, xl.ndim))
@@ -152,11 +152,16 @@ class ImplicitFunction:
             finite = f if finite is None else finite & f
         assert finite is not None
         name = self.name
-        bk.record(lambda f_: ForwardRecord(name, math.nan, math.inf, bool(np.all(f_)),
-                                           np.where(f_, math.nan, math.inf) if k else None),
-                  finite)
         return bk.handle_failure(x, finite, self.on_failure, _forward_error(name, math.inf),
                                  xp.zeros_like(finite, dtype=xs[0][1].dtype), finite)
+
+
+def record_forward(bk: Backend, name: str, res: Any, tol: float, *, batched: bool) -> None:
+    """Hand the active `idf.diagnostics()` collectors the record of a forward residual check:
+    `res` is $\\max|F(x^*, \\theta)|$, one per batch element when `batched`."""
+    bk.record(lambda r_: ForwardRecord(name, float(np.max(r_)), float(tol),
+                                       bool(np.all(r_ <= tol)),
+                                       np.asarray(r_) if batched else None), res)
 
 
 def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:

@@ -484,6 +484,32 @@ def test_forward_evaluates_f_once_per_step(backward, extra):
     torch.testing.assert_close(deq2.stats.max_abs_residual, want, rtol=0, atol=1e-15)
 
 
+def test_diagnostics_record_the_layers_residual_check():
+    cell, deq, x = make()
+    with idf.diagnostics() as d:
+        deq(x)
+    (rec,) = d.forward
+    assert rec.function == "DEQ" and rec.ok
+    np.testing.assert_allclose(rec.per_element, deq.stats.max_abs_residual.numpy())
+    assert rec.residual_norm == pytest.approx(float(deq.stats.max_abs_residual.max()))
+    jax = pytest.importorskip("jax")
+    from implicitdiff_jax import deq as jdeq
+
+    with jax.enable_x64(True):
+        W = jax.numpy.asarray(cell.W.weight.detach().numpy())
+
+        def f(p, z, x):
+            return jax.numpy.tanh(z @ p.T + x)
+
+        xj = jax.numpy.asarray(np.random.default_rng(0).standard_normal((3, 12)))
+        with idf.diagnostics() as d:
+            _, stats = jax.block_until_ready(jax.jit(lambda W, x: jdeq(f, W, x))(W, xj))
+            jax.effects_barrier()
+        (rec,) = d.forward
+        assert rec.function == "deq" and rec.ok
+        np.testing.assert_allclose(rec.per_element, np.asarray(stats.max_abs_residual))
+
+
 def test_residual_check_is_on_max_abs_not_the_norm():
     """||r||_2 above residual_tol but max|r| within it: accepted."""
     _cell, deq, x = make(residual_tol=1e-3, solver_options=dict(tol=0.0, atol=2e-3,

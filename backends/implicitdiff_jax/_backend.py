@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 
 from implicitdiff._backend import Backend, Linearization, nan_where
-from implicitdiff._diagnostics import _emit, collecting
+from implicitdiff._diagnostics import _emit, _emitter, collecting
 from implicitdiff._errors import ImplicitDiffError, StructureError
 from implicitdiff._ift import implicit_jvp
 from implicitdiff._root import ImplicitFunction
@@ -184,7 +184,8 @@ class JaxBackend(Backend):
         if not _any_tracer(data):
             _emit(make_record(*data))
             return
-        jax.debug.callback(lambda *d: _emit(make_record(*d)), *data)
+        emit = _emitter()  # the callback may run on another thread than this one
+        jax.debug.callback(lambda *d: emit(make_record(*d)), *data)
 
     # ---- differentiation ---------------------------------------------------------------------
     def linearize(self, F, x, args, *, derivatives=None, tags=frozenset()):

@@ -22,7 +22,7 @@ from implicitdiff import solvers as _solvers
 from implicitdiff._backend import get_backend
 from implicitdiff._errors import StructureError
 from implicitdiff._linear_solve import AbstractLinearSolver, NeumannSolve
-from implicitdiff._root import _forward_error, default_residual_tol
+from implicitdiff._root import _forward_error, default_residual_tol, record_forward
 
 __all__ = ["DEQStats", "NeumannSolve", "deq"]
 
@@ -127,6 +127,7 @@ def deq(f: Callable[..., Any], params: Any, x: Any, *, z0: Any = None,
         finite = jnp.all(jnp.isfinite(z), axis=-1)
         ok = finite & (rmax <= tol)
         bk = get_backend(z)
+        record_forward(bk, "deq", rmax, tol, batched=True)
         return bk.handle_failure(z, ok, on_failure, _forward_error("deq", tol), rmax, finite)
 
     z0f = jax.lax.stop_gradient(z0.reshape(batch, -1))

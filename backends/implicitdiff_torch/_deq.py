@@ -364,6 +364,7 @@ class DEQ(nn.Module):
 
     def _accept(self, z: torch.Tensor, r: torch.Tensor, tol: float) -> torch.Tensor:
         """The residual check of `z` given its $\\max|f(z, x) - z|$ per sample, `r`."""
+        idf._root.record_forward(idf.get_backend(z), "DEQ", r, tol, batched=True)
         ok = torch.isfinite(r) & (r <= tol) & torch.isfinite(z).all(dim=-1)
         if self.stats is not None:
             self.stats = self.stats._replace(max_abs_residual=r)
