@@ -119,7 +119,10 @@ def diagnostics() -> Iterator[Diagnostics]:
     residual_tol, ok) and `backward` (`BackwardRecord`: function, mode, solver,
     derivative_method, iterations, residual_norm, converged).
 
-    Under `jax.jit` records arrive when the compiled function runs, through a host callback.
+    Under `jax.jit` records arrive when the compiled function runs, through a host callback:
+    to the blocks that were active when the function was traced (while they are open) and to
+    those active in the thread the callback runs on. Only functions traced inside a block
+    report; compiled code traced outside one pays nothing.
     """
     d = Diagnostics()
     stack = _active()
