@@ -140,7 +140,6 @@ class ImplicitFunction:
         record_forward(bk, name, res, tol, batched=bool(k))
         return bk.handle_failure(x, ok, self.on_failure, _forward_error(name, tol), res, finite)
 
-
     def _check_finite(self, bk: Backend, xp: Any, x: Any, xs: list, k: int) -> Any:
         """The check with `residual_tol=math.inf`: only finiteness of x, per batch element. No
         residual, so no forward record (a caller that checks the residual its own way, like

@@ -159,7 +159,7 @@ _SOLVERS: dict[str, Callable[..., Any]] = {
     "fixed_point_iteration": _solvers.fixed_point_iteration,
     "fixed_point": _solvers.fixed_point_iteration,
 }
-_TRUSTED = frozenset(_SOLVERS.values())  # their residual_norm is that of their value
+_TRUSTED = frozenset(_SOLVERS.values())  # their max_abs_residual is that of their value
 
 
 # ---- the module ------------------------------------------------------------------------------
