@@ -61,7 +61,6 @@ rounds of the per-round ratio of two calls (paired, robust on a shared, noisy ma
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -70,7 +69,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_jax import environment, first_call, median_iqr, paired_ratio, table, time_interleaved
+from bench_jax import (
+    environment,
+    first_call,
+    fmt_err,
+    fmt_ratio,
+    fmt_us,
+    median_iqr,
+    paired_ratio,
+    table,
+    time_interleaved,
+)
 from jax import lax
 
 import implicitdiff as idf
@@ -238,22 +247,6 @@ def reference(data: Data, lam: float) -> dict[str, Any]:
     return dict(x=x, dx=dx, S=S, loss=float(np.mean(r * r)),
                 grad=float(2.0 / Xv.shape[0] * r @ (Xv @ dx)),
                 cond_S=float(np.linalg.cond(G)))
-
-
-# ---- timing: the harness of bench_jax.py ------------------------------------------------------
-
-def fmt_us(s: float) -> str:
-    return f"{s * 1e6:,.0f}"
-
-
-def fmt_ratio(r: float | None) -> str:
-    return "—" if r is None or not math.isfinite(r) else f"{r:.2f}×"
-
-
-def fmt_err(e: float | None) -> str:
-    if e is None:
-        return "—"
-    return "0 (exact)" if e == 0 else f"{e:.1e}"
 
 
 # ---- the benchmark -----------------------------------------------------------------------------
