@@ -45,7 +45,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
-from bench_deq import Cell, make_data
+from bench_deq import BTOL, MAXITER, TOL, Cell, make_data
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
@@ -58,8 +58,6 @@ try:
     import torchdeq
 except ImportError:  # pragma: no cover - optional
     torchdeq = None
-
-TOL, MAXITER, BTOL = 1e-4, 100, 1e-5
 
 
 class QuietCell(Cell):

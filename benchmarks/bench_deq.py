@@ -120,18 +120,19 @@ class Cell(nn.Module):
 
 # ---- 1. PyTorch: implicitdiff DEQ vs torchdeq -----------------------------------------------
 
-def torch_methods(data):
-    """name -> (cell, forward() -> (z, stats-dict)); the forward's iterations from the stats."""
+def torch_methods(make_cell, x, z_shape):
+    """name -> (cell, forward() -> (z, stats-dict)) for implicitdiff's `DEQ` and torchdeq, each
+    on a fresh `make_cell()` (a module `cell(z, x)` counting its calls in `cell.calls`, with
+    `cell.grads()`), input `x`, per-sample state shape `z_shape`; the forward's iterations from
+    the stats. The settings of the module docstring."""
     from implicitdiff_torch import DEQ, IFT, Phantom
 
-    W, U, b, x64 = data
-    x = x64.float()
     opts = {"tol": TOL, "maxiter": MAXITER, "m": 5}
     out = {}
 
     def idf_method(backward):
-        cell = Cell(W, U, b)
-        layer = DEQ(cell, z_shape=(H,), solver="anderson", solver_options=opts,
+        cell = make_cell()
+        layer = DEQ(cell, z_shape=z_shape, solver="anderson", solver_options=opts,
                     backward=backward)
 
         def fwd():
@@ -143,25 +144,25 @@ def torch_methods(data):
 
         return cell, fwd
 
+    def tdeq_method(**kw):
+        cell = make_cell()
+        layer = torchdeq.get_deq(f_solver="anderson", f_max_iter=MAXITER, f_tol=TOL,
+                                 f_stop_mode="rel", **kw)
+
+        def fwd():
+            zs, info = layer(lambda z: cell(z, x), torch.zeros(x.shape[0], *z_shape),
+                             solver_kwargs={"m": 6})
+            return zs[-1], {"steps_mean": float(info["nstep"].float().mean()),
+                            "steps_max": int(info["nstep"].max()),
+                            "rel_res": float(info["rel_lowest"].max())}
+
+        return cell, fwd
+
     out["implicitdiff IFT (BiCGStab)"] = idf_method(
         IFT(idf.BiCGStab(rtol=BTOL, maxiter=MAXITER)))
     out["implicitdiff IFT (Richardson)"] = idf_method(
         IFT(idf.Richardson(omega=-1.0, rtol=BTOL, maxiter=MAXITER)))
     if torchdeq is not None:
-        def tdeq_method(**kw):
-            cell = Cell(W, U, b)
-            layer = torchdeq.get_deq(f_solver="anderson", f_max_iter=MAXITER, f_tol=TOL,
-                                     f_stop_mode="rel", **kw)
-
-            def fwd():
-                zs, info = layer(lambda z: cell(z, x), torch.zeros(B, H),
-                                 solver_kwargs={"m": 6})
-                return zs[-1], {"steps_mean": float(info["nstep"].float().mean()),
-                                "steps_max": int(info["nstep"].max()),
-                                "rel_res": float(info["rel_lowest"].max())}
-
-            return cell, fwd
-
         out["torchdeq IFT (fixed_point_iter)"] = tdeq_method(
             ift=True, b_solver="fixed_point_iter", b_tol=BTOL, b_stop_mode="rel",
             b_max_iter=MAXITER)
@@ -171,11 +172,10 @@ def torch_methods(data):
     return out
 
 
-def bench_torch_deq(rho: float, repeats: int) -> list[str]:
-    data = make_data(rho)
-    ref = exact_grads(*data)
-    methods = torch_methods(data)
-
+def time_methods(rho: float, methods, loss, ref, repeats: int) -> list[str]:
+    """Time `methods` (from `torch_methods`) on the scalar `loss(z)`: forward and backward
+    medians of interleaved repeats, iterations, peak memory, gradient error against `ref`;
+    prints and returns the table rows."""
     def step(cell, fwd):
         for p in cell.parameters():
             p.grad = None
@@ -184,7 +184,7 @@ def bench_torch_deq(rho: float, repeats: int) -> list[str]:
         z, st = fwd()
         t1 = time.perf_counter()
         calls = cell.calls
-        (z * z).sum().backward()
+        loss(z).backward()
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, st, calls
 
@@ -218,80 +218,14 @@ def bench_torch_deq(rho: float, repeats: int) -> list[str]:
     return lines
 
 
-# ---- 4. JAX: implicitdiff_jax.deq vs optimistix ---------------------------------------------
-
-def bench_jax(rho: float, repeats: int) -> list[str]:
-    import jax
-    import jax.numpy as jnp
-    import optimistix as optx
-
-    from implicitdiff_jax import deq
-
+def bench_torch_deq(rho: float, repeats: int) -> list[str]:
     W, U, b, x = make_data(rho)
-    ref = exact_grads(W, U, b, x)
-    params = {"W": jnp.asarray(W.float().numpy()), "U": jnp.asarray(U.float().numpy()),
-              "b": jnp.asarray(b.float().numpy())}
-    xj = jnp.asarray(x.float().numpy())
-
-    def f(p, z, x):
-        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
-
-    def loss_idf(p, x):
-        z, stats = deq(f, p, x, z_shape=(H,),
-                       solver_options={"tol": TOL, "maxiter": MAXITER, "m": 5},
-                       solve=idf.BiCGStab(rtol=BTOL, maxiter=MAXITER))
-        return (z * z).sum(), stats.steps
-
-    def optx_loss(solver):
-        def fn(z, args):
-            p, xi = args
-            return jnp.tanh(p["W"] @ z + p["U"] @ xi + p["b"])
-
-        def one(p, xi):
-            sol = optx.fixed_point(fn, solver, jnp.zeros(H, xj.dtype), args=(p, xi),
-                                   max_steps=MAXITER, adjoint=optx.ImplicitAdjoint(),
-                                   throw=False)
-            return sol.value, sol.stats["num_steps"]
-
-        def loss(p, x):
-            z, steps = jax.vmap(one, in_axes=(None, 0))(p, x)
-            return (z * z).sum(), steps
-
-        return loss
-
-    fns = {
-        "implicitdiff deq (Anderson, IFT BiCGStab)": loss_idf,
-        "optimistix FixedPointIteration + ImplicitAdjoint":
-            optx_loss(optx.FixedPointIteration(rtol=TOL, atol=TOL)),
-        "optimistix Newton + ImplicitAdjoint": optx_loss(optx.Newton(rtol=TOL, atol=TOL)),
-    }
-    jitted = {k: jax.jit(jax.value_and_grad(v, has_aux=True)) for k, v in fns.items()}
-    results, compile_s = {}, {}
-    for k, g in jitted.items():
-        t = time.perf_counter()
-        results[k] = jax.block_until_ready(g(params, xj))
-        compile_s[k] = time.perf_counter() - t
-    times: dict[str, list[float]] = {k: [] for k in jitted}
-    for _ in range(repeats):
-        for k, g in jitted.items():
-            t = time.perf_counter()
-            jax.block_until_ready(g(params, xj))
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["implicitdiff deq (Anderson, IFT BiCGStab)"]
-    lines = []
-    for k in jitted:
-        (_, steps), grads = results[k]
-        err = rel_error([grads["W"], grads["U"], grads["b"]], ref)
-        steps = np.asarray(steps)
-        lines.append(f"| {rho} | {k} | {steps.mean():.1f} / {steps.max()} | "
-                     f"{med[k] * 1e3:.1f} | {med[k] / base:.2f} | {compile_s[k]:.1f} | "
-                     f"{err:.1e} |")
-        print(lines[-1], flush=True)
-    return lines
+    methods = torch_methods(lambda: Cell(W, U, b), x.float(), (H,))
+    return time_methods(rho, methods, lambda z: (z * z).sum(), exact_grads(W, U, b, x),
+                        repeats)
 
 
-# ---- 3. beyond first order: second derivatives, torch.func, forward mode ----------------------
+# ---- 2. beyond first order: second derivatives, torch.func, forward mode ----------------------
 
 def bench_higher_order() -> list[str]:
     """On a small float64 DEQ (batch 3, hidden 8, input 4, ‖W‖₂ = 0.5, forward to 1e-12): the
@@ -362,6 +296,79 @@ def bench_higher_order() -> list[str]:
             except Exception as e:
                 cells.append(short(e))
         lines.append(f"| {name} | {hvp} | {cells[0]} | {cells[1]} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+# ---- 3. JAX: implicitdiff_jax.deq vs optimistix ---------------------------------------------
+
+def bench_jax(rho: float, repeats: int) -> list[str]:
+    import jax
+    import jax.numpy as jnp
+    import optimistix as optx
+
+    from implicitdiff_jax import deq
+
+    W, U, b, x = make_data(rho)
+    ref = exact_grads(W, U, b, x)
+    params = {"W": jnp.asarray(W.float().numpy()), "U": jnp.asarray(U.float().numpy()),
+              "b": jnp.asarray(b.float().numpy())}
+    xj = jnp.asarray(x.float().numpy())
+
+    def f(p, z, x):
+        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
+
+    def loss_idf(p, x):
+        z, stats = deq(f, p, x, z_shape=(H,),
+                       solver_options={"tol": TOL, "maxiter": MAXITER, "m": 5},
+                       solve=idf.BiCGStab(rtol=BTOL, maxiter=MAXITER))
+        return (z * z).sum(), stats.steps
+
+    def optx_loss(solver):
+        def fn(z, args):
+            p, xi = args
+            return jnp.tanh(p["W"] @ z + p["U"] @ xi + p["b"])
+
+        def one(p, xi):
+            sol = optx.fixed_point(fn, solver, jnp.zeros(H, xj.dtype), args=(p, xi),
+                                   max_steps=MAXITER, adjoint=optx.ImplicitAdjoint(),
+                                   throw=False)
+            return sol.value, sol.stats["num_steps"]
+
+        def loss(p, x):
+            z, steps = jax.vmap(one, in_axes=(None, 0))(p, x)
+            return (z * z).sum(), steps
+
+        return loss
+
+    fns = {
+        "implicitdiff deq (Anderson, IFT BiCGStab)": loss_idf,
+        "optimistix FixedPointIteration + ImplicitAdjoint":
+            optx_loss(optx.FixedPointIteration(rtol=TOL, atol=TOL)),
+        "optimistix Newton + ImplicitAdjoint": optx_loss(optx.Newton(rtol=TOL, atol=TOL)),
+    }
+    jitted = {k: jax.jit(jax.value_and_grad(v, has_aux=True)) for k, v in fns.items()}
+    results, compile_s = {}, {}
+    for k, g in jitted.items():
+        t = time.perf_counter()
+        results[k] = jax.block_until_ready(g(params, xj))
+        compile_s[k] = time.perf_counter() - t
+    times: dict[str, list[float]] = {k: [] for k in jitted}
+    for _ in range(repeats):
+        for k, g in jitted.items():
+            t = time.perf_counter()
+            jax.block_until_ready(g(params, xj))
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["implicitdiff deq (Anderson, IFT BiCGStab)"]
+    lines = []
+    for k in jitted:
+        (_, steps), grads = results[k]
+        err = rel_error([grads["W"], grads["U"], grads["b"]], ref)
+        steps = np.asarray(steps)
+        lines.append(f"| {rho} | {k} | {steps.mean():.1f} / {steps.max()} | "
+                     f"{med[k] * 1e3:.1f} | {med[k] / base:.2f} | {compile_s[k]:.1f} | "
+                     f"{err:.1e} |")
         print(lines[-1], flush=True)
     return lines
 

@@ -70,8 +70,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_deq import BTOL, MAXITER, TOL, rel_error
-from bench_torch import peak_bytes
+from bench_deq import BTOL, MAXITER, TOL, rel_error, time_methods, torch_methods
 from torch import nn
 
 import implicitdiff as idf
@@ -242,100 +241,11 @@ def f_call_ms(params, x, calls: int = 41) -> float:
     return statistics.median(times) * 1e3
 
 
-# ---- the methods ------------------------------------------------------------------------------
-
-def methods(params, x):
-    """name -> (cell, forward() -> (z, stats-dict))."""
-    from implicitdiff_torch import DEQ, IFT, Phantom
-
-    opts = {"tol": TOL, "maxiter": MAXITER, "m": 5}
-    out = {}
-
-    def idf_method(backward):
-        cell = Cell(params)
-        layer = DEQ(cell, z_shape=(C, S, S), solver="anderson", solver_options=opts,
-                    backward=backward)
-
-        def fwd():
-            z = layer(x)
-            s = layer.stats
-            return z, {"steps_mean": float(s.steps.float().mean()),
-                       "steps_max": int(s.steps.max()),
-                       "rel_res": float(s.relative_residual.max())}
-
-        return cell, fwd
-
-    def tdeq_method(**kw):
-        cell = Cell(params)
-        layer = torchdeq.get_deq(f_solver="anderson", f_max_iter=MAXITER, f_tol=TOL,
-                                 f_stop_mode="rel", **kw)
-
-        def fwd():
-            zs, info = layer(lambda z: cell(z, x), torch.zeros(B, C, S, S),
-                             solver_kwargs={"m": 6})
-            return zs[-1], {"steps_mean": float(info["nstep"].float().mean()),
-                            "steps_max": int(info["nstep"].max()),
-                            "rel_res": float(info["rel_lowest"].max())}
-
-        return cell, fwd
-
-    out["implicitdiff IFT (BiCGStab)"] = idf_method(
-        IFT(idf.BiCGStab(rtol=BTOL, maxiter=MAXITER)))
-    out["implicitdiff IFT (Richardson)"] = idf_method(
-        IFT(idf.Richardson(omega=-1.0, rtol=BTOL, maxiter=MAXITER)))
-    if torchdeq is not None:
-        out["torchdeq IFT (fixed_point_iter)"] = tdeq_method(
-            ift=True, b_solver="fixed_point_iter", b_tol=BTOL, b_stop_mode="rel",
-            b_max_iter=MAXITER)
-    out["implicitdiff Phantom(5)"] = idf_method(Phantom(5))
-    if torchdeq is not None:
-        out["torchdeq phantom (grad=5)"] = tdeq_method(grad=5, tau=1.0)
-    return out
-
+# ---- the table: bench_deq.py's methods and timing, on this cell ------------------------------
 
 def bench(rho: float, params, x, y, ref, repeats: int) -> list[str]:
-    ms = methods(params, x.float())
-
-    def step(cell, fwd):
-        for p in cell.parameters():
-            p.grad = None
-        cell.calls = 0
-        t0 = time.perf_counter()
-        z, st = fwd()
-        t1 = time.perf_counter()
-        calls = cell.calls
-        loss_fn(z, y, params).backward()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, st, calls
-
-    for cell, fwd in ms.values():  # warm-up
-        step(cell, fwd)
-    tf: dict[str, list[float]] = {k: [] for k in ms}
-    tb: dict[str, list[float]] = {k: [] for k in ms}
-    info = {}
-    for _ in range(repeats):
-        for k, (cell, fwd) in ms.items():
-            a, c, st, calls = step(cell, fwd)
-            tf[k].append(a)
-            tb[k].append(c)
-            info[k] = (st, calls)
-    med_f = {k: statistics.median(v) for k, v in tf.items()}
-    med_b = {k: statistics.median(v) for k, v in tb.items()}
-    lines = []
-    for k, (cell, fwd) in ms.items():
-        step(cell, fwd)
-        err = rel_error(cell.grads(), ref)
-        mem = peak_bytes(lambda cell=cell, fwd=fwd: step(cell, fwd)) / 2 ** 20
-        st, calls = info[k]
-        base = "torchdeq IFT (fixed_point_iter)" if "IFT" in k else "torchdeq phantom (grad=5)"
-        tot = med_f[k] + med_b[k]
-        ratio = f"{tot / (med_f[base] + med_b[base]):.2f}" if base in med_f else "n/a"
-        lines.append(
-            f"| {rho} | {k} | {st['steps_mean']:.1f} / {st['steps_max']} | {calls} "
-            f"| {st['rel_res']:.1e} | {med_f[k] * 1e3:.1f} | {med_b[k] * 1e3:.1f} "
-            f"| {tot * 1e3:.1f} | {ratio} | {mem:.2f} | {err:.1e} |")
-        print(lines[-1], flush=True)
-    return lines
+    ms = torch_methods(lambda: Cell(params), x.float(), (C, S, S))
+    return time_methods(rho, ms, lambda z: loss_fn(z, y, params), ref, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
