@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from torch_cells import Cell  # noqa: E402
+
 import implicitdiff as idf  # noqa: E402
 from implicitdiff_torch import (  # noqa: E402
     DEQ,
@@ -29,24 +31,6 @@ from implicitdiff_torch import (  # noqa: E402
 )
 
 F64 = torch.float64
-
-
-class Cell(nn.Module):
-    """f(z, x) = tanh(W z + U x + b) with ‖W‖₂ = rho."""
-
-    def __init__(self, h: int, d: int, rho: float, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.W = nn.Linear(h, h, bias=False)
-        self.U = nn.Linear(d, h)
-        with torch.no_grad():
-            W = torch.randn(h, h, generator=g)
-            self.W.weight.copy_(rho * W / torch.linalg.matrix_norm(W, 2))
-            self.U.weight.copy_(torch.randn(h, d, generator=g) / d ** 0.5)
-            self.U.bias.copy_(0.1 * torch.randn(h, generator=g))
-
-    def forward(self, z, x):
-        return torch.tanh(self.W(z) + self.U(x))
 
 
 def make(h=12, d=5, batch=6, rho=0.5, **kw):

@@ -14,6 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from torch_cells import Cell  # noqa: E402
+
 import implicitdiff as idf  # noqa: E402
 from implicitdiff_torch import DEQ, IFT, JFB, Phantom  # noqa: E402
 
@@ -32,24 +34,6 @@ MODES = {
     "phantom": lambda: Phantom(5),
     "jfb": JFB,
 }
-
-
-class Cell(nn.Module):
-    """f(z, x) = tanh(W z + U x + b) with ‖W‖₂ = rho."""
-
-    def __init__(self, h: int, d: int, rho: float):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.W = nn.Linear(h, h, bias=False)
-        self.U = nn.Linear(d, h)
-        with torch.no_grad():
-            W = torch.randn(h, h, generator=g)
-            self.W.weight.copy_(rho * W / torch.linalg.matrix_norm(W, 2))
-            self.U.weight.copy_(torch.randn(h, d, generator=g) / d ** 0.5)
-            self.U.bias.copy_(0.1 * torch.randn(h, generator=g))
-
-    def forward(self, z, x):
-        return torch.tanh(self.W(z) + self.U(x))
 
 
 class Model(nn.Module):
