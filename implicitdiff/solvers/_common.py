@@ -183,31 +183,20 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         everyone = bk.known_all(accept)
         at_k = idx == s["k"]
         if everyone:  # then nothing had converged or failed, and nothing fails now
-            conv = done(rn_new, scale_new)
-            return dict(
-                k=s["k"] + 1, z=z_new, r=r_new, rn=rn_new, scale=scale_new,
-                steps=s["steps"] + 1, conv=conv, failed=s["failed"], active=~conv,
-                trace=xp.where(at_k, rn_new, s["trace"]),
-                strace=xp.where(at_k, scale_new, s["strace"]),
-                m=update(s["m"], accept, everyone),
-            )
-
-        def pick(new: Any, old: Any) -> Any:
-            return xp.where(accept, new, old)
-
-        at_k = at_k & accept
-        conv = s["conv"] | (accept & done(rn_new, scale_new))
-        failed = s["failed"] | (active & ~ok)
+            z, r, rn, scale = z_new, r_new, rn_new, scale_new
+            steps, conv, failed = s["steps"] + 1, done(rn_new, scale_new), s["failed"]
+            active = ~conv
+        else:
+            z, r, rn, scale = (xp.where(accept, new, old) for new, old in (
+                (z_new, s["z"]), (r_new, s["r"]), (rn_new, s["rn"]), (scale_new, s["scale"])))
+            steps = s["steps"] + xp.astype(accept, xp.int32)
+            conv = s["conv"] | (accept & done(rn_new, scale_new))
+            failed = s["failed"] | (active & ~ok)
+            active = ~conv & ~failed
+            at_k = at_k & accept
         return dict(
-            k=s["k"] + 1,
-            z=pick(z_new, s["z"]),
-            r=pick(r_new, s["r"]),
-            rn=pick(rn_new, s["rn"]),
-            scale=pick(scale_new, s["scale"]),
-            steps=s["steps"] + xp.astype(accept, xp.int32),
-            conv=conv,
-            failed=failed,
-            active=~conv & ~failed,
+            k=s["k"] + 1, z=z, r=r, rn=rn, scale=scale, steps=steps, conv=conv, failed=failed,
+            active=active,
             trace=xp.where(at_k, rn_new, s["trace"]),
             strace=xp.where(at_k, scale_new, s["strace"]),
             m=update(s["m"], accept, everyone),
