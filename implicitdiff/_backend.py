@@ -191,12 +191,17 @@ class Backend(abc.ABC):
 
     def linear_solve(self, solver: Any, matvec: Callable, b: Any, *, rmatvec: Callable | None,
                      tags: frozenset, check: Callable[[Any, Any], Any],
-                     check_transpose: Callable[[Any, Any], Any]) -> Any:
+                     check_transpose: Callable[[Any, Any], Any],
+                     linearization: Linearization | None = None,
+                     transpose: bool = False) -> Any:
         """Solve $A x = b$ with `solver` and return `check(x, info)`.
 
         `check` records the diagnostics and applies `on_failure`; `check_transpose` does the same
         for a solve with $A^\\top$, for backends (JAX) that register the transpose solve so
-        reverse mode can run it later.
+        reverse mode can run it later. `linearization` is the `Linearization` whose products
+        `matvec` and `rmatvec` are, and `transpose` says whether `matvec` is the product with
+        $A^\\top$ (a VJP) rather than $A$ (a JVP): backends whose autodiff differentiates the
+        solve itself (PyTorch) rebuild the products from it at other points.
         """
         return check(*solver.solve(matvec, b, rmatvec=rmatvec, tags=tags, backend=self))
 

@@ -103,7 +103,8 @@ def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: 
 
     other = "vjp" if mode == "jvp" else "jvp"
     return bk.linear_solve(solver, matvec, rhs, rmatvec=rmatvec, tags=tags,
-                           check=checker(mode), check_transpose=checker(other))
+                           check=checker(mode), check_transpose=checker(other),
+                           linearization=lin, transpose=mode == "vjp")
 
 
 def _check_options(solve: Any, on_failure: str) -> None:

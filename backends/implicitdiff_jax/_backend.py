@@ -191,7 +191,8 @@ class JaxBackend(Backend):
     def linearize(self, F, x, args, *, derivatives=None, tags=frozenset()):
         return JaxLinearization(F, x, tuple(args))
 
-    def linear_solve(self, solver, matvec, b, *, rmatvec, tags, check, check_transpose):
+    def linear_solve(self, solver, matvec, b, *, rmatvec, tags, check, check_transpose,
+                     linearization=None, transpose=False):
         # The tangent solve is a custom_linear_solve: reverse mode transposes it into a solve
         # with A^T (transpose_solve), higher order differentiates it again.
         def solve(mv: Callable, r: Any) -> Any:
