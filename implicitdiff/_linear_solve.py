@@ -165,7 +165,7 @@ def _per_element(bk: Any, xp: Any, factor_solve: Callable[[Any, Any], Any], M: A
             return xp.zeros_like(b) * float("nan")
     n = b.shape[-1]
     Mf, bf = xp.reshape(M, (-1, n, n)), xp.reshape(b, (-1, n))
-    return xp.reshape(xp.stack([_per_element(bk, xp, factor_solve, Mf[i], bf[i])
+    return xp.reshape(xp.stack([_per_element(bk, xp, factor_solve, Mf[i, ...], bf[i, ...])
                                 for i in range(bf.shape[0])]), b.shape)
 
 
@@ -507,11 +507,11 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
 
     def cycle(r: Any, rn: Any, active: Any) -> tuple[Any, Any, Any]:
         zeros_v = xp.zeros((m + 1, *b.shape), dtype=b.dtype, device=_dev(b))
-        V = xp.where(idx == 0, _div(xp, r, rn, rn > 0)[None], zeros_v)
+        V = xp.where(idx == 0, _div(xp, r, rn, rn > 0)[None, ...], zeros_v)
         H = xp.zeros((m + 1, m, *scal), dtype=b.dtype, device=_dev(b))
         cs = xp.ones((m, *scal), dtype=b.dtype, device=_dev(b))
         sn = xp.zeros((m, *scal), dtype=b.dtype, device=_dev(b))
-        g = xp.where(idx == 0, rn[None], xp.zeros((m + 1, *scal), dtype=b.dtype,
+        g = xp.where(idx == 0, rn[None, ...], xp.zeros((m + 1, *scal), dtype=b.dtype,
                                                   device=_dev(b)))
         steps = xp.zeros_like(rn, dtype=xp.int32)
         res = rn
@@ -526,14 +526,15 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
             live = act & (res > tol)
             w = A(M(pick(V, idx, j)))
             below = idx <= j
-            h = xp.where(below, xp.sum(V * w[None], axis=-1, keepdims=True), 0.0 * res[None])
+            zero_h = 0.0 * res[None, ...]
+            h = xp.where(below, xp.sum(V * w[None, ...], axis=-1, keepdims=True), zero_h)
             w = w - xp.sum(h * V, axis=0)
-            h2 = xp.where(below, xp.sum(V * w[None], axis=-1, keepdims=True), 0.0 * res[None])
+            h2 = xp.where(below, xp.sum(V * w[None, ...], axis=-1, keepdims=True), zero_h)
             w = w - xp.sum(h2 * V, axis=0)
             h = h + h2
             hn = _norm(xp, w)
-            V = xp.where((idx == j + 1) & live, _div(xp, w, hn, hn > 0)[None], V)
-            col = xp.where(idx == j + 1, hn[None], h)
+            V = xp.where((idx == j + 1) & live, _div(xp, w, hn, hn > 0)[None, ...], V)
+            col = xp.where(idx == j + 1, hn[None, ...], h)
 
             def rot_cond(t):
                 return t[0] < j
@@ -542,8 +543,8 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
                 i, col = t
                 a, c = pick(col, idx, i), pick(col, idx, i + 1)
                 ci, si = pick(cs, cidx, i), pick(sn, cidx, i)
-                col = xp.where(idx == i, (ci * a + si * c)[None], col)
-                col = xp.where(idx == i + 1, (-si * a + ci * c)[None], col)
+                col = xp.where(idx == i, (ci * a + si * c)[None, ...], col)
+                col = xp.where(idx == i + 1, (-si * a + ci * c)[None, ...], col)
                 return i + 1, col
 
             _, col = bk.while_loop(rot_cond, rot_body, (xp.asarray(0, dtype=xp.int32), col))
@@ -552,14 +553,14 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
             nz = gamma > 0
             cj = xp.where(nz, _div(xp, a, gamma, nz), xp.ones_like(gamma))
             sj = _div(xp, c, gamma, nz)
-            col = xp.where(idx == j, gamma[None], xp.where(idx == j + 1, 0.0 * col, col))
+            col = xp.where(idx == j, gamma[None, ...], xp.where(idx == j + 1, 0.0 * col, col))
             # elements that already converged keep their state (as if they had stopped)
-            H = xp.where((hcol == j) & live, col[:, None], H)
-            cs = xp.where((cidx == j) & live, cj[None], cs)
-            sn = xp.where((cidx == j) & live, sj[None], sn)
+            H = xp.where((hcol == j) & live, col[:, None, ...], H)
+            cs = xp.where((cidx == j) & live, cj[None, ...], cs)
+            sn = xp.where((cidx == j) & live, sj[None, ...], sn)
             gj = pick(g, idx, j)
-            g_new = xp.where(idx == j, (cj * gj)[None],
-                             xp.where(idx == j + 1, (-sj * gj)[None], g))
+            g_new = xp.where(idx == j, (cj * gj)[None, ...],
+                             xp.where(idx == j + 1, (-sj * gj)[None, ...], g))
             g = xp.where(live, g_new, g)
             res_new = xp.abs(pick(g, idx, j + 1))
             res = xp.where(live, res_new, res)
@@ -576,14 +577,14 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
 
         def back_body(t):
             k, y = t
-            row = pick(H, idx[:, None], k)  # (m, ...) row k of R
+            row = pick(H, idx[:, None, ...], k)  # (m, ...) row k of R
             rkk = pick(row, cidx, k)
             acc = pick(g, idx, k) - xp.sum(xp.where(cidx > k, row * y, 0.0 * y), axis=0)
             yk = _div(xp, acc, rkk, (xp.abs(rkk) > 0) & (k < used))
-            return k - 1, xp.where(cidx == k, yk[None], y)
+            return k - 1, xp.where(cidx == k, yk[None, ...], y)
 
         _, y = bk.while_loop(back_cond, back_body, (xp.asarray(m - 1, dtype=xp.int32), y))
-        dx = xp.sum(y * V[:m], axis=0)
+        dx = xp.sum(y * V[:m, ...], axis=0)
         return dx, steps, used
 
     return cycle
