@@ -21,27 +21,53 @@ ON_FAILURE = ("raise", "warn", "nan")
 
 # ---- raveling a pytree into one vector ---------------------------------------------------------
 
-def ravel(bk: Backend, tree: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """Concatenate the leaves of `tree` into one vector; return it and the inverse map."""
-    leaves, treedef = bk.tree_flatten(tree)
-    if not leaves:
-        raise StructureError("expected x with at least one array leaf, got an empty pytree.")
-    xp = bk.namespace(*leaves)
-    shapes = [tuple(leaf.shape) for leaf in leaves]
-    sizes = [_size(s) for s in shapes]
-    dtypes = [leaf.dtype for leaf in leaves]
-    flat = xp.concat([xp.reshape(leaf, (-1,)) for leaf in leaves]) if len(leaves) > 1 else \
-        xp.reshape(leaves[0], (-1,))
+class Raveler:
+    """Vectors for the linear solvers from pytrees shaped like a reference `x`, and back.
 
-    def unravel(v: Any) -> Any:
+    With `batch_dims = k`, the first `k` dimensions of every leaf of `x` index independent
+    problems: a tree ravels to `(*batch, n)`, `n` the size of one problem, so the solvers stop
+    each element on its own. Leaves may carry extra leading dimensions in front of those of `x`
+    (several vectors at once, `(m, *batch, n)`); they are kept. Leaves of mixed dtypes ravel to
+    their promoted dtype and come back in their own.
+    """
+
+    def __init__(self, bk: Backend, x: Any, batch_dims: int = 0):
+        leaves, self.treedef = bk.tree_flatten(x)
+        if not leaves:
+            raise StructureError("expected x with at least one array leaf, got an empty pytree.")
+        self.bk, self.k = bk, batch_dims
+        self.xp = xp = bk.namespace(*leaves)
+        self.shapes = [tuple(leaf.shape) for leaf in leaves]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.sizes = [_size(s[batch_dims:]) for s in self.shapes]
+        self.dtype = xp.result_type(*self.dtypes) if len(leaves) > 1 else self.dtypes[0]
+        self.n = sum(self.sizes)
+
+    def ravel(self, tree: Any) -> Any:
+        """The leaves of `tree` (structured like `x`) concatenated along a last axis."""
+        xp, k = self.xp, self.k
+        parts = []
+        for leaf, shape, size in zip(self.bk.tree_flatten(tree)[0], self.shapes, self.sizes):
+            lead = tuple(leaf.shape[:leaf.ndim - len(shape) + k])
+            part = xp.reshape(leaf, (*lead, size))
+            parts.append(part if part.dtype == self.dtype else xp.astype(part, self.dtype))
+        return xp.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+    def unravel(self, v: Any) -> Any:
+        """The inverse of `ravel`: a pytree structured like `x`."""
+        xp, k = self.xp, self.k
         out, start = [], 0
-        for shape, size, dtype in zip(shapes, sizes, dtypes):
-            piece = xp.reshape(v[start:start + size], shape)
+        for shape, size, dtype in zip(self.shapes, self.sizes, self.dtypes):
+            piece = xp.reshape(v[..., start:start + size], (*v.shape[:-1], *shape[k:]))
             out.append(piece if piece.dtype == dtype else xp.astype(piece, dtype))
             start += size
-        return bk.tree_unflatten(treedef, out)
+        return self.bk.tree_unflatten(self.treedef, out)
 
-    return flat, unravel
+
+def ravel(bk: Backend, tree: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """Concatenate the leaves of `tree` into one vector; return it and the inverse map."""
+    r = Raveler(bk, tree)
+    return r.ravel(tree), r.unravel
 
 
 def _size(shape: tuple) -> int:
@@ -162,7 +188,7 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
                  *, solve: AbstractLinearSolver = Auto(), tags: Any = None,
                  derivatives: Any = None, on_failure: str = "raise",
                  backend: Backend | None = None, name: str | None = None,
-                 linearization: Any = None) -> Any:
+                 linearization: Any = None, batch_dims: int = 0) -> Any:
     """Forward-mode implicit derivative: $\\dot x = -A^{-1} (B \\dot\\theta)$.
 
     **Arguments:**
@@ -177,6 +203,8 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     - `on_failure`: "raise", "warn" or "nan" when the linear solve fails.
     - `backend`, `name`, `linearization`: the backend (default: found from the arrays), a name
       for messages, and a `Linearization` to reuse across calls at the same point.
+    - `batch_dims`: the first `batch_dims` dimensions of every leaf of `x_star` index independent
+      problems ($A$ block diagonal): one linear solve per element, each stopping on its own.
 
     **Returns:** $\\dot x$, shaped like `x_star`.
     """
@@ -187,24 +215,25 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     tangents = _check_tangents(bk, args, tuple(tangents))
     name = name or str(getattr(F, "__name__", "F"))
     lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
-    rhs, unravel = ravel(bk, lin.B(tangents))
-    solver = resolve_solver(solve, rhs.shape[-1], tags)
+    r = Raveler(bk, x_star, batch_dims)
+    rhs = r.ravel(lin.B(tangents))
+    solver = resolve_solver(solve, r.n, tags)
 
     def matvec(v: Any) -> Any:
-        return ravel(bk, lin.A(unravel(v)))[0]
+        return r.ravel(lin.A(r.unravel(v)))
 
     def rmatvec(u: Any) -> Any:
-        return ravel(bk, lin.AT(unravel(u)))[0]
+        return r.ravel(lin.AT(r.unravel(u)))
 
     sol = _solve_checked(bk, lin, solver, matvec, rmatvec, -rhs, tags, on_failure, name, "jvp")
-    return unravel(sol)
+    return r.unravel(sol)
 
 
 def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotangent: Any, *,
                  solve: AbstractLinearSolver = Auto(), tags: Any = None, derivatives: Any = None,
                  on_failure: str = "raise", argnums: Sequence[int] | None = None,
                  backend: Backend | None = None, name: str | None = None,
-                 linearization: Any = None) -> tuple:
+                 linearization: Any = None, batch_dims: int = 0) -> tuple:
     """Reverse-mode implicit derivative: $\\bar\\theta = -B^\\top u$ with $A^\\top u = \\bar x$.
 
     **Arguments:**
@@ -212,7 +241,7 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     - `F`, `x_star`, `args`, `solve`, `tags`, `derivatives`, `on_failure`: as in `implicit_jvp`.
     - `cotangent`: $\\bar x$, shaped like `x_star`.
     - `argnums`: indices of `args` to differentiate (default all); the others get None.
-    - `backend`, `name`, `linearization`: as in `implicit_jvp`.
+    - `backend`, `name`, `linearization`, `batch_dims`: as in `implicit_jvp`.
 
     **Returns:** a tuple with one cotangent per argument, shaped like it; None for integer and
     boolean leaves and for arguments outside `argnums`.
@@ -231,15 +260,15 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
             f"{[tuple(getattr(c, 'shape', ())) for c in cs]}."
         )
     lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
-    rhs, unravel = ravel(bk, cotangent)
-    solver = resolve_solver(solve, rhs.shape[-1], tags)
+    r = Raveler(bk, x_star, batch_dims)
+    rhs = r.ravel(cotangent)
+    solver = resolve_solver(solve, r.n, tags)
 
     def matvec(u: Any) -> Any:
-        return ravel(bk, lin.AT(unravel(u)))[0]
+        return r.ravel(lin.AT(r.unravel(u)))
 
     def rmatvec(v: Any) -> Any:
-        return ravel(bk, lin.A(unravel(v)))[0]
+        return r.ravel(lin.A(r.unravel(v)))
 
     u = _solve_checked(bk, lin, solver, matvec, rmatvec, rhs, tags, on_failure, name, "vjp")
-    neg_u = unravel(-u)
-    return lin.BT(neg_u, argnums)
+    return lin.BT(r.unravel(-u), argnums)

@@ -10,12 +10,21 @@ from typing import Any, cast
 import torch
 
 from implicitdiff import _tree
-from implicitdiff._backend import Backend, Linearization, nan_where
+from implicitdiff._backend import Backend, nan_where
 from implicitdiff._diagnostics import _emit, collecting
 from implicitdiff._errors import ImplicitDiffError, StructureError
 from implicitdiff._root import ImplicitFunction
+from implicitdiff._tags import symmetric
 
-from ._function import Operator, Problem, func_vjp, leaves_aligned
+from ._function import (
+    LinSolve,
+    MatVec,
+    Operator,
+    SolveSpec,
+    differentiable_context,
+    func_vjp,
+    leaves_aligned,
+)
 from ._function import call as _call
 
 # Batched LU (`torch.linalg.solve`, `lu_factor`, `inv`) in the CPU build of torch 2.13 with MKL
@@ -108,50 +117,8 @@ def _float_leaf(x: Any) -> bool:
     return type(x) is float
 
 
-class TorchLinearization(Linearization):
-    """Products with the Jacobians of `F` at `(x, args)` from `torch.func`.
-
-    $A^\\top u$ and $B^\\top u$ are reverse-mode products (`torch.func.vjp`, one recorded
-    evaluation of `F` each, reused); $A v$ and $B \\dot\\theta$ are the transposes of those, taken
-    by reverse mode again (the "double-vjp" trick), so they also work inside an
-    `autograd.Function.jvp`, where forward-mode AD cannot nest. Tensor leaves of `args` that are
-    not floating, and non-tensor leaves, are constants: their cotangent is None.
-    """
-
-    method = "autodiff"
-
-    def __init__(self, F: Callable[..., Any], x: Any, args: tuple, *,
-                 tags: frozenset = frozenset()):
-        self.F, self.x, self.args, self.tags = F, x, tuple(args), tags
-        self.problem = Problem.of(F, self.args)
-        self.problem.tags = tags
-        self.xs, self.x_def = _tree.tree_flatten(x)
-        self.problem.x_def = self.x_def
-        self.ths = self.problem.tensors(self.args)
-        self._ops: Any = None
-
-    def _get_ops(self) -> Any:
-        if self._ops is None:
-            self._ops = Operator(self.problem, list(self.xs), list(self.ths))
-        return self._ops
-
-    def A(self, v: Any) -> Any:
-        leaves = _tree.tree_flatten(v)[0]
-        return _tree.tree_unflatten(self.x_def, self._get_ops().A(leaves))
-
-    def AT(self, u: Any) -> Any:
-        leaves = _tree.tree_flatten(u)[0]
-        return _tree.tree_unflatten(self.x_def, self._get_ops().AT(leaves))
-
-    def B(self, args_dot: tuple) -> Any:
-        dots = self.problem.tensor_tangents(tuple(args_dot))
-        return _tree.tree_unflatten(self.x_def, self._get_ops().B(dots))
-
-    def BT(self, u: Any, argnums: Sequence[int] | None = None) -> tuple:
-        leaves = _tree.tree_flatten(u)[0]
-        wanted = self.problem.wanted(argnums)
-        grads = self._get_ops().BT(leaves, wanted)
-        return self.problem.args_cotangent(grads, wanted)
+TorchLinearization = Operator
+"""The torch backend's `Linearization` (`TorchBackend.linearize`): products from `torch.func`."""
 
 
 class TorchBackend(Backend):
@@ -229,7 +196,23 @@ class TorchBackend(Backend):
             _emit(make_record(*[_host(d) for d in data]))
 
     def linearize(self, F, x, args, *, derivatives=None, tags=frozenset()):
-        return TorchLinearization(F, x, tuple(args), tags=tags)
+        return Operator.at(self, F, x, tuple(args), tags)
+
+    def linear_solve(self, solver, matvec, b, *, rmatvec, tags, check, check_transpose,
+                     linearization=None, transpose=False):
+        # Where the result must be differentiable (a transform, forward AD, or a graph being
+        # recorded), the solve is the autograd.Function `LinSolve`, whose derivatives are again
+        # solves at the linearization's point; otherwise the core's solve runs as it is.
+        lin = linearization
+        if isinstance(lin, Operator) and not lin.fast and _differentiable(b, lin):
+            checks = {transpose: check, not transpose: check_transpose}
+            spec = SolveSpec(lin.p, solver, tags, checks)
+            return LinSolve.apply(spec, transpose, b, *lin.xs, *lin.ths)
+        if isinstance(lin, Operator) and lin.fast:  # products that take several vectors at once
+            sym = symmetric in tags
+            matvec, rmatvec = (MatVec(matvec, True), MatVec(rmatvec, sym)) if transpose else \
+                (MatVec(matvec, sym), MatVec(rmatvec, True))
+        return check(*solver.solve(matvec, b, rmatvec=rmatvec, tags=tags, backend=self))
 
     def call(self, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
         return _call(self, fn, args, options)
@@ -283,6 +266,14 @@ class TorchBackend(Backend):
         has_aux = isinstance(f, ImplicitFunction) and f.has_aux
         g = (lambda *p: f(*p)[0]) if has_aux else f
         return torch.func.jacrev(g, argnums=argnums % len(primals))(*primals)
+
+
+def _differentiable(b: torch.Tensor, lin: Operator) -> bool:
+    """Whether a linear solve's result must carry derivatives."""
+    if differentiable_context(recording=False):
+        return True
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (b, *lin.xs, *lin.ths))
 
 
 def _float_tensor(x: Any) -> bool:

@@ -36,8 +36,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from implicitdiff import _tree
+from implicitdiff._backend import Linearization
 from implicitdiff._errors import StructureError
-from implicitdiff._ift import _solve_checked, resolve_solver
+from implicitdiff._ift import Raveler, implicit_jvp, implicit_vjp
 from implicitdiff._root import ImplicitFunction
 from implicitdiff._tags import symmetric
 
@@ -56,8 +57,9 @@ class Problem:
     """
 
     def __init__(self, F: Callable[..., Any], fn: ImplicitFunction | None, args: tuple,
-                 options: dict | None = None):
+                 options: dict | None = None, *, bk: Any):
         self.F = F
+        self.bk = bk
         self.fn = fn
         self.tags: frozenset = fn.tags if fn is not None else frozenset()
         self.batch_dims: int = int(getattr(fn, "batch_dims", 0) or 0)
@@ -81,10 +83,6 @@ class Problem:
         self.aux_pos: list[int] = []
         self.aux_static: list[Any] = []
         self.check_closure = False
-
-    @classmethod
-    def of(cls, F: Callable[..., Any], args: tuple) -> Problem:
-        return cls(F, None, args)
 
     # -- args and options from flat tensors ---------------------------------------------------
     def tensors(self, args: tuple) -> list[torch.Tensor]:
@@ -112,6 +110,24 @@ class Problem:
         tl = leaves_aligned(tuple(args_dot), self.args_def)
         return [tl[p] if self.float_th[j] and isinstance(tl[p], torch.Tensor) else None
                 for j, p in enumerate(self.arg_pos)]
+
+    def tangents_from(self, dots: Sequence[Any]) -> tuple:
+        """A tuple like `args` of tangents from those of the tensor leaves (None: no tangent);
+        every other leaf gets the constant tangent 0.0."""
+        leaves: list[Any] = [0.0] * len(self.arg_static)
+        for j, (p, d) in enumerate(zip(self.arg_pos, dots)):
+            if d is not None and self.float_th[j]:
+                leaves[p] = d
+        return tuple(_tree.tree_unflatten(self.args_def, leaves))
+
+    def tensor_cotangents(self, grads: tuple) -> list[Any]:
+        """The cotangents of the tensor leaves from a tuple like `args` (None: no gradient)."""
+        aligned = leaves_aligned(tuple(grads), self.args_def)
+        return [aligned[p] for p in self.arg_pos]
+
+    def x_from(self, xs: Sequence[Any]) -> Any:
+        """The pytree x from its flat leaves."""
+        return _tree.tree_unflatten(self.x_def, list(xs))
 
     def wanted(self, argnums: Sequence[int] | None) -> list[int]:
         keep = range(self.n_args) if argnums is None else set(argnums)
@@ -200,57 +216,93 @@ def jvp_by_vjp(f: Callable[..., tuple], primals: Sequence[torch.Tensor],
     return list(vjp2(tans))
 
 
-class Operator:
-    """Products with $A = \\partial_x F$, $A^\\top$, $B = \\partial_\\theta F$, $B^\\top$ at
-    `(xs, ths)`, on lists of leaves, and the raveling of x-shaped leaves into vectors of shape
-    `(*batch, n)` (`batch` the first `problem.batch_dims` dimensions)."""
+class Operator(Linearization):
+    """The `Linearization` of the torch backend: products with $A = \\partial_x F$, $A^\\top$,
+    $B = \\partial_\\theta F$, $B^\\top$ at `(xs, ths)`, the flat tensor leaves of $x^*$ and of
+    the tensor leaves of $\\theta$.
+
+    The `Linearization` methods take and return pytrees (shaped like `x`, or a tuple like
+    `args`); the `*_leaves` methods do the same on lists of leaves, which is what the
+    differentiable linear solve (`LinSolve`) rebuilds at other points. Products are reverse-mode
+    (`torch.func.vjp`); $A v$ and $B \\dot\\theta$ are their transposes, taken by reverse mode
+    again (the "double vjp"), so they work inside `autograd.Function.jvp` too.
+
+    `wanted`: the tensor leaves of $\\theta$ whose cotangent $B^\\top u$ may be asked for
+    (default: every floating one).
+    """
 
     method = "autodiff"
+    fast = False  # products batch over several vectors at once (see `MatVec`)
 
-    def __init__(self, problem: Problem, xs: Sequence[torch.Tensor], ths: Sequence[Any]):
+    def __init__(self, problem: Problem, xs: Sequence[torch.Tensor], ths: Sequence[Any],
+                 wanted: Sequence[int] | None = None):
         self.p = problem
         self.xs = list(xs)
         self.ths = list(ths)
-        self.k = problem.batch_dims
+        self.wanted = [j for j in (range(len(self.ths)) if wanted is None else wanted)
+                       if problem.float_th[j]]
         self._vx: Any = None
         self._ax: Any = None
-        dt = self.xs[0].dtype
-        for x in self.xs[1:]:
-            dt = torch.promote_types(dt, x.dtype)
-        self.flat_dtype = dt
+        self._raveler: Raveler | None = None
 
-    # -- raveling ------------------------------------------------------------------------------
+    @classmethod
+    def at(cls, bk: Any, F: Callable[..., Any], x: Any, args: tuple,
+           tags: frozenset = frozenset()) -> Operator:
+        """The linearization of `F` at `(x, args)` (what `TorchBackend.linearize` returns)."""
+        problem = Problem(F, None, tuple(args), bk=bk)
+        problem.tags = tags
+        xs, problem.x_def = _tree.tree_flatten(x)
+        problem.n_x = len(xs)
+        return cls(problem, xs, problem.tensors(tuple(args)))
+
+    # -- raveling: the core's, batch-aware ---------------------------------------------------
+    @property
+    def raveler(self) -> Raveler:
+        """Flat leaves of x (possibly with extra leading dimensions) to `(..., *batch, n)`."""
+        if self._raveler is None:
+            self._raveler = Raveler(self.p.bk, self.xs, self.p.batch_dims)
+        return self._raveler
+
     def ravel(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
-        """x-shaped leaves (possibly with extra leading dimensions) to `(..., *batch, n)`."""
-        k = self.k
-        parts = [leaf.reshape(*leaf.shape[:leaf.ndim - x.ndim + k], -1).to(self.flat_dtype)
-                 for leaf, x in zip(leaves, self.xs)]
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        """x-shaped leaves to a vector `(..., *batch, n)`."""
+        return self.raveler.ravel(list(leaves))
 
     def unravel(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The inverse of `ravel`."""
-        out, start, k = [], 0, self.k
-        for x in self.xs:
-            size = math.prod(x.shape[k:])
-            piece = flat[..., start:start + size].reshape((*flat.shape[:-1], *x.shape[k:]))
-            out.append(piece.to(x.dtype))
-            start += size
-        return out
+        return self.raveler.unravel(flat)
 
-    # -- products on leaves ------------------------------------------------------------------
+    # -- the Linearization, on pytrees ---------------------------------------------------------
+    def A(self, v: Any) -> Any:
+        return _tree.tree_unflatten(self.p.x_def, self.A_leaves(_tree.tree_flatten(v)[0]))
+
+    def AT(self, u: Any) -> Any:
+        return _tree.tree_unflatten(self.p.x_def, self.AT_leaves(_tree.tree_flatten(u)[0]))
+
+    def B(self, args_dot: tuple) -> Any:
+        dots = self.p.tensor_tangents(tuple(args_dot))
+        return _tree.tree_unflatten(self.p.x_def, self.B_leaves(dots))
+
+    def BT(self, u: Any, argnums: Sequence[int] | None = None) -> tuple:
+        wanted = [j for j in self.p.wanted(argnums) if j in self.wanted]
+        grads = self.BT_leaves(_tree.tree_flatten(u)[0], wanted)
+        return self.p.args_cotangent(grads, wanted)
+
+    # -- products on lists of leaves -----------------------------------------------------------
     def _vjp_x(self) -> Any:
         if self._vx is None:
             ths = self.ths
             self._vx = func_vjp(lambda *x: self.p.F_flat(x, ths), *self.xs)
         return self._vx
 
-    def AT(self, u: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def AT_leaves(self, u: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """$A^\\top u$ on x-shaped leaves."""
         r, f = self._vjp_x()
         return list(f(tuple(ui.to(ri.dtype) for ui, ri in zip(u, r))))
 
-    def A(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def A_leaves(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """$A v$ on x-shaped leaves."""
         if symmetric in self.p.tags:
-            return self.AT(v)
+            return self.AT_leaves(v)
         if self._ax is None:
             r, f = self._vjp_x()
             zeros = tuple(_zeros_like(t) for t in r)
@@ -258,12 +310,10 @@ class Operator:
         return list(self._ax(tuple(vi.to(xi.dtype) for vi, xi in zip(v, self.xs))))
 
     def _with(self, idx: Sequence[int], sub: Sequence[Any]) -> list[Any]:
-        full = list(self.ths)
-        for i, s in zip(idx, sub):
-            full[i] = s
-        return full
+        return _with(self.ths, idx, sub)
 
-    def B(self, dots: Sequence[Any]) -> list[torch.Tensor]:
+    def B_leaves(self, dots: Sequence[Any]) -> list[torch.Tensor]:
+        """$B \\dot\\theta$, `dots` aligned with the tensor leaves of args (None: no tangent)."""
         idx = [i for i, d in enumerate(dots) if d is not None and self.p.float_th[i]]
         if not idx:
             return [_zeros_like(x) for x in self.xs]
@@ -271,35 +321,31 @@ class Operator:
         return jvp_by_vjp(lambda *sub: self.p.F_flat(xs, self._with(idx, sub)),
                           [self.ths[i] for i in idx], [dots[i] for i in idx])
 
-    def BT(self, u: Sequence[torch.Tensor], wanted: Sequence[int]) -> list[Any]:
+    def BT_leaves(self, u: Sequence[torch.Tensor], wanted: Sequence[int]) -> list[Any]:
+        """$B^\\top u$ for the tensor leaves `wanted` of args (None elsewhere)."""
         idx = [i for i in wanted if self.p.float_th[i]]
         out: list[Any] = [None] * len(self.ths)
         if not idx:
             return out
         xs = self.xs
         r, f = func_vjp(lambda *sub: self.p.F_flat(xs, self._with(idx, sub)),
-                              *[self.ths[i] for i in idx])
+                        *[self.ths[i] for i in idx])
         for i, g in zip(idx, f(tuple(ui.to(ri.dtype) for ui, ri in zip(u, r)))):
             out[i] = g
         return out
-
-    # -- on raveled vectors, for the linear solvers -------------------------------------------
-    def A_flat(self, v: torch.Tensor) -> torch.Tensor:
-        return self.ravel(self.A(self.unravel(v)))
-
-    def AT_flat(self, u: torch.Tensor) -> torch.Tensor:
-        return self.ravel(self.AT(self.unravel(u)))
 
 
 class FastOperator(Operator):
     """`Operator` for a first-order backward pass outside any transform: one recorded evaluation
     of `F` at detached `(xs, ths)` serves every product, through `torch.autograd.grad` (which
-    runs only the branches leading to the inputs it is asked for). Not differentiable again."""
+    runs only the branches leading to the inputs it is asked for). Not differentiable again;
+    $A^\\top$ (and $A$ when symmetric) takes several vectors at once (`MatVec`)."""
+
+    fast = True
 
     def __init__(self, problem: Problem, xs: Sequence[torch.Tensor], ths: Sequence[Any],
                  wanted: Sequence[int]):
-        super().__init__(problem, xs, ths)
-        self.wanted = [i for i in wanted if problem.float_th[i]]
+        super().__init__(problem, xs, ths, wanted)
         with torch.enable_grad():
             self.xd = [x.detach().requires_grad_() for x in self.xs]
             self.thd = [t.detach().requires_grad_() if i in self.wanted else t
@@ -318,14 +364,14 @@ class FastOperator(Operator):
         lead = u[0].shape[:1] if batched else ()
         return [i.new_zeros(*lead, *i.shape) if g is None else g for i, g in zip(inputs, gs)]
 
-    def AT(self, u: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def AT_leaves(self, u: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self._grad(self.xd, u)
 
-    def A(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def A_leaves(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if symmetric in self.p.tags:
-            return self.AT(v)
+            return self.AT_leaves(v)
         if v[0].ndim > self.xs[0].ndim:  # several vectors: one at a time
-            return [torch.stack(c) for c in zip(*(self.A([vi[j] for vi in v])
+            return [torch.stack(c) for c in zip(*(self.A_leaves([vi[j] for vi in v])
                                                   for j in range(v[0].shape[0])))]
         with torch.enable_grad():
             if self._c is None:
@@ -339,19 +385,13 @@ class FastOperator(Operator):
                                       retain_graph=True, allow_unused=True)
         return [torch.zeros_like(ci) if o is None else o for ci, o in zip(c, out)]
 
-    def BT(self, u: Sequence[torch.Tensor], wanted: Sequence[int]) -> list[Any]:
+    def BT_leaves(self, u: Sequence[torch.Tensor], wanted: Sequence[int]) -> list[Any]:
         out: list[Any] = [None] * len(self.ths)
         idx = [i for i in wanted if i in self.wanted]
         if idx:
             for i, g in zip(idx, self._grad([self.thd[i] for i in idx], u)):
                 out[i] = g
         return out
-
-
-def _backend() -> Any:
-    from ._backend import backend
-
-    return backend
 
 
 class MatVec:
@@ -375,17 +415,35 @@ class MatVec:
         return torch.movedim(self.f(basis), 0, -1)
 
 
-def _solve(problem: Problem, ops: Operator, transpose: bool, rhs: torch.Tensor) -> torch.Tensor:
-    """$M^{-1}$ rhs with the core's linear solver, failure handling and diagnostics."""
-    fn = problem.fn
-    assert fn is not None
-    solver = resolve_solver(fn.solve, rhs.shape[-1], fn.tags)
-    fast = isinstance(ops, FastOperator)
-    AT = MatVec(ops.AT_flat, fast)
-    A = MatVec(ops.A_flat, fast and symmetric in fn.tags)
-    matvec, rmatvec = (AT, A) if transpose else (A, AT)
-    return _solve_checked(_backend(), ops, solver, matvec, rmatvec, rhs, fn.tags,
-                          fn.on_failure, fn.name, "vjp" if transpose else "jvp")
+class SolveSpec:
+    """What `LinSolve` needs to solve with $A$ or $A^\\top$ at any point: the problem (to rebuild
+    the products there), the core's resolved linear solver, and the core's checks (diagnostics
+    and `on_failure`) for each orientation, `checks[transpose]`."""
+
+    def __init__(self, problem: Problem, solver: Any, tags: frozenset,
+                 checks: dict[bool, Callable[[Any, Any], Any]]):
+        self.problem, self.solver, self.tags, self.checks = problem, solver, tags, checks
+
+    def vmapped(self) -> SolveSpec:
+        """The same over a new leading batch dimension (see `Problem.vmapped`)."""
+        return SolveSpec(self.problem.vmapped(), self.solver, self.tags, self.checks)
+
+    def solve(self, transpose: bool, rhs: torch.Tensor, params: Sequence[torch.Tensor]
+              ) -> torch.Tensor:
+        """$M^{-1}$ rhs at `params = (*xs, *ths)`, $M = A^\\top$ if `transpose` else $A$."""
+        nx = self.problem.n_x
+        ops = Operator(self.problem, params[:nx], params[nx:])
+
+        def A(v: torch.Tensor) -> torch.Tensor:
+            return ops.ravel(ops.A_leaves(ops.unravel(v)))
+
+        def AT(u: torch.Tensor) -> torch.Tensor:
+            return ops.ravel(ops.AT_leaves(ops.unravel(u)))
+
+        matvec, rmatvec = (AT, A) if transpose else (A, AT)
+        sol, info = self.solver.solve(matvec, rhs, rmatvec=rmatvec, tags=self.tags,
+                                      backend=self.problem.bk)
+        return self.checks[transpose](sol, info)
 
 
 def _refuse_forward_over_forward(problem: Problem) -> None:
@@ -426,28 +484,29 @@ def _loop_vmap(apply: Callable[..., Any], info: Any, in_dims: Sequence[Any],
 
 class LinSolve(torch.autograd.Function):
     """$y = M(p)^{-1} r$, $M = \\partial_x F(x^*, \\theta)$ (`transpose=False`) or its transpose,
-    $p$ = `(*xs, *ths)`. Differentiable in $r$ and $p$ to any order."""
+    $p$ = `(*xs, *ths)`. Differentiable in $r$ and $p$ to any order. This is what
+    `TorchBackend.linear_solve` wraps around the core's solve when the result must be
+    differentiable, as JAX's backend wraps `lax.custom_linear_solve`."""
 
     @staticmethod
-    def forward(problem: Problem, transpose: bool, rhs: torch.Tensor,
+    def forward(spec: SolveSpec, transpose: bool, rhs: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
-        nx = problem.n_x
-        ops = Operator(problem, params[:nx], params[nx:])
-        return _solve(problem, ops, transpose, rhs)
+        return spec.solve(transpose, rhs, params)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        problem, transpose, _rhs, *params = inputs
-        ctx.problem, ctx.transpose = problem, transpose
+        spec, transpose, _rhs, *params = inputs
+        ctx.spec, ctx.transpose = spec, transpose
         ctx.save_for_backward(output, *params)
         ctx.save_for_forward(output, *params)
 
     @staticmethod
     def backward(ctx: Any, ybar: torch.Tensor) -> tuple:
-        problem, transpose = ctx.problem, ctx.transpose
+        spec, transpose = ctx.spec, ctx.transpose
+        problem = spec.problem
         y, *params = ctx.saved_tensors
         nx = problem.n_x
-        w = LinSolve.apply(problem, not transpose, ybar, *params)
+        w = LinSolve.apply(spec, not transpose, ybar, *params)
         needs = ctx.needs_input_grad[3:]
         idx = [j for j in range(len(params)) if needs[j] and
                (j < nx or problem.float_th[j - nx])]
@@ -461,7 +520,8 @@ class LinSolve(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, _p: Any, _t: Any, rhs_dot: torch.Tensor | None, *param_dots: Any
             ) -> torch.Tensor:
-        problem, transpose = ctx.problem, ctx.transpose
+        spec, transpose = ctx.spec, ctx.transpose
+        problem = spec.problem
         _refuse_forward_over_forward(problem)
         y, *params = ctx.saved_tensors
         nx = problem.n_x
@@ -473,14 +533,14 @@ class LinSolve(torch.autograd.Function):
                 q = _with(params, idx, sub)
                 ops = Operator(problem, q[:nx], q[nx:])
                 yy = ops.unravel(y)
-                return (ops.ravel(ops.AT(yy) if transpose else ops.A(yy)),)
+                return (ops.ravel(ops.AT_leaves(yy) if transpose else ops.A_leaves(yy)),)
 
             (dMy,) = jvp_by_vjp(My, [params[j] for j in idx], [param_dots[j] for j in idx])
             rhs = rhs - dMy
-        return LinSolve.apply(problem, transpose, rhs, *params)
+        return LinSolve.apply(spec, transpose, rhs, *params)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, problem: Problem, transpose: bool,
+    def vmap(info: Any, in_dims: tuple, spec: SolveSpec, transpose: bool,
              *rest: torch.Tensor) -> tuple[Any, Any]:
         # One batched solve instead of one per element: the vmapped dimension goes first (an
         # unbatched input is expanded, a view), F is vmapped over it, and the core's solvers
@@ -491,7 +551,7 @@ class LinSolve(torch.autograd.Function):
             return t.movedim(d, 0)
 
         moved = [front(t, d) for t, d in zip(rest, in_dims[2:])]
-        return LinSolve.apply(problem.vmapped(), transpose, *moved), 0
+        return LinSolve.apply(spec.vmapped(), transpose, *moved), 0
 
 
 def _with(params: Sequence[Any], idx: Sequence[int], sub: Sequence[Any]) -> list[Any]:
@@ -509,7 +569,7 @@ def _d_AT(problem: Problem, params: Sequence[torch.Tensor], idx: Sequence[int],
     def h(*sub: torch.Tensor) -> tuple:
         q = _with(params, idx, sub)
         ops = Operator(problem, q[:nx], q[nx:])
-        return (ops.ravel(ops.AT(ops.unravel(a))),)
+        return (ops.ravel(ops.AT_leaves(ops.unravel(a))),)
 
     _, f = func_vjp(h, *[params[j] for j in idx])
     return list(f((b,)))
@@ -556,17 +616,18 @@ class ImplicitFn(torch.autograd.Function):
         if not wanted:
             return (None, *([None] * n_th), *none_opts)
         xs, xbar = _drop_failed(problem, xs, grads[:nx])
-        if not (torch.is_grad_enabled() or _transforms_active() or _forward_ad_active()):
+        if not differentiable_context():
             # first order, outside any transform: nothing records this pass
-            fast = FastOperator(problem, xs, ths, wanted)
-            u = _solve(problem, fast, True, fast.ravel(xbar))
-            g = fast.BT(fast.unravel(-u), wanted)
-            return (None, *g, *none_opts)
-        ops = Operator(problem, xs, ths)
-        rhs = ops.ravel(xbar)
-        u = LinSolve.apply(problem, True, rhs, *xs, *ths)
-        g = ops.BT(ops.unravel(-u), wanted)
-        return (None, *g, *none_opts)
+            lin: Operator = FastOperator(problem, xs, ths, wanted)
+        else:
+            lin = Operator(problem, xs, ths, wanted)
+        fn = problem.fn
+        assert fn is not None
+        g = implicit_vjp(fn.F, problem.x_from(xs), problem.args_from(ths),
+                         problem.x_from(xbar), solve=fn.solve, tags=fn.tags,
+                         on_failure=fn.on_failure, backend=problem.bk, name=fn.name,
+                         linearization=lin, batch_dims=problem.batch_dims)
+        return (None, *problem.tensor_cotangents(g), *none_opts)
 
     @staticmethod
     def jvp(ctx: Any, _p: Any, *tangents: Any) -> tuple:
@@ -575,12 +636,15 @@ class ImplicitFn(torch.autograd.Function):
         nx, n_th = problem.n_x, problem.n_th
         saved = ctx.saved_tensors
         xs, ths = saved[:nx], saved[nx:]
-        dots = [t if problem.float_th[j] else None for j, t in enumerate(tangents[:n_th])]
-        ops = Operator(problem, xs, ths)
-        rhs = -ops.ravel(ops.B(dots))
-        xdot = LinSolve.apply(problem, False, rhs, *xs, *ths)
+        fn = problem.fn
+        assert fn is not None
+        xdot = implicit_jvp(fn.F, problem.x_from(xs), problem.args_from(ths),
+                            problem.tangents_from(tangents[:n_th]), solve=fn.solve,
+                            tags=fn.tags, on_failure=fn.on_failure, backend=problem.bk,
+                            name=fn.name, linearization=Operator(problem, xs, ths),
+                            batch_dims=problem.batch_dims)
         n_aux = len(problem.aux_pos)
-        return (*ops.unravel(xdot), *([None] * n_aux))
+        return (*_tree.tree_flatten(xdot)[0], *([None] * n_aux))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem: Problem, *inputs: torch.Tensor
@@ -683,7 +747,7 @@ def run_forward(problem: Problem, args: tuple, options: dict) -> tuple[Any, Any]
 
         F = residual
     with torch.no_grad():
-        x = fn.check(_backend(), x, args, F=F)
+        x = fn.check(problem.bk, x, args, F=F)
     return x, aux
 
 
@@ -697,10 +761,17 @@ def _forward_ad_active() -> bool:
     return getattr(fwAD, "_current_level", -1) >= 0
 
 
+def differentiable_context(recording: bool = True) -> bool:
+    """Whether derivatives of what is computed now may be asked for: a `torch.func` transform
+    or forward AD is active, or (with `recording`) grad mode records a graph."""
+    return (recording and torch.is_grad_enabled()) or _transforms_active() \
+        or _forward_ad_active()
+
+
 def _call(bk: Any, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
     """`fn(*args, **options)` for tensors: untraced when nothing needs a derivative, else through
     `ImplicitFn`. Runs eagerly under `torch.compile` (a graph break)."""
-    problem = Problem(fn.F, fn, args, options)
+    problem = Problem(fn.F, fn, args, options, bk=bk)
     ths = problem.tensors(args)
     transforms = _transforms_active()
     problem.check_closure = torch.is_grad_enabled() and not transforms
