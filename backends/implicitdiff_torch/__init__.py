@@ -13,15 +13,15 @@ from ._backend import TorchBackend as TorchBackend
 from ._backend import TorchLinearization as TorchLinearization
 from ._backend import backend as backend
 from ._deq import DEQ as DEQ
-from ._deq import IFT as IFT
-from ._deq import JFB as JFB
-from ._deq import DEQStats as DEQStats
-from ._deq import Neumann as Neumann
-from ._deq import NeumannSolve as NeumannSolve
-from ._deq import Phantom as Phantom
-from ._deq import VariationalDropout as VariationalDropout
-from ._deq import correction_states as correction_states
-from ._deq import jacobian_penalty as jacobian_penalty
+from ._deq_correction import correction_states as correction_states
+from ._deq_modes import IFT as IFT
+from ._deq_modes import JFB as JFB
+from ._deq_modes import Neumann as Neumann
+from ._deq_modes import NeumannSolve as NeumannSolve
+from ._deq_modes import Phantom as Phantom
+from ._deq_regularizers import VariationalDropout as VariationalDropout
+from ._deq_regularizers import jacobian_penalty as jacobian_penalty
+from ._deq_stats import DEQStats as DEQStats
 
 __all__ = ["TorchBackend", "TorchLinearization", "backend"]
 __all__ += ["DEQ", "IFT", "JFB", "DEQStats", "Neumann", "NeumannSolve", "Phantom",

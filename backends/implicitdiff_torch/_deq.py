@@ -1,33 +1,21 @@
-"""Deep equilibrium layers for PyTorch: `DEQ`, its backward modes, and the DEQ toolkit
-(Jacobian regularization, variational dropout, fixed-point correction states).
+"""Deep equilibrium layers for PyTorch: the `DEQ` module.
 
 A `DEQ` wraps any module `f(z, x)` and returns $z^* = f(z^*, x)$, found by one of
 `implicitdiff.solvers` under `torch.no_grad()` (no tape: memory does not grow with the number of
-solver iterations). Its derivative comes from the backward mode:
+solver iterations). Its derivative comes from the backward mode (`IFT`, `Neumann`, `Phantom`,
+`JFB`; see `_deq_modes.py` and `docs/deq.md`).
 
-- `IFT(solve=...)` (default, **exact**): `idf.custom_fixed_point(..., batch_dims=1)`; the
-  parameters of `f` are passed to it as a positional dict (through
-  `torch.func.functional_call`), so they get their gradients by the implicit function theorem,
-  as does `x`. Differentiable again (`create_graph=True`, `gradgradcheck`), composable with
-  `torch.func`.
-- `Neumann(terms=k)` (approximation): the same implicit rule with the linear solve replaced by
-  $k$ terms of the Neumann series $(I - J)^{-\\top}\\bar z \\approx \\sum_{j<k} (J^\\top)^j \\bar z$
-  (`NeumannSolve`, a core linear solver that runs a fixed number of steps).
-- `Phantom(steps=k, damping=λ)` (approximation, Geng et al. 2021): backpropagation through
-  $k$ damped steps $z \\leftarrow (1-\\lambda) z + \\lambda f(z, x)$ started at the detached $z^*$.
-- `JFB()` (approximation, Fung et al. 2022): backpropagation through one application of $f$ at
-  the detached $z^*$, i.e. $\\partial f/\\partial z \\approx 0$ in the implicit rule.
-
-See `docs/deq.md` for the error of each approximation against the exact gradient.
+The toolkit sits beside it, one concern a module: the backward modes (`_deq_modes.py`), the
+statistics (`_deq_stats.py`), parametrizations of `f` (`_deq_parametrizations.py`), the
+Jacobian penalty and variational dropout (`_deq_regularizers.py`), and the fixed-point
+correction states (`_deq_correction.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +23,25 @@ from torch import nn
 import implicitdiff as idf
 from implicitdiff import solvers as _solvers
 from implicitdiff._errors import NonConvergenceError, StructureError
-from implicitdiff._linear_solve import AbstractLinearSolver, NeumannSolve
+
+# The toolkit lives in its own modules; its names stay importable from here too (a model saved
+# whole with `torch.save` refers to its backward mode as `implicitdiff_torch._deq.IFT`, ...).
+from ._deq_correction import correction_states as correction_states
+from ._deq_modes import IFT as IFT
+from ._deq_modes import JFB as JFB
+from ._deq_modes import Neumann as Neumann
+from ._deq_modes import NeumannSolve as NeumannSolve
+from ._deq_modes import Phantom as Phantom
+from ._deq_modes import _as_mode
+from ._deq_parametrizations import (
+    _frozen_parametrizations,
+    _parametrization_lists,
+    _step_parametrizations,
+)
+from ._deq_regularizers import VariationalDropout as VariationalDropout
+from ._deq_regularizers import _prepare_dropout
+from ._deq_regularizers import jacobian_penalty as jacobian_penalty
+from ._deq_stats import DEQStats as DEQStats
 
 __all__ = [
     "DEQ",
@@ -49,108 +55,6 @@ __all__ = [
     "correction_states",
     "jacobian_penalty",
 ]
-
-
-# ---- an approximate linear solve: k terms of the Neumann series --------------------------------
-
-# ---- backward modes ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class IFT:
-    """Exact implicit gradient: solve $(I - J)^\\top u = \\bar z$ with `solve`.
-
-    `solve`: a core linear solver; default `idf.BiCGStab()` (tolerance $10^{-6}$ relative in
-    float32, $10^{-12}$ in float64). `idf.Richardson(omega=-1.0, maxiter=...)` is the classic
-    DEQ fixed-point backward (least memory; needs a contraction). Exact up to the solve's
-    tolerance; a solve that does not converge raises (per the layer's `on_failure`)."""
-
-    solve: AbstractLinearSolver = field(default_factory=idf.BiCGStab)
-    exact = True
-
-
-@dataclass(frozen=True)
-class Neumann:
-    """Approximate: the implicit rule with $k$ = `terms` terms of the Neumann series
-    (`NeumannSolve`). Relative error about $\\|J\\|^k$; `terms=1` equals `JFB`. Memory flat
-    (no tape), differentiable again."""
-
-    terms: int = 5
-    exact = False
-
-    @property
-    def solve(self) -> NeumannSolve:
-        return NeumannSolve(terms=self.terms)
-
-
-@dataclass(frozen=True)
-class Phantom:
-    """Approximate (Geng et al. 2021, "phantom gradients"): backpropagate through `steps`
-    damped iterations $z \\leftarrow (1-\\lambda) z + \\lambda f(z, x)$ ($\\lambda$ = `damping`)
-    from the detached $z^*$. With `damping=1` this is `Neumann(steps)` with the Jacobians
-    taken along the (nearly constant) trajectory. Memory grows with `steps` (a tape of `steps`
-    applications of `f`), not with the forward solver's iterations."""
-
-    steps: int = 5
-    damping: float = 1.0
-    exact = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"Phantom: expected steps a positive int, got {self.steps!r}.")
-        if not 0 < self.damping <= 1:
-            raise ValueError(f"Phantom: expected 0 < damping <= 1, got {self.damping!r}.")
-
-
-@dataclass(frozen=True)
-class JFB:
-    """Approximate (Jacobian-free backprop, Fung et al. 2022): backpropagate through one
-    application of $f$ at the detached $z^*$, i.e. drop $\\partial f/\\partial z$ from the
-    implicit rule. Relative error about $\\|J\\|$; the cheapest mode."""
-
-    exact = False
-
-
-_MODES = (IFT, Neumann, Phantom, JFB)
-
-
-def _as_mode(backward: Any) -> Any:
-    if isinstance(backward, _MODES):
-        return backward
-    if isinstance(backward, str):
-        named = {"ift": IFT(), "exact": IFT(), "jfb": JFB(), "phantom": Phantom(),
-                 "neumann": Neumann()}
-        if backward.lower() in named:
-            return named[backward.lower()]
-    if isinstance(backward, AbstractLinearSolver):
-        return IFT(solve=backward)
-    raise ValueError(
-        "DEQ: backward: expected IFT(...), Neumann(...), Phantom(...), JFB(), a linear solver "
-        f"(exact IFT with it), or one of 'ift', 'neumann', 'phantom', 'jfb'; got {backward!r}."
-    )
-
-
-# ---- statistics -----------------------------------------------------------------------------
-
-class DEQStats(NamedTuple):
-    """The last forward solve of a `DEQ`, per sample (tensors of shape `(batch,)`, traces
-    `(batch, maxiter)`), detached. `converged` is the forward solver's own criterion;
-    `max_abs_residual` is $\\max|f(z^*, x) - z^*|$, the quantity `residual_tol` bounds."""
-
-    steps: torch.Tensor
-    converged: torch.Tensor
-    residual_norm: torch.Tensor
-    relative_residual: torch.Tensor
-    trace: torch.Tensor
-    relative_trace: torch.Tensor
-    max_abs_residual: torch.Tensor | None
-    warm_started: bool
-
-    def summary(self) -> dict[str, float]:
-        """Scalars for a logger: mean/max steps, max relative residual, converged fraction."""
-        return {"steps_mean": float(self.steps.float().mean()),
-                "steps_max": int(self.steps.max()),
-                "rel_residual_max": float(self.relative_residual.max()),
-                "converged_frac": float(self.converged.float().mean())}
 
 
 _SOLVERS: dict[str, Callable[..., Any]] = {
@@ -406,57 +310,6 @@ class DEQ(nn.Module):
                 f"warm_start={self.warm_start}")
 
 
-# ---- parametrizations (spectral_norm, weight_norm, ...): one evaluation per forward pass -------
-
-def _parametrization_lists(f: nn.Module) -> list[tuple[str, nn.Module]]:
-    """`(qualified name, ParametrizationList)` of every parametrized tensor inside `f`."""
-    from torch.nn.utils import parametrize
-
-    out = []
-    for name, m in f.named_modules():
-        if parametrize.is_parametrized(m):
-            plists = cast(Any, m.parametrizations)  # a ModuleDict of ParametrizationLists
-            for t, plist in plists.items():
-                out.append((f"{name}.parametrizations.{t}" if name else f"parametrizations.{t}",
-                            plist))
-    return out
-
-
-def _step_parametrizations(f: Any) -> dict[str, torch.Tensor]:
-    """Once per forward pass: evaluate each parametrization of `f` in its own mode (in
-    training mode `spectral_norm` runs its power iteration here, updating $u, v$ in place),
-    then return a snapshot (clones) of the parametrizations' buffers. Passed to
-    `functional_call` with the parameters, they pin the state the map uses in the solve, the
-    residual check and the backward, even if `f` is called again (e.g. by a regularizer)
-    before `backward()`."""
-    if not isinstance(f, nn.Module):
-        return {}
-    lists = _parametrization_lists(f)
-    if not lists:
-        return {}
-    snap: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for prefix, plist in lists:
-            plist()  # the state update of a training-mode parametrization, once
-            for bname, buf in plist.named_buffers():
-                snap[f"{prefix}.{bname}"] = buf.detach().clone()
-    return snap
-
-
-@contextlib.contextmanager
-def _frozen_parametrizations(f: nn.Module) -> Iterator[None]:
-    """Evaluate the parametrizations of `f` as fixed functions of their parameters: their
-    modules in eval mode (no power iteration: `spectral_norm` uses its current $u, v$)."""
-    mods = [m for _, plist in _parametrization_lists(f) for m in plist.modules() if m.training]
-    for m in mods:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.training = True
-
-
 def _first_tensor(x: Any) -> torch.Tensor:
     from implicitdiff import _tree
 
@@ -465,115 +318,3 @@ def _first_tensor(x: Any) -> torch.Tensor:
             return leaf
     raise StructureError("DEQ: expected x to be, or contain, a tensor (its batch size and "
                          "dtype define z0); got none. Pass z0 explicitly.")
-
-
-# ---- Jacobian regularization ----------------------------------------------------------------
-
-def jacobian_penalty(f: Callable[..., Any], z: torch.Tensor, x: Any, *, n_samples: int = 1,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Hutchinson's estimate of $\\|\\partial_z f(z, x)\\|_F^2 / n$ per sample, averaged over
-    the batch (Bai, Koltun, Kolter 2021, "Stabilizing equilibrium models by Jacobian
-    regularization"): $\\mathbb{E}_\\varepsilon \\|\\varepsilon^\\top J\\|^2 / n$ with
-    $\\varepsilon \\sim N(0, I)$, `n_samples` probes, $n$ the per-sample size of $z$.
-
-    Evaluated at `z.detach()`; the result is differentiable in the parameters of `f` and in
-    `x` (`create_graph=True`), so add `weight * penalty` to the loss. It costs one
-    application of `f` and one backward through it per probe."""
-    zd = z.detach().requires_grad_()
-    with torch.enable_grad():
-        fz = f(zd, x)
-        n = zd[0].numel()
-        total = zd.new_zeros(())
-        for _ in range(n_samples):
-            eps = torch.randn(fz.shape, dtype=fz.dtype, device=fz.device, generator=generator)
-            (g,) = torch.autograd.grad(fz, zd, eps, create_graph=True)
-            total = total + (g * g).sum() / g.shape[0]
-    return total / (n_samples * n)
-
-
-# ---- variational dropout ---------------------------------------------------------------------
-
-class VariationalDropout(nn.Module):
-    """Dropout with one mask per forward pass of the `DEQ`, the same at every solver iteration
-    (and in the backward), so the map $f$ stays deterministic while it is solved. In training
-    mode the `DEQ` samples the mask before the solve (shape `(batch, *shape)` where `shape`
-    is this layer's input shape without the batch; pass `shape=` when it differs from the
-    state's); in eval mode it is the identity.
-
-    Use it inside `f` in place of `nn.Dropout` (which would draw a new mask at each iteration:
-    then $f$ has no fixed point)."""
-
-    def __init__(self, p: float = 0.1, shape: Sequence[int] | None = None):
-        super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"VariationalDropout: expected 0 <= p < 1, got {p!r}.")
-        self.p = p
-        self.shape = None if shape is None else tuple(shape)
-        self.mask: torch.Tensor | None = None
-
-    def reset(self, like: torch.Tensor) -> None:
-        """Draw a new mask for inputs shaped like `like` (batch first)."""
-        shape = (like.shape[0], *(self.shape or like.shape[1:]))
-        keep = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - self.p)
-        self.mask = keep / (1 - self.p)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return h
-        if self.mask is None or self.mask.shape != h.shape:
-            raise StructureError(
-                f"VariationalDropout: no mask for an input of shape {tuple(h.shape)} (mask "
-                f"{None if self.mask is None else tuple(self.mask.shape)}). Inside a DEQ the "
-                "mask is drawn before each solve; elsewhere call .reset(like) first, or pass "
-                "shape= when the input shape differs from the DEQ's state."
-            )
-        return h * self.mask
-
-
-def _prepare_dropout(f: Any, z0: torch.Tensor) -> None:
-    if isinstance(f, nn.Module):
-        for m in f.modules():
-            if isinstance(m, VariationalDropout):
-                if m.training and m.p > 0:
-                    m.reset(z0)
-                else:
-                    m.mask = None
-
-
-# ---- fixed-point correction ------------------------------------------------------------------
-
-def correction_states(deq: DEQ, x: Any, *, iterations: Sequence[int] = (2, 4, 8),
-                      grad_steps: int = 1, z0: torch.Tensor | None = None
-                      ) -> list[torch.Tensor]:
-    """States for a fixed-point correction loss (Bai et al. 2022, "Deep equilibrium optical
-    flow estimation"): the iterates of plain fixed-point iteration on `deq.f` after each number
-    of `iterations`, each followed by `grad_steps` recorded applications of `f` (a phantom
-    gradient from that state). Apply the task loss to each, with weights growing toward the
-    fixed point, and add it to the loss of the DEQ's output:
-
-    ```python
-    states = correction_states(deq, x, iterations=(2, 4, 8))
-    loss = loss_fn(head(deq(x))) + sum(0.8 ** (len(states) - i) * loss_fn(head(s))
-                                       for i, s in enumerate(states))
-    ```
-
-    The iterations run under `torch.no_grad()`; only the `grad_steps` per state are taped."""
-    z0 = deq.initial_state(x) if z0 is None else z0
-    batch, shape = z0.shape[0], tuple(z0.shape[1:])
-    deq._shape = shape
-    params = deq.params()
-    if sorted(iterations) != list(iterations) or not iterations or iterations[0] < 0:
-        raise ValueError(f"correction_states: expected non-negative increasing iterations, got "
-                         f"{tuple(iterations)!r}.")
-    z = z0.detach().reshape(batch, -1)
-    out, done = [], 0
-    for k in iterations:
-        with torch.no_grad():
-            for _ in range(k - done):
-                z = deq._T(z, params, x)
-        done = k
-        s = z.detach()
-        for _ in range(grad_steps):
-            s = deq._T(s, params, x)
-        out.append(s.reshape(batch, *shape))
-    return out
