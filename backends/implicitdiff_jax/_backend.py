@@ -89,16 +89,20 @@ def _is_dynamic(leaf: Any) -> bool:
     return isinstance(leaf, (float, jax.Array, np.ndarray, np.generic)) or _is_tracer(leaf)
 
 
-def _failure_check(report: Callable[..., None]) -> Callable[..., Any]:
+def _failure_check(report: Callable[..., None], *, everywhere: bool = False
+                   ) -> Callable[..., Any]:
     """`report(ok, *data)` in a host callback that runs only when some `ok` is false.
 
     A `lax.cond` keeps the callback off the happy path. Under `vmap` a batched predicate would
     turn the cond into a select that calls back once per element on every call; the custom
-    batching rule reduces `ok` over the batch first, so it stays one cond and one callback."""
+    batching rule reduces `ok` over the batch first, so it stays one cond and one callback.
+    `everywhere`: when the arrays are sharded, call back on every device (for a `report` that
+    raises), not on the first one only."""
 
     @jax.custom_batching.custom_vmap
     def check(ok: Any, *data: Any) -> Any:
-        lax.cond(jnp.all(ok), lambda: None, lambda: jax.debug.callback(report, ok, *data))
+        lax.cond(jnp.all(ok), lambda *_: None,
+                 lambda *a: _sharded_callback(report, a, everywhere), ok, *data)
         return jnp.zeros((), jnp.int32)
 
     @check.def_vmap
@@ -107,6 +111,38 @@ def _failure_check(report: Callable[..., None]) -> Callable[..., Any]:
         return jnp.zeros((), jnp.int32), False
 
     return check
+
+
+def _sharded_callback(report: Callable[..., None], data: tuple, everywhere: bool) -> None:
+    """`jax.debug.callback(report, *data)` for arrays sharded over a mesh (`jit` with
+    `NamedSharding`), inside the failure branch of `_failure_check`.
+
+    A plain debug callback runs once, on device 0, with the whole arrays: XLA gathers them
+    before the `cond`, on every call, even when nothing failed; and a `report` that raises
+    there stops device 0 alone while the other devices wait for it at the next collective
+    (XLA aborts the process after 40 s). Here the gather happens inside the branch (the
+    optimization barrier keeps XLA from hoisting it out), and with `everywhere` every device
+    calls back with the whole (replicated) data, so every device raises the same error."""
+    mesh = _auto_mesh(data)
+    if mesh is None:  # not sharded (or a JAX too old to tell): as before
+        jax.debug.callback(report, *data)
+        return
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    data = tuple(lax.with_sharding_constraint(d, rep) for d in lax.optimization_barrier(data))
+    jax.debug.callback(report, *data, partitioned=everywhere)
+
+
+def _auto_mesh(data: Sequence[Any]) -> Any:
+    """The mesh the traced `data` are sharded over by `jit`'s automatic partitioning, or None
+    (no mesh, explicit or manual axes, or a JAX without `jax.typeof`)."""
+    typeof, auto = getattr(jax, "typeof", None), getattr(jax.sharding, "AxisType", None)
+    if typeof is None or auto is None:
+        return None
+    for leaf in jax.tree_util.tree_leaves(data):
+        mesh = getattr(getattr(typeof(leaf), "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty:
+            return mesh if all(t == auto.Auto for t in mesh.axis_types) else None
+    return None
 
 
 class JaxBackend(Backend):
@@ -173,7 +209,8 @@ class JaxBackend(Backend):
                 raise err
             warnings.warn(str(err), RuntimeWarning, stacklevel=2)
 
-        _failure_check(report)(ok, *data)  # kept by the callback's effect
+        # kept by the callback's effect
+        _failure_check(report, everywhere=on_failure == "raise")(ok, *data)
         return value
 
     def record(self, make_record: Callable[..., Any], *data: Any) -> None:
