@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import array_api_strict
@@ -27,6 +28,10 @@ class ArrayApiStrictBackend(ReferenceBackend):
 
     def namespace(self, *arrays: Any) -> Any:
         return array_api_strict
+
+    def record(self, make_record: Callable[..., Any], *data: Any) -> None:
+        # diagnostics records hold host (NumPy) values, as with every other backend
+        super().record(make_record, *(np.asarray(d) if self.owns(d) else d for d in data))
 
 
 backend = ArrayApiStrictBackend()
