@@ -50,11 +50,16 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # `idf.conditions`, `idf.solvers` without an explicit import; neither imports a framework.
-    # `idf.torch`, `idf.jax`: the backend packages (and so the framework), on first access only.
+    # `idf.torch`, `idf.jax` (any registered backend's name): the backend package (and so the
+    # framework), on first access only.
     import importlib
 
     if name in ("conditions", "solvers"):
         return importlib.import_module("." + name, __name__)
-    if name in ("torch", "jax"):
-        return importlib.import_module("implicitdiff_" + name)
+    if not name.startswith("_"):
+        from ._backend import backend_module
+
+        mod = backend_module(name)  # a registered backend's package, by the backend's name
+        if mod is not None:
+            return mod
     raise AttributeError(f"module 'implicitdiff' has no attribute {name!r}")

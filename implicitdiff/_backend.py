@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import _tree
-from ._errors import BackendNotFoundError, ImplicitDiffError
+from ._errors import BackendNotFoundError, ImplicitDiffError, StructureError
 
 # name -> (framework module that must already be imported, "module:attribute" of the backend)
 _BUILTINS: dict[str, tuple[str, str]] = {
@@ -217,6 +217,146 @@ class Backend(abc.ABC):
         """Jacobian of `f` in argument `argnums` (see `implicitdiff.jacobian`)."""
         raise NotImplementedError(f"backend {self.name!r} does not implement jacobian")
 
+    # ---- autodiff of user functions (the conditions catalogue) --------------------------------
+    def grad(self, f: Callable[..., Any], x: Any, args: tuple, *, who: str = "grad") -> Any:
+        """$\\nabla_x f(x, *args)$ for a scalar-valued `f`, shaped like `x` (a pytree).
+
+        The conditions catalogue (`implicitdiff.conditions`) asks this of the backend of `x`.
+        Autodiff backends use their framework (`jax.grad`, `torch.func.grad`). This default is
+        the NumPy reference's: the complex step on NumPy arrays (exact to rounding for
+        complex-safe `f`); for arrays of another framework it raises `StructureError` asking for
+        an explicit `grad=`. `who` names the caller in error messages.
+        """
+        if not _all_host(x):
+            raise StructureError(
+                f"{who}: no automatic gradient for arrays of the backend {self.name!r}. Pass "
+                "grad= (a function (x, *args) -> ∇ₓf shaped like x)."
+            )
+        from .conditions._grad import complex_step_grad
+
+        return complex_step_grad(f, x, args, who=who)
+
+    def residual_grad(self, fun: Callable[..., Any], x: Any, args: tuple, *,
+                      who: str = "residual_grad") -> Any:
+        """$J^\\top r$ with $r$ = `fun(x, *args)` and $J = \\partial_x$ `fun`: the gradient of
+        $\\tfrac12\\|r\\|^2$, shaped like `x` (used by `conditions.least_squares`).
+
+        Autodiff backends take one reverse-mode product. This default is the complex-step
+        gradient of $\\tfrac12\\|r\\|^2$ on NumPy arrays, and `StructureError` (asking for
+        `jac=`) for arrays of another framework.
+        """
+        if not _all_host(x):
+            raise StructureError(
+                f"{who}: no automatic Jacobian for arrays of the backend {self.name!r}. Pass "
+                "jac= (a function (x, *args) -> the Jacobian matrix of the residual)."
+            )
+        from .conditions._grad import complex_step_grad
+
+        def half_sq(z: Any, *a: Any) -> Any:
+            r = fun(z, *a)
+            import numpy as np
+
+            return 0.5 * sum(np.sum(leaf * leaf) for leaf in _tree.tree_flatten(r)[0])
+
+        return complex_step_grad(half_sq, x, args, who=who)
+
+    # ---- host arrays: NumPy data and external solvers ----------------------------------------
+    #: Whether `grad`, `residual_grad` and `host_derivative` come from the framework's autodiff
+    #: (JAX, PyTorch). The NumPy reference (False) prefers a user's hand-written derivative.
+    autodiff: bool = False
+
+    def to_host(self, tree: Any) -> Any:
+        """The pytree with this framework's arrays as NumPy arrays (detached, on the CPU).
+
+        A traced array that has no value yet (a JAX tracer) raises the framework's own error,
+        which sends the core to its host-callback path. Default: `np.asarray` on every leaf
+        with a dtype."""
+        import numpy as np
+
+        return _tree.tree_map(lambda a: np.asarray(a) if hasattr(a, "dtype") else a, tree)
+
+    def from_host(self, tree: Any, *, like: Any = None, device: Any = None) -> Any:
+        """The pytree with its NumPy arrays (constants, never differentiated) as arrays of this
+        framework; every other leaf unchanged.
+
+        **Arguments:**
+
+        - `tree`: a pytree.
+        - `like`: (keyword) an array of this framework the constants join: they go to its
+          device, and backends whose operations do not promote dtypes (PyTorch) cast floating
+          constants to its floating dtype.
+        - `device`: (keyword) the device, instead of `like`'s.
+
+        The default keeps NumPy arrays the backend owns (the NumPy reference) and raises
+        `BackendNotFoundError` for a backend that owns other arrays and does not implement it.
+        """
+        leaves = self.tree_flatten(tree)[0]
+        if all(self.owns(leaf) for leaf in leaves if is_host_array(leaf)):
+            return tree
+        raise BackendNotFoundError(
+            f"backend {self.name!r}: expected NumPy arrays only beside arrays this backend can "
+            "take in, got NumPy arrays and no from_host method to convert them. Convert them "
+            "to the framework's arrays first, or implement Backend.from_host."
+        )
+
+    def host_array(self, x: Any, *, like: Any = None) -> Any:
+        """A floating array of this framework from `x` (host data, or an array of this
+        framework, detached): with the dtype of `like` when it is a floating array, else `x`'s
+        own floating dtype (the default floating dtype for integer data). Default: NumPy."""
+        import numpy as np
+
+        if hasattr(x, "detach"):
+            x = x.detach()
+        a = np.asarray(x)
+        if like is not None and hasattr(like, "dtype") and np.issubdtype(np.asarray(like).dtype,
+                                                                         np.floating):
+            return a.astype(np.asarray(like).dtype, copy=False)
+        return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)
+
+    def is_traced(self, tree: Any) -> bool:
+        """Whether a leaf of `tree` is being traced (a JAX tracer inside `jit`, `vmap`, `grad`)
+        and so has no value yet. Default: False (eager frameworks)."""
+        return False
+
+    def callback_result_shape(self, specs: Any) -> Any:
+        """The `result_shape` that `custom_root` needs to call a host solver from this
+        framework's traced code, built from `specs`, a pytree whose leaves have `shape` and a
+        NumPy `dtype`; None when host solvers are called directly (eager frameworks, the
+        default). With a result shape, a host solver's outputs must be arrays."""
+        return None
+
+    def host_function(self, f: Callable[..., Any], theta: tuple, *, like: Any = None,
+                      scalar: bool = False) -> Callable[..., Any]:
+        """`f` as a function of NumPy arrays, for SciPy and other host code:
+        `h(x, *extra) = to_host(f(x, *extra, *theta))` with `x` and `extra` converted from the
+        host (`from_host`, like `like`), the output as float64 NumPy (complex stays complex),
+        a Python float when `scalar`. `theta` holds this framework's arrays."""
+        def h(x: Any, *extra: Any) -> Any:
+            xs = self.from_host(tuple(_host_float(e) for e in (x, *extra)), like=like)
+            out = f(*xs, *theta)
+            return _host_scalar(self.to_host(out)) if scalar else _host_tree(self.to_host(out))
+
+        return h
+
+    def host_derivative(self, f: Callable[..., Any], theta: tuple, kind: str, *,
+                        like: Any = None) -> Callable[..., Any] | None:
+        """A derivative of `x ↦ f(x, *theta)` as a host function from this framework's autodiff,
+        or None when the backend has none (the default: SciPy then uses its own finite
+        differences, or the user's derivative).
+
+        `kind` is one of `"value_and_grad"` (`x -> (float, grad)`), `"hessian"` (`x -> H`),
+        `"hessp"` (`(x, p) -> H p`), `"jacobian"` (`x -> J`, 2-d), `"derivative"` and
+        `"second_derivative"` (scalar `x -> float`, for `root_scalar`). NumPy in, float64
+        NumPy out.
+        """
+        return None
+
+    def flattens(self, x: Any) -> bool:
+        """Whether `x`, neither an array nor a scalar, is a pytree node this backend's
+        `tree_flatten` opens (an equinox module under JAX). The registry asks this to find the
+        arrays inside such nodes without naming a framework. Default: False."""
+        return False
+
     def __repr__(self) -> str:
         return f"<implicitdiff backend {self.name!r}>"
 
@@ -225,6 +365,72 @@ def _device(x: Any) -> Any:
     import array_api_compat
 
     return array_api_compat.device(x)
+
+
+def is_host_array(x: Any) -> bool:
+    """A NumPy array or scalar: the host format, a constant beside another framework's arrays."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(x, (np.ndarray, np.generic))
+
+
+def _all_host(tree: Any) -> bool:
+    return all(is_host_array(leaf) or isinstance(leaf, (bool, int, float, complex))
+               for leaf in _tree.tree_flatten(tree)[0])
+
+
+def _host_float(a: Any) -> Any:
+    """Host data for `from_host`: Python numbers and lists as NumPy arrays."""
+    import numpy as np
+
+    return a if is_host_array(a) or hasattr(a, "dtype") else np.asarray(a)
+
+
+def _host_tree(out: Any) -> Any:
+    """NumPy leaves as float64 (complex kept: SciPy's complex step); other leaves unchanged."""
+    import numpy as np
+
+    def conv(a: Any) -> Any:
+        if isinstance(a, (float, int)) and not isinstance(a, bool):
+            return np.asarray(a, dtype=np.float64)
+        if not is_host_array(a):
+            return a
+        a = np.asarray(a)
+        return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
+
+    return _tree.tree_map(conv, out)
+
+
+def _host_scalar(out: Any) -> float:
+    import numpy as np
+
+    a = np.asarray(out)
+    if a.size != 1:
+        raise StructureError(f"expected fun to return a scalar, got shape {a.shape}.")
+    return float(a.reshape(()))
+
+
+def convert_constants(bk: Backend, tree: Any, *, like: Any = None) -> Any:
+    """`tree` with its NumPy arrays converted to `bk`'s framework by `bk.from_host` (constants
+    joining the call's arrays), unchanged when it has none that `bk` does not own.
+
+    `like` defaults to the first floating array of `bk` in `tree`."""
+    leaves = _tree.tree_flatten(tree)[0]
+    if not any(is_host_array(leaf) and not bk.owns(leaf) for leaf in leaves):
+        return tree
+    if like is None:
+        like = first_float(bk, tree)
+    return bk.from_host(tree, like=like)
+
+
+def first_float(bk: Backend, *trees: Any) -> Any:
+    """The first floating array of `bk`'s framework (not a NumPy constant) in `trees`, or
+    None."""
+    for tree in trees:
+        for leaf in bk.tree_flatten(tree)[0]:
+            if (bk.owns(leaf) and not is_host_array(leaf) and hasattr(leaf, "dtype")
+                    and bk.is_float(leaf)):
+                return leaf
+    return None
 
 
 def nan_where(bk: Backend, value: Any, ok: Any) -> Any:
@@ -358,20 +564,42 @@ def backend_of_leaf(x: Any) -> Backend | None:
 
 
 def find_backend(*trees: Any) -> Backend | None:
-    """Like `get_backend`, but None when the trees hold no arrays (only Python scalars)."""
+    """Like `get_backend`, but None when the trees hold no arrays (only Python scalars).
+
+    NumPy arrays beside the arrays of one other framework are that framework's constants: the
+    other framework's backend is returned (the caller converts them with `convert_constants`),
+    provided that backend can take them in (it implements `Backend.from_host`). Arrays of two
+    frameworks other than NumPy raise `BackendNotFoundError`."""
     found: dict[str, tuple[Backend, str]] = {}
+    host: dict[str, tuple[Backend, str]] = {}  # the backend owning NumPy arrays, if any
     for i, tree in enumerate(trees):
         for path, leaf in _generic_paths(tree, f"arg{i}"):
+            if is_host_array(leaf):
+                if not host:
+                    bk = backend_of_leaf(leaf)
+                    if bk is not None:
+                        host[bk.name] = (bk, path)
+                        found.setdefault(bk.name, (bk, path))  # order of first appearance
+                continue
             bk = backend_of_leaf(leaf)
             if bk is not None and bk.name not in found:
                 found[bk.name] = (bk, path)
+    others = [name for name in found if name not in host]
+    if len(others) == 1 and takes_constants(found[others[0]][0]):
+        return found[others[0]][0]
     if len(found) > 1:
         desc = ", ".join(f"{name} at {path}" for name, (_, path) in found.items())
         raise BackendNotFoundError(
             f"expected the arrays of one framework in a call, got several: {desc}. Convert them "
-            "to one framework first."
+            "to one framework first. (NumPy arrays may join the arrays of one framework as its "
+            "constants when that framework's backend implements from_host.)"
         )
     return next(iter(found.values()))[0] if found else None
+
+
+def takes_constants(bk: Backend) -> bool:
+    """Whether `bk` converts NumPy arrays passed beside its own (it overrides `from_host`)."""
+    return type(bk).from_host is not Backend.from_host
 
 
 def get_backend(*trees: Any) -> Backend:
@@ -390,16 +618,50 @@ def get_backend(*trees: Any) -> Backend:
 
 def _generic_paths(tree: Any, prefix: str) -> list[tuple[str, Any]]:
     # The core's pytree first. Only a leaf that is neither a scalar nor an array may be a node
-    # registered with jax.tree_util (an equinox module, ...): then, with jax loaded, flatten with
-    # jax. (Tensors and NumPy arrays never go through jax.tree_util, which torch.compile cannot
-    # trace.)
+    # of a framework's own pytrees (an equinox module, ...): then the loaded backends are asked
+    # (`Backend.flattens`) and the first that opens it flattens the whole tree. (Tensors and
+    # NumPy arrays never reach a framework's tree utilities, which torch.compile cannot trace.)
     paths = _tree.tree_leaves_with_path(tree, prefix)
-    if "jax" in sys.modules and not all(_plain_leaf(leaf) for _, leaf in paths):
-        import jax
-
-        leaves = jax.tree_util.tree_leaves_with_path(tree)
-        return [(prefix + jax.tree_util.keystr(p), leaf) for p, leaf in leaves]
+    odd = [leaf for _, leaf in paths if not _plain_leaf(leaf)]
+    if odd:
+        for bk in _candidates([]):
+            if any(bk.flattens(leaf) for leaf in odd):
+                return bk.tree_leaves_with_path(tree, prefix)
     return paths
+
+
+def backend_module(name: str) -> Any:
+    """The module of the registered backend `name` (`implicitdiff_jax` for `"jax"`), imported
+    (which imports its framework); None for an unknown name or a backend registered as an
+    instance."""
+    _read_entry_points()
+    entry = _table.get(name)
+    if entry is None or not isinstance(entry[1], str):
+        return None
+    return importlib.import_module(entry[1].partition(":")[0])
+
+
+def backend_named(name: str) -> Backend:
+    """The registered backend `name` (or the backend of the framework module `name`), importing
+    its framework first: for callers that name a framework on purpose (the command line, the
+    gallery's example arguments). Raises `BackendNotFoundError` for an unknown name."""
+    _read_entry_points()
+    if name not in _table:
+        by_framework = [n for n, (fw, _) in _table.items() if fw == name]
+        if not by_framework:
+            raise BackendNotFoundError(
+                f"expected the name of a registered backend ({', '.join(_table)}), got "
+                f"{name!r}."
+            )
+        name = by_framework[0]
+    importlib.import_module(_table[name][0])
+    return _load(name)
+
+
+def backend_names() -> list[str]:
+    """The registered backends' names, built-ins first (the NumPy reference first of all)."""
+    _read_entry_points()
+    return list(_table)
 
 
 def _plain_leaf(x: Any) -> bool:

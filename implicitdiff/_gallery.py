@@ -18,6 +18,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._backend import _table, backend_named, backend_names
 from ._linear_solve import CG, GMRES, BiCGStab
 from ._root import ImplicitFunction, custom_fixed_point, custom_root
 from ._tags import positive_definite, symmetric
@@ -28,17 +29,23 @@ __all__ = ["GALLERY", "Problem", "framework_name", "get_problem", "to_framework"
 # ---- converting example arguments to a framework ---------------------------------------------
 
 def framework_name(framework: Any) -> str:
-    """`"numpy"`, `"jax"` or `"torch"` from a name, a module (`numpy`, `jax.numpy`, `torch`,
-    `array_api_compat.torch`, ...) or an array-API namespace."""
+    """The registered backend named by `framework`: a name (`"jax"`), a module (`numpy`,
+    `jax.numpy`, `torch`, `array_api_compat.torch`, ...) or an array-API namespace; the first
+    dotted part of the module's name that names a backend or its framework."""
     if isinstance(framework, str):
         name = framework
     else:
         name = getattr(framework, "__name__", type(framework).__name__)
-    for known in ("jax", "torch", "numpy"):
-        if known in name.split("."):
-            return known
+    names = backend_names()
+    frameworks = {fw: n for n, (fw, _) in _table.items()}
+    for part in name.split("."):
+        if part in names:
+            return part
+        if part in frameworks:
+            return frameworks[part]
     raise ValueError(
-        f"expected a framework 'numpy', 'jax' or 'torch' (a name or a module), got {framework!r}."
+        f"expected a framework among {', '.join(names)} (a name or a module), got "
+        f"{framework!r}."
     )
 
 
@@ -48,34 +55,11 @@ def to_framework(tree: Any, framework: Any, dtype: str = "float64", *, device: A
 
     Floating leaves (float arrays and Python floats) become arrays of `dtype`; Python floats become
     0-d arrays. Integer and boolean leaves keep their dtype; Python ints and bools stay as they are.
-    The framework is imported here, only when asked for.
+    The framework is imported here, only when asked for, and the conversion is its backend's
+    `from_host`.
     """
     name = framework_name(framework)
-    if name == "numpy":
-        def conv(a: Any, floating: bool) -> Any:
-            return np.asarray(a, dtype=dtype) if floating else np.asarray(a)
-    elif name == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        if np.dtype(dtype) == np.float64 and not jax.config.read("jax_enable_x64"):
-            raise ValueError(
-                "expected JAX with 64-bit floats for dtype float64, got jax_enable_x64 off. Call "
-                'jax.config.update("jax_enable_x64", True) before making the arrays.'
-            )
-
-        def conv(a: Any, floating: bool) -> Any:
-            arr = jnp.asarray(a, dtype=dtype) if floating else jnp.asarray(a)
-            return arr if device is None else jax.device_put(arr, device)
-    else:
-        import torch
-
-        tdtype = getattr(torch, np.dtype(dtype).name)
-
-        def conv(a: Any, floating: bool) -> Any:
-            if floating:
-                return torch.asarray(np.asarray(a, dtype=dtype), dtype=tdtype, device=device)
-            return torch.asarray(np.asarray(a), device=device)
+    bk = backend_named(name)
 
     def walk(t: Any) -> Any:
         if isinstance(t, dict):
@@ -88,11 +72,25 @@ def to_framework(tree: Any, framework: Any, dtype: str = "float64", *, device: A
         if t is None or isinstance(t, (bool, int, np.bool_)):
             return t
         if isinstance(t, (float, np.floating)):
-            return conv(t, True)
+            return bk.from_host(np.asarray(t, dtype=dtype), device=device)
         arr = np.asarray(t)
-        return conv(arr, bool(np.issubdtype(arr.dtype, np.floating)))
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(dtype)
+        out_ = bk.from_host(arr, device=device)
+        if np.issubdtype(arr.dtype, np.floating):
+            _check_dtype(name, out_, dtype)
+        return out_
 
     return walk(tree)
+
+
+def _check_dtype(name: str, a: Any, dtype: str) -> None:
+    got = str(getattr(a, "dtype", "")).rpartition(".")[2]
+    if got != np.dtype(dtype).name:
+        raise ValueError(
+            f"expected {name} arrays of dtype {dtype}, got {got}. For JAX and float64, call "
+            'jax.config.update("jax_enable_x64", True) before making the arrays.'
+        )
 
 
 def _eye(xp: Any, n: int, like: Any) -> Any:

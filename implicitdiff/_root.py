@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._backend import Backend, find_backend, get_backend
+from ._backend import Backend, convert_constants, find_backend, first_float, get_backend
 from ._diagnostics import ForwardRecord
 from ._errors import NonConvergenceError, StructureError
 from ._ift import _check_options
@@ -37,9 +38,30 @@ class Derivatives:
     vjp_args: Callable[..., Any] | None = None
 
 
-def default_residual_tol(dtype_eps: float) -> float:
-    """The default forward residual tolerance: $10\\sqrt{\\epsilon}$ of the dtype of `x`."""
-    return 10.0 * math.sqrt(dtype_eps)
+def default_residual_tol(dtype_eps: float, *, floor: float = 0.0) -> float:
+    """The default forward residual tolerance, $\\max(\\text{floor}, 10\\sqrt{\\epsilon})$ with
+    $\\epsilon$ the machine epsilon of the dtype of `x`: $10\\sqrt{\\epsilon}$ for
+    `custom_root` and the layers; the SciPy drop-ins pass `floor=1e-4`, so the check accepts
+    what SciPy's default stopping tolerances (e.g. `gtol=1e-5` for BFGS) deliver."""
+    return max(floor, 10.0 * math.sqrt(dtype_eps))
+
+
+def solve_argument(who: str, solve: AbstractLinearSolver | None,
+                   linear_solver: Any = None) -> Any:
+    """The backward linear solver from `solve=`, or from `linear_solver=`, its old name in
+    `implicitdiff.scipy` and `solvers.newton` (deprecated: a `DeprecationWarning`, removed in
+    the next release); `Auto()` when neither is given. Giving both is a `TypeError`. A value
+    that is not a linear solver is returned as is, for the caller's own check to report."""
+    if linear_solver is None:
+        return Auto() if solve is None else solve
+    if solve is not None:
+        raise TypeError(f"{who}: got both solve= and linear_solver= (its old name); pass "
+                        "solve= only.")
+    if isinstance(linear_solver, AbstractLinearSolver):
+        warnings.warn(f"{who}: linear_solver= is deprecated and will be removed in the next "
+                      "release; pass solve= (the same linear solver).", DeprecationWarning,
+                      stacklevel=3)
+    return linear_solver
 
 
 class ImplicitFunction:
@@ -79,6 +101,8 @@ class ImplicitFunction:
             # Only Python scalars were passed: the arrays, if any, live in closures. The
             # solver's output tells which framework they belong to.
             bk = get_backend(self.run_solver(args, options)[0])
+        # NumPy arrays beside another framework's arrays are constants of that framework
+        args = convert_constants(bk, args, like=first_float(bk, args, options))
         return bk.call(self, args, options)
 
     def __repr__(self) -> str:

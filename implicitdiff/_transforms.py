@@ -3,6 +3,9 @@
 With JAX arrays they are `jax.jvp` / `jax.vjp`, with torch tensors `torch.func.jvp` /
 `torch.func.vjp`; with NumPy arrays (no autodiff) they apply the implicit rule of a function
 decorated with `custom_root` or `custom_fixed_point`.
+
+A primal made of NumPy arrays beside JAX or torch primals is a constant of that framework: it is
+converted to it and never differentiated (its tangent is ignored, its cotangent is None).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._backend import get_backend
+from ._backend import Backend, convert_constants, get_backend, is_host_array
 from ._errors import StructureError
 
 
@@ -32,7 +35,13 @@ def jvp(f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any]
         raise StructureError(
             f"jvp: expected one tangent per primal ({len(primals)}), got {len(tangents)}."
         )
-    return get_backend(primals).jvp(f, primals, tangents)
+    bk = get_backend(primals)
+    const = _constant_primals(bk, primals)
+    if const:
+        primals = convert_constants(bk, primals)
+        tangents = tuple(_zero_tangent(bk, p, t) if i in const else t
+                         for i, (p, t) in enumerate(zip(primals, tangents)))
+    return bk.jvp(f, primals, tangents)
 
 
 def vjp(f: Callable[..., Any], *primals: Any, argnums: int | Sequence[int] | None = None
@@ -60,7 +69,13 @@ def vjp(f: Callable[..., Any], *primals: Any, argnums: int | Sequence[int] | Non
                 f"vjp: argnums {bad} out of range for {len(primals)} primals."
             )
         argnums = tuple(i % len(primals) for i in argnums)
-    return get_backend(primals).vjp(f, tuple(primals), argnums)
+    bk = get_backend(primals)
+    const = _constant_primals(bk, primals)
+    if const:
+        primals = convert_constants(bk, tuple(primals))
+        wanted = range(len(primals)) if argnums is None else argnums
+        argnums = tuple(i for i in wanted if i not in const)
+    return bk.vjp(f, tuple(primals), argnums)
 
 
 def jacobian(f: Callable[..., Any], argnums: int = 0) -> Callable[..., Any]:
@@ -75,9 +90,43 @@ def jacobian(f: Callable[..., Any], argnums: int = 0) -> Callable[..., Any]:
 
     def jac(*primals: Any) -> Any:
         bk = get_backend(primals)
+        const = _constant_primals(bk, primals)
+        if const:
+            if argnums % len(primals) in const:
+                raise StructureError(
+                    f"jacobian: argument {argnums} holds NumPy arrays beside {bk.name} arrays, "
+                    f"so it is a constant and has no Jacobian. Convert it to a {bk.name} array "
+                    "to differentiate with respect to it."
+                )
+            primals = convert_constants(bk, primals)
         return bk.jacobian(f, tuple(primals), argnums)
 
     return jac
+
+
+def _constant_primals(bk: Backend, primals: Sequence[Any]) -> set[int]:
+    """The primals made only of NumPy arrays (and scalars) that `bk` does not own: constants."""
+    out = set()
+    for i, p in enumerate(primals):
+        leaves = [leaf for leaf in bk.tree_flatten(p)[0] if hasattr(leaf, "dtype")]
+        if leaves and all(is_host_array(leaf) and not bk.owns(leaf) for leaf in leaves):
+            out.add(i)
+    return out
+
+
+def _zero_tangent(bk: Backend, primal: Any, tangent: Any) -> Any:
+    """Zeros for the floating leaves of a constant primal (already converted to `bk`); the
+    user's tangent leaves elsewhere."""
+    leaves, treedef = bk.tree_flatten(primal)
+    try:
+        t_leaves = bk.tree_flatten(tangent)[0]
+    except (TypeError, ValueError):
+        t_leaves = [None] * len(leaves)
+    if len(t_leaves) != len(leaves):
+        t_leaves = [None] * len(leaves)
+    out = [bk.namespace(p).zeros_like(p) if hasattr(p, "dtype") and bk.is_float(p) else t
+           for p, t in zip(leaves, t_leaves)]
+    return bk.tree_unflatten(treedef, out)
 
 
 def _as_tuple(x: Any, what: str) -> tuple:

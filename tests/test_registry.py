@@ -80,11 +80,9 @@ def test_numpy_and_jax_arrays_in_one_call():
 
     if not hasattr(implicitdiff_jax, "backend"):
         pytest.skip("implicitdiff_jax has no backend yet")
-    with pytest.raises(idf.BackendNotFoundError) as e:
-        idf.get_backend(np.ones(2), {"w": jnp.ones(2)})
-    msg = str(e.value)
-    assert "expected the arrays of one framework in a call, got several" in msg
-    assert "numpy at arg0" in msg and "jax at arg1" in msg and "Convert them" in msg
+    # NumPy arrays beside JAX arrays are JAX constants (issue 10); a mix that is an error, and
+    # its message, are checked with a third-party backend in test_register_backend_instance.
+    assert idf.get_backend(np.ones(2), {"w": jnp.ones(2)}).name == "jax"
     assert idf.get_backend(jnp.ones(2), 1.0).name == "jax"
     assert idf.get_backend(np.ones(2), 1.0).name == "numpy"
 

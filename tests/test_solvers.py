@@ -121,7 +121,7 @@ SOLVERS = {
     "anderson": (anderson, tanh_layer, {}),
     "broyden": (broyden, tanh_layer, {}),
     "newton": (newton, tanh_residual, {}),
-    "newton-gmres": (newton, tanh_residual, {"linear_solver": idf.GMRES(rtol=1e-10)}),
+    "newton-gmres": (newton, tanh_residual, {"solve": idf.GMRES(rtol=1e-10)}),
     "newton-fixed-point": (newton, tanh_layer, {"fixed_point": True}),
 }
 

@@ -18,6 +18,8 @@ from implicitdiff._ift import implicit_jvp
 from implicitdiff._root import ImplicitFunction
 from implicitdiff._tags import symmetric
 
+from . import _host
+
 _TRACE_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                  jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError)
 
@@ -264,6 +266,42 @@ class JaxBackend(Backend):
         in_size = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(primals[argnums]))
         jac = jax.jacfwd if in_size <= out_size else jax.jacrev
         return jac(f, argnums=argnums)(*primals)
+
+    # ---- autodiff of user functions, host arrays (see implicitdiff.Backend) ------------------
+    autodiff = True
+
+    def grad(self, f, x, args, *, who="grad"):
+        return jax.grad(f)(x, *args)
+
+    def residual_grad(self, fun, x, args, *, who="residual_grad"):
+        r, pullback = jax.vjp(lambda z: fun(z, *args), x)
+        return pullback(r)[0]
+
+    def to_host(self, tree):
+        return _host.to_host(tree)
+
+    def from_host(self, tree, *, like=None, device=None):
+        # JAX promotes dtypes and places constants where the computation runs: `like` unused
+        return _host.from_host(tree, device)
+
+    def host_array(self, x, *, like=None):
+        return _host.host_array(x, like)
+
+    def is_traced(self, tree):
+        return _any_tracer(tree)
+
+    def callback_result_shape(self, specs):
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), specs,
+                                      is_leaf=lambda s: hasattr(s, "shape"))
+
+    def host_function(self, f, theta, *, like=None, scalar=False):
+        return _host.host_function(f, theta, scalar)
+
+    def host_derivative(self, f, theta, kind, *, like=None):
+        return _host.host_derivative(f, theta, kind)
+
+    def flattens(self, x):
+        return not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
 
 
 # ---- the implicit rule -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from implicitdiff._errors import ImplicitDiffError, StructureError
 from implicitdiff._root import ImplicitFunction
 from implicitdiff._tags import symmetric
 
+from . import _host as _host_side
 from ._function import (
     LinSolve,
     MatVec,
@@ -266,6 +267,31 @@ class TorchBackend(Backend):
         has_aux = isinstance(f, ImplicitFunction) and f.has_aux
         g = (lambda *p: f(*p)[0]) if has_aux else f
         return torch.func.jacrev(g, argnums=argnums % len(primals))(*primals)
+
+    # ---- autodiff of user functions, host arrays (see implicitdiff.Backend) ------------------
+    autodiff = True
+
+    def grad(self, f, x, args, *, who="grad"):
+        return torch.func.grad(f)(x, *args)
+
+    def residual_grad(self, fun, x, args, *, who="residual_grad"):
+        out = torch.func.vjp(lambda z: fun(z, *args), x)
+        return out[1](out[0])[0]
+
+    def to_host(self, tree):
+        return _host_side.to_host(tree)
+
+    def from_host(self, tree, *, like=None, device=None):
+        return _host_side.from_host(tree, like, device)
+
+    def host_array(self, x, *, like=None):
+        return _host_side.host_array(x, like)
+
+    def host_function(self, f, theta, *, like=None, scalar=False):
+        return _host_side.host_function(f, theta, like, scalar)
+
+    def host_derivative(self, f, theta, kind, *, like=None):
+        return _host_side.host_derivative(f, theta, kind, like)
 
 
 def _differentiable(b: torch.Tensor, lin: Operator) -> bool:

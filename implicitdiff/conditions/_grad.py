@@ -1,10 +1,6 @@
-"""Gradients and transposed Jacobian products of user functions, from the framework of the
-arrays: `jax.grad` / `jax.vjp` for JAX arrays, `torch.func.grad` / `torch.func.vjp` for torch
-tensors, and, for NumPy arrays (no autodiff), the complex step.
-
-The framework is found from the arrays (`implicitdiff.get_backend`, which only considers
-frameworks already in `sys.modules`), and imported here only then: the core stays free of jax
-and torch.
+"""Gradients and transposed Jacobian products of user functions, asked of the backend of the
+arrays (`Backend.grad`, `Backend.residual_grad`: `jax.grad`, `torch.func.grad`, ...), and the
+complex-step gradient that the NumPy reference's default uses.
 """
 
 from __future__ import annotations
@@ -16,63 +12,25 @@ from typing import Any
 import numpy as np
 
 from .. import _tree
-from .._backend import get_backend
+from .._backend import convert_constants, first_float, get_backend
 from .._errors import StructureError
 
 _CS_H = 1e-30  # complex-step size; exact to rounding for any complex-safe (analytic) function
 
 
-def framework_of(x: Any) -> str:
-    """`"numpy"`, `"jax"`, `"torch"` (or a third-party backend's framework) for the arrays of
-    the pytree `x`."""
-    return get_backend(x).framework
-
-
 def grad_x(f: Callable[..., Any], x: Any, args: tuple, *, who: str) -> Any:
-    """$\\nabla_x f(x, *args)$ for a scalar-valued `f`, shaped like `x`."""
-    fw = framework_of(x)
-    if fw == "jax":
-        import jax
-
-        return jax.grad(f)(x, *args)
-    if fw == "torch":
-        import torch.func
-
-        return torch.func.grad(f)(x, *args)
-    if fw == "numpy":
-        return complex_step_grad(f, x, args, who=who)
-    raise StructureError(
-        f"{who}: no automatic gradient for arrays of the framework {fw!r}. Pass grad= (a "
-        "function (x, *args) -> ∇ₓf shaped like x)."
-    )
+    """$\\nabla_x f(x, *args)$ for a scalar-valued `f`, shaped like `x`: `Backend.grad` of the
+    backend of `x` (NumPy arrays in `args` are converted to it as constants)."""
+    bk = get_backend(x)
+    return bk.grad(f, x, convert_constants(bk, args, like=first_float(bk, x)), who=who)
 
 
 def vjp_x(fun: Callable[..., Any], x: Any, args: tuple, *, who: str) -> Any:
     """$J^\\top r$ with $r$ = `fun(x, *args)` and $J = \\partial_x$ `fun`: the gradient of
-    $\\tfrac12\\|r\\|^2$, from one reverse-mode product (JAX, PyTorch)."""
-    fw = framework_of(x)
-    if fw == "jax":
-        import jax
-
-        r, pullback = jax.vjp(lambda z: fun(z, *args), x)
-        return pullback(r)[0]
-    if fw == "torch":
-        import torch.func
-
-        out = torch.func.vjp(lambda z: fun(z, *args), x)
-        r, pullback = out[0], out[1]
-        return pullback(r)[0]
-
-    def half_sq(z: Any, *a: Any) -> Any:
-        r = fun(z, *a)
-        return 0.5 * sum(np.sum(leaf * leaf) for leaf in _tree.tree_flatten(r)[0])
-
-    if fw == "numpy":
-        return complex_step_grad(half_sq, x, args, who=who)
-    raise StructureError(
-        f"{who}: no automatic Jacobian for arrays of the framework {fw!r}. Pass jac= (a "
-        "function (x, *args) -> the Jacobian matrix of the residual)."
-    )
+    $\\tfrac12\\|r\\|^2$, from `Backend.residual_grad` of the backend of `x`."""
+    bk = get_backend(x)
+    return bk.residual_grad(fun, x, convert_constants(bk, args, like=first_float(bk, x)),
+                            who=who)
 
 
 def _has_complex(tree: Any) -> bool:

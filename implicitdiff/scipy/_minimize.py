@@ -10,9 +10,11 @@ import numpy as np
 import scipy.optimize
 
 from .. import conditions as cond
+from .._backend import Backend
 from .._errors import StructureError
-from .._linear_solve import AbstractLinearSolver, Auto
-from ._host import Framework, default_residual_tol, framework_name, get_framework
+from .._linear_solve import AbstractLinearSolver
+from .._root import solve_argument
+from ._host import backend_of_call, host_grad, host_jac, residual_tol_of
 from ._run import ArraySpec, Plan, as_args, check_args, check_on_failure, run, spec_of
 
 _JAC = {"cg", "bfgs", "newton-cg", "l-bfgs-b", "tnc", "slsqp", "dogleg", "trust-ncg",
@@ -71,7 +73,8 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
              jac: Any = None, hess: Any = None, hessp: Any = None, bounds: Any = None,
              constraints: Any = (), tol: float | None = None, callback: Any = None,
              options: dict | None = None, *, residual_tol: float | None = None,
-             on_failure: str = "raise", linear_solver: AbstractLinearSolver = Auto()
+             on_failure: str = "raise", solve: AbstractLinearSolver | None = None,
+             linear_solver: AbstractLinearSolver | None = None
              ) -> scipy.optimize.OptimizeResult:
     """`scipy.optimize.minimize` whose result's `x` is differentiable in `args` (and in the
     constraints' `args`), in the framework of the inputs.
@@ -103,25 +106,26 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
     - `on_failure`: `"raise"` (default; `NonConvergenceError` with SciPy's message), `"warn"`
       or `"nan"`, for SciPy's `success=False`, a constraint violated at the returned x, or a
       residual above `residual_tol`.
-    - `linear_solver`: the linear solver of the derivative (default `idf.Auto()`).
+    - `solve`: the linear solver of the derivative (default `idf.Auto()`), as in
+      `idf.custom_root`. `linear_solver=` is its old name, deprecated (a `DeprecationWarning`;
+      removed in the next release).
 
     **Returns:** SciPy's `OptimizeResult` with `x` differentiable. Under JAX tracing (`jit`,
     `vmap`, `grad`) it holds `x` and the array fields `fun`, `success`, `status`, `nit`,
     `nfev` only (`message` and the others are host objects).
     """
     check_on_failure(on_failure)
+    solve = solve_argument("minimize", solve, linear_solver)
     args = as_args(args)
     cons = _constraints(constraints)
     con_args = tuple(as_args(c.get("args", ())) for c in cons)
     check_args("minimize", "fun", fun, 1, args)
     for i, (c, a) in enumerate(zip(cons, con_args)):
         check_args("minimize", f"constraints[{i}]['fun']", c["fun"], 1, a)
-    name = framework_name(x0, args, con_args)
-    like = x0 if name == "torch" and hasattr(x0, "detach") else _first_tensor(args)
-    fw = get_framework(name, like)
-    args, con_args = fw.from_host(args), fw.from_host(con_args)
+    bk, like = backend_of_call(x0, args, con_args)
+    args, con_args = bk.from_host(args, like=like), bk.from_host(con_args, like=like)
     cons = [dict(c, args=a) for c, a in zip(cons, con_args)]
-    x0f = fw.array(x0)
+    x0f = bk.host_array(x0, like=like)
     if len(x0f.shape) > 1:
         raise StructureError(f"minimize: expected a 1-d x0, got shape {tuple(x0f.shape)}.")
     x0f = x0f.reshape((-1,))
@@ -131,14 +135,14 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
     meth = method.lower() if isinstance(method, str) else None
     box = _bounds(bounds, n)
     if residual_tol is None:
-        residual_tol = default_residual_tol(fw.float_dtype_eps(x0f))
+        residual_tol = residual_tol_of(x0f)
 
     def f_obj(x: Any, *a: Any) -> Any:
         return fun(x, *a)[0] if jac is True else fun(x, *a)
 
     f_obj.__name__ = getattr(fun, "__name__", "fun")
     user_grad: Callable[..., Any] | None = None
-    if fw.name == "numpy":
+    if not bk.autodiff:  # the user's gradient serves the condition (the NumPy reference)
         if callable(jac):
             user_grad = jac
         elif jac is True:
@@ -149,16 +153,15 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
 
     eqs = [(c, a) for c, a in zip(cons, con_args) if c["type"] == "eq"]
     ineqs = [(c, a) for c, a in zip(cons, con_args) if c["type"] == "ineq"]
-    xp = array_api_compat.array_namespace(x0f)
 
     # ---- the condition --------------------------------------------------------------------
     if not cons and box is None:
         Fs = cond.stationarity(f_obj, grad=user_grad)
         F, tags, thetas = Fs, Fs.tags, args
-        x_spec: Any = spec_of(fw, x0f)
+        x_spec: Any = spec_of(x0f)
     elif not cons:
         assert box is not None
-        lb_f, ub_f = fw.array(box[0], like=x0f), fw.array(box[1], like=x0f)
+        lb_f, ub_f = bk.host_array(box[0], like=x0f), bk.host_array(box[1], like=x0f)
         g_packed = None if user_grad is None else (lambda x, a: user_grad(x, *a))
         Fp = cond.projected_gradient(lambda x, a: f_obj(x, *a), cond.projection_box,
                                      grad=g_packed)
@@ -168,9 +171,10 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
 
         F.__name__ = f"projected_gradient({f_obj.__name__}, box)"
         tags, thetas = frozenset(), args
-        x_spec = spec_of(fw, x0f)
+        x_spec = spec_of(x0f)
     else:
-        F, x_spec, m_eq, m_in = _kkt_condition(fw, xp, f_obj, user_grad, eqs, ineqs, box, x0f)
+        F, x_spec, m_eq, m_in = _kkt_condition(bk, like, f_obj, user_grad, eqs, ineqs, box,
+                                               x0f)
         tags = F.tags
         thetas = (args, tuple(a for _, a in eqs), tuple(a for _, a in ineqs))
 
@@ -182,40 +186,37 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
                               "options": options}
         if bounds is not None:
             kw["bounds"] = bounds
-        if fw.name == "numpy":
-            kw.update(jac=jac, hess=hess, hessp=hessp, args=a)
-            if cons:
-                kw["constraints"] = [dict(c, args=ca) for (c, _), ca in
-                                     zip(eqs + ineqs, (*eq_a, *in_a))]
-            fun_s: Any = fun
+        a_fw = bk.from_host(a, like=like)
+        vg = None if jac is not None or meth not in _JAC else \
+            bk.host_derivative(f_obj, a_fw, "value_and_grad", like=like)
+        if jac is True:
+            host = bk.host_function(fun, a_fw, like=like)
+
+            def value_and_grad_host(x: Any) -> Any:
+                v, g = host(x)
+                return float(np.asarray(v)), np.asarray(g, dtype=np.float64)
+
+            fun_s: Any = value_and_grad_host
+            kw["jac"] = True
+        elif vg is not None:  # exact gradient from the backend's autodiff
+            fun_s = vg
+            kw["jac"] = True
         else:
-            a_fw = fw.from_host(a)
-            if jac is True:
-                host = fw.host(fun, a_fw)
-
-                def value_and_grad_host(x: Any) -> Any:
-                    v, g = host(x)
-                    return float(v), np.asarray(g, dtype=np.float64)
-
-                fun_s = value_and_grad_host
-                kw["jac"] = True
-            elif jac is None and meth in _JAC:
-                fun_s = fw.value_and_grad(f_obj, a_fw)
-                kw["jac"] = True
-            else:
-                fun_s = fw.host(fun, a_fw, scalar=True)
-                kw["jac"] = fw.host(jac, a_fw) if callable(jac) else jac
-            if hess is None and hessp is None:
-                if meth in _HESS:
-                    kw["hess"] = fw.hess(f_obj, a_fw)
-                elif meth in _HESSP:
-                    kw["hessp"] = fw.hessp(f_obj, a_fw)
-            else:
-                kw["hess"] = fw.host(hess, a_fw) if callable(hess) else hess
-                kw["hessp"] = fw.host(hessp, a_fw) if callable(hessp) else hessp
-            if cons:
-                kw["constraints"] = [_host_constraint(fw, c, fw.from_host(ca), meth)
-                                     for (c, _), ca in zip(eqs + ineqs, (*eq_a, *in_a))]
+            fun_s = bk.host_function(fun, a_fw, like=like, scalar=True)
+            kw["jac"] = bk.host_function(jac, a_fw, like=like) if callable(jac) else jac
+        if hess is None and hessp is None:
+            if meth in _HESS:
+                kw["hess"] = bk.host_derivative(f_obj, a_fw, "hessian", like=like)
+            elif meth in _HESSP:
+                kw["hessp"] = bk.host_derivative(f_obj, a_fw, "hessp", like=like)
+        else:
+            kw["hess"] = bk.host_function(hess, a_fw, like=like) if callable(hess) else hess
+            kw["hessp"] = (bk.host_function(hessp, a_fw, like=like) if callable(hessp)
+                           else hessp)
+        if cons:
+            kw["constraints"] = [_host_constraint(bk, like, c, bk.from_host(ca, like=like),
+                                                  meth)
+                                 for (c, _), ca in zip(eqs + ineqs, (*eq_a, *in_a))]
         res = scipy.optimize.minimize(fun_s, np.asarray(x0_h, dtype=np.float64).reshape(-1),
                                       **kw)
         ok, msg = bool(res.success), str(res.message)
@@ -226,8 +227,8 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
                 ok, msg = False, ("the returned x is outside the bounds (the method does not "
                                   "enforce bounds?).")
             return z, res, ok, msg
-        nu, mu, viol = _multipliers(fw, f_obj, user_grad, z, a, eqs, eq_a, ineqs, in_a, box,
-                                    m_eq, m_in)
+        nu, mu, viol = _multipliers(bk, like, f_obj, user_grad, z, a, eqs, eq_a, ineqs, in_a,
+                                    box, m_eq, m_in)
         if ok and viol > residual_tol:
             ok, msg = False, (f"the returned x violates the constraints: max violation "
                               f"{viol:.3g} > residual_tol = {residual_tol:.3g} (SciPy said: "
@@ -236,8 +237,8 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
         return x, res, ok, msg
 
     plan = Plan("minimize", F, frozenset(tags), host_solve, thetas, x0f, x_spec, _AUX, _field)
-    x, aux, holder = run(fw, plan, residual_tol=residual_tol, on_failure=on_failure,
-                         linear_solver=linear_solver)
+    x, aux, holder = run(bk, like, plan, residual_tol=residual_tol, on_failure=on_failure,
+                         solve=solve)
     z = x[0] if cons else x
     if holder.result is not None:
         res = scipy.optimize.OptimizeResult(holder.result)
@@ -249,46 +250,38 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
     return res
 
 
-def _first_tensor(tree: Any) -> Any:
-    from .. import _tree
-
-    for leaf in _tree.tree_flatten(tree)[0]:
-        if hasattr(leaf, "detach") and getattr(leaf, "is_floating_point", lambda: False)():
-            return leaf
-    return None
-
-
-def _host_constraint(fw: Framework, c: dict, ca: tuple, meth: str | None) -> dict:
-    out = {"type": c["type"], "fun": fw.host(c["fun"], ca)}
+def _host_constraint(bk: Backend, like: Any, c: dict, ca: tuple, meth: str | None) -> dict:
+    out = {"type": c["type"], "fun": bk.host_function(c["fun"], ca, like=like)}
     if callable(c.get("jac")):
-        out["jac"] = fw.host(c["jac"], ca)
+        out["jac"] = bk.host_function(c["jac"], ca, like=like)
     elif meth in _JAC:
-        out["jac"] = fw.jacobian(c["fun"], ca)
+        jac = bk.host_derivative(c["fun"], ca, "jacobian", like=like)
+        if jac is not None:
+            out["jac"] = jac
     return out
 
 
-def _count(fw: Framework, c: dict, x0f: Any, ca: tuple) -> int:
-    if fw.name == "jax":
-        import jax
+def _count(c: dict, x0f: Any, ca: tuple) -> int:
+    """The number of constraint values (under tracing, from the traced output's shape)."""
+    out = c["fun"](x0f, *ca)
+    shape = getattr(out, "shape", None)
+    return int(np.prod(shape)) if shape is not None else int(np.size(out))
 
-        return int(np.prod(jax.eval_shape(lambda z, a: c["fun"](z, *a), x0f, ca).shape))
-    return int(np.size(fw.to_host(c["fun"](x0f, *ca))))
 
-
-def _kkt_condition(fw: Framework, xp: Any, f_obj: Callable[..., Any],
+def _kkt_condition(bk: Backend, like: Any, f_obj: Callable[..., Any],
                    user_grad: Callable[..., Any] | None, eqs: list, ineqs: list,
                    box: tuple | None, x0f: Any) -> tuple[Any, Any, int, int]:
     """The KKT condition for SciPy's constraint dicts (and finite bounds), `x = (z, nu, mu)`."""
-    m_eq = sum(_count(fw, c, x0f, a) for c, a in eqs)
-    m_in = sum(_count(fw, c, x0f, a) for c, a in ineqs)
+    m_eq = sum(_count(c, x0f, a) for c, a in eqs)
+    m_in = sum(_count(c, x0f, a) for c, a in ineqs)
     if box is not None:
         lo_i = np.flatnonzero(np.isfinite(box[0]))
         hi_i = np.flatnonzero(np.isfinite(box[1]))
         m_in += lo_i.size + hi_i.size
-        lb_f = fw.array(box[0][lo_i], like=x0f)
-        ub_f = fw.array(box[1][hi_i], like=x0f)
-        lo_idx = fw.from_host(lo_i.astype(np.int64))
-        hi_idx = fw.from_host(hi_i.astype(np.int64))
+        lb_f = bk.host_array(box[0][lo_i], like=x0f)
+        ub_f = bk.host_array(box[1][hi_i], like=x0f)
+        lo_idx = bk.from_host(lo_i.astype(np.int64), like=like)
+        hi_idx = bk.from_host(hi_i.astype(np.int64), like=like)
 
     def flat(zz: Any, v: Any) -> Any:
         ns = array_api_compat.array_namespace(zz)
@@ -314,31 +307,32 @@ def _kkt_condition(fw: Framework, xp: Any, f_obj: Callable[..., Any],
 
     F.__name__ = K.__name__
     F.tags = K.tags  # type: ignore[attr-defined]
-    z_spec = spec_of(fw, x0f)
+    z_spec = spec_of(x0f)
 
     x_spec = (z_spec, *((ArraySpec((m_eq,), z_spec.dtype),) if eqs else ()),
               *((ArraySpec((m_in,), z_spec.dtype),) if m_in else ()))
     return F, x_spec, m_eq, m_in
 
 
-def _multipliers(fw: Framework, f_obj: Callable[..., Any], user_grad: Any, z: np.ndarray,
+def _multipliers(bk: Backend, like: Any, f_obj: Callable[..., Any], user_grad: Any,
+                 z: np.ndarray,
                  a: tuple, eqs: list, eq_a: tuple, ineqs: list, in_a: tuple,
                  box: tuple | None, m_eq: int, m_in: int) -> tuple[Any, Any, float]:
     """Multipliers $(\\nu, \\mu \\ge 0)$ at the solution $z$ from the Lagrangian's stationarity
     $\\nabla f + J_h^\\top \\nu + J_g^\\top \\mu = 0$, by bounded least squares on the active
     inequalities ($g_i \\ge -10^{-7}$; the others get $\\mu_i = 0$). Also the largest constraint
     violation $\\max(|h|, g^+)$."""
-    a_fw = fw.from_host(a) if fw.name != "numpy" else a
-    grad = fw.grad_np(f_obj, z, a_fw, user=user_grad)
+    a_fw = bk.from_host(a, like=like)
+    grad = host_grad(bk, f_obj, z, a_fw, like, user=user_grad)
     rows_h, vals_h, rows_g, vals_g = [], [], [], []
     for (c, _), ca in zip(eqs, eq_a):
-        ca_fw = fw.from_host(ca) if fw.name != "numpy" else ca
-        vals_h.append(np.ravel(fw.to_host(fw.host(c["fun"], ca_fw)(z))))
-        rows_h.append(fw.jac_np(c["fun"], z, ca_fw, user=c.get("jac")))
+        ca_fw = bk.from_host(ca, like=like)
+        vals_h.append(np.ravel(bk.host_function(c["fun"], ca_fw, like=like)(z)))
+        rows_h.append(host_jac(bk, c["fun"], z, ca_fw, like, user=c.get("jac")))
     for (c, _), ca in zip(ineqs, in_a):
-        ca_fw = fw.from_host(ca) if fw.name != "numpy" else ca
-        vals_g.append(-np.ravel(fw.to_host(fw.host(c["fun"], ca_fw)(z))))
-        rows_g.append(-fw.jac_np(c["fun"], z, ca_fw, user=c.get("jac")))
+        ca_fw = bk.from_host(ca, like=like)
+        vals_g.append(-np.ravel(bk.host_function(c["fun"], ca_fw, like=like)(z)))
+        rows_g.append(-host_jac(bk, c["fun"], z, ca_fw, like, user=c.get("jac")))
     n = z.size
     if box is not None:
         eye = np.eye(n)

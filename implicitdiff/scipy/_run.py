@@ -3,13 +3,13 @@ solver and carry the solver's result object out beside the differentiable `x`.
 
 The decorated solver is called with `has_aux=True`:
 
-- NumPy and PyTorch run it directly (torch on detached tensors); the full SciPy result is kept on
-  the host side (`holder`) and returned as SciPy returned it, with `x` replaced.
-- JAX runs it through `jax.pure_callback` (the core's external-solver path, with `result_shape`
-  given so the solve runs once). Only arrays cross a callback, so the aux is a fixed set of array
-  fields (`fun`, `success`, `status`, ...). Called eagerly with concrete arrays, the full result
-  object from the host is used; traced (`jit`, `vmap`, `grad`), the result holds the array fields
-  only.
+- Eager backends (NumPy, PyTorch) run it directly (torch on detached tensors); the full SciPy
+  result is kept on the host side (`holder`) and returned as SciPy returned it, with `x` replaced.
+- A backend that calls host code from traced code (JAX, through `jax.pure_callback`) says so with
+  `Backend.callback_result_shape`; the core's external-solver path then gets `result_shape`, so
+  the solve runs once. Only arrays cross a callback, so the aux is a fixed set of array fields
+  (`fun`, `success`, `status`, ...). Called eagerly with concrete arrays, the full result object
+  from the host is used; traced (`jit`, `vmap`, `grad`), the result holds the array fields only.
 
 SciPy's own failure (`success=False`, or an exception such as `fixed_point`'s RuntimeError) is
 handled on the host before the core's residual check: `on_failure="raise"` raises
@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from .._backend import Backend, is_host_array
 from .._errors import NonConvergenceError, StructureError
 from .._linear_solve import AbstractLinearSolver
 from .._root import custom_root
-from ._host import Framework, default_residual_tol, is_traced
+from ._host import residual_tol_of
 
 ON_FAILURE = ("raise", "warn", "nan")
 
@@ -94,21 +95,26 @@ def check_args(who: str, what: str, f: Callable[..., Any], n_lead: int, args: tu
         ) from None
 
 
-def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: str,
-        linear_solver: AbstractLinearSolver, derivatives: Any = None
-        ) -> tuple[Any, Any, Holder]:
+def run(bk: Backend, like: Any, plan: Plan, *, residual_tol: float | None, on_failure: str,
+        solve: AbstractLinearSolver, derivatives: Any = None) -> tuple[Any, Any, Holder]:
     """Run the plan through `idf.custom_root`. Returns `(x, aux, holder)`: `x` differentiable in
-    the thetas, `aux` the JAX array fields (None for NumPy/torch), `holder.result` the host
-    result when the call was not traced."""
+    the thetas, `aux` the array fields when the backend calls the host through a callback (None
+    otherwise), `holder.result` the host result when the call was not traced.
+
+    `x0` is a differentiable-looking positional argument (so a traced guess reaches the host
+    solve) unless it is a NumPy array (then the decorated solver takes the thetas only, as
+    `implicit_function` documents)."""
     holder = Holder()
-    jaxy = fw.name == "jax"
-    lead = () if fw.name == "numpy" else (plan.x0,)
+    result_shape = bk.callback_result_shape((plan.x_spec, {
+        k: ArraySpec((), dt) for k, dt in plan.aux_fields.items()}))
+    via_callback = result_shape is not None
+    lead = () if is_host_array(plan.x0) else (plan.x0,)
 
     def solver(*thetas: Any) -> Any:
         if lead:
-            x0_h, thetas_h = fw.to_host(thetas[0]), fw.to_host(thetas[1:])
+            x0_h, thetas_h = bk.to_host(thetas[0]), bk.to_host(thetas[1:])
         else:
-            x0_h, thetas_h = fw.to_host(plan.x0), fw.to_host(thetas)
+            x0_h, thetas_h = bk.to_host(plan.x0), bk.to_host(thetas)
         x, result, ok, message = plan.host_solve(x0_h, *thetas_h)
         holder.result = result
         if not ok:
@@ -126,30 +132,18 @@ def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: st
             else:
                 x = _tree_map_np(lambda a: np.full_like(a, np.nan), x)
         x = _tree_map_np_spec(x, plan.x_spec)
-        if fw.name == "torch":
-            # hand tensors back ourselves: the core's NumPy-to-tensor conversion turns a 0-d
-            # array into shape (1,) (np.ascontiguousarray)
-            x = fw.from_host(x)
-        if jaxy:
+        if via_callback:
             aux = {k: np.asarray(plan.get_field(result, k), dtype=dt)
                    for k, dt in plan.aux_fields.items()}
             return x, aux
-        return x, (result if fw.name == "numpy" else None)
+        # hand the framework's arrays back ourselves (the core's conversion of a host result
+        # may reshape a 0-d array)
+        x = bk.from_host(x, like=like)
+        return x, (result if not lead else None)
 
     solver.__name__ = plan.name
-    result_shape = None
-    if jaxy:
-        import jax
-
-        def _sds(spec: Any) -> Any:
-            return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                          spec)
-
-        result_shape = (_sds(plan.x_spec),
-                        {k: jax.ShapeDtypeStruct((), dt) for k, dt in plan.aux_fields.items()})
-
     if residual_tol is None:
-        residual_tol = default_residual_tol(fw.float_dtype_eps(plan.x0))
+        residual_tol = residual_tol_of(plan.x0)
     if lead:
         base_F = plan.F
 
@@ -159,7 +153,7 @@ def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: st
         F.__name__ = getattr(base_F, "__name__", "F")
     else:
         F = plan.F
-    fn = custom_root(F, solve=linear_solver, tags=plan.tags, has_aux=True,
+    fn = custom_root(F, solve=solve, tags=plan.tags, has_aux=True,
                      residual_tol=residual_tol, on_failure=on_failure,
                      result_shape=result_shape, derivatives=derivatives)(solver)
     capture = _CAPTURE.get()
@@ -168,13 +162,13 @@ def run(fw: Framework, plan: Plan, *, residual_tol: float | None, on_failure: st
         raise _Captured
     try:
         x, aux = fn(*lead, *plan.thetas)
-    except Exception as e:  # a failure raised inside jax.pure_callback comes back wrapped
+    except Exception as e:  # a failure raised inside a host callback may come back wrapped
         if holder.error is not None and e is not holder.error:
             raise holder.error from e
         raise
-    if is_traced(x):
+    if bk.is_traced(x):
         holder.result = None
-    return x, (aux if jaxy else None), holder
+    return x, (aux if via_callback else None), holder
 
 
 _CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("capture", default=None)
@@ -241,11 +235,13 @@ class ArraySpec:
         self.dtype = np.dtype(dtype)
 
 
-def spec_of(fw: Framework, x: Any) -> ArraySpec:
-    """`ArraySpec` of a framework array."""
+def spec_of(x: Any) -> ArraySpec:
+    """`ArraySpec` of a framework array (its dtype's name read as a NumPy dtype)."""
     dt = getattr(x, "dtype", None)
-    if fw.name == "torch":
-        np_dt = np.dtype(str(dt).replace("torch.", ""))
-    else:
-        np_dt = np.dtype(dt) if dt is not None else np.dtype(np.float64)
+    if dt is None:
+        return ArraySpec(tuple(x.shape), np.float64)
+    try:
+        np_dt = np.dtype(dt)
+    except TypeError:  # a framework's own dtype object (torch.float32): by name
+        np_dt = np.dtype(str(dt).rpartition(".")[2])
     return ArraySpec(tuple(x.shape), np_dt)

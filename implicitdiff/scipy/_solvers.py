@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import scipy.optimize
 
-from .. import _tree
 from .. import conditions as cond
+from .._backend import Backend, find_backend, is_host_array
 from .._errors import StructureError
-from .._linear_solve import AbstractLinearSolver, Auto
-from .._root import Derivatives, ImplicitFunction, custom_root
-from ._host import default_residual_tol, framework_name, get_framework
-from ._minimize import _first_tensor
+from .._linear_solve import AbstractLinearSolver
+from .._root import Derivatives, ImplicitFunction, custom_root, solve_argument
+from ._host import backend_of_call, residual_tol_of
 from ._run import Plan, as_args, check_args, check_on_failure, run, spec_of
 
 
@@ -29,13 +27,12 @@ def _getter(res: Any, k: str) -> Any:
 
 
 def _setup(who: str, f: Callable[..., Any], x0: Any, args: tuple, *extra: Any
-           ) -> tuple[Any, tuple]:
-    """The framework of the call, and `args` with NumPy arrays converted to it."""
+           ) -> tuple[Backend, Any, tuple]:
+    """The backend of the call, its reference array, and `args` with NumPy arrays converted to
+    it (constants)."""
     check_args(who, "fun", f, 1, args)
-    name = framework_name(x0, args, *extra)
-    like = x0 if name == "torch" and hasattr(x0, "detach") else _first_tensor(args)
-    fw = get_framework(name, like)
-    return fw, fw.from_host(args)
+    bk, like = backend_of_call(x0, args, *extra)
+    return bk, like, bk.from_host(args, like=like)
 
 
 def _as_like(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -60,8 +57,8 @@ _ROOT_JAC = {"hybr", "lm"}
 def root(fun: Callable[..., Any], x0: Any, args: Any = (), method: str = "hybr",
          jac: Any = None, tol: float | None = None, callback: Any = None,
          options: dict | None = None, *, residual_tol: float | None = None,
-         on_failure: str = "raise", linear_solver: AbstractLinearSolver = Auto()
-         ) -> scipy.optimize.OptimizeResult:
+         on_failure: str = "raise", solve: AbstractLinearSolver | None = None,
+         linear_solver: AbstractLinearSolver | None = None) -> scipy.optimize.OptimizeResult:
     """`scipy.optimize.root` whose result's `x` is differentiable in `args`.
 
     The condition is `fun` itself: $F(x, \\theta) = $ `fun(x, *args)`, so
@@ -74,49 +71,44 @@ def root(fun: Callable[..., Any], x0: Any, args: Any = (), method: str = "hybr",
     `success`, `status`, `nfev`).
     """
     check_on_failure(on_failure)
+    solve = solve_argument("root", solve, linear_solver)
     args = as_args(args)
-    fw, args = _setup("root", fun, x0, args)
-    x0f = fw.array(x0).reshape((-1,))
+    bk, like, args = _setup("root", fun, x0, args)
+    x0f = bk.host_array(x0, like=like).reshape((-1,))
     meth = method.lower() if isinstance(method, str) else None
     if residual_tol is None:
-        residual_tol = default_residual_tol(fw.float_dtype_eps(x0f))
+        residual_tol = residual_tol_of(x0f)
 
     def F(x: Any, *a: Any) -> Any:
         return fun(x, *a)[0] if jac is True else fun(x, *a)
 
     F.__name__ = getattr(fun, "__name__", "fun")
     derivs = None
-    if fw.name == "numpy" and callable(jac):
+    if not bk.autodiff and callable(jac):  # the user's Jacobian serves the reference's products
         derivs = Derivatives(jvp_x=lambda v, x, *a: np.asarray(jac(x, *a)) @ v,
                              vjp_x=lambda u, x, *a: np.asarray(jac(x, *a)).T @ u)
 
     def host_solve(x0_h: Any, *a: Any) -> tuple[Any, Any, bool, str]:
         kw: dict[str, Any] = {"method": method, "tol": tol, "callback": callback,
                               "options": options}
-        if fw.name == "numpy":
-            res = scipy.optimize.root(fun, np.asarray(x0_h, dtype=np.float64).reshape(-1),
-                                      args=a, jac=jac, **kw)
-        else:
-            a_fw = fw.from_host(a)
-            if jac is None and meth in _ROOT_JAC:
-                kw["jac"] = fw.jacobian(F, a_fw)
-            elif jac is True:
-                host = fw.host(fun, a_fw)
-                kw["jac"] = True
-                res = scipy.optimize.root(lambda x: tuple(np.asarray(v) for v in host(x)),
-                                          np.asarray(x0_h, dtype=np.float64).reshape(-1),
-                                          **kw)
-                return res.x, res, bool(res.success), str(res.message)
-            elif jac is not None:
-                kw["jac"] = fw.host(jac, a_fw) if callable(jac) else jac
-            res = scipy.optimize.root(fw.host(F, a_fw),
-                                      np.asarray(x0_h, dtype=np.float64).reshape(-1), **kw)
+        a_fw = bk.from_host(a, like=like)
+        x0n = np.asarray(x0_h, dtype=np.float64).reshape(-1)
+        if jac is True:
+            host = bk.host_function(fun, a_fw, like=like)
+            res = scipy.optimize.root(lambda x: tuple(np.asarray(v) for v in host(x)), x0n,
+                                      jac=True, **kw)
+            return res.x, res, bool(res.success), str(res.message)
+        if jac is None and meth in _ROOT_JAC:
+            kw["jac"] = bk.host_derivative(F, a_fw, "jacobian", like=like)
+        elif jac is not None:
+            kw["jac"] = bk.host_function(jac, a_fw, like=like) if callable(jac) else jac
+        res = scipy.optimize.root(bk.host_function(F, a_fw, like=like), x0n, **kw)
         return res.x, res, bool(res.success), str(res.message)
 
     aux = {"success": np.bool_, "status": np.int32, "nfev": np.int32}
-    plan = Plan("root", F, frozenset(), host_solve, args, x0f, spec_of(fw, x0f), aux, _getter)
-    x, aux_v, holder = run(fw, plan, residual_tol=residual_tol, on_failure=on_failure,
-                           linear_solver=linear_solver, derivatives=derivs)
+    plan = Plan("root", F, frozenset(), host_solve, args, x0f, spec_of(x0f), aux, _getter)
+    x, aux_v, holder = run(bk, like, plan, residual_tol=residual_tol, on_failure=on_failure,
+                           solve=solve, derivatives=derivs)
     return _result(holder, x, aux_v)
 
 
@@ -133,7 +125,8 @@ def _result(holder: Any, x: Any, aux: Any) -> scipy.optimize.OptimizeResult:
 def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
                   bounds: Any = (-np.inf, np.inf), method: str = "trf", *, args: Any = (),
                   kwargs: dict | None = None, residual_tol: float | None = None,
-                  on_failure: str = "raise", linear_solver: AbstractLinearSolver = Auto(),
+                  on_failure: str = "raise", solve: AbstractLinearSolver | None = None,
+                  linear_solver: AbstractLinearSolver | None = None,
                   **options: Any) -> scipy.optimize.OptimizeResult:
     """`scipy.optimize.least_squares` (linear loss) whose result's `x` is differentiable in
     `args`.
@@ -150,6 +143,7 @@ def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
     `success`, `status`, `nfev`, `optimality`).
     """
     check_on_failure(on_failure)
+    solve = solve_argument("least_squares", solve, linear_solver)
     if options.get("loss", "linear") != "linear":
         raise StructureError(
             f"least_squares: expected loss='linear', got loss={options['loss']!r}. Robust "
@@ -158,11 +152,11 @@ def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
         )
     args = as_args(args)
     kwargs = dict(kwargs or {})
-    fw, args = _setup("least_squares", fun, x0, args)
-    x0f = fw.array(x0).reshape((-1,))
+    bk, like, args = _setup("least_squares", fun, x0, args)
+    x0f = bk.host_array(x0, like=like).reshape((-1,))
     n = int(x0f.shape[0])
     if residual_tol is None:
-        residual_tol = default_residual_tol(fw.float_dtype_eps(x0f))
+        residual_tol = residual_tol_of(x0f)
 
     def r(x: Any, *a: Any) -> Any:
         return fun(x, *a, **kwargs)
@@ -171,7 +165,8 @@ def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
     lb = np.broadcast_to(np.asarray(bounds[0], dtype=np.float64), (n,))
     ub = np.broadcast_to(np.asarray(bounds[1], dtype=np.float64), (n,))
     boxed = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
-    user_jac = jac if (callable(jac) and fw.name == "numpy") else None
+    # the user's Jacobian serves the condition where the backend has no autodiff (NumPy)
+    user_jac = jac if (callable(jac) and not bk.autodiff) else None
     if not boxed:
         if user_jac is not None:
             Fl = cond.least_squares(r, jac=lambda x, *a: user_jac(x, *a, **kwargs))
@@ -180,7 +175,7 @@ def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
         F: Callable[..., Any] = Fl
         tags = Fl.tags
     else:
-        lb_f, ub_f = fw.array(lb, like=x0f), fw.array(ub, like=x0f)
+        lb_f, ub_f = bk.host_array(lb, like=x0f), bk.host_array(ub, like=x0f)
 
         def half_sq(x: Any, a: tuple) -> Any:
             v = r(x, *a)
@@ -203,27 +198,23 @@ def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
 
     def host_solve(x0_h: Any, *a: Any) -> tuple[Any, Any, bool, str]:
         x0n = np.asarray(x0_h, dtype=np.float64).reshape(-1)
-        if fw.name == "numpy":
-            res = scipy.optimize.least_squares(fun, x0n, jac=jac,  # pyright: ignore[reportArgumentType]
-                                               bounds=bounds, method=method, args=a,
-                                               kwargs=kwargs, **options)
+        a_fw = bk.from_host(a, like=like)
+        jac_s: Any = jac
+        if isinstance(jac, str):
+            if jac in ("2-point", "3-point", "cs"):  # exact from autodiff, else SciPy's own
+                jac_s = bk.host_derivative(r, a_fw, "jacobian", like=like) or jac
         else:
-            a_fw = fw.from_host(a)
-            if isinstance(jac, str):
-                jac_s: Any = fw.jacobian(r, a_fw) if jac in ("2-point", "3-point", "cs") \
-                    else jac
-            else:
-                jac_s = fw.host(lambda x, *aa: jac(x, *aa, **kwargs), a_fw)
-            res = scipy.optimize.least_squares(fw.host(r, a_fw), x0n, jac=jac_s, bounds=bounds,
-                                               method=method, **options)
+            jac_s = bk.host_function(lambda x, *aa: jac(x, *aa, **kwargs), a_fw, like=like)
+        res = scipy.optimize.least_squares(bk.host_function(r, a_fw, like=like), x0n,
+                                           jac=jac_s, bounds=bounds, method=method, **options)
         return res.x, res, bool(res.success), str(res.message)
 
     aux = {"cost": np.float64, "success": np.bool_, "status": np.int32, "nfev": np.int32,
            "optimality": np.float64}
-    plan = Plan("least_squares", F, frozenset(tags), host_solve, args, x0f, spec_of(fw, x0f),
+    plan = Plan("least_squares", F, frozenset(tags), host_solve, args, x0f, spec_of(x0f),
                 aux, _getter)
-    x, aux_v, holder = run(fw, plan, residual_tol=residual_tol, on_failure=on_failure,
-                           linear_solver=linear_solver)
+    x, aux_v, holder = run(bk, like, plan, residual_tol=residual_tol, on_failure=on_failure,
+                           solve=solve)
     return _result(holder, x, aux_v)
 
 
@@ -232,7 +223,8 @@ def least_squares(fun: Callable[..., Any], x0: Any, jac: Any = "2-point",
 def fixed_point(func: Callable[..., Any], x0: Any, args: Any = (), xtol: float = 1e-8,
                 maxiter: int = 500, method: str = "del2", *,
                 residual_tol: float | None = None, on_failure: str = "raise",
-                linear_solver: AbstractLinearSolver = Auto()) -> Any:
+                solve: AbstractLinearSolver | None = None,
+                linear_solver: AbstractLinearSolver | None = None) -> Any:
     """`scipy.optimize.fixed_point` whose result is differentiable in `args`.
 
     The condition is $T(x, \\theta) - x = 0$ with $T$ = `func` (`conditions.fixed_point`), so
@@ -243,29 +235,28 @@ def fixed_point(func: Callable[..., Any], x0: Any, args: Any = (), xtol: float =
     **Returns:** the fixed point, an array of x0's shape, in the framework of the inputs.
     """
     check_on_failure(on_failure)
+    solve = solve_argument("fixed_point", solve, linear_solver)
     args = as_args(args)
-    fw, args = _setup("fixed_point", func, x0, args)
-    x0f = fw.array(x0)
+    bk, like, args = _setup("fixed_point", func, x0, args)
+    x0f = bk.host_array(x0, like=like)
     if residual_tol is None:
-        residual_tol = default_residual_tol(fw.float_dtype_eps(x0f))
+        residual_tol = residual_tol_of(x0f)
     T = _as_like(func)
     F = cond.fixed_point(T)
 
     def host_solve(x0_h: Any, *a: Any) -> tuple[Any, Any, bool, str]:
         x0n = np.asarray(x0_h, dtype=np.float64)
-        h = func if fw.name == "numpy" else fw.host(T, fw.from_host(a))
-        sargs = a if fw.name == "numpy" else ()
+        h = bk.host_function(T, bk.from_host(a, like=like), like=like)
         try:
-            x = scipy.optimize.fixed_point(h, x0n, args=sargs, xtol=xtol, maxiter=maxiter,
-                                           method=method)
+            x = scipy.optimize.fixed_point(h, x0n, xtol=xtol, maxiter=maxiter, method=method)
         except RuntimeError as e:
             return x0n, None, False, str(e)
         return np.asarray(x), None, True, ""
 
-    plan = Plan("fixed_point", F, F.tags, host_solve, args, x0f, spec_of(fw, x0f), {},
+    plan = Plan("fixed_point", F, F.tags, host_solve, args, x0f, spec_of(x0f), {},
                 _getter)
-    x, _, _ = run(fw, plan, residual_tol=residual_tol, on_failure=on_failure,
-                  linear_solver=linear_solver)
+    x, _, _ = run(bk, like, plan, residual_tol=residual_tol, on_failure=on_failure,
+                  solve=solve)
     return x
 
 
@@ -276,7 +267,8 @@ def root_scalar(f: Callable[..., Any], args: Any = (), method: str | None = None
                 x1: Any = None, xtol: float | None = None, rtol: float | None = None,
                 maxiter: int | None = None, options: dict | None = None, *,
                 residual_tol: float | None = None, on_failure: str = "raise",
-                linear_solver: AbstractLinearSolver = Auto()) -> Any:
+                solve: AbstractLinearSolver | None = None,
+                linear_solver: AbstractLinearSolver | None = None) -> Any:
     """`scipy.optimize.root_scalar` whose `root` is differentiable in `args`:
     $\\partial x^*/\\partial\\theta = -\\partial_\\theta f / f'(x^*)$.
 
@@ -288,18 +280,20 @@ def root_scalar(f: Callable[..., Any], args: Any = (), method: str | None = None
     (under JAX tracing: `root`, `converged`, `iterations`, `function_calls`).
     """
     check_on_failure(on_failure)
+    solve = solve_argument("root_scalar", solve, linear_solver)
     args = as_args(args)
-    fw, args = _setup("root_scalar", f, x0 if x0 is not None else 0.0, args, bracket)
+    bk, like, args = _setup("root_scalar", f, x0 if x0 is not None else 0.0, args, bracket)
     guess = x0 if x0 is not None else (bracket[0] if bracket is not None else 0.0)
-    x0f = fw.array(guess).reshape(())
+    x0f = bk.host_array(guess, like=like).reshape(())
     if residual_tol is None:
-        residual_tol = default_residual_tol(fw.float_dtype_eps(x0f))
+        residual_tol = residual_tol_of(x0f)
     F = _as_like(lambda x, *a: f(x, *a)[0] if fprime is True else f(x, *a))
     F.__name__ = getattr(f, "__name__", "f")
     F_root = F
     x_root = x0f
-    if fw.name == "torch":
-        # the torch backend's backward does not take a 0-d x yet: solve for shape (1,)
+    if not is_host_array(x0f):
+        # a framework's unknown is solved for with shape (1,) (the torch backend's backward
+        # does not take a 0-d x); the NumPy reference keeps the 0-d x of implicit_function
         def F_root(x: Any, *a: Any) -> Any:
             return F(x.reshape(()), *a).reshape((1,))
 
@@ -315,27 +309,30 @@ def root_scalar(f: Callable[..., Any], args: Any = (), method: str | None = None
                               "options": options}
         if x0 is not None:
             kw["x0"] = float(np.asarray(x0_h).reshape(()))
-        if fw.name == "numpy":
-            kw.update(fprime=fprime, fprime2=fprime2)
-            res = scipy.optimize.root_scalar(f, args=a, **kw)
-        else:
-            a_fw = fw.from_host(a)
-            if fprime is None and newtonish:
-                kw["fprime"] = fw.derivative(F, a_fw, 1)
-                if meth == "halley" and fprime2 is None:
-                    kw["fprime2"] = fw.derivative(F, a_fw, 2)
-            elif callable(fprime):
-                kw["fprime"] = fw.host(fprime, a_fw, scalar=True)
-            if callable(fprime2):
-                kw["fprime2"] = fw.host(fprime2, a_fw, scalar=True)
-            res = scipy.optimize.root_scalar(fw.host(F, a_fw, scalar=True), **kw)
+        a_fw = bk.from_host(a, like=like)
+        fun_h = bk.host_function(F, a_fw, like=like, scalar=True)
+        if fprime is True:  # f returns (f, f'): SciPy splits it
+            host = bk.host_function(f, a_fw, like=like)
+            kw["fprime"] = True
+            fun_h = lambda x: tuple(float(np.asarray(v)) for v in host(x))  # noqa: E731
+        elif fprime is None and newtonish:  # autodiff's derivative where the backend has one
+            kw["fprime"] = bk.host_derivative(F, a_fw, "derivative", like=like)
+        elif callable(fprime):
+            kw["fprime"] = bk.host_function(fprime, a_fw, like=like, scalar=True)
+        if meth == "halley" and fprime2 is None and fprime is not True:
+            kw["fprime2"] = bk.host_derivative(F, a_fw, "second_derivative", like=like)
+        elif callable(fprime2):
+            kw["fprime2"] = bk.host_function(fprime2, a_fw, like=like, scalar=True)
+        elif fprime2 is not None:
+            kw["fprime2"] = fprime2
+        res = scipy.optimize.root_scalar(fun_h, **kw)
         return np.asarray(res.root), res, bool(res.converged), str(res.flag)
 
     aux = {"converged": np.bool_, "iterations": np.int32, "function_calls": np.int32}
     plan = Plan("root_scalar", F_root, frozenset(), host_solve, args, x_root,
-                spec_of(fw, x_root), aux, _getter)
-    x, aux_v, holder = run(fw, plan, residual_tol=residual_tol, on_failure=on_failure,
-                           linear_solver=linear_solver)
+                spec_of(x_root), aux, _getter)
+    x, aux_v, holder = run(bk, like, plan, residual_tol=residual_tol, on_failure=on_failure,
+                           solve=solve)
     x = x.reshape(())
     if holder.result is not None:
         out = copy.copy(holder.result)
@@ -353,32 +350,25 @@ def root_scalar(f: Callable[..., Any], args: Any = (), method: str | None = None
 def _floats(bracket: Any) -> Any:
     if bracket is None:
         return None
-    return [float(np.asarray(b.detach().cpu() if hasattr(b, "detach") else b))
-            for b in bracket]
+    return [float(np.asarray(to_host(b))) for b in bracket]
 
 
 # ---- any host solver ---------------------------------------------------------------------------
 
 def to_host(tree: Any) -> Any:
     """A pytree of framework arrays as NumPy arrays (torch detached; a JAX tracer raises the
-    error that sends the core to `jax.pure_callback`)."""
-    jax = sys.modules.get("jax")
-
-    def conv(a: Any) -> Any:
-        if jax is not None and isinstance(a, jax.core.Tracer):
-            raise jax.errors.TracerArrayConversionError(a)
-        if hasattr(a, "detach"):
-            return a.detach().cpu().numpy()
-        return np.asarray(a) if hasattr(a, "dtype") else a
-
-    if jax is not None:
-        return jax.tree_util.tree_map(conv, tree)
-    return _tree.tree_map(conv, tree)
+    error that sends the core to `jax.pure_callback`): `Backend.to_host` of the arrays'
+    backend."""
+    bk = find_backend(tree)
+    if bk is None:
+        return tree
+    return bk.to_host(tree)
 
 
 def wrap_solver(F: Callable[..., Any], *, result_shape: Any = None, tags: Any = None,
                 has_aux: bool = False, residual_tol: float | None = None,
-                on_failure: str = "raise", linear_solver: AbstractLinearSolver = Auto()
+                on_failure: str = "raise", solve: AbstractLinearSolver | None = None,
+                linear_solver: AbstractLinearSolver | None = None
                 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Make any host solver (a C library, CVXPY, scikit-learn, OR-tools) differentiable.
 
@@ -388,23 +378,24 @@ def wrap_solver(F: Callable[..., Any], *, result_shape: Any = None, tags: Any = 
         ...
     ```
 
-    The same as `idf.custom_root` (all options mean the same; `linear_solver` is its `solve`),
-    with the positional arguments converted to NumPy before the solver sees them: torch tensors
-    detached, JAX arrays as host arrays (under `jit`/`vmap`/`grad` the solver runs through
-    `jax.pure_callback`, which needs `result_shape`, or one earlier call with concrete arrays of
-    the same shapes). `F` is written with the framework's ops (or array-API ops) and gives the
-    derivative.
+    The same as `idf.custom_root` (all options mean the same; `linear_solver=` is the
+    deprecated name of `solve=`), with the positional arguments converted to NumPy before the
+    solver sees them: torch tensors detached, JAX arrays as host arrays (under `jit`/`vmap`/
+    `grad` the solver runs through `jax.pure_callback`, which needs `result_shape`, or one
+    earlier call with concrete arrays of the same shapes). `F` is written with the framework's
+    ops (or array-API ops) and gives the derivative.
 
     **Returns:** a decorator turning `solver(*args, **options) -> x` into an `ImplicitFunction`.
     """
     check_on_failure(on_failure)
+    solve = solve_argument("wrap_solver", solve, linear_solver)
 
     def decorate(host_solver: Callable[..., Any]) -> ImplicitFunction:
         @functools.wraps(host_solver)
         def solver(*args: Any, **opts: Any) -> Any:
             return host_solver(*to_host(args), **opts)
 
-        return custom_root(F, solve=linear_solver, tags=tags, has_aux=has_aux,
+        return custom_root(F, solve=solve, tags=tags, has_aux=has_aux,
                            residual_tol=residual_tol, on_failure=on_failure,
                            result_shape=result_shape)(solver)
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._linear_solve import AbstractLinearSolver, Auto
+from .._linear_solve import AbstractLinearSolver
+from .._root import solve_argument
 from ._common import SolverResult, backtrack, finite, iterate, norm, residual_fn, setup
 
 
 def newton(F: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = False,
            jvp: Callable[..., Any] | str | None = None,
-           linear_solver: AbstractLinearSolver = Auto(), line_search: bool = True,
+           solve: AbstractLinearSolver | None = None, line_search: bool = True,
            max_backtracks: int = 10, tol: float | None = None, atol: float = 0.0,
-           maxiter: int = 50) -> SolverResult:
+           maxiter: int = 50, linear_solver: AbstractLinearSolver | None = None
+           ) -> SolverResult:
     """Solve $g(z) = 0$ by Newton's method, $J\\,p = -g(z_k)$, $z_{k+1} = z_k + \\alpha p$, with
     $g = F$ (default) or $g = T(z) - z$ (`fixed_point=True`, `F` is then the map $T$).
 
-    The Newton system is solved by `linear_solver`, one of the core's linear solvers, from
+    The Newton system is solved by `solve`, one of the core's linear solvers, from
     products $v \\mapsto J v$: `Dense()` materializes $J$ ($n$ products) and factorizes it,
     `GMRES()`/`BiCGStab()` need a few products per iteration (an inexact Newton method; pass a
     loose `rtol`, e.g. `GMRES(rtol=1e-4)`, to save products). The default `Auto()` is `Dense`
@@ -41,16 +43,18 @@ def newton(F: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = False
     (a singular Jacobian or a local minimum of $\\|g\\|$ that is not a root).
 
     **Arguments:** `F`, `z0` (`(n,)` or `(..., n)`, a batch of independent problems), `args`,
-    and the options above; `tol`, `atol`, `maxiter` as in `fixed_point_iteration` (default
-    `maxiter` 50), the relative residual being $\\|F(z)\\|/\\|F(z_0)\\|$ for a root,
-    $\\|T(z) - z\\|/\\|T(z)\\|$ for a fixed point.
+    and the options above (`linear_solver=` is the deprecated old name of `solve=`: a
+    `DeprecationWarning`, removed in the next release); `tol`, `atol`, `maxiter` as in
+    `fixed_point_iteration` (default `maxiter` 50), the relative residual being
+    $\\|F(z)\\|/\\|F(z_0)\\|$ for a root, $\\|T(z) - z\\|/\\|T(z)\\|$ for a fixed point.
 
     **Returns:** a `SolverResult`.
     """
     name = "newton"
     bk, xp = setup(name, z0, maxiter, tol, atol)
+    linear_solver = solve_argument(name, solve, linear_solver)
     if not isinstance(linear_solver, AbstractLinearSolver):
-        raise TypeError(f"{name}: expected linear_solver an implicitdiff linear solver "
+        raise TypeError(f"{name}: expected solve= an implicitdiff linear solver "
                         f"(idf.Dense(), idf.GMRES(), ...), got {linear_solver!r}.")
     if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, int) \
             or max_backtracks < 0:

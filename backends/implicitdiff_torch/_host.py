@@ -1,0 +1,126 @@
+"""The PyTorch backend's host side: NumPy conversion (constants take the device, and floating ones
+the dtype, of the tensors they join: torch does not promote in `@`), and host functions for
+SciPy from `torch.func.grad_and_value`, `torch.func.hessian`, `torch.func.jacfwd`, on tensors of
+the dtype and device of the call's reference tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.func
+
+from implicitdiff import _tree
+
+
+def _dtype(like: Any) -> torch.dtype:
+    if isinstance(like, torch.Tensor) and like.is_floating_point():
+        return like.dtype
+    return torch.float64
+
+
+def _device(like: Any) -> Any:
+    return like.device if isinstance(like, torch.Tensor) else None
+
+
+def to_host(tree: Any) -> Any:
+    def conv(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return a.detach().cpu().numpy()
+        return np.asarray(a) if hasattr(a, "dtype") else a
+
+    return _tree.tree_map(conv, tree)
+
+
+def from_host(tree: Any, like: Any = None, device: Any = None) -> Any:
+    dev = device if device is not None else _device(like)
+    cast = isinstance(like, torch.Tensor) and like.is_floating_point()
+
+    def conv(a: Any) -> Any:
+        if isinstance(a, (np.ndarray, np.generic)):
+            t = torch.as_tensor(np.array(a), device=dev)
+            return t.to(like.dtype) if cast and t.is_floating_point() else t
+        return a
+
+    return _tree.tree_map(conv, tree)
+
+
+def host_array(x: Any, like: Any = None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        t = torch.as_tensor(np.array(x), device=_device(like))
+    return t.to(dtype=_dtype(like))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
+def _np_tree(out: Any) -> Any:
+    def conv(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().numpy()
+        return np.asarray(a, dtype=np.float64) if hasattr(a, "dtype") or isinstance(
+            a, (float, int)) else a
+
+    return _tree.tree_map(conv, out)
+
+
+def _scalar(out: Any) -> float:
+    a = np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out)
+    if a.size != 1:
+        from implicitdiff._errors import StructureError
+
+        raise StructureError(f"expected fun to return a scalar, got shape {a.shape}.")
+    return float(a.reshape(()))
+
+
+def host_function(f: Callable[..., Any], theta: tuple, like: Any, scalar: bool
+                  ) -> Callable[..., Any]:
+    dtype, device = _dtype(like), _device(like)
+
+    def t(x: Any) -> torch.Tensor:
+        return torch.as_tensor(np.array(x), dtype=dtype, device=device)
+
+    def h(x: Any, *extra: Any) -> Any:
+        with torch.no_grad():
+            out = f(t(x), *[t(e) for e in extra], *theta)
+        return _scalar(out) if scalar else _np_tree(out)
+
+    return h
+
+
+def host_derivative(f: Callable[..., Any], theta: tuple, kind: str, like: Any
+                    ) -> Callable[..., Any] | None:
+    dtype, device = _dtype(like), _device(like)
+    func = torch.func
+
+    def t(x: Any) -> torch.Tensor:
+        return torch.as_tensor(np.array(x), dtype=dtype, device=device)
+
+    if kind == "value_and_grad":
+        gv = func.grad_and_value(lambda x: f(x, *theta))
+
+        def vg(x: Any) -> tuple[float, np.ndarray]:
+            g, v = gv(t(x))
+            return float(v), _np(g)
+
+        return vg
+    if kind == "hessian":
+        H = func.hessian(lambda x: f(x, *theta))
+        return lambda x: _np(H(t(x)))
+    if kind == "hessp":
+        grad = func.grad(lambda x: f(x, *theta))
+        return lambda x, p: _np(func.jvp(grad, (t(x),), (t(p),))[1])
+    if kind == "jacobian":
+        J = func.jacfwd(lambda x: f(x, *theta))
+        return lambda x: np.atleast_2d(_np(J(t(x))))
+    if kind in ("derivative", "second_derivative"):
+        d = func.grad(lambda x: f(x, *theta))
+        if kind == "second_derivative":
+            d = func.grad(d)
+        return lambda x: float(d(t(x)))
+    raise ValueError(f"host_derivative: unknown kind {kind!r}.")
