@@ -47,6 +47,14 @@ def _div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
     return xp.where(mask, a / xp.where(mask, b, one), xp.zeros_like(a))
 
 
+def _zero_int(xp: Any, like: Any) -> Any:
+    """A 0-d int32 zero (a loop counter) on the device of the array `like`.
+
+    Made from `like` rather than with `device=`: arrays must not mix devices (array-api-strict
+    checks it), and a sharded JAX array's device is a sharding that a scalar cannot take."""
+    return xp.sum(xp.zeros_like(like, dtype=xp.int32), dtype=xp.int32)
+
+
 def _sel(xp: Any, mask: Any, new: Any, old: Any) -> Any:
     return xp.where(mask, new, old)
 
@@ -115,7 +123,8 @@ class AbstractLinearSolver(abc.ABC):
 
     def _tol(self, xp: Any, b: Any, direct: bool = False) -> Any:
         rtol = self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, direct)
-        return xp.maximum(rtol * _norm(xp, b), xp.asarray(self.atol, dtype=b.dtype))
+        nb = _norm(xp, b)
+        return xp.maximum(rtol * nb, xp.full_like(nb, self.atol))
 
     def _maxiter(self, n: int) -> int:
         m = getattr(self, "maxiter", None)
@@ -280,7 +289,7 @@ def _cg(bk, xp, A, b, x0, M, tol, maxiter):
     rn = _norm(xp, r)
     iters = xp.zeros_like(rn, dtype=xp.int32)
     brk = xp.zeros_like(rn, dtype=xp.bool)
-    k = xp.asarray(0, dtype=xp.int32)
+    k = _zero_int(xp, rn)
 
     def cond(s):
         k, rn, brk = s[0], s[5], s[7]
@@ -372,11 +381,11 @@ class MINRES(AbstractLinearSolver):
         beta1 = xp.sqrt(xp.where(brk, xp.zeros_like(b1sq), b1sq))
         tol = self._tol(xp, b) if self.preconditioner is None else xp.maximum(
             (self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, False)) * beta1,
-            xp.asarray(self.atol, dtype=b.dtype))
+            xp.full_like(beta1, self.atol))
         zero = xp.zeros_like(beta1)
         one = xp.ones_like(beta1)
         w = xp.zeros_like(b)
-        state = dict(k=xp.asarray(0, dtype=xp.int32), x=x, r1=r1, r2=r1, y=y, beta=beta1,
+        state = dict(k=_zero_int(xp, beta1), x=x, r1=r1, r2=r1, y=y, beta=beta1,
                      oldb=zero, dbar=zero, epsln=zero, phibar=beta1, cs=-one, sn=zero, w=w,
                      w2=w, iters=xp.zeros_like(beta1, dtype=xp.int32), brk=brk)
 
@@ -487,7 +496,7 @@ class GMRES(AbstractLinearSolver):
             return (k + used, sel(x_new, x), sel(r_new, r),
                     sel(rn_new, rn), iters + steps, brk | bad, stalled | stall)
 
-        k = xp.asarray(0, dtype=xp.int32)
+        k = _zero_int(xp, rn)
         s = bk.while_loop(cond, body, (k, x, r, rn, iters, brk, stalled))
         return s[1], _info(xp, s[4], s[3], tol, s[5])
 
@@ -501,6 +510,7 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
     cidx = xp.reshape(xp.arange(m, device=_dev(b)), (m, *lead))  # column index
     hcol = xp.reshape(xp.arange(m, device=_dev(b)), (1, m, *lead))
     scal = (*b.shape[:-1], 1)  # a per-element scalar
+    zero = _zero_int(xp, b)  # the loop counters start from it
 
     def pick(arr: Any, index: Any, j: Any) -> Any:  # arr[j] along axis 0
         return xp.sum(xp.where(index == j, arr, xp.zeros_like(arr)), axis=0)
@@ -515,7 +525,7 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
                                                   device=_dev(b)))
         steps = xp.zeros_like(rn, dtype=xp.int32)
         res = rn
-        j0 = xp.asarray(0, dtype=xp.int32)
+        j0 = zero
 
         def inner_cond(s):
             j, res, act = s[0], s[6], s[8]
@@ -547,7 +557,7 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
                 col = xp.where(idx == i + 1, (-si * a + ci * c)[None, ...], col)
                 return i + 1, col
 
-            _, col = bk.while_loop(rot_cond, rot_body, (xp.asarray(0, dtype=xp.int32), col))
+            _, col = bk.while_loop(rot_cond, rot_body, (zero, col))
             a, c = pick(col, idx, j), pick(col, idx, j + 1)
             gamma = xp.sqrt(a * a + c * c)
             nz = gamma > 0
@@ -583,7 +593,7 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
             yk = _div(xp, acc, rkk, (xp.abs(rkk) > 0) & (k < used))
             return k - 1, xp.where(cidx == k, yk[None, ...], y)
 
-        _, y = bk.while_loop(back_cond, back_body, (xp.asarray(m - 1, dtype=xp.int32), y))
+        _, y = bk.while_loop(back_cond, back_body, (zero + (m - 1), y))
         dx = xp.sum(y * V[:m, ...], axis=0)
         return dx, steps, used
 
@@ -622,7 +632,7 @@ class BiCGStab(AbstractLinearSolver):
         rn = _norm(xp, r)
         one = xp.ones_like(rn)
         zeros = xp.zeros_like(b)
-        state = (xp.asarray(0, dtype=xp.int32), x, r, r, zeros, zeros, one, one, one, rn,
+        state = (_zero_int(xp, rn), x, r, r, zeros, zeros, one, one, one, rn,
                  xp.zeros_like(rn, dtype=xp.int32), xp.zeros_like(rn, dtype=xp.bool))
 
         def cond(s):
@@ -698,7 +708,7 @@ class Richardson(AbstractLinearSolver):
         r = b - matvec(x) if x0 is not None else b
         rn = _norm(xp, r)
         rn0 = rn
-        state = (xp.asarray(0, dtype=xp.int32), x, r, rn, xp.zeros_like(rn, dtype=xp.int32),
+        state = (_zero_int(xp, rn), x, r, rn, xp.zeros_like(rn, dtype=xp.int32),
                  xp.zeros_like(rn, dtype=xp.bool))
 
         def cond(s):

@@ -50,10 +50,13 @@ class Framework:
     def __init__(self, name: str):
         self.name = name
         self.errors: tuple[type[BaseException], ...] = (idf.ImplicitDiffError,)
+        self.device = None
         if name == "numpy":
             import array_api_compat.numpy as xp
         elif name == "array_api_strict":
             xp = pytest.importorskip("array_api_strict")
+            # not the default device: arrays of two devices must never meet
+            self.device = xp.Device("device1")
         elif name == "jax":
             jax = pytest.importorskip("jax")
             jax.config.update("jax_enable_x64", True)
@@ -78,7 +81,7 @@ class Framework:
             return a
         if self.name == "torch":
             return self.torch.asarray(np.ascontiguousarray(a))
-        return self.xp.asarray(a)
+        return self.xp.asarray(a, device=self.device)
 
     def tree(self, t):
         if isinstance(t, (tuple, list)):
@@ -92,6 +95,9 @@ class Framework:
             return a
         if self.name == "torch":
             return a.detach().cpu().numpy()
+        if self.device is not None:
+            assert a.device == self.device
+            a = a.to_device(self.xp.asarray(0.0).device)
         return np.asarray(a)
 
     def run(self, f, *args):

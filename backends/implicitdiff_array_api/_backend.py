@@ -10,8 +10,9 @@ import numpy as np
 
 from implicitdiff._reference import ReferenceBackend
 
-# the array type (the package does not export its name)
+# the array type (the package does not export its name) and the host device
 _Array = type(array_api_strict.asarray(0.0))
+_CPU = array_api_strict.asarray(0.0).device
 
 
 class ArrayApiStrictBackend(ReferenceBackend):
@@ -29,9 +30,20 @@ class ArrayApiStrictBackend(ReferenceBackend):
     def namespace(self, *arrays: Any) -> Any:
         return array_api_strict
 
+    def to_host(self, tree: Any) -> Any:
+        """The pytree with its arrays as NumPy arrays, moved to the CPU device first (arrays on
+        array-api-strict's other devices refuse conversion, as a GPU's would)."""
+        leaves, treedef = self.tree_flatten(tree)
+        return self.tree_unflatten(treedef, [np.asarray(a.to_device(_CPU)) if self.owns(a) else a
+                                             for a in leaves])
+
+    # diagnostics records and error messages get host (NumPy) values, as with other backends
     def record(self, make_record: Callable[..., Any], *data: Any) -> None:
-        # diagnostics records hold host (NumPy) values, as with every other backend
-        super().record(make_record, *(np.asarray(d) if self.owns(d) else d for d in data))
+        super().record(make_record, *self.to_host(data))
+
+    def handle_failure(self, value: Any, ok: Any, on_failure: str, make_error: Callable[..., Any],
+                       *data: Any) -> Any:
+        return super().handle_failure(value, ok, on_failure, make_error, *self.to_host(data))
 
 
 backend = ArrayApiStrictBackend()

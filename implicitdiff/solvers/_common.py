@@ -151,7 +151,7 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     z_checked = getattr(resid, "implies_finite_z", False)
     r0, scale0 = resid(z0)
     rn0 = norm(xp, r0)
-    atol_a = xp.asarray(atol, dtype=z0.dtype)
+    atol_a = xp.full_like(rn0, atol)
 
     def done(rn: Any, scale: Any) -> Any:
         return rn <= xp.maximum(atol_a, rtol * scale)
@@ -162,7 +162,7 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     ok0 = finite(xp, z0) & xp.isfinite(rn0) & xp.isfinite(scale0)
     conv0 = done(rn0, scale0) & ok0
     state = dict(
-        k=xp.asarray(0, dtype=xp.int32), z=z0, r=r0, rn=rn0, scale=scale0,
+        k=zero_int(xp, rn0), z=z0, r=r0, rn=rn0, scale=scale0,
         steps=xp.zeros_like(rn0, dtype=xp.int32), conv=conv0, failed=~ok0,
         active=~conv0 & ok0, trace=nan_trace, strace=nan_trace, m=mstate,
     )
@@ -211,6 +211,13 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
                         rel[..., 0], s["trace"], rtrace, xp.max(xp.abs(s["r"]), axis=-1))
 
 
+def zero_int(xp: Any, like: Any) -> Any:
+    """A 0-d int32 zero (a loop counter) on the device of the array `like`: made from it, since
+    arrays must not mix devices and a sharded JAX array's device is a sharding that a scalar
+    cannot take."""
+    return xp.sum(xp.zeros_like(like, dtype=xp.int32), dtype=xp.int32)
+
+
 def device(x: Any) -> Any:
     import array_api_compat
 
@@ -247,5 +254,5 @@ def backtrack(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z: Any,
                 xp.where(better, st, sb), xp.where(better, nt, nb), found | passed)
 
     r0 = xp.zeros_like(z)
-    s = bk.while_loop(cond, body, (xp.asarray(0, dtype=xp.int32), one, z, r0, inf, inf, found0))
+    s = bk.while_loop(cond, body, (zero_int(xp, rn), one, z, r0, inf, inf, found0))
     return s[2], s[3], s[4], s[5], s[6] & active
