@@ -85,7 +85,7 @@ class ReferenceLinearization(Linearization):
     `is_float` decides which leaves of `args` get a derivative.
     """
 
-    def __init__(self, backend: Backend, F: Callable[..., Any], x: Any, args: tuple, *,
+    def __init__(self, backend: ReferenceBackend, F: Callable[..., Any], x: Any, args: tuple, *,
                  derivatives: Any = None, tags: frozenset = frozenset(),
                  argnums: Sequence[int] | None = None):
         self.bk = backend

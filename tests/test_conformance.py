@@ -21,6 +21,8 @@ A new backend is conformant when this file passes with its framework added to `B
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -116,6 +118,26 @@ class Framework:
 @pytest.fixture(params=BACKENDS, scope="module")
 def fw(request) -> Framework:
     return Framework(request.param)
+
+
+# ---- registration -------------------------------------------------------------------------------
+
+def test_backend_found_by_array_type(fw):
+    bk = idf.get_backend({"a": fw.asarray(np.ones(2)), "b": 1.0})
+    assert isinstance(bk, idf.Backend) and bk.name == fw.name
+    assert bk.is_float(fw.asarray(np.ones(2))) and not bk.is_float(fw.asarray(np.arange(2)))
+
+
+def test_array_api_strict_backend_is_an_entry_point():
+    """The fourth backend is registered the way a third party's is (an entry point in the
+    `implicitdiff.backends` group, named after its framework's module), and neither the core
+    nor the registry imports it while no array_api_strict array is around."""
+    assert "array_api_strict" in idf.list_backends()
+    code = ("import sys, numpy as np, implicitdiff as idf; idf.list_backends(); "
+            "idf.get_backend(np.ones(2)); "
+            "assert not {'array_api_strict', 'implicitdiff_array_api'} & set(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 # ---- implicit functions and their derivatives ---------------------------------------------------
