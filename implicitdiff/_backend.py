@@ -351,6 +351,19 @@ class Backend(abc.ABC):
         """
         return None
 
+    def synchronize(self, tree: Any) -> None:
+        """Wait until the arrays of `tree` are computed and the framework's pending host
+        callbacks (diagnostics records) have run: for timing and for reading diagnostics.
+        Default: nothing to wait for (eager frameworks)."""
+        return None
+
+    def enable_float64(self) -> Any:
+        """A context manager inside which this framework makes float64 arrays (JAX's 64-bit
+        mode); the setting is restored on exit. Default: a no-op context."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def flattens(self, x: Any) -> bool:
         """Whether `x`, neither an array nor a scalar, is a pytree node this backend's
         `tree_flatten` opens (an equinox module under JAX). The registry asks this to find the

@@ -24,6 +24,7 @@ import array_api_compat
 import numpy as np
 
 from . import _gallery
+from ._backend import _BUILTINS, Backend, _table, backend_named, find_backend, get_backend
 from ._diagnostics import diagnostics
 from ._linear_solve import Cholesky
 from ._root import ImplicitFunction, custom_root
@@ -31,7 +32,7 @@ from ._tags import positive_definite, symmetric
 from ._transforms import jvp as idf_jvp
 from ._transforms import vjp as idf_vjp
 
-FRAMEWORKS = ("numpy", "jax", "torch")
+FRAMEWORKS = tuple(_BUILTINS)  # the built-in backends (NumPy first), run by default when installed
 
 _USER_FORMAT = """\
 Problems. Each PROBLEM is either the name of a gallery problem (see --list) or MODULE:NAME:
@@ -69,26 +70,25 @@ Example module:
 
 def backend_status(name: str) -> str | None:
     """None when framework `name` and its implicitdiff backend are importable; else why not."""
-    if name == "numpy":
-        return None
     if name not in FRAMEWORKS:
         return f"unknown framework (expected one of {', '.join(FRAMEWORKS)})"
-    if importlib.util.find_spec(name) is None:
-        return f"{name} is not installed"
+    framework, spec = _table[name]
+    if importlib.util.find_spec(framework) is None:
+        return f"{framework} is not installed"
     # The backend first: importing a framework whose backend is unusable would make the core
     # consider that backend for every call.
+    modname, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if modname:
+        try:
+            mod = importlib.import_module(modname)
+        except Exception as e:  # a broken backend is reported, not fatal to the other frameworks
+            return f"{modname} failed to import ({type(e).__name__}: {e})"
+        if not isinstance(getattr(mod, attr, None), Backend):
+            return f"{modname} does not expose a `{attr}`"
     try:
-        mod = importlib.import_module(f"implicitdiff_{name}")
-    except Exception as e:  # a broken backend is reported, not fatal to the other frameworks
-        return f"implicitdiff_{name} failed to import ({type(e).__name__}: {e})"
-    from ._backend import Backend
-
-    if not isinstance(getattr(mod, "backend", None), Backend):
-        return f"implicitdiff_{name} does not expose a `backend`"
-    try:
-        importlib.import_module(name)
+        importlib.import_module(framework)
     except ImportError as e:
-        return f"{name} failed to import ({e})"
+        return f"{framework} failed to import ({e})"
     return None
 
 
@@ -123,18 +123,12 @@ def _select_backends(spec: str | None, out: TextIO) -> list[str] | None:
 
 @contextlib.contextmanager
 def _float64(frameworks: Sequence[str]) -> Iterator[None]:
-    """Turn on JAX's 64-bit mode for the block (restored afterwards)."""
-    if "jax" not in frameworks:
+    """float64 arrays in every framework of `frameworks` for the block (`Backend.enable_float64`:
+    JAX's 64-bit mode), restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        for name in frameworks:
+            stack.enter_context(backend_named(name).enable_float64())
         yield
-        return
-    import jax
-
-    before = bool(jax.config.read("jax_enable_x64"))
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
 
 
 @contextlib.contextmanager
@@ -154,19 +148,19 @@ def _one_blas_thread() -> Iterator[None]:
 
 
 def to_numpy(a: Any) -> np.ndarray:
-    """A NumPy copy of a NumPy/JAX array or torch tensor."""
-    if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
+    """A NumPy copy of an array of any registered framework (`Backend.to_host`)."""
+    bk = find_backend(a)
+    return np.asarray(a if bk is None else bk.to_host(a))
 
 
 def _sync(framework: str, tree: Any) -> None:
-    """Wait for asynchronous work (and JAX's diagnostics callbacks) to finish."""
-    if framework == "jax":
-        import jax
+    """Wait for asynchronous work (and the framework's diagnostics callbacks) to finish."""
+    backend_named(framework).synchronize(tree)
 
-        jax.block_until_ready(tree)
-        jax.effects_barrier()
+
+def _reference() -> str:
+    """The name of the NumPy reference backend (the owner of NumPy arrays)."""
+    return get_backend(np.zeros(())).name
 
 
 # ================================================================================================
@@ -220,8 +214,6 @@ def _numpy_args(args: Any) -> Any:
 def _to_framework(tree: Any, framework: str) -> Any:
     """Floating NumPy leaves to float64 arrays of `framework`; integer/bool arrays converted with
     their dtype; every other leaf unchanged."""
-    if framework == "numpy":
-        return tree
     leaves = _leaves(tree)
     out = [_gallery.to_framework(leaf, framework) if isinstance(leaf, (np.ndarray, np.generic))
            else leaf for leaf in leaves]
@@ -265,6 +257,7 @@ class _Runner:
 
     def __init__(self, case: _Case, framework: str):
         self.case, self.fw = case, framework
+        self.bk = backend_named(framework)
         self.np_leaves = _leaves(case.args)
         self.float_idx = [i for i, leaf in enumerate(self.np_leaves) if _is_floating_np(leaf)]
         self.args = _to_framework(case.args, framework)
@@ -288,7 +281,7 @@ class _Runner:
 
     def jvp(self, v: Sequence[np.ndarray]) -> Any:
         f = self.case.solver
-        if self.fw == "numpy":
+        if not self.bk.autodiff:  # the reference differentiates the decorated solver itself
             tangents = list(self._zero_tangents())
             for i, vi in zip(self.float_idx, v):
                 tangents[i] = vi
@@ -300,7 +293,7 @@ class _Runner:
 
     def vjp(self, u: Any) -> list[Any]:
         """Cotangents of the floating leaves, in order."""
-        if self.fw == "numpy":
+        if not self.bk.autodiff:
             _, vjp_fn = idf_vjp(self.case.solver, *self.args)
             grads = _leaves(tuple(vjp_fn(u)))
             return [grads[i] for i in self.float_idx]
@@ -379,7 +372,8 @@ def check_problem(case: _Case, frameworks: Sequence[str], *, rtol: float, ref_rt
     # Then the cotangent direction (shaped like x) and the NumPy reference's JVP and VJP.
     ref_jvp = ref_vjp = None
     ref_error = ""
-    ref_runner = _Runner(case, "numpy")
+    ref = _reference()
+    ref_runner = _Runner(case, ref)
     try:
         x_np = ref_runner.solve(ref_runner.floats())
         fd = _finite_difference(ref_runner, v, h)
@@ -399,7 +393,7 @@ def check_problem(case: _Case, frameworks: Sequence[str], *, rtol: float, ref_rt
     u_vec = _vec(u)
 
     for fw in frameworks:
-        runner = ref_runner if fw == "numpy" else _Runner(case, fw)
+        runner = ref_runner if fw == ref else _Runner(case, fw)
         for mode in ("jvp", "vjp"):
             row = Row(case.name, fw, mode)
             try:
@@ -415,7 +409,7 @@ def check_problem(case: _Case, frameworks: Sequence[str], *, rtol: float, ref_rt
                 row.residual, row.iterations = _records(d)
                 if mode == "jvp":
                     row.err_fd = _rel(got, fd)
-                    if fw != "numpy" and ref_jvp is not None:
+                    if fw != ref and ref_jvp is not None:
                         row.err_ref = _rel(got, ref_jvp)
                 else:
                     lhs = float(u_vec @ fd)  # ⟨u, J v⟩ by finite differences
@@ -424,7 +418,7 @@ def check_problem(case: _Case, frameworks: Sequence[str], *, rtol: float, ref_rt
                         max(u_vec.size, 1))
                     den = max(abs(lhs), abs(rhs), typical)
                     row.err_fd = abs(lhs - rhs) / den if den > 0 else 0.0
-                    if fw != "numpy" and ref_vjp is not None:
+                    if fw != ref and ref_vjp is not None:
                         row.err_ref = _rel(np.concatenate([g.ravel() for g in got_ct]),
                                            np.concatenate([g.ravel() for g in ref_vjp]))
             except Exception as e:
@@ -434,11 +428,11 @@ def check_problem(case: _Case, frameworks: Sequence[str], *, rtol: float, ref_rt
             bad = []
             if not (row.err_fd is not None and row.err_fd <= rtol):
                 bad.append(f"error vs finite differences {_fmt(row.err_fd)} > {rtol:g}")
-            if fw != "numpy" and ref_error:
+            if fw != ref and ref_error:
                 bad.append(f"NumPy reference failed: {ref_error}")
             elif row.err_ref is not None and not row.err_ref <= ref_rtol:
                 bad.append(f"error vs NumPy reference {_fmt(row.err_ref)} > {ref_rtol:g}")
-            if fw == "numpy" and ref_error:
+            if fw == ref and ref_error:
                 row.status, row.message = "ERROR", ref_error
             elif bad:
                 row.status, row.message = "FAIL", "; ".join(bad)
@@ -459,7 +453,8 @@ _COLUMNS = [("problem", 14), ("backend", 8), ("mode", 5), ("err vs FD", 10),
 
 
 def _row_cells(row: Row) -> list[str]:
-    ref = "(ref)" if row.backend == "numpy" and row.status != "ERROR" else _fmt(row.err_ref)
+    ref = "(ref)" if row.backend == _reference() and row.status != "ERROR" else \
+        _fmt(row.err_ref)
     return [row.problem, row.backend, row.mode, _fmt(row.err_fd), ref, _fmt(row.residual),
             "-" if row.iterations is None else str(row.iterations), row.status]
 
@@ -651,46 +646,24 @@ def _val_loss(xp_w: Any, X_val: Any, y_val: Any) -> Any:
 
 def make_hypergradient(framework: str, data: dict[str, np.ndarray]
                        ) -> Callable[[float], tuple[float, float]]:
-    """`s ↦ (L_val(w*(e^s)), dL_val/ds)`, the derivative through `ridge_fit` in `framework`."""
-    G, c, Xv, yv = data["G"], data["c"], data["X_val"], data["y_val"]
-    if framework == "numpy":
-        def hyper(s: float) -> tuple[float, float]:
-            lam = np.asarray(math.exp(s))
-            w, vjp_fn = idf_vjp(ridge_fit, lam, G, c, argnums=0)
-            r = Xv @ w - yv
-            loss = float(r @ r) / r.shape[0]
-            grad_w = 2.0 * (Xv.T @ r) / r.shape[0]  # chain rule by hand: dL/dw
-            dlam = float(vjp_fn(grad_w)[0])
-            return loss, dlam * lam.item()
-        return hyper
-    if framework == "jax":
-        import jax
-        import jax.numpy as jnp
+    """`s ↦ (L_val(w*(e^s)), dL_val/ds)`, the derivative through `ridge_fit` in `framework`:
+    `idf.vjp` of `ridge_fit` in λ (the framework's own autodiff beneath, the implicit rule of
+    `idf.custom_root` inside), the validation loss and the chain rule on the host."""
+    bk = backend_named(framework)
+    G, c = _gallery.to_framework((data["G"], data["c"]), framework)
+    Xv, yv = data["X_val"], data["y_val"]
 
-        Gj, cj, Xj, yj = (jnp.asarray(a) for a in (G, c, Xv, yv))
+    def hyper(s: float) -> tuple[float, float]:
+        lam_h = np.asarray(math.exp(s))
+        lam = _gallery.to_framework(lam_h, framework)
+        w, vjp_fn = idf_vjp(ridge_fit, lam, G, c, argnums=0)
+        r = Xv @ np.asarray(bk.to_host(w)) - yv
+        loss = float(r @ r) / r.shape[0]
+        grad_w = 2.0 * (Xv.T @ r) / r.shape[0]  # chain rule by hand: dL/dw
+        dlam = float(np.asarray(bk.to_host(vjp_fn(_gallery.to_framework(grad_w, framework))[0])))
+        return loss, dlam * lam_h.item()
 
-        def loss_j(s: Any) -> Any:
-            return _val_loss(ridge_fit(jnp.exp(s), Gj, cj), Xj, yj)
-
-        vg = jax.jit(jax.value_and_grad(loss_j))
-
-        def hyper(s: float) -> tuple[float, float]:
-            loss, g = vg(jnp.asarray(s, dtype=jnp.float64))
-            return float(loss), float(g)
-        return hyper
-    if framework == "torch":
-        import torch
-
-        Gt, ct, Xt, yt = (torch.asarray(a, dtype=torch.float64) for a in (G, c, Xv, yv))
-
-        def hyper(s: float) -> tuple[float, float]:
-            st = torch.tensor(s, dtype=torch.float64, requires_grad=True)
-            loss = _val_loss(ridge_fit(torch.exp(st), Gt, ct), Xt, yt)
-            loss.backward()
-            assert st.grad is not None
-            return float(loss.detach()), float(st.grad)
-        return hyper
-    raise ValueError(f"expected a framework in {FRAMEWORKS}, got {framework!r}.")
+    return hyper
 
 
 @dataclass
@@ -733,9 +706,9 @@ def _plot(runs: Sequence[DemoRun], path: str, best: tuple[float, float]) -> None
     fig = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
-    styles = {"numpy": ("-", "o", 7), "jax": ("--", "s", 4.5), "torch": (":", "^", 3)}
-    for run in runs:
-        ls, marker, ms = styles.get(run.framework, ("-", None, 3))
+    styles = [("-", "o", 7), ("--", "s", 4.5), (":", "^", 3), ("-.", "d", 3)]
+    for i, run in enumerate(runs):
+        ls, marker, ms = styles[i % len(styles)]
         steps = range(len(run.val_loss))
         every = max(1, len(run.val_loss) // 15)
         ax1.plot(steps, run.val_loss, ls, marker=marker, ms=ms, markevery=every,
@@ -898,9 +871,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "diabetes data with pairwise feature products; standardized; fixed "
                     "train/validation split) by Adam on s = log λ, the hypergradient of the "
                     "validation loss coming from idf.custom_root on the ridge optimality "
-                    "condition. Runs in every installed framework (NumPy: idf.vjp and the chain "
-                    "rule by hand; JAX: jax.jit(jax.value_and_grad(...)); PyTorch: "
-                    "loss.backward()), prints progress, the final λ and validation RMSE per "
+                    "condition. Runs in every installed framework (idf.vjp of the ridge solver "
+                    "in the framework's arrays, the chain rule on the host), prints progress, "
+                    "the final λ and validation RMSE per "
                     "framework, checks that the frameworks agree (exit status 1 if not) and "
                     "writes a plot of validation loss vs step.")
     demo.add_argument("--steps", type=int, default=60, help="optimization steps (default 60)")

@@ -303,6 +303,13 @@ class JaxBackend(Backend):
     def flattens(self, x):
         return not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
 
+    def synchronize(self, tree):
+        jax.block_until_ready(tree)
+        jax.effects_barrier()
+
+    def enable_float64(self):
+        return _host.float64_mode()
+
 
 # ---- the implicit rule -------------------------------------------------------------------------
 

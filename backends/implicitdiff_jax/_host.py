@@ -5,7 +5,8 @@ recompile."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -141,3 +142,14 @@ def host_derivative(f: Callable[..., Any], theta: tuple, kind: str) -> Callable[
         fd = _compiled(f"d{order}", f, theta, make_d)
         return lambda x: float(fd(jnp.asarray(x, dtype=jnp.result_type(float))))
     raise ValueError(f"host_derivative: unknown kind {kind!r}.")
+
+
+@contextlib.contextmanager
+def float64_mode() -> Iterator[None]:
+    """JAX's 64-bit mode for the block (restored afterwards)."""
+    before = bool(jax.config.read("jax_enable_x64"))
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
