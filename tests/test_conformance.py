@@ -82,7 +82,7 @@ class Framework:
         if self.name == "numpy":
             return a
         if self.name == "torch":
-            return self.torch.asarray(np.ascontiguousarray(a))
+            return self.torch.asarray(np.array(a, order="C"))  # (ascontiguousarray makes 0-d 1-d)
         return self.xp.asarray(a, device=self.device)
 
     def tree(self, t):
@@ -266,6 +266,34 @@ def test_dot_product_test(fw, name):
     lhs = float(u @ fw.numpy(Jv))
     rhs = float(vec(JTu) @ vec(v))
     assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
+
+
+def test_numpy_constants_beside_framework_arrays(fw):
+    """NumPy arrays passed next to the framework's arrays are constants of that framework:
+    the ridge x* = (A + λI)⁻¹ b with λ of the framework, A and b NumPy arrays."""
+    import array_api_compat
+
+    xp = fw.xp
+    rng = np.random.default_rng(12)
+    A = sym_matrix(12, 4, 3.0)
+    b = rng.standard_normal(4)
+
+    def F(x, lam, A, b):
+        return A @ x + lam * x - b
+
+    @idf.custom_root(F)
+    def ridge(lam, A, b):
+        eye = xp.eye(4, dtype=A.dtype, device=array_api_compat.device(A))
+        return xp.linalg.solve(A + lam * eye, b[:, None])[:, 0]
+
+    lam = fw.asarray(np.asarray(0.5))
+    x, pullback = idf.vjp(ridge, lam, A, b)
+    g_lam = fw.numpy(pullback(x * 0 + 1)[0])
+    x_ref = np.linalg.solve(A + 0.5 * np.eye(4), b)
+    assert rel_err(fw.numpy(x), x_ref) < 1e-12
+    assert np.shape(g_lam) == ()
+    np.testing.assert_allclose(g_lam, -np.sum(np.linalg.solve(A + 0.5 * np.eye(4), x_ref)),
+                               rtol=1e-9)
 
 
 # ---- linear solvers -----------------------------------------------------------------------------

@@ -37,6 +37,21 @@ class ArrayApiStrictBackend(ReferenceBackend):
         return self.tree_unflatten(treedef, [np.asarray(a.to_device(_CPU)) if self.owns(a) else a
                                              for a in leaves])
 
+    def from_host(self, tree: Any, *, like: Any = None, device: Any = None) -> Any:
+        """The pytree with its NumPy arrays (constants) as array_api_strict arrays on the device
+        of `like` (or `device`); every other leaf unchanged. No cast: array_api_strict
+        promotes dtypes by the standard's rules."""
+        if device is None and self.owns(like):
+            device = like.device
+        leaves, treedef = self.tree_flatten(tree)
+        return self.tree_unflatten(treedef, [
+            array_api_strict.asarray(a, device=device) if isinstance(a, (np.ndarray, np.generic))
+            else a for a in leaves])
+
+    def host_array(self, x: Any, *, like: Any = None) -> Any:
+        """`x` as a floating NumPy array (from the CPU device), dtype as in `Backend`."""
+        return super().host_array(self.to_host(x), like=self.to_host(like))
+
     # diagnostics records and error messages get host (NumPy) values, as with other backends
     def record(self, make_record: Callable[..., Any], *data: Any) -> None:
         super().record(make_record, *self.to_host(data))
