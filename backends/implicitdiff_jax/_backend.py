@@ -119,12 +119,13 @@ def _sharded_callback(report: Callable[..., None], data: tuple, everywhere: bool
     """`jax.debug.callback(report, *data)` for arrays sharded over a mesh (`jit` with
     `NamedSharding`), inside the failure branch of `_failure_check`.
 
-    A plain debug callback runs once, on device 0, with the whole arrays: XLA gathers them
-    before the `cond`, on every call, even when nothing failed; and a `report` that raises
-    there stops device 0 alone while the other devices wait for it at the next collective
-    (XLA aborts the process after 40 s). Here the gather happens inside the branch (the
-    optimization barrier keeps XLA from hoisting it out), and with `everywhere` every device
-    calls back with the whole (replicated) data, so every device raises the same error."""
+    A plain debug callback runs once, on device 0 (XLA moves the sharded data there, warning
+    "involuntary full rematerialization" at compile time); a `report` that raises there stops
+    device 0 alone while the other devices wait for it at their next collective, and XLA aborts
+    the whole process after 40 s. Here the data are replicated over the mesh inside the branch
+    (the optimization barrier keeps XLA from hoisting that all-gather out of the branch, onto
+    every call) and, with `everywhere`, every device calls back with the whole data, so every
+    device raises the same error, naming the failed elements by their place in the batch."""
     mesh = _auto_mesh(data)
     if mesh is None:  # not sharded (or a JAX too old to tell): as before
         jax.debug.callback(report, *data)
