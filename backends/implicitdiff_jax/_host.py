@@ -53,7 +53,7 @@ def host_array(x: Any, like: Any = None) -> Any:
 def _scalar(out: Any) -> float:
     a = np.asarray(out)
     if a.size != 1:
-        from implicitdiff._errors import StructureError
+        from implicitdiff import StructureError
 
         raise StructureError(f"expected fun to return a scalar, got shape {a.shape}.")
     return float(a.reshape(()))

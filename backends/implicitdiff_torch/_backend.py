@@ -279,10 +279,12 @@ class TorchBackend(Backend):
         return out[1](out[0])[0]
 
     def to_host(self, tree):
-        return _host_side.to_host(tree)
+        leaves, treedef = self.tree_flatten(tree)
+        return self.tree_unflatten(treedef, [_host_side.to_host_leaf(a) for a in leaves])
 
     def from_host(self, tree, *, like=None, device=None):
-        return _host_side.from_host(tree, like, device)
+        leaves, treedef = self.tree_flatten(tree)
+        return self.tree_unflatten(treedef, _host_side.from_host_leaves(leaves, like, device))
 
     def host_array(self, x, *, like=None):
         return _host_side.host_array(x, like)

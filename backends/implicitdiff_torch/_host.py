@@ -12,7 +12,17 @@ import numpy as np
 import torch
 import torch.func
 
-from implicitdiff import _tree
+
+def _map(f: Callable[[Any], Any], tree: Any) -> Any:
+    """`f` on the leaves of a pytree of tuples, lists and dicts (host results, SciPy's data)."""
+    if isinstance(tree, dict):
+        return {k: _map(f, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        out = [_map(f, v) for v in tree]
+        if isinstance(tree, list):
+            return out
+        return type(tree)(*out) if hasattr(type(tree), "_fields") else tuple(out)
+    return f(tree)
 
 
 def _dtype(like: Any) -> torch.dtype:
@@ -25,16 +35,16 @@ def _device(like: Any) -> Any:
     return like.device if isinstance(like, torch.Tensor) else None
 
 
-def to_host(tree: Any) -> Any:
-    def conv(a: Any) -> Any:
-        if isinstance(a, torch.Tensor):
-            return a.detach().cpu().numpy()
-        return np.asarray(a) if hasattr(a, "dtype") else a
-
-    return _tree.tree_map(conv, tree)
+def to_host_leaf(a: Any) -> Any:
+    """One leaf on the host: a tensor detached, on the CPU, as NumPy."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a) if hasattr(a, "dtype") else a
 
 
-def from_host(tree: Any, like: Any = None, device: Any = None) -> Any:
+def from_host_leaves(leaves: list, like: Any = None, device: Any = None) -> list:
+    """NumPy leaves as tensors on `device` (else `like`'s), floating ones cast to `like`'s
+    floating dtype (torch does not promote in `@`); other leaves unchanged."""
     dev = device if device is not None else _device(like)
     cast = isinstance(like, torch.Tensor) and like.is_floating_point()
 
@@ -44,7 +54,7 @@ def from_host(tree: Any, like: Any = None, device: Any = None) -> Any:
             return t.to(like.dtype) if cast and t.is_floating_point() else t
         return a
 
-    return _tree.tree_map(conv, tree)
+    return [conv(a) for a in leaves]
 
 
 def host_array(x: Any, like: Any = None) -> torch.Tensor:
@@ -66,13 +76,13 @@ def _np_tree(out: Any) -> Any:
         return np.asarray(a, dtype=np.float64) if hasattr(a, "dtype") or isinstance(
             a, (float, int)) else a
 
-    return _tree.tree_map(conv, out)
+    return _map(conv, out)
 
 
 def _scalar(out: Any) -> float:
     a = np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out)
     if a.size != 1:
-        from implicitdiff._errors import StructureError
+        from implicitdiff import StructureError
 
         raise StructureError(f"expected fun to return a scalar, got shape {a.shape}.")
     return float(a.reshape(()))
