@@ -306,7 +306,9 @@ def bench_jax(rho: float, repeats: int) -> list[str]:
     import jax
     import jax.numpy as jnp
     import optimistix as optx
+    from jax.tree_util import Partial
 
+    from implicitdiff.deq import IFT
     from implicitdiff_jax import deq
 
     W, U, b, x = make_data(rho)
@@ -319,9 +321,9 @@ def bench_jax(rho: float, repeats: int) -> list[str]:
         return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
 
     def loss_idf(p, x):
-        z, stats = deq(f, p, x, z_shape=(H,),
+        z, stats = deq(Partial(f, p), x, z_shape=(H,),
                        solver_options={"tol": TOL, "maxiter": MAXITER, "m": 5},
-                       solve=idf.BiCGStab(rtol=BTOL, maxiter=MAXITER))
+                       backward=IFT(idf.BiCGStab(rtol=BTOL, maxiter=MAXITER)))
         return (z * z).sum(), stats.steps
 
     def optx_loss(solver):

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from implicitdiff_jax import deq
 
@@ -47,8 +48,8 @@ def cell(W: Any, z: Any, u: Any) -> Any:
 
 def forward(params: dict, x: Any, solver_options: dict) -> tuple[Any, Any]:
     u = x @ params["enc_W"].T + params["enc_b"]
-    z, stats = deq(cell, params["W"], u, solver="anderson", solver_options=solver_options,
-                   backward="ift")
+    z, stats = deq(Partial(cell, params["W"]), u, solver="anderson",
+                   solver_options=solver_options, backward="ift")
     return z @ params["head_W"].T + params["head_b"], stats
 
 

@@ -477,6 +477,8 @@ def test_diagnostics_record_the_layers_residual_check():
     np.testing.assert_allclose(rec.per_element, deq.stats.max_abs_residual.numpy())
     assert rec.residual_norm == pytest.approx(float(deq.stats.max_abs_residual.max()))
     jax = pytest.importorskip("jax")
+    from jax.tree_util import Partial
+
     from implicitdiff_jax import deq as jdeq
 
     with jax.enable_x64(True):
@@ -487,7 +489,7 @@ def test_diagnostics_record_the_layers_residual_check():
 
         xj = jax.numpy.asarray(np.random.default_rng(0).standard_normal((3, 12)))
         with idf.diagnostics() as d:
-            _, stats = jax.block_until_ready(jax.jit(lambda W, x: jdeq(f, W, x))(W, xj))
+            _, stats = jax.block_until_ready(jax.jit(lambda W, x: jdeq(Partial(f, W), x))(W, xj))
             jax.effects_barrier()
         (rec,) = d.forward
         assert rec.function == "deq" and rec.ok
@@ -525,7 +527,9 @@ def test_digits_example_smoke(capsys):
 def test_jax_deq_gradients_modes_jit():
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
+    from jax.tree_util import Partial
 
+    from implicitdiff.deq import IFT, JFB, Neumann, Phantom
     from implicitdiff_jax import deq
 
     cell, _, x = make(h=12, d=5, batch=6)
@@ -540,7 +544,9 @@ def test_jax_deq_gradients_modes_jit():
             return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
 
         def L(p, x, backward="ift", steps=5):
-            z, _ = deq(f, p, x, z_shape=(12,), backward=backward, steps=steps,
+            mode = {"ift": IFT(), "neumann": Neumann(steps), "phantom": Phantom(steps),
+                    "jfb": JFB()}[backward]
+            z, _ = deq(Partial(f, p), x, z_shape=(12,), backward=mode,
                        solver_options=dict(tol=1e-13, maxiter=200))
             return jnp.sum((z - 0.3) ** 2)
 
@@ -555,7 +561,7 @@ def test_jax_deq_gradients_modes_jit():
 
         assert err("neumann") < 0.5 ** 5 and abs(err("phantom") - err("neumann")) < 1e-6
         assert 1e-3 < err("jfb") < 0.5
-        z, stats = deq(f, params, xj, z_shape=(12,))
+        z, stats = deq(Partial(f, params), xj, z_shape=(12,))
         assert z.shape == (6, 12) and bool(stats.converged.all())
 
 
@@ -565,6 +571,7 @@ def test_jax_deq_residual_check_every_mode(backward):
     max|f(z) - z|: a divergent layer raises or gives NaN samples, never a silent value."""
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
+    from jax.tree_util import Partial
 
     from implicitdiff_jax import deq
 
@@ -577,22 +584,23 @@ def test_jax_deq_residual_check_every_mode(backward):
             return jnp.tanh(z @ p["W"].T + x)
 
         good = {"W": jnp.asarray(0.5 * W / np.linalg.norm(W, 2))}
-        _z, stats = deq(f, good, x, backward=backward, solver_options=dict(tol=1e-12))
-        z_star = deq(f, good, x, solver_options=dict(tol=1e-12))[0]
+        _z, stats = deq(Partial(f, good), x, backward=backward,
+                        solver_options=dict(tol=1e-12))
+        z_star = deq(Partial(f, good), x, solver_options=dict(tol=1e-12))[0]
         want = np.max(np.abs(np.asarray(f(good, z_star, x) - z_star)), axis=-1)
         np.testing.assert_allclose(stats.max_abs_residual, want, rtol=0, atol=1e-15)
         bad = {"W": jnp.asarray(4.0 * W / np.linalg.norm(W, 2))}
         opts = dict(maxiter=5)
         with pytest.raises(idf.NonConvergenceError, match="deq"):
-            deq(f, bad, x, backward=backward, solver="fixed_point_iteration",
+            deq(Partial(f, bad), x, backward=backward, solver="fixed_point_iteration",
                 solver_options=opts)
-        zn, stats = jax.jit(lambda p, x: deq(f, p, x, backward=backward,
+        zn, stats = jax.jit(lambda p, x: deq(Partial(f, p), x, backward=backward,
                                              solver="fixed_point_iteration",
                                              solver_options=opts, on_failure="nan"))(bad, x)
         failed = ~np.asarray(stats.max_abs_residual <= 10 * np.sqrt(np.finfo(float).eps))
         assert failed.any() and np.isnan(np.asarray(zn)[failed]).all()
         with pytest.raises(ValueError, match="on_failure"):
-            deq(f, good, x, on_failure="ignore")
+            deq(Partial(f, good), x, on_failure="ignore")
 
 
 # ---- the JAX digits example and the convergence tutorial (smoke) ------------------------------

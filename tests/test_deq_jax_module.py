@@ -17,8 +17,10 @@ import pytest
 jax = pytest.importorskip("jax")
 eqx = pytest.importorskip("equinox")
 import jax.numpy as jnp  # noqa: E402
+from jax.tree_util import Partial  # noqa: E402
 
 import implicitdiff as idf  # noqa: E402
+from implicitdiff.deq import IFT, Phantom  # noqa: E402
 from implicitdiff_jax import DEQ, deq  # noqa: E402
 
 H, D, B = 6, 4, 3          # hidden, input, batch
@@ -110,7 +112,7 @@ def test_gradients_match_dense_ift_and_pure_deq():
         return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
 
     def pure_loss(p, x):
-        z, _ = deq(f, p, x, z_shape=(H,), solver_options=TIGHT)
+        z, _ = deq(Partial(f, p), x, z_shape=(H,), solver_options=TIGHT)
         return jnp.sum((z - 0.3) ** 2)
 
     params = {"W": model.f.W, "U": model.f.U, "b": model.f.b}
@@ -157,8 +159,8 @@ def test_approximate_modes_error_sizes():
         return rel(np.concatenate([np.ravel(getattr(g.f, k)) for k in "WUb"]), exact)
 
     e = {"neumann": err(backward="neumann"), "phantom": err(backward="phantom"),
-         "damped": err(backward="phantom", damping=0.5), "jfb": err(backward="jfb"),
-         "richardson": err(solve=idf.Richardson(omega=-1.0, maxiter=200))}
+         "damped": err(backward=Phantom(5, damping=0.5)), "jfb": err(backward="jfb"),
+         "richardson": err(backward=IFT(idf.Richardson(omega=-1.0, maxiter=200)))}
     assert e["richardson"] < 1e-10
     assert e["neumann"] < RHO**5 and abs(e["phantom"] - e["neumann"]) < 1e-6
     assert e["damped"] < (1 - 0.5 + 0.5 * RHO) ** 5
@@ -193,7 +195,7 @@ def test_warm_start():
     ({"solver": "newtonn"}, ValueError, "solver: expected one of"),
     ({"solver": 5}, TypeError, "solver: expected a name"),
     ({"backward": "exact-ish"}, ValueError, "backward: expected one of"),
-    ({"backward": idf.BiCGStab()}, ValueError, "backward: expected one of"),
+    ({"backward": 3}, ValueError, "backward: expected one of"),
     ({"solve": "bicgstab"}, TypeError, "solve: expected a linear solver"),
     ({"solve": idf.BiCGStab(), "backward": "jfb"}, ValueError, "used only by backward='ift'"),
     ({"steps": 0}, ValueError, "steps: expected a positive int"),
@@ -222,3 +224,44 @@ def test_equinox_is_optional(monkeypatch):
         implicitdiff_jax.DEQ  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'DEQQ'"):
         implicitdiff_jax.DEQQ  # noqa: B018
+
+
+def test_one_backward_api_with_torch():
+    """The backward modes are the objects of implicitdiff.deq in JAX as in PyTorch: a linear
+    solver means IFT with it (as torch's DEQ always accepted), names give the defaults."""
+    from implicitdiff.deq import JFB, Neumann
+
+    W, U, b, _ = data()
+    cell = Cell(jnp.asarray(W), jnp.asarray(U), jnp.asarray(b))
+    assert DEQ(cell, backward=idf.BiCGStab(rtol=1e-9)).backward == IFT(idf.BiCGStab(rtol=1e-9))
+    assert DEQ(cell).backward == IFT()
+    assert DEQ(cell, backward="neumann").backward == Neumann(5)
+    assert DEQ(cell, backward=JFB()).backward == JFB()
+    pytest.importorskip("torch")
+    from implicitdiff_torch import IFT as TorchIFT
+    from implicitdiff_torch import DEQStats as TorchStats
+
+    assert TorchIFT is IFT
+    from implicitdiff_jax import DEQStats
+
+    assert TorchStats is DEQStats
+
+
+def test_former_spellings_warn_and_agree():
+    """deq(f, params, x) with f(params, z, x), and solve=/steps=/damping=, keep working for one
+    release with a DeprecationWarning, and give the numbers of the new spelling."""
+    W, U, b, x = data()
+    xj = jnp.asarray(x)
+    p = {"W": jnp.asarray(W), "U": jnp.asarray(U), "b": jnp.asarray(b)}
+
+    def f(p, z, x):
+        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
+
+    new, _ = deq(Partial(f, p), xj, z_shape=(H,), backward=Phantom(3, damping=0.5))
+    with pytest.warns(DeprecationWarning, match="Partial"):
+        with pytest.warns(DeprecationWarning, match="Phantom"):
+            old, _ = deq(f, p, xj, z_shape=(H,), backward="phantom", steps=3, damping=0.5)
+    np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+    with pytest.warns(DeprecationWarning, match="backward=IFT"):
+        model = DEQ(Cell(p["W"], p["U"], p["b"]), solve=idf.Richardson(omega=-1.0))
+    assert model.backward == IFT(idf.Richardson(omega=-1.0))

@@ -26,10 +26,12 @@ CHILD = textwrap.dedent(
     import json, re
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.tree_util import Partial
 
     jax.config.update("jax_enable_x64", True)
     import implicitdiff as idf
     import implicitdiff_jax
+    from implicitdiff.deq import IFT
     from implicitdiff import solvers
 
     B, N, D = {B}, {N}, {D}
@@ -99,10 +101,10 @@ CHILD = textwrap.dedent(
         return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
 
     def loss_deq(p, x):
-        z, stats = implicitdiff_jax.deq(cell, p, x, z_shape=(N,),
+        z, stats = implicitdiff_jax.deq(Partial(cell, p), x, z_shape=(N,),
                                         solver="fixed_point_iteration",
                                         solver_options={{"tol": 1e-14, "maxiter": 200}},
-                                        solve=idf.BiCGStab())
+                                        backward=IFT(idf.BiCGStab()))
         return jnp.sum((z - 0.3) ** 2), (z, stats.steps)
 
     cases = {{

@@ -1,111 +1,143 @@
-"""Deep equilibrium layers for JAX: `deq(f, params, x)`, a pure function.
+"""Deep equilibrium layers for JAX: `deq(f, x)`, a pure function.
 
-$z^* = f(\\text{params}, z^*, x)$, found by one of `implicitdiff.solvers` (Anderson by default),
-differentiated by the implicit function theorem (exact, default) or by an approximate backward
-mode. Works under `jax.jit`, `jax.grad`, `jax.vmap`; the solver's iterations are never
-differentiated through. The backward modes are the PyTorch ones (`docs/deq.md`): exact `"ift"`
-(any core linear solver), `"neumann"` ($k$ terms of the Neumann series, `NeumannSolve`),
-`"phantom"` ($k$ damped steps of $f$ from $z^*$), `"jfb"` (one step).
+$z^* = f(z^*, x)$, found by one of `implicitdiff.solvers` (Anderson by default), differentiated
+by the backward modes of `implicitdiff.deq` (`IFT`, `Neumann`, `Phantom`, `JFB`, the same
+objects as the PyTorch `DEQ`'s). Works under `jax.jit`, `jax.grad`, `jax.vmap`; the solver's
+iterations are never differentiated through. The parameters are the arrays of the pytree `f`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import implicitdiff as idf
-from implicitdiff import solvers as _solvers
-from implicitdiff._backend import get_backend
-from implicitdiff._errors import StructureError
-from implicitdiff._linear_solve import AbstractLinearSolver, NeumannSolve
-from implicitdiff._root import _forward_error, default_residual_tol, record_forward
+from implicitdiff.backend import (
+    ON_FAILURE,
+    NeumannSolve,
+    StructureError,
+    default_residual_tol,
+    forward_error,
+    get_backend,
+    record_forward,
+)
+from implicitdiff.deq import SOLVERS, DEQStats, as_backward, as_solver, is_builtin_solver
 
 __all__ = ["DEQStats", "NeumannSolve", "deq"]
 
-
-class DEQStats(NamedTuple):
-    """The forward solve, per sample (arrays of shape `(batch,)`; traces `(batch, maxiter)`).
-    `max_abs_residual` is $\\max|f(z^*, x) - z^*|$, what `residual_tol` bounds."""
-
-    steps: Any
-    converged: Any
-    residual_norm: Any
-    relative_residual: Any
-    trace: Any
-    max_abs_residual: Any
+_SOLVERS = SOLVERS  # the names the layers accept (kept for `_deq_module`)
 
 
-_SOLVERS: dict[str, Callable[..., Any]] = {
-    "anderson": _solvers.anderson,
-    "broyden": _solvers.broyden,
-    "fixed_point_iteration": _solvers.fixed_point_iteration,
-}
+def _is_param(leaf: Any) -> bool:
+    """An array leaf of the cell's pytree: a parameter (the rest are constants)."""
+    return isinstance(leaf, (jax.Array, jax.core.Tracer)) or (
+        hasattr(leaf, "dtype") and hasattr(leaf, "shape") and not isinstance(leaf, type))
 
 
-def deq(f: Callable[..., Any], params: Any, x: Any, *, z0: Any = None,
+def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
         z_shape: tuple[int, ...] | None = None, solver: str | Callable[..., Any] = "anderson",
-        solver_options: dict[str, Any] | None = None, backward: str = "ift",
-        solve: AbstractLinearSolver | None = None, steps: int = 5, damping: float = 1.0,
-        residual_tol: float | None = None, on_failure: str = "raise") -> tuple[Any, DEQStats]:
-    """The fixed point $z^* = f(\\text{params}, z^*, x)$ of a batch, and the solver's statistics.
+        solver_options: dict[str, Any] | None = None, backward: Any = None,
+        residual_tol: float | None = None, on_failure: str = "raise",
+        solve: Any = None, steps: Any = None, damping: Any = None) -> tuple[Any, DEQStats]:
+    """The fixed point $z^* = f(z^*, x)$ of a batch, and the solver's statistics.
 
     ```python
-    def f(params, z, x):                      # (batch, hidden) -> (batch, hidden), row by row
+    import jax, jax.numpy as jnp
+    from jax.tree_util import Partial
+    from implicitdiff.deq import IFT, Phantom
+    from implicitdiff_jax import deq
+
+    def cell(params, z, x):                   # (batch, hidden) -> (batch, hidden), row by row
         return jnp.tanh(z @ params["W"].T + x @ params["U"].T)
 
-    z, stats = deq(f, params, x, z_shape=(hidden,))
-    jax.grad(lambda p: loss(deq(f, p, x, z_shape=(hidden,))[0]))(params)
+    key1, key2, key3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"W": 0.3 * jax.random.normal(key1, (16, 16)) / 4,
+              "U": jax.random.normal(key2, (16, 8)) / 3}
+    x = jax.random.normal(key3, (32, 8))
+    z, stats = deq(Partial(cell, params), x, z_shape=(16,))   # f(z, x) = cell(params, z, x)
+    grads = jax.grad(lambda p: jnp.sum(deq(Partial(cell, p), x, z_shape=(16,))[0] ** 2))(params)
+    z, _ = deq(Partial(cell, params), x, z_shape=(16,), backward=Phantom(steps=5))
+    print(stats.summary())
     ```
 
     **Arguments:**
 
-    - `f`: `f(params, z, x) -> z'` acting sample by sample on the leading batch dimension.
-    - `params`, `x`: pytrees; both are differentiated.
+    - `f`: the cell, `f(z, x) -> z'`, acting sample by sample on the leading batch dimension.
+      Its parameters are the arrays of the pytree `f` (differentiated when floating): an
+      `equinox.Module`'s array fields, or the arguments bound by `jax.tree_util.Partial(cell,
+      params)` for a plain function `cell(params, z, x)`. A plain Python function has none.
+    - `x`: the input, a pytree of arrays with the batch as their leading dimension
+      (differentiated).
     - `z0`: initial state `(batch, *z_shape)`; default zeros of `(batch, *z_shape)` (`z_shape`
-      default: the shape of `x`). A warm start is simply the previous `z` passed as `z0`.
+      default: the shape of `x`). The warm start of every framework: the previous `z` passed as
+      `z0` (only an initial guess, it never changes the gradient).
     - `solver`: `"anderson"` (default), `"broyden"`, `"fixed_point_iteration"`, or a callable like
       those of `implicitdiff.solvers`; `solver_options` its keywords (default `maxiter=50`).
-    - `backward`: `"ift"` (exact; linear solver `solve`, default `idf.BiCGStab()`),
-      `"neumann"` (`steps` terms of the Neumann series), `"phantom"` (`steps` damped steps
-      with `damping`), `"jfb"` (one step).
+    - `backward`: `IFT(solve=...)` (exact, default `IFT(idf.BiCGStab())`), `Neumann(terms)`,
+      `Phantom(steps, damping)`, `JFB()` from `implicitdiff.deq`, a linear solver (`IFT` with
+      it) or one of the names `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`.
     - `residual_tol`, `on_failure`: as in `idf.custom_fixed_point`, in every backward mode: the
       forward solve is accepted when $\\max|f(z^*, x) - z^*| \\le$ `residual_tol` per sample
       (default $10\\sqrt\\epsilon$; the built-in solvers return that residual, so the check
       evaluates nothing); under `jit`, `"raise"` and `"warn"` act from a host callback, `"nan"`
       makes the failed samples NaN.
+    - Deprecated: `deq(f, params, x)` with `f(params, z, x)` (use
+      `deq(Partial(f, params), x)`), and `solve=`, `steps=`, `damping=` (use a backward object).
 
     **Returns:** `(z, stats)`: `z` of shape `(batch, *z_shape)`, `stats` a `DEQStats` (not
     differentiated).
     """
-    if on_failure not in ("raise", "warn", "nan"):
-        raise ValueError(f"deq: on_failure: expected 'raise', 'warn' or 'nan', got "
-                         f"{on_failure!r}.")
+    if legacy:
+        if len(legacy) != 1:
+            raise TypeError(f"deq: expected deq(f, x, **options), got {2 + len(legacy)} "
+                            "positional arguments.")
+        warnings.warn("deq(f, params, x) with f(params, z, x) is deprecated: the cell is f(z, x) "
+                      "and its parameters are the arrays of the pytree f. Use "
+                      "deq(jax.tree_util.Partial(f, params), x).", DeprecationWarning,
+                      stacklevel=2)
+        f, x = jax.tree_util.Partial(f, x), legacy[0]
+    mode = as_backward(backward, "deq", solve=solve, steps=steps, damping=damping)
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"deq: on_failure: expected one of {ON_FAILURE}, got {on_failure!r}.")
     if residual_tol is not None and not (isinstance(residual_tol, (int, float))
                                          and residual_tol > 0):
         raise ValueError(f"deq: residual_tol: expected a positive number or None, got "
                          f"{residual_tol!r}.")
+    if not callable(f):
+        raise TypeError(f"deq: expected a callable cell f(z, x), got {type(f).__name__}.")
     leaf = jax.tree_util.tree_leaves(x)[0]
+    warm = z0 is not None
     if z0 is None:
         shape = leaf.shape[1:] if z_shape is None else tuple(z_shape)
         z0 = jnp.zeros((leaf.shape[0], *shape), dtype=leaf.dtype)
     batch, shape = z0.shape[0], tuple(z0.shape[1:])
-    solver_fn = _SOLVERS[solver] if isinstance(solver, str) else solver
+    solver_fn = as_solver(solver, "deq")
     opts = {"maxiter": 50, **(solver_options or {})}
+    # the parameters: the array leaves of the cell's pytree; the other leaves are constants
+    f_leaves, f_def = jax.tree_util.tree_flatten(f)
+    where = [i for i, v in enumerate(f_leaves) if _is_param(v)]
 
-    def T(z: Any, params: Any, x: Any) -> Any:
-        out = f(params, z.reshape(batch, *shape), x)
+    def cell(params: list) -> Any:
+        leaves = list(f_leaves)
+        for i, p in zip(where, params):
+            leaves[i] = p
+        return jax.tree_util.tree_unflatten(f_def, leaves)
+
+    def T(z: Any, params: list, x: Any) -> Any:
+        out = cell(params)(z.reshape(batch, *shape), x)
         if tuple(out.shape) != (batch, *shape):
-            raise StructureError(f"deq: expected f(params, z, x) to return the shape of z, "
+            raise StructureError(f"deq: expected f(z, x) to return the shape of z, "
                                  f"{(batch, *shape)}, got {tuple(out.shape)}.")
         return out.reshape(z.shape)
 
-    trusted = solver_fn in _SOLVERS.values()
+    trusted = is_builtin_solver(solver_fn)
 
-    def run(params: Any, x: Any, z0f: Any) -> tuple[Any, DEQStats]:
+    def run(params: list, x: Any, z0f: Any) -> tuple[Any, tuple]:
         res = solver_fn(T, z0f, params, x, **opts)
         if trusted:
             # the built-in solvers return max|f(z) - z| at their value: the residual check
@@ -116,8 +148,8 @@ def deq(f: Callable[..., Any], params: Any, x: Any, *, z0: Any = None,
         # "nan": failed samples are NaN before the implicit rule sees them (as custom_fixed_point
         # would make them); "raise"/"warn" act after the layer, on concrete values when eager
         value = _check(res.value, rmax) if on_failure == "nan" else res.value
-        stats = DEQStats(res.steps, res.converged, res.residual_norm, res.relative_residual,
-                         res.trace, rmax)
+        stats = (res.steps, res.converged, res.residual_norm, res.relative_residual,
+                 res.trace, res.relative_trace, rmax)
         return value, jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
 
     def _check(z: Any, rmax: Any) -> Any:
@@ -128,29 +160,23 @@ def deq(f: Callable[..., Any], params: Any, x: Any, *, z0: Any = None,
         ok = finite & (rmax <= tol)
         bk = get_backend(z)
         record_forward(bk, "deq", rmax, tol, batched=True)
-        return bk.handle_failure(z, ok, on_failure, _forward_error("deq", tol), rmax, finite)
+        return bk.handle_failure(z, ok, on_failure, forward_error("deq", tol), rmax, finite)
 
+    params = [f_leaves[i] for i in where]
     z0f = jax.lax.stop_gradient(z0.reshape(batch, -1))
-    if backward in ("ift", "neumann"):
-        lin = (solve or idf.BiCGStab()) if backward == "ift" else NeumannSolve(steps)
-
-        def layer(params: Any, x: Any, *, z0: Any) -> tuple[Any, DEQStats]:
+    if hasattr(mode, "solve"):  # IFT, Neumann: the implicit rule with the mode's linear solver
+        def layer(params: list, x: Any, *, z0: Any) -> tuple[Any, tuple]:
             return run(params, x, z0)
 
         layer.__name__ = "deq"
         # the residual check is run's (above); custom_fixed_point checks finiteness only
-        fn = idf.custom_fixed_point(T, solve=lin, has_aux=True, batch_dims=1,
+        fn = idf.custom_fixed_point(T, solve=mode.solve, has_aux=True, batch_dims=1,
                                     residual_tol=math.inf, on_failure=on_failure)(layer)
-        z, stats = fn(params, x, z0=z0f)
-    elif backward in ("phantom", "jfb"):
-        k, lam = (1, 1.0) if backward == "jfb" else (steps, damping)
-        zs, stats = run(jax.lax.stop_gradient(params), jax.lax.stop_gradient(x), z0f)
-        z = jax.lax.stop_gradient(zs)
-        for _ in range(k):
-            z = (1 - lam) * z + lam * T(z, params, x) if lam != 1.0 else T(z, params, x)
-    else:
-        raise ValueError(f"deq: backward: expected 'ift', 'neumann', 'phantom' or 'jfb', got "
-                         f"{backward!r}.")
+        z, aux = fn(params, x, z0=z0f)
+    else:  # Phantom, JFB: a few recorded steps of f from the detached fixed point
+        zs, aux = run(jax.lax.stop_gradient(params), jax.lax.stop_gradient(x), z0f)
+        z = mode.unroll(lambda z_: T(z_, params, x), jax.lax.stop_gradient(zs))
+    stats = DEQStats(*aux, warm_started=warm)
     if on_failure != "nan":
         z = _check(z, stats.max_abs_residual)
     return z.reshape(batch, *shape), stats

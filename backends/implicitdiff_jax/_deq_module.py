@@ -8,14 +8,12 @@ from typing import Any
 
 import equinox as eqx
 
-from implicitdiff._linear_solve import AbstractLinearSolver
+from implicitdiff.backend import ON_FAILURE
+from implicitdiff.deq import BackwardMode, DEQStats, as_backward, as_solver
 
-from ._deq import _SOLVERS, DEQStats, deq
+from ._deq import deq
 
 __all__ = ["DEQ"]
-
-_BACKWARD = ("ift", "neumann", "phantom", "jfb")
-_ON_FAILURE = ("raise", "warn", "nan")
 
 
 def _hashable(name: str, value: Any) -> None:
@@ -32,9 +30,9 @@ class DEQ(eqx.Module):
     """A deep equilibrium layer as an `equinox.Module`: the fixed point
     $z^* = f(z^*, x)$ of a batch, where the parameters live in the module `f`.
 
-    The module form of `implicitdiff_jax.deq` (the same algorithm: `__call__` partitions `f`
-    into its arrays and the rest, `eqx.partition(f, eqx.is_array)`, and calls `deq` with the
-    arrays as `params`), so the arrays of `f` get the implicit gradients of `deq` through
+    The module form of `implicitdiff_jax.deq` (the same algorithm: `__call__` is
+    `deq(self.f, x, ...)`, which differentiates the arrays of the pytree `f`), so the arrays
+    of `f` get the implicit gradients of `deq` through
     `eqx.filter_grad` / `eqx.filter_value_and_grad`, under `eqx.filter_jit`, `jax.jit` and
     `jax.vmap`. Needs equinox (`pip install equinox`); `deq` itself does not.
 
@@ -74,9 +72,11 @@ class DEQ(eqx.Module):
       `implicitdiff.solvers`; `solver_options` its keywords (`tol`, `maxiter`, `m`, ...;
       default `maxiter=50`), stored as a sorted tuple of `(name, value)` pairs (values must be
       hashable).
-    - `backward`: `"ift"` (exact, default; linear solver `solve`, default `idf.BiCGStab()`),
-      `"neumann"` (`steps` terms of the Neumann series), `"phantom"` (`steps` steps with
-      `damping`), `"jfb"` (one step). See the backward modes in the DEQ guide.
+    - `backward`: a backward mode of `implicitdiff.deq`, as for the PyTorch `DEQ`:
+      `IFT(solve=...)` (exact, default `IFT(idf.BiCGStab())`), `Neumann(terms)`,
+      `Phantom(steps, damping)`, `JFB()`, a linear solver (`IFT` with it) or one of the names
+      `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`. See the backward modes in the DEQ guide.
+      (`solve=`, `steps=`, `damping=` are the former spelling, deprecated.)
     - `residual_tol`, `on_failure`: the forward residual check of `idf.custom_fixed_point`
       (`"raise"`, `"warn"` or `"nan"`; under `jit` only `"nan"` can act on a failure).
 
@@ -96,23 +96,18 @@ class DEQ(eqx.Module):
     z_shape: tuple[int, ...] | None = eqx.field(static=True)
     solver: str | Callable[..., Any] = eqx.field(static=True)
     solver_options: tuple[tuple[str, Any], ...] = eqx.field(static=True)
-    backward: str = eqx.field(static=True)
-    solve: AbstractLinearSolver | None = eqx.field(static=True)
-    steps: int = eqx.field(static=True)
-    damping: float = eqx.field(static=True)
+    backward: BackwardMode = eqx.field(static=True)
     residual_tol: float | None = eqx.field(static=True)
     on_failure: str = eqx.field(static=True)
 
     def __init__(self, f: Callable[..., Any], *, z_shape: Sequence[int] | None = None,
                  solver: str | Callable[..., Any] = "anderson",
-                 solver_options: Mapping[str, Any] | None = None, backward: str = "ift",
-                 solve: AbstractLinearSolver | None = None, steps: int = 5,
-                 damping: float = 1.0, residual_tol: float | None = None,
-                 on_failure: str = "raise"):
+                 solver_options: Mapping[str, Any] | None = None, backward: Any = None,
+                 residual_tol: float | None = None, on_failure: str = "raise",
+                 solve: Any = None, steps: Any = None, damping: Any = None):
         if not callable(f):
             raise TypeError(f"DEQ: expected a callable f(z, x) -> z' (typically an "
-                            f"equinox.Module), got {type(f).__name__}. For parameters passed "
-                            f"explicitly, use the function implicitdiff_jax.deq(f, params, x).")
+                            f"equinox.Module), got {type(f).__name__}.")
         if z_shape is not None:
             try:
                 z_shape = tuple(int(d) for d in z_shape)
@@ -121,13 +116,7 @@ class DEQ(eqx.Module):
                                 f"shape of z), got {z_shape!r}.") from None
             if any(d < 0 for d in z_shape):
                 raise ValueError(f"DEQ: z_shape: expected non-negative sizes, got {z_shape}.")
-        if isinstance(solver, str):
-            if solver not in _SOLVERS:
-                raise ValueError(f"DEQ: solver: expected one of {sorted(_SOLVERS)} or a "
-                                 f"callable like those of implicitdiff.solvers, got {solver!r}.")
-        elif not callable(solver):
-            raise TypeError(f"DEQ: solver: expected a name ({sorted(_SOLVERS)}) or a callable "
-                            f"solver(T, z0, *args, **options), got {type(solver).__name__}.")
+        as_solver(solver, "DEQ")
         if solver_options is None:
             solver_options = {}
         if not isinstance(solver_options, Mapping):
@@ -136,50 +125,26 @@ class DEQ(eqx.Module):
                             f"{type(solver_options).__name__}.")
         options = tuple(sorted({"maxiter": 50, **solver_options}.items()))
         _hashable("solver_options", options)
-        if backward not in _BACKWARD:
-            raise ValueError(f"DEQ: backward: expected one of {list(_BACKWARD)}, got "
-                             f"{backward!r}. (A linear solver goes in solve=, with "
-                             f"backward='ift'.)")
-        if solve is not None:
-            if not isinstance(solve, AbstractLinearSolver):
-                raise TypeError(f"DEQ: solve: expected a linear solver such as idf.BiCGStab() "
-                                f"or idf.Richardson(...), got {type(solve).__name__}.")
-            if backward != "ift":
-                raise ValueError(f"DEQ: solve: a linear solver is used only by "
-                                 f"backward='ift', got backward={backward!r}. Drop solve= or "
-                                 f"use backward='ift'.")
-            _hashable("solve", solve)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"DEQ: steps: expected a positive int, got {steps!r}.")
-        if not isinstance(damping, (int, float)) or not 0 < damping <= 1:
-            raise ValueError(f"DEQ: damping: expected a number with 0 < damping <= 1, got "
-                             f"{damping!r}.")
+        mode = as_backward(backward, "DEQ", solve=solve, steps=steps, damping=damping)
+        _hashable("backward", mode)
         if residual_tol is not None:
             if not isinstance(residual_tol, (int, float)) or not residual_tol >= 0:
                 raise ValueError(f"DEQ: residual_tol: expected None or a non-negative number, "
                                  f"got {residual_tol!r}.")
             residual_tol = float(residual_tol)
-        if on_failure not in _ON_FAILURE:
-            raise ValueError(f"DEQ: on_failure: expected one of {list(_ON_FAILURE)}, got "
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"DEQ: on_failure: expected one of {list(ON_FAILURE)}, got "
                              f"{on_failure!r}.")
         self.f = f
         self.z_shape = z_shape
         self.solver = solver
         self.solver_options = options
-        self.backward = backward
-        self.solve = solve
-        self.steps = steps
-        self.damping = float(damping)
+        self.backward = mode
         self.residual_tol = residual_tol
         self.on_failure = on_failure
 
     def __call__(self, x: Any, z0: Any = None) -> tuple[Any, DEQStats]:
-        params, static = eqx.partition(self.f, eqx.is_array)
-
-        def f(p: Any, z: Any, x: Any) -> Any:
-            return eqx.combine(p, static)(z, x)
-
-        return deq(f, params, x, z0=z0, z_shape=self.z_shape, solver=self.solver,
+        # the arrays of the module f are its parameters: deq finds them in the pytree f
+        return deq(self.f, x, z0=z0, z_shape=self.z_shape, solver=self.solver,
                    solver_options=dict(self.solver_options), backward=self.backward,
-                   solve=self.solve, steps=self.steps, damping=self.damping,
                    residual_tol=self.residual_tol, on_failure=self.on_failure)

@@ -21,8 +21,16 @@ import torch
 from torch import nn
 
 import implicitdiff as idf
-from implicitdiff import solvers as _solvers
-from implicitdiff._errors import NonConvergenceError, StructureError
+from implicitdiff.backend import (
+    ON_FAILURE,
+    NonConvergenceError,
+    StructureError,
+    default_residual_tol,
+    get_backend,
+    record_forward,
+    tree_flatten,
+)
+from implicitdiff.deq import as_solver, is_builtin_solver
 
 # The toolkit lives in its own modules; its names stay importable from here too (a model saved
 # whole with `torch.save` refers to its backward mode as `implicitdiff_torch._deq.IFT`, ...).
@@ -55,15 +63,6 @@ __all__ = [
     "correction_states",
     "jacobian_penalty",
 ]
-
-
-_SOLVERS: dict[str, Callable[..., Any]] = {
-    "anderson": _solvers.anderson,
-    "broyden": _solvers.broyden,
-    "fixed_point_iteration": _solvers.fixed_point_iteration,
-    "fixed_point": _solvers.fixed_point_iteration,
-}
-_TRUSTED = frozenset(_SOLVERS.values())  # their max_abs_residual is that of their value
 
 
 # ---- the module ------------------------------------------------------------------------------
@@ -123,20 +122,13 @@ class DEQ(nn.Module):
             raise TypeError(f"DEQ: expected a callable f(z, x), got {type(f).__name__}.")
         self.f = f
         self.z_shape = None if z_shape is None else tuple(int(d) for d in z_shape)
-        if isinstance(solver, str):
-            if solver not in _SOLVERS:
-                raise ValueError(f"DEQ: solver: expected one of {sorted(_SOLVERS)} or a "
-                                 f"callable, got {solver!r}.")
-            solver = _SOLVERS[solver]
-        if not callable(solver):
-            raise TypeError(f"DEQ: solver: expected a callable, got {type(solver).__name__}.")
-        self.solver = solver
+        self.solver = as_solver(solver, "DEQ")
         self.solver_options = {"maxiter": 50, **(solver_options or {})}
         self.backward_mode = _as_mode(IFT() if backward is None else backward)
         self.warm_start = bool(warm_start)
         self.residual_tol = residual_tol
-        if on_failure not in ("raise", "warn", "nan"):
-            raise ValueError(f"DEQ: on_failure: expected 'raise', 'warn' or 'nan', got "
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"DEQ: on_failure: expected one of {ON_FAILURE}, got "
                              f"{on_failure!r}.")
         self.on_failure = on_failure
         self.stats: DEQStats | None = None
@@ -190,7 +182,7 @@ class DEQ(nn.Module):
             res = self.solver(T, z0, p, x, **self.solver_options)
             self._record(res)
             tol = self._residual_tol(res.value.dtype)
-            if self.solver in _TRUSTED:
+            if is_builtin_solver(self.solver):
                 # the built-in solvers return max|f(z) - z| at the value they return
                 return self._accept(res.value, res.max_abs_residual, tol)
             return self._check(res.value, p, x)
@@ -204,7 +196,7 @@ class DEQ(nn.Module):
     def _residual_tol(self, dtype: torch.dtype) -> float:
         if self.residual_tol is not None:
             return self.residual_tol
-        return idf._root.default_residual_tol(torch.finfo(dtype).eps)
+        return default_residual_tol(torch.finfo(dtype).eps)
 
     def _record(self, res: Any, max_abs: torch.Tensor | None = None) -> None:
         self.stats = DEQStats(res.steps, res.converged, res.residual_norm,
@@ -255,12 +247,7 @@ class DEQ(nn.Module):
         detached fixed point. The forward residual check is the same as the exact mode's."""
         with torch.no_grad():
             zs = self._solve(self._T_named, z0, params, x)
-        steps, lam = (1, 1.0) if isinstance(mode, JFB) else (mode.steps, mode.damping)
-        z = zs.detach()
-        for _ in range(steps):
-            fz = self._T(z, params, x)
-            z = fz if lam == 1.0 else (1 - lam) * z + lam * fz
-        return z
+        return mode.unroll(lambda z: self._T(z, params, x), zs.detach())
 
     def _check(self, z: torch.Tensor, params: dict, x: Any) -> torch.Tensor:
         r = (self._T(z, params, x) - z).abs().amax(dim=-1)
@@ -268,7 +255,7 @@ class DEQ(nn.Module):
 
     def _accept(self, z: torch.Tensor, r: torch.Tensor, tol: float) -> torch.Tensor:
         """The residual check of `z` given its $\\max|f(z, x) - z|$ per sample, `r`."""
-        idf._root.record_forward(idf.get_backend(z), "DEQ", r, tol, batched=True)
+        record_forward(get_backend(z), "DEQ", r, tol, batched=True)
         ok = torch.isfinite(r) & (r <= tol) & torch.isfinite(z).all(dim=-1)
         if self.stats is not None:
             self.stats = self.stats._replace(max_abs_residual=r)
@@ -311,9 +298,7 @@ class DEQ(nn.Module):
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
-    from implicitdiff import _tree
-
-    for leaf in _tree.tree_flatten(x)[0]:
+    for leaf in tree_flatten(x)[0]:
         if isinstance(leaf, torch.Tensor):
             return leaf
     raise StructureError("DEQ: expected x to be, or contain, a tensor (its batch size and "

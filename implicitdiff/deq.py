@@ -1,0 +1,266 @@
+"""Deep equilibrium layers, written once for every framework: the backward modes, the solver
+registry and the statistics.
+
+The layers themselves are thin: `implicitdiff_torch.DEQ` (an `nn.Module`),
+`implicitdiff_jax.deq` (a pure function) and `implicitdiff_jax.DEQ` (an `equinox.Module`) all
+take a cell `f(z, x)`, a forward solver named here (`SOLVERS`) or any callable like those of
+`implicitdiff.solvers`, and one of the backward modes below; they report a `DEQStats` with
+`summary()`. The exact modes go through `idf.custom_fixed_point` with the mode's linear solver;
+the step modes record `mode.unroll(f, z*)`.
+
+- `IFT(solve=...)` (default, **exact**): solve $(I - J)^\\top u = \\bar z$ with a core linear
+  solver, $J = \\partial f/\\partial z$ at $z^*$.
+- `Neumann(terms=k)` (approximation): the same implicit rule with $k$ terms of the Neumann
+  series $(I - J)^{-\\top}\\bar z \\approx \\sum_{j<k} (J^\\top)^j \\bar z$ (`NeumannSolve`).
+- `Phantom(steps=k, damping=λ)` (approximation, Geng et al. 2021): backpropagation through $k$
+  damped steps $z \\leftarrow (1-\\lambda) z + \\lambda f(z, x)$ from the detached $z^*$.
+- `JFB()` (approximation, Fung et al. 2022): backpropagation through one application of $f$ at
+  the detached $z^*$, i.e. $\\partial f/\\partial z \\approx 0$ in the implicit rule.
+
+See `docs/deq.md` for the error of each approximation against the exact gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from . import solvers as _solvers
+from ._linear_solve import AbstractLinearSolver, BiCGStab, NeumannSolve
+
+__all__ = [
+    "IFT",
+    "JFB",
+    "SOLVERS",
+    "BackwardMode",
+    "DEQStats",
+    "Neumann",
+    "NeumannSolve",
+    "Phantom",
+    "as_backward",
+    "as_solver",
+    "is_builtin_solver",
+]
+
+
+# ---- backward modes ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IFT:
+    """Exact implicit gradient: solve $(I - J)^\\top u = \\bar z$ with `solve`.
+
+    `solve`: a core linear solver; default `idf.BiCGStab()` (tolerance $10^{-6}$ relative in
+    float32, $10^{-12}$ in float64). `idf.Richardson(omega=-1.0, maxiter=...)` is the classic
+    DEQ fixed-point backward (least memory; needs a contraction). Exact up to the solve's
+    tolerance; a solve that does not converge raises (per the layer's `on_failure`)."""
+
+    solve: AbstractLinearSolver = field(default_factory=BiCGStab)
+    exact = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.solve, AbstractLinearSolver):
+            raise TypeError(f"IFT: solve: expected a linear solver such as idf.BiCGStab(), got "
+                            f"{type(self.solve).__name__}.")
+
+
+@dataclass(frozen=True)
+class Neumann:
+    """Approximate: the implicit rule with $k$ = `terms` terms of the Neumann series
+    (`NeumannSolve`). Relative error about $\\|J\\|^k$; `terms=1` equals `JFB`. Memory flat
+    (no tape), differentiable again."""
+
+    terms: int = 5
+    exact = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.terms, bool) or not isinstance(self.terms, int) or self.terms < 1:
+            raise ValueError(f"Neumann: expected terms a positive int, got {self.terms!r}.")
+
+    @property
+    def solve(self) -> NeumannSolve:
+        """The linear solver of the implicit rule: `NeumannSolve(terms)`."""
+        return NeumannSolve(terms=self.terms)
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """Approximate (Geng et al. 2021, "phantom gradients"): backpropagate through `steps`
+    damped iterations $z \\leftarrow (1-\\lambda) z + \\lambda f(z, x)$ ($\\lambda$ = `damping`)
+    from the detached $z^*$. With `damping=1` this is `Neumann(steps)` with the Jacobians
+    taken along the (nearly constant) trajectory. Memory grows with `steps` (a tape of `steps`
+    applications of `f`), not with the forward solver's iterations."""
+
+    steps: int = 5
+    damping: float = 1.0
+    exact = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"Phantom: expected steps a positive int, got {self.steps!r}.")
+        if not 0 < self.damping <= 1:
+            raise ValueError(f"Phantom: expected 0 < damping <= 1, got {self.damping!r}.")
+
+    def unroll(self, f: Callable[[Any], Any], z: Any) -> Any:
+        """`steps` damped steps of `f` from `z` (the detached fixed point), recorded by the
+        framework's autodiff."""
+        lam = self.damping
+        for _ in range(self.steps):
+            fz = f(z)
+            z = fz if lam == 1.0 else (1 - lam) * z + lam * fz
+        return z
+
+
+@dataclass(frozen=True)
+class JFB:
+    """Approximate (Jacobian-free backprop, Fung et al. 2022): backpropagate through one
+    application of $f$ at the detached $z^*$, i.e. drop $\\partial f/\\partial z$ from the
+    implicit rule. Relative error about $\\|J\\|$; the cheapest mode."""
+
+    exact = False
+
+    def unroll(self, f: Callable[[Any], Any], z: Any) -> Any:
+        """One application of `f` at `z` (the detached fixed point)."""
+        return f(z)
+
+
+BackwardMode = IFT | Neumann | Phantom | JFB
+_MODES = (IFT, Neumann, Phantom, JFB)
+_NAMED: dict[str, Callable[[], Any]] = {"ift": IFT, "exact": IFT, "neumann": Neumann,
+                                        "phantom": Phantom, "jfb": JFB}
+
+
+def as_backward(backward: Any, who: str = "DEQ", *, solve: Any = None, steps: Any = None,
+                damping: Any = None) -> BackwardMode:
+    """The backward mode from what a layer was given: a mode object (returned as it is), a
+    linear solver (exact `IFT` with it), one of the names `"ift"`, `"neumann"`, `"phantom"`,
+    `"jfb"` (the mode with its defaults), or None (`IFT()`).
+
+    `solve`, `steps`, `damping` are the JAX layers' former spelling of the mode's options
+    (`backward="ift", solve=...`, `backward="phantom", steps=..., damping=...`): still
+    accepted for one release, with a `DeprecationWarning`."""
+    if solve is not None or steps is not None or damping is not None:
+        return _legacy_backward(backward, who, solve, steps, damping)
+    if backward is None:
+        return IFT()
+    if isinstance(backward, _MODES):
+        return backward
+    if isinstance(backward, str) and backward.lower() in _NAMED:
+        return _NAMED[backward.lower()]()
+    if isinstance(backward, AbstractLinearSolver):
+        return IFT(solve=backward)
+    raise ValueError(
+        f"{who}: backward: expected one of IFT(...), Neumann(...), Phantom(...), JFB(), a linear "
+        f"solver (exact IFT with it), or the names 'ift', 'neumann', 'phantom', 'jfb'; got "
+        f"{backward!r}."
+    )
+
+
+def _legacy_backward(backward: Any, who: str, solve: Any, steps: Any, damping: Any
+                     ) -> BackwardMode:
+    import warnings
+
+    name = "ift" if backward is None else backward
+    if not (isinstance(name, str) and name.lower() in _NAMED):
+        raise ValueError(f"{who}: solve=, steps=, damping= go with a backward name ('ift', "
+                         f"'neumann', 'phantom', 'jfb'); got backward={backward!r}. Give the "
+                         "options to the backward object instead, e.g. Phantom(steps=5).")
+    name = name.lower()
+    if solve is not None:
+        if not isinstance(solve, AbstractLinearSolver):
+            raise TypeError(f"{who}: solve: expected a linear solver such as idf.BiCGStab() or "
+                            f"idf.Richardson(...), got {type(solve).__name__}.")
+        if name not in ("ift", "exact"):
+            raise ValueError(f"{who}: solve: a linear solver is used only by backward='ift', "
+                             f"got backward={backward!r}. Drop solve= or use IFT(solve).")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ValueError(f"{who}: steps: expected a positive int, got {steps!r}.")
+    if damping is not None and (not isinstance(damping, (int, float)) or not 0 < damping <= 1):
+        raise ValueError(f"{who}: damping: expected a number with 0 < damping <= 1, got "
+                         f"{damping!r}.")
+    k = 5 if steps is None else steps
+    mode: BackwardMode = {"ift": IFT(solve) if solve is not None else IFT(),
+                          "exact": IFT(solve) if solve is not None else IFT(),
+                          "neumann": Neumann(k),
+                          "phantom": Phantom(k, 1.0 if damping is None else float(damping)),
+                          "jfb": JFB()}[name]
+    warnings.warn(f"{who}: solve=, steps= and damping= are deprecated; pass the backward mode "
+                  f"as an object: backward={mode!r} (from implicitdiff.deq).",
+                  DeprecationWarning, stacklevel=4)
+    return mode
+
+
+# ---- forward solvers ---------------------------------------------------------------------------
+
+SOLVERS: dict[str, Callable[..., Any]] = {
+    "anderson": _solvers.anderson,
+    "broyden": _solvers.broyden,
+    "fixed_point_iteration": _solvers.fixed_point_iteration,
+    "fixed_point": _solvers.fixed_point_iteration,
+}
+"""The forward solvers a layer accepts by name; each returns a `SolverResult`."""
+
+
+def as_solver(solver: str | Callable[..., Any], who: str = "DEQ") -> Callable[..., Any]:
+    """The forward solver from a name in `SOLVERS` or a callable
+    `solver(T, z0, *args, **options) -> SolverResult`."""
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise ValueError(f"{who}: solver: expected one of {sorted(SOLVERS)} or a callable "
+                             f"like those of implicitdiff.solvers, got {solver!r}.")
+        return SOLVERS[solver]
+    if not callable(solver):
+        raise TypeError(f"{who}: solver: expected a name ({sorted(SOLVERS)}) or a callable "
+                        f"solver(T, z0, *args, **options), got {type(solver).__name__}.")
+    return solver
+
+
+def is_builtin_solver(solver: Callable[..., Any]) -> bool:
+    """Whether `solver` is one of `SOLVERS`, whose `max_abs_residual` is that of the value they
+    return (the layer's residual check then evaluates nothing)."""
+    return any(solver is s for s in SOLVERS.values())
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+class DEQStats(NamedTuple):
+    """The forward solve of a DEQ layer, per sample (arrays of the layer's framework, shape
+    `(batch,)`; traces `(batch, maxiter)`), never differentiated. The same fields in every
+    framework.
+
+    - `steps`, `converged`, `residual_norm`, `relative_residual`, `trace`, `relative_trace`:
+      the forward solver's `SolverResult` (`converged` is its own criterion).
+    - `max_abs_residual`: $\\max|f(z^*, x) - z^*|$, the quantity `residual_tol` bounds.
+    - `warm_started`: whether the solve started from a previous fixed point (`z0=`, or the
+      PyTorch layer's `warm_start=True`).
+    """
+
+    steps: Any
+    converged: Any
+    residual_norm: Any
+    relative_residual: Any
+    trace: Any
+    relative_trace: Any
+    max_abs_residual: Any
+    warm_started: bool
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for a logger: mean/max steps, max relative residual, converged fraction.
+        Concrete arrays only (not under `jit`)."""
+        import numpy as np
+
+        return {"steps_mean": float(np.mean(_host(self.steps))),
+                "steps_max": int(np.max(_host(self.steps))),
+                "rel_residual_max": float(np.max(_host(self.relative_residual))),
+                "converged_frac": float(np.mean(_host(self.converged)))}
+
+
+def _host(a: Any) -> Any:
+    """A NumPy copy of a framework array (detached, on the host) for `summary()`."""
+    import numpy as np
+
+    for attr in ("detach", "cpu"):  # torch tensors: off the tape, off the device
+        if hasattr(a, attr):
+            a = getattr(a, attr)()
+    return np.asarray(a, dtype=np.float64)
