@@ -8,13 +8,17 @@ $J = -A^{-1}B$; `numpy.linalg.solve`; plain NumPy iterations):
 
 - `custom_root` / `custom_fixed_point`: `idf.jvp`, `idf.vjp`, `idf.jacobian` against $-A^{-1}B$,
   and the dot-product test $\\langle u, Jv\\rangle = \\langle J^\\top u, v\\rangle$;
-- every linear solver on the matrices it is meant for, batched and not;
+- NumPy constants beside the framework's arrays;
+- every linear solver on the matrices it is meant for, on a batch (unbatched solves are those of
+  the derivatives);
 - conditions from `implicitdiff.conditions` (user-supplied gradients where the framework has no
   autodiff);
 - the forward solvers of `implicitdiff.solvers` and their per-sample statistics;
 - failure policies (`on_failure` "raise", "warn", "nan") of the forward and the backward solve;
 - diagnostics records (`idf.diagnostics()`).
 
+array_api_strict runs on its non-default device ("device1"), so any array the library creates
+without the device of its inputs fails; JAX runs the solvers and transforms under `jax.jit`.
 A new backend is conformant when this file passes with its framework added to `BACKENDS`.
 """
 
