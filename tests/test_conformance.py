@@ -272,6 +272,36 @@ def test_dot_product_test(fw, name):
     assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
 
 
+@pytest.mark.parametrize("source", ["user", "central-difference"])
+def test_derivative_sources(fw, source):
+    """Backends without autodiff take hand-written `idf.Derivatives`, else differences where F
+    is not complex-safe (a cast to float); autodiff backends differentiate F themselves."""
+    xp = fw.xp
+    t = np.array([0.5, 1.0, 2.0])
+
+    def F(x, t):
+        return xp.astype(x, xp.float64) ** 3 + x - t
+
+    d = None
+    if source == "user":
+        d = idf.Derivatives(jvp_x=lambda v, x, t: (3 * x**2 + 1) * v,
+                            vjp_x=lambda u, x, t: (3 * x**2 + 1) * u,
+                            jvp_args=lambda t_dot, x, t: -t_dot[0],
+                            vjp_args=lambda u, x, t: (-u,))
+
+    @idf.custom_root(F, derivatives=d)
+    def cubic(t):
+        return newton(F, xp.zeros_like(t), t, tol=1e-14).value
+
+    with idf.diagnostics() as rec:
+        jac = fw.numpy(idf.jacobian(cubic, 0)(fw.asarray(t)))
+        fw.sync()
+    x = np.cbrt(t / 2 + np.sqrt(t**2 / 4 + 1 / 27)) + np.cbrt(t / 2 - np.sqrt(t**2 / 4 + 1 / 27))
+    np.testing.assert_allclose(jac, np.diag(1 / (3 * x**2 + 1)), rtol=1e-7, atol=1e-9)
+    method = rec.backward[-1].derivative_method
+    assert (method == "autodiff") if fw.autodiff else (source in method)
+
+
 def test_numpy_constants_beside_framework_arrays(fw):
     """NumPy arrays passed next to the framework's arrays are constants of that framework:
     the ridge x* = (A + λI)⁻¹ b with λ of the framework, A and b NumPy arrays."""
