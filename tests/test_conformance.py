@@ -296,6 +296,7 @@ def test_derivative_sources(fw, source):
     with idf.diagnostics() as rec:
         jac = fw.numpy(idf.jacobian(cubic, 0)(fw.asarray(t)))
         fw.sync()
+    # the real root of x³ + x − t (Cardano)
     x = np.cbrt(t / 2 + np.sqrt(t**2 / 4 + 1 / 27)) + np.cbrt(t / 2 - np.sqrt(t**2 / 4 + 1 / 27))
     np.testing.assert_allclose(jac, np.diag(1 / (3 * x**2 + 1)), rtol=1e-7, atol=1e-9)
     method = rec.backward[-1].derivative_method
