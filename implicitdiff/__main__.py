@@ -1,5 +1,5 @@
 """`python -m implicitdiff`: the `implicitdiff` command (see `implicitdiff --help`)."""
 
-from ._cli import main
+from .cli import main
 
 raise SystemExit(main())

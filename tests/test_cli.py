@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from implicitdiff import _cli, _gallery
+from implicitdiff import _gallery
+from implicitdiff import cli as _cli
 
 pytest.importorskip("array_api_compat")
 
