@@ -47,7 +47,7 @@ def default_residual_tol(dtype_eps: float, *, floor: float = 0.0) -> float:
 
 
 def solve_argument(who: str, solve: AbstractLinearSolver | None,
-                   linear_solver: Any = None) -> Any:
+                   linear_solver: Any = None) -> AbstractLinearSolver:
     """The backward linear solver from `solve=`, or from `linear_solver=`, its old name in
     `implicitdiff.scipy` and `solvers.newton` (deprecated: a `DeprecationWarning`, removed in
     the next release); `Auto()` when neither is given. Giving both is a `TypeError`. A value

@@ -38,7 +38,7 @@ def jvp(f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any]
     bk = get_backend(primals)
     const = _constant_primals(bk, primals)
     if const:
-        primals = convert_constants(bk, primals)
+        primals = tuple(convert_constants(bk, primals))
         tangents = tuple(_zero_tangent(bk, p, t) if i in const else t
                          for i, (p, t) in enumerate(zip(primals, tangents)))
     return bk.jvp(f, primals, tangents)
