@@ -86,6 +86,7 @@ def _active() -> list[Diagnostics]:
 
 
 def _emit(rec: Any) -> None:
+    """Hand a record to the `idf.diagnostics()` blocks active in this thread."""
     for d in _active():
         d._add(rec)
 

@@ -188,6 +188,9 @@ def record_forward(bk: Backend, name: str, res: Any, tol: float, *, batched: boo
 
 
 def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:
+    """A maker of the `NonConvergenceError` of a failed forward residual check of `name`,
+    `make(res, finite)` from the residual(s) and finiteness flag(s), for `handle_failure`."""
+
     def make(res: Any, finite: Any) -> NonConvergenceError:
         res_f = float(np.max(np.asarray(res)))
         name_ = name

@@ -11,12 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from implicitdiff._backend import Backend, Linearization, nan_where
-from implicitdiff._diagnostics import _emit, _emitter, collecting
-from implicitdiff._errors import ImplicitDiffError, StructureError
-from implicitdiff._ift import implicit_jvp
-from implicitdiff._root import ImplicitFunction
-from implicitdiff._tags import symmetric
+from implicitdiff.backend import (
+    Backend,
+    ImplicitDiffError,
+    ImplicitFunction,
+    Linearization,
+    StructureError,
+    collecting,
+    implicit_jvp,
+    nan_where,
+    symmetric,
+)
+from implicitdiff.backend import emit as _emit
+from implicitdiff.backend import emitter as _emitter
 
 from . import _host
 

@@ -9,12 +9,17 @@ from typing import Any, cast
 
 import torch
 
-from implicitdiff import _tree
-from implicitdiff._backend import Backend, nan_where
-from implicitdiff._diagnostics import _emit, collecting
-from implicitdiff._errors import ImplicitDiffError, StructureError
-from implicitdiff._root import ImplicitFunction
-from implicitdiff._tags import symmetric
+from implicitdiff import backend as core
+from implicitdiff.backend import (
+    Backend,
+    ImplicitDiffError,
+    ImplicitFunction,
+    StructureError,
+    collecting,
+    nan_where,
+    symmetric,
+)
+from implicitdiff.backend import emit as _emit
 
 from . import _host as _host_side
 from ._function import (
@@ -221,7 +226,7 @@ class TorchBackend(Backend):
     # ---- transforms: torch.func ---------------------------------------------------------------
     def jvp(self, f, primals, tangents):
         has_aux = isinstance(f, ImplicitFunction) and f.has_aux
-        leaves, treedef = _tree.tree_flatten(tuple(primals))
+        leaves, treedef = core.tree_flatten(tuple(primals))
         tleaves = leaves_aligned(tuple(tangents), treedef)
         idx = [i for i, (p, t) in enumerate(zip(leaves, tleaves))
                if _float_tensor(p) and t is not None]
@@ -236,8 +241,8 @@ class TorchBackend(Backend):
     def vjp(self, f, primals, argnums):
         has_aux = isinstance(f, ImplicitFunction) and f.has_aux
         wanted = set(range(len(primals)) if argnums is None else argnums)
-        leaves, treedef = _tree.tree_flatten(tuple(primals))
-        owner = [i for i, p in enumerate(primals) for _ in _tree.tree_flatten(p)[0]]
+        leaves, treedef = core.tree_flatten(tuple(primals))
+        owner = [i for i, p in enumerate(primals) for _ in core.tree_flatten(p)[0]]
         idx = [j for j, leaf in enumerate(leaves) if owner[j] in wanted and _float_tensor(leaf)]
         g = _rebuild(f, leaves, treedef, idx)
         sub_p = tuple(leaves[j] for j in idx)
@@ -252,7 +257,7 @@ class TorchBackend(Backend):
             res: list[Any] = [None] * len(leaves)
             for j, g_ in zip(idx, grads):
                 res[j] = g_
-            return tuple(_tree.tree_unflatten(treedef, res))
+            return tuple(core.tree_unflatten(treedef, res))
 
         return out, vjp_fn
 
@@ -315,7 +320,7 @@ def _rebuild(f: Callable[..., Any], leaves: list, treedef: Any, idx: Sequence[in
         full = list(leaves)
         for i, s_ in zip(idx, sub):
             full[i] = s_
-        return f(*_tree.tree_unflatten(treedef, full))
+        return f(*core.tree_unflatten(treedef, full))
 
     return g
 

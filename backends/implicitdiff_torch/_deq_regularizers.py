@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from implicitdiff._errors import StructureError
+from implicitdiff.backend import StructureError
 
 __all__ = ["VariationalDropout", "jacobian_penalty"]
 

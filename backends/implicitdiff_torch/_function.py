@@ -35,12 +35,16 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from implicitdiff import _tree
-from implicitdiff._backend import Linearization
-from implicitdiff._errors import StructureError
-from implicitdiff._ift import Raveler, implicit_jvp, implicit_vjp
-from implicitdiff._root import ImplicitFunction
-from implicitdiff._tags import symmetric
+from implicitdiff import backend as core
+from implicitdiff.backend import (
+    ImplicitFunction,
+    Linearization,
+    Raveler,
+    StructureError,
+    implicit_jvp,
+    implicit_vjp,
+    symmetric,
+)
 
 
 def _is_float_tensor(t: Any) -> bool:
@@ -63,17 +67,17 @@ class Problem:
         self.fn = fn
         self.tags: frozenset = fn.tags if fn is not None else frozenset()
         self.batch_dims: int = int(getattr(fn, "batch_dims", 0) or 0)
-        leaves, self.args_def = _tree.tree_flatten(tuple(args))
+        leaves, self.args_def = core.tree_flatten(tuple(args))
         self.arg_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         self.arg_static = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         self.float_th = [leaves[i].is_floating_point() for i in self.arg_pos]
         owner = []
         for a_i, a in enumerate(args):
-            owner += [a_i] * len(_tree.tree_flatten(a)[0])
+            owner += [a_i] * len(core.tree_flatten(a)[0])
         self.th_arg = [owner[i] for i in self.arg_pos]
         self.n_args = len(args)
         self.n_th = len(self.arg_pos)
-        oleaves, self.opt_def = _tree.tree_flatten(dict(options or {}))
+        oleaves, self.opt_def = core.tree_flatten(dict(options or {}))
         self.opt_pos = [i for i, leaf in enumerate(oleaves) if isinstance(leaf, torch.Tensor)]
         self.opt_static = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in oleaves]
         self.n_opt = len(self.opt_pos)
@@ -86,24 +90,24 @@ class Problem:
 
     # -- args and options from flat tensors ---------------------------------------------------
     def tensors(self, args: tuple) -> list[torch.Tensor]:
-        leaves = _tree.tree_flatten(tuple(args))[0]
+        leaves = core.tree_flatten(tuple(args))[0]
         return [leaves[i] for i in self.arg_pos]
 
     def option_tensors(self, options: dict) -> list[torch.Tensor]:
-        leaves = _tree.tree_flatten(dict(options))[0]
+        leaves = core.tree_flatten(dict(options))[0]
         return [leaves[i] for i in self.opt_pos]
 
     def args_from(self, ths: Sequence[Any]) -> tuple:
         leaves = list(self.arg_static)
         for p, t in zip(self.arg_pos, ths):
             leaves[p] = t
-        return _tree.tree_unflatten(self.args_def, leaves)
+        return core.tree_unflatten(self.args_def, leaves)
 
     def options_from(self, opts: Sequence[Any]) -> dict:
         leaves = list(self.opt_static)
         for p, t in zip(self.opt_pos, opts):
             leaves[p] = t
-        return _tree.tree_unflatten(self.opt_def, leaves)
+        return core.tree_unflatten(self.opt_def, leaves)
 
     def tensor_tangents(self, args_dot: tuple) -> list[Any]:
         """Tangents aligned with the tensor leaves of args (None where none or not floating)."""
@@ -118,7 +122,7 @@ class Problem:
         for j, (p, d) in enumerate(zip(self.arg_pos, dots)):
             if d is not None and self.float_th[j]:
                 leaves[p] = d
-        return tuple(_tree.tree_unflatten(self.args_def, leaves))
+        return tuple(core.tree_unflatten(self.args_def, leaves))
 
     def tensor_cotangents(self, grads: tuple) -> list[Any]:
         """The cotangents of the tensor leaves from a tuple like `args` (None: no gradient)."""
@@ -127,7 +131,7 @@ class Problem:
 
     def x_from(self, xs: Sequence[Any]) -> Any:
         """The pytree x from its flat leaves."""
-        return _tree.tree_unflatten(self.x_def, list(xs))
+        return core.tree_unflatten(self.x_def, list(xs))
 
     def wanted(self, argnums: Sequence[int] | None) -> list[int]:
         keep = range(self.n_args) if argnums is None else set(argnums)
@@ -139,18 +143,18 @@ class Problem:
         for j, g in enumerate(grads):
             if j in wanted:
                 leaves[self.arg_pos[j]] = g
-        args = _tree.tree_unflatten(self.args_def, leaves)
+        args = core.tree_unflatten(self.args_def, leaves)
         return tuple(args)
 
     # -- the condition on flat leaves ---------------------------------------------------------
     def F_flat(self, xs: Sequence[torch.Tensor], ths: Sequence[Any]) -> tuple:
-        x = _tree.tree_unflatten(self.x_def, list(xs))
+        x = core.tree_unflatten(self.x_def, list(xs))
         r = self.F(x, *self.args_from(ths))
-        return tuple(_tree.tree_flatten(r)[0])
+        return tuple(core.tree_flatten(r)[0])
 
     # -- aux -----------------------------------------------------------------------------------
     def split_aux(self, aux: Any) -> list[torch.Tensor]:
-        leaves, self.aux_def = _tree.tree_flatten(aux)
+        leaves, self.aux_def = core.tree_flatten(aux)
         self.aux_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         self.aux_static = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         return [leaves[i] for i in self.aux_pos]
@@ -159,7 +163,7 @@ class Problem:
         leaves = list(self.aux_static)
         for p, t in zip(self.aux_pos, tensors):
             leaves[p] = t
-        return _tree.tree_unflatten(self.aux_def, leaves)
+        return core.tree_unflatten(self.aux_def, leaves)
 
     def vmapped(self) -> Problem:
         """The same problem over a new leading batch dimension of every tensor (x and the
@@ -251,7 +255,7 @@ class Operator(Linearization):
         """The linearization of `F` at `(x, args)` (what `TorchBackend.linearize` returns)."""
         problem = Problem(F, None, tuple(args), bk=bk)
         problem.tags = tags
-        xs, problem.x_def = _tree.tree_flatten(x)
+        xs, problem.x_def = core.tree_flatten(x)
         problem.n_x = len(xs)
         return cls(problem, xs, problem.tensors(tuple(args)))
 
@@ -273,18 +277,18 @@ class Operator(Linearization):
 
     # -- the Linearization, on pytrees ---------------------------------------------------------
     def A(self, v: Any) -> Any:
-        return _tree.tree_unflatten(self.p.x_def, self.A_leaves(_tree.tree_flatten(v)[0]))
+        return core.tree_unflatten(self.p.x_def, self.A_leaves(core.tree_flatten(v)[0]))
 
     def AT(self, u: Any) -> Any:
-        return _tree.tree_unflatten(self.p.x_def, self.AT_leaves(_tree.tree_flatten(u)[0]))
+        return core.tree_unflatten(self.p.x_def, self.AT_leaves(core.tree_flatten(u)[0]))
 
     def B(self, args_dot: tuple) -> Any:
         dots = self.p.tensor_tangents(tuple(args_dot))
-        return _tree.tree_unflatten(self.p.x_def, self.B_leaves(dots))
+        return core.tree_unflatten(self.p.x_def, self.B_leaves(dots))
 
     def BT(self, u: Any, argnums: Sequence[int] | None = None) -> tuple:
         wanted = [j for j in self.p.wanted(argnums) if j in self.wanted]
-        grads = self.BT_leaves(_tree.tree_flatten(u)[0], wanted)
+        grads = self.BT_leaves(core.tree_flatten(u)[0], wanted)
         return self.p.args_cotangent(grads, wanted)
 
     # -- products on lists of leaves -----------------------------------------------------------
@@ -586,7 +590,7 @@ class ImplicitFn(torch.autograd.Function):
         ths, opts = inputs[:problem.n_th], inputs[problem.n_th:]
         args = problem.args_from(ths)
         x, aux = run_forward(problem, args, problem.options_from(opts))
-        xs, problem.x_def = _tree.tree_flatten(x)
+        xs, problem.x_def = core.tree_flatten(x)
         problem.n_x = len(xs)
         aux_t = problem.split_aux(aux) if problem.fn is not None and problem.fn.has_aux else []
         outs = [_unalias(t, inputs) for t in (*xs, *aux_t)]
@@ -644,7 +648,7 @@ class ImplicitFn(torch.autograd.Function):
                             name=fn.name, linearization=Operator(problem, xs, ths),
                             batch_dims=problem.batch_dims)
         n_aux = len(problem.aux_pos)
-        return (*_tree.tree_flatten(xdot)[0], *([None] * n_aux))
+        return (*core.tree_flatten(xdot)[0], *([None] * n_aux))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem: Problem, *inputs: torch.Tensor
@@ -688,7 +692,7 @@ def _unalias(t: torch.Tensor, inputs: Sequence[Any]) -> torch.Tensor:
 
 def _to_tensors(x: Any, args: tuple) -> Any:
     """NumPy results of an external solver become tensors on the arguments' device and dtype."""
-    ref = [t for t in _tree.tree_flatten(tuple(args))[0] if isinstance(t, torch.Tensor)]
+    ref = [t for t in core.tree_flatten(tuple(args))[0] if isinstance(t, torch.Tensor)]
     floats = [t for t in ref if t.is_floating_point()]
     device = ref[0].device if ref else None
     dtype = None
@@ -701,7 +705,7 @@ def _to_tensors(x: Any, args: tuple) -> Any:
             return t.to(device=device, dtype=dtype or t.dtype)
         return leaf
 
-    return _tree.tree_map(conv, x)
+    return core.tree_map(conv, x)
 
 
 def _det(t: Any) -> Any:
@@ -712,11 +716,11 @@ def _residual_checking_closure(problem: Problem, x: Any, args: tuple) -> Any:
     """F at detached `(x, args)`, with grad enabled, raising if the residual requires grad: then
     F reads a tensor that requires grad from its closure, whose gradient the implicit rule could
     not deliver. Returns the (detached) residual, for the residual check."""
-    xd = _tree.tree_map(_det, x)
-    ad = tuple(_tree.tree_map(_det, a) for a in args)
+    xd = core.tree_map(_det, x)
+    ad = tuple(core.tree_map(_det, a) for a in args)
     with torch.enable_grad():
         r = problem.F(xd, *ad)
-    bad = [path for path, leaf in _tree.tree_leaves_with_path(r, "F(x, *args)")
+    bad = [path for path, leaf in core.tree_leaves_with_path(r, "F(x, *args)")
            if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
     if bad:
         name = problem.fn.name if problem.fn is not None else "F"
@@ -728,7 +732,7 @@ def _residual_checking_closure(problem: Problem, x: Any, args: tuple) -> Any:
             "Pass it as an argument (for an nn.Module: dict(module.named_parameters()) with "
             "torch.func.functional_call), or detach it inside F if it needs no gradient."
         )
-    return _tree.tree_map(_det, r)
+    return core.tree_map(_det, r)
 
 
 def run_forward(problem: Problem, args: tuple, options: dict) -> tuple[Any, Any]:
@@ -781,7 +785,7 @@ def _call(bk: Any, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
         x, aux = run_forward(problem, args, options)
         return (x, aux) if fn.has_aux else x
     outs = ImplicitFn.apply(problem, *ths, *problem.option_tensors(options))
-    x = _tree.tree_unflatten(problem.x_def, list(outs[:problem.n_x]))
+    x = core.tree_unflatten(problem.x_def, list(outs[:problem.n_x]))
     if fn.has_aux:
         return x, problem.join_aux(outs[problem.n_x:])
     return x
