@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import implicitdiff as idf
 from implicitdiff.backend import (
@@ -26,7 +27,15 @@ from implicitdiff.backend import (
     get_backend,
     record_forward,
 )
-from implicitdiff.deq import SOLVERS, DEQStats, as_backward, as_solver, is_builtin_solver
+from implicitdiff.deq import (
+    IFT,
+    SOLVERS,
+    DEQStats,
+    Neumann,
+    as_backward,
+    as_solver,
+    is_builtin_solver,
+)
 
 __all__ = ["DEQStats", "NeumannSolve", "deq"]
 
@@ -34,9 +43,9 @@ _SOLVERS = SOLVERS  # the names the layers accept (kept for `_deq_module`)
 
 
 def _is_param(leaf: Any) -> bool:
-    """An array leaf of the cell's pytree: a parameter (the rest are constants)."""
-    return isinstance(leaf, (jax.Array, jax.core.Tracer)) or (
-        hasattr(leaf, "dtype") and hasattr(leaf, "shape") and not isinstance(leaf, type))
+    """An array leaf of the cell's pytree: a parameter (the rest are constants), as equinox's
+    `is_array` decides."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
 def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
@@ -164,7 +173,7 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
 
     params = [f_leaves[i] for i in where]
     z0f = jax.lax.stop_gradient(z0.reshape(batch, -1))
-    if hasattr(mode, "solve"):  # IFT, Neumann: the implicit rule with the mode's linear solver
+    if isinstance(mode, (IFT, Neumann)):  # the implicit rule with the mode's linear solver
         def layer(params: list, x: Any, *, z0: Any) -> tuple[Any, tuple]:
             return run(params, x, z0)
 

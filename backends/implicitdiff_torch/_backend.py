@@ -214,7 +214,8 @@ class TorchBackend(Backend):
             checks = {transpose: check, not transpose: check_transpose}
             spec = SolveSpec(lin.p, solver, tags, checks)
             return LinSolve.apply(spec, transpose, b, *lin.xs, *lin.ths)
-        if isinstance(lin, Operator) and lin.fast:  # products that take several vectors at once
+        if isinstance(lin, Operator) and lin.fast and rmatvec is not None:
+            # products that take several vectors at once
             sym = symmetric in tags
             matvec, rmatvec = (MatVec(matvec, True), MatVec(rmatvec, sym)) if transpose else \
                 (MatVec(matvec, sym), MatVec(rmatvec, True))
