@@ -8,7 +8,7 @@ from typing import Any
 import array_api_strict
 import numpy as np
 
-from implicitdiff._reference import ReferenceBackend
+from implicitdiff.backend import ReferenceBackend
 
 # the array type (the package does not export its name) and the host device
 _Array = type(array_api_strict.asarray(0.0))

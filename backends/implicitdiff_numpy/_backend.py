@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from implicitdiff._reference import ReferenceBackend, ReferenceLinearization
+from implicitdiff.backend import ReferenceBackend, ReferenceLinearization
 
 
 def _is_float_leaf(leaf: Any) -> bool:
