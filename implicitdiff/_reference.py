@@ -424,7 +424,8 @@ class ReferenceBackend(Backend):
 
     def _rule_kwargs(self, f: ImplicitFunction) -> dict:
         return dict(solve=f.solve, tags=f.tags, derivatives=f.derivatives,
-                    on_failure=f.on_failure, backend=self, name=f.name)
+                    on_failure=f.on_failure, backend=self, name=f.name,
+                    batch_dims=f.batch_dims)
 
     def _primal(self, f: ImplicitFunction, primals: tuple, options: dict) -> tuple[Any, Any]:
         x, aux = f.run_solver(primals, options)
