@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import _tree
+from ._array import device as _device
 from ._errors import BackendNotFoundError, ImplicitDiffError, StructureError
 
 # name -> (framework module that must already be imported, "module:attribute" of the backend)
@@ -372,12 +373,6 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<implicitdiff backend {self.name!r}>"
-
-
-def _device(x: Any) -> Any:
-    import array_api_compat
-
-    return array_api_compat.device(x)
 
 
 def is_host_array(x: Any) -> bool:

@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._array import ON_FAILURE as ON_FAILURE
+from ._array import check_on_failure
 from ._backend import Backend, get_backend
 from ._diagnostics import BackwardRecord, LinearSolveInfo
 from ._errors import LinearSolveError, SingularJacobianError, StructureError
 from ._linear_solve import AbstractLinearSolver, Auto
 from ._tags import as_tags
-
-ON_FAILURE = ("raise", "warn", "nan")
-
 
 # ---- raveling a pytree into one vector ---------------------------------------------------------
 
@@ -140,8 +139,7 @@ def _check_options(solve: Any, on_failure: str) -> None:
             f"{type(solve).__name__}. Note: the forward solver is the decorated function; "
             "`solve=` is the linear solver for the derivative."
         )
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure: expected one of {ON_FAILURE}, got {on_failure!r}.")
+    check_on_failure(on_failure)
 
 
 def _check_tangents(bk: Backend, args: tuple, tangents: tuple) -> tuple:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._array import dot, norm, safe_div, zero_int
 from ._diagnostics import LinearSolveInfo
 from ._errors import StructureError
 from ._tags import positive_definite, symmetric
@@ -31,28 +32,6 @@ def _default_rtol(xp: Any, dtype: Any, direct: bool) -> float:
     if dtype == xp.float32:
         return 3e-3 if direct else 1e-6
     return 3e-2 if direct else 1e-3
-
-
-def _dot(xp: Any, a: Any, b: Any) -> Any:
-    return xp.sum(a * b, axis=-1, keepdims=True)
-
-
-def _norm(xp: Any, a: Any) -> Any:
-    return xp.linalg.vector_norm(a, axis=-1, keepdims=True)
-
-
-def _div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
-    """`a / b` where `mask`, 0 elsewhere, never dividing by a masked-out `b`."""
-    one = xp.ones_like(b)
-    return xp.where(mask, a / xp.where(mask, b, one), xp.zeros_like(a))
-
-
-def _zero_int(xp: Any, like: Any) -> Any:
-    """A 0-d int32 zero (a loop counter) on the device of the array `like`.
-
-    Made from `like` rather than with `device=`: arrays must not mix devices (array-api-strict
-    checks it), and a sharded JAX array's device is a sharding that a scalar cannot take."""
-    return xp.sum(xp.zeros_like(like, dtype=xp.int32), dtype=xp.int32)
 
 
 def _sel(xp: Any, mask: Any, new: Any, old: Any) -> Any:
@@ -123,7 +102,7 @@ class AbstractLinearSolver(abc.ABC):
 
     def _tol(self, xp: Any, b: Any, direct: bool = False) -> Any:
         rtol = self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, direct)
-        nb = _norm(xp, b)
+        nb = norm(xp, b)
         return xp.maximum(rtol * nb, xp.full_like(nb, self.atol))
 
     def _maxiter(self, n: int) -> int:
@@ -183,7 +162,7 @@ def _direct_info(bk: Any, xp: Any, solver: Any, matvec: MatVec, M: Any, b: Any,
     finite = xp.all(xp.isfinite(x), axis=-1, keepdims=True)
     x = xp.where(finite, x, xp.zeros_like(x) * float("nan"))
     r = (M @ x[..., None])[..., 0] - b
-    rn = _norm(xp, r)
+    rn = norm(xp, r)
     rn = xp.where(finite, rn, xp.full_like(rn, float("inf")))
     tol = solver._tol(xp, b, direct=True)
     brk = ~finite | ~(rn <= tol)
@@ -285,11 +264,11 @@ def _cg(bk, xp, A, b, x0, M, tol, maxiter):
     r = b - A(x) if x0 is not None else b
     z = M(r)
     p = z
-    rz = _dot(xp, r, z)
-    rn = _norm(xp, r)
+    rz = dot(xp, r, z)
+    rn = norm(xp, r)
     iters = xp.zeros_like(rn, dtype=xp.int32)
     brk = xp.zeros_like(rn, dtype=xp.bool)
-    k = _zero_int(xp, rn)
+    k = zero_int(xp, rn)
 
     def cond(s):
         k, rn, brk = s[0], s[5], s[7]
@@ -299,19 +278,19 @@ def _cg(bk, xp, A, b, x0, M, tol, maxiter):
         k, x, r, p, rz, rn, iters, brk = s
         active = (rn > tol) & ~brk
         Ap = A(p)
-        pAp = _dot(xp, p, Ap)
+        pAp = dot(xp, p, Ap)
         bad = active & ~(pAp > 0)
         go = active & ~bad
         sel = _selector(bk, xp, go)
-        alpha = _div(xp, rz, pAp, go)
+        alpha = safe_div(xp, rz, pAp, go)
         x = x + alpha * p
         r = sel(r - alpha * Ap, r)
         z = M(r)
-        rz_new = _dot(xp, r, z)
-        beta = _div(xp, rz_new, rz, go & (rz != 0))
+        rz_new = dot(xp, r, z)
+        beta = safe_div(xp, rz_new, rz, go & (rz != 0))
         p = sel(z + beta * p, p)
         rz = sel(rz_new, rz)
-        rn = sel(_norm(xp, r), rn)
+        rn = sel(norm(xp, r), rn)
         return (k + 1, x, r, p, rz, rn, iters + xp.astype(go, xp.int32), brk | bad)
 
     k, x, r, p, rz, rn, iters, brk = bk.while_loop(cond, body, (k, x, r, p, rz, rn, iters, brk))
@@ -376,7 +355,7 @@ class MINRES(AbstractLinearSolver):
         x = _zeros_like_b(xp, b, x0)
         r1 = b - A(x) if x0 is not None else b
         y = M(r1)
-        b1sq = _dot(xp, r1, y)
+        b1sq = dot(xp, r1, y)
         brk = ~(b1sq >= 0)
         beta1 = xp.sqrt(xp.where(brk, xp.zeros_like(b1sq), b1sq))
         tol = self._tol(xp, b) if self.preconditioner is None else xp.maximum(
@@ -385,7 +364,7 @@ class MINRES(AbstractLinearSolver):
         zero = xp.zeros_like(beta1)
         one = xp.ones_like(beta1)
         w = xp.zeros_like(b)
-        state = dict(k=_zero_int(xp, beta1), x=x, r1=r1, r2=r1, y=y, beta=beta1,
+        state = dict(k=zero_int(xp, beta1), x=x, r1=r1, r2=r1, y=y, beta=beta1,
                      oldb=zero, dbar=zero, epsln=zero, phibar=beta1, cs=-one, sn=zero, w=w,
                      w2=w, iters=xp.zeros_like(beta1, dtype=xp.int32), brk=brk)
 
@@ -395,14 +374,14 @@ class MINRES(AbstractLinearSolver):
         def body(s):
             active = (s["phibar"] > tol) & ~s["brk"]
             beta, oldb_prev = s["beta"], s["oldb"]
-            v = _div(xp, s["y"], beta, active & (beta > 0))
+            v = safe_div(xp, s["y"], beta, active & (beta > 0))
             y = A(v)
-            y = y - _div(xp, beta, oldb_prev, active & (oldb_prev > 0)) * s["r1"]
-            alfa = _dot(xp, v, y)
-            y = y - _div(xp, alfa, beta, active & (beta > 0)) * s["r2"]
+            y = y - safe_div(xp, beta, oldb_prev, active & (oldb_prev > 0)) * s["r1"]
+            alfa = dot(xp, v, y)
+            y = y - safe_div(xp, alfa, beta, active & (beta > 0)) * s["r2"]
             r1, r2 = s["r2"], y
             y = M(r2)
-            bsq = _dot(xp, r2, y)
+            bsq = dot(xp, r2, y)
             bad = active & ~(bsq >= 0)
             beta_new = xp.sqrt(xp.where(bsq >= 0, bsq, xp.zeros_like(bsq)))
             cs, sn, dbar, phibar = s["cs"], s["sn"], s["dbar"], s["phibar"]
@@ -415,11 +394,11 @@ class MINRES(AbstractLinearSolver):
             singular = active & ~(gamma > 0)
             go = active & ~bad & ~singular
             sel = _selector(bk, xp, go)
-            cs_new = _div(xp, gbar, gamma, go)
-            sn_new = _div(xp, beta_new, gamma, go)
+            cs_new = safe_div(xp, gbar, gamma, go)
+            sn_new = safe_div(xp, beta_new, gamma, go)
             phi = cs_new * phibar
             w1, w2 = s["w2"], s["w"]
-            w_new = _div(xp, v - oldeps * w1 - delta * w2, gamma, go)
+            w_new = safe_div(xp, v - oldeps * w1 - delta * w2, gamma, go)
             x = s["x"] + _sel(xp, go, phi, zero) * w_new
             return dict(
                 k=s["k"] + 1, x=x,
@@ -471,7 +450,7 @@ class GMRES(AbstractLinearSolver):
         tol = self._tol(xp, b)
         x = _zeros_like_b(xp, b, x0)
         r = b - A(x) if x0 is not None else b
-        rn = _norm(xp, r)
+        rn = norm(xp, r)
         iters = xp.zeros_like(rn, dtype=xp.int32)
         brk = xp.zeros_like(rn, dtype=xp.bool)
         stalled = xp.zeros_like(rn, dtype=xp.bool)
@@ -487,7 +466,7 @@ class GMRES(AbstractLinearSolver):
             dx, steps, used = cycle(r, rn, active)
             x_new = x + M(dx)
             r_new = b - A(x_new)
-            rn_new = _norm(xp, r_new)
+            rn_new = norm(xp, r_new)
             bad = active & ~xp.isfinite(rn_new)
             improved = rn_new < rn
             go = active & ~bad & improved
@@ -496,7 +475,7 @@ class GMRES(AbstractLinearSolver):
             return (k + used, sel(x_new, x), sel(r_new, r),
                     sel(rn_new, rn), iters + steps, brk | bad, stalled | stall)
 
-        k = _zero_int(xp, rn)
+        k = zero_int(xp, rn)
         s = bk.while_loop(cond, body, (k, x, r, rn, iters, brk, stalled))
         return s[1], _info(xp, s[4], s[3], tol, s[5])
 
@@ -510,14 +489,14 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
     cidx = xp.reshape(xp.arange(m, device=_dev(b)), (m, *lead))  # column index
     hcol = xp.reshape(xp.arange(m, device=_dev(b)), (1, m, *lead))
     scal = (*b.shape[:-1], 1)  # a per-element scalar
-    zero = _zero_int(xp, b)  # the loop counters start from it
+    zero = zero_int(xp, b)  # the loop counters start from it
 
     def pick(arr: Any, index: Any, j: Any) -> Any:  # arr[j] along axis 0
         return xp.sum(xp.where(index == j, arr, xp.zeros_like(arr)), axis=0)
 
     def cycle(r: Any, rn: Any, active: Any) -> tuple[Any, Any, Any]:
         zeros_v = xp.zeros((m + 1, *b.shape), dtype=b.dtype, device=_dev(b))
-        V = xp.where(idx == 0, _div(xp, r, rn, rn > 0)[None, ...], zeros_v)
+        V = xp.where(idx == 0, safe_div(xp, r, rn, rn > 0)[None, ...], zeros_v)
         H = xp.zeros((m + 1, m, *scal), dtype=b.dtype, device=_dev(b))
         cs = xp.ones((m, *scal), dtype=b.dtype, device=_dev(b))
         sn = xp.zeros((m, *scal), dtype=b.dtype, device=_dev(b))
@@ -542,8 +521,8 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
             h2 = xp.where(below, xp.sum(V * w[None, ...], axis=-1, keepdims=True), zero_h)
             w = w - xp.sum(h2 * V, axis=0)
             h = h + h2
-            hn = _norm(xp, w)
-            V = xp.where((idx == j + 1) & live, _div(xp, w, hn, hn > 0)[None, ...], V)
+            hn = norm(xp, w)
+            V = xp.where((idx == j + 1) & live, safe_div(xp, w, hn, hn > 0)[None, ...], V)
             col = xp.where(idx == j + 1, hn[None, ...], h)
 
             def rot_cond(t):
@@ -561,8 +540,8 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
             a, c = pick(col, idx, j), pick(col, idx, j + 1)
             gamma = xp.sqrt(a * a + c * c)
             nz = gamma > 0
-            cj = xp.where(nz, _div(xp, a, gamma, nz), xp.ones_like(gamma))
-            sj = _div(xp, c, gamma, nz)
+            cj = xp.where(nz, safe_div(xp, a, gamma, nz), xp.ones_like(gamma))
+            sj = safe_div(xp, c, gamma, nz)
             col = xp.where(idx == j, gamma[None, ...], xp.where(idx == j + 1, 0.0 * col, col))
             # elements that already converged keep their state (as if they had stopped)
             H = xp.where((hcol == j) & live, col[:, None, ...], H)
@@ -590,7 +569,7 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
             row = pick(H, idx[:, None, ...], k)  # (m, ...) row k of R
             rkk = pick(row, cidx, k)
             acc = pick(g, idx, k) - xp.sum(xp.where(cidx > k, row * y, 0.0 * y), axis=0)
-            yk = _div(xp, acc, rkk, (xp.abs(rkk) > 0) & (k < used))
+            yk = safe_div(xp, acc, rkk, (xp.abs(rkk) > 0) & (k < used))
             return k - 1, xp.where(cidx == k, yk[None, ...], y)
 
         _, y = bk.while_loop(back_cond, back_body, (zero + (m - 1), y))
@@ -629,10 +608,10 @@ class BiCGStab(AbstractLinearSolver):
         tol = self._tol(xp, b)
         x = _zeros_like_b(xp, b, x0)
         r = b - A(x) if x0 is not None else b
-        rn = _norm(xp, r)
+        rn = norm(xp, r)
         one = xp.ones_like(rn)
         zeros = xp.zeros_like(b)
-        state = (_zero_int(xp, rn), x, r, r, zeros, zeros, one, one, one, rn,
+        state = (zero_int(xp, rn), x, r, r, zeros, zeros, one, one, one, rn,
                  xp.zeros_like(rn, dtype=xp.int32), xp.zeros_like(rn, dtype=xp.bool))
 
         def cond(s):
@@ -641,30 +620,30 @@ class BiCGStab(AbstractLinearSolver):
         def body(s):
             k, x, r, rhat, p, v, rho, alpha, omega, rn, iters, brk = s
             active = (rn > tol) & ~brk
-            rho_new = _dot(xp, rhat, r)
+            rho_new = dot(xp, rhat, r)
             bad = active & ~(xp.abs(rho_new) > 0)
             go = active & ~bad
-            beta = _div(xp, rho_new, rho, go) * _div(xp, alpha, omega, go)
+            beta = safe_div(xp, rho_new, rho, go) * safe_div(xp, alpha, omega, go)
             p_new = r + beta * (p - omega * v)
             phat = M(p_new)
             v_new = A(phat)
-            rv = _dot(xp, rhat, v_new)
+            rv = dot(xp, rhat, v_new)
             bad = bad | (go & ~(xp.abs(rv) > 0))
             go = active & ~bad
-            alpha_new = _div(xp, rho_new, rv, go)
+            alpha_new = safe_div(xp, rho_new, rv, go)
             s_vec = r - alpha_new * v_new
-            sn = _norm(xp, s_vec)
+            sn = norm(xp, s_vec)
             sdone = go & (sn <= tol)
             shat = M(s_vec)
             t = A(shat)
-            tt = _dot(xp, t, t)
-            omega_new = _div(xp, _dot(xp, t, s_vec), tt, go & ~sdone & (tt > 0))
+            tt = dot(xp, t, t)
+            omega_new = safe_div(xp, dot(xp, t, s_vec), tt, go & ~sdone & (tt > 0))
             bad = bad | (go & ~sdone & ~(xp.abs(omega_new) > 0))
             go = active & ~bad
             sel = _selector(bk, xp, go)
             x_new = x + alpha_new * phat + omega_new * shat
             r_new = s_vec - omega_new * t
-            rn_new = xp.where(sdone, sn, _norm(xp, r_new))
+            rn_new = xp.where(sdone, sn, norm(xp, r_new))
             return (k + 1, sel(x_new, x), sel(r_new, r), rhat,
                     sel(p_new, p), sel(v_new, v),
                     sel(rho_new, rho), sel(alpha_new, alpha),
@@ -706,9 +685,9 @@ class Richardson(AbstractLinearSolver):
         omega = self.omega
         x = _zeros_like_b(xp, b, x0)
         r = b - matvec(x) if x0 is not None else b
-        rn = _norm(xp, r)
+        rn = norm(xp, r)
         rn0 = rn
-        state = (_zero_int(xp, rn), x, r, rn, xp.zeros_like(rn, dtype=xp.int32),
+        state = (zero_int(xp, rn), x, r, rn, xp.zeros_like(rn, dtype=xp.int32),
                  xp.zeros_like(rn, dtype=xp.bool))
 
         def cond(s):
@@ -719,7 +698,7 @@ class Richardson(AbstractLinearSolver):
             go = (rn > tol) & ~brk
             x_new = x + omega * r
             r_new = b - matvec(x_new)
-            rn_new = _norm(xp, r_new)
+            rn_new = norm(xp, r_new)
             # growing far beyond the start, or non-finite: the iteration diverges
             bad = go & ~(rn_new <= 1e4 * xp.maximum(rn0, tol))
             go = go & ~bad

@@ -22,20 +22,15 @@ from typing import Any
 import numpy as np
 
 from . import _tree
+from ._array import CENTRAL_DIFFERENCE, COMPLEX_STEP
+from ._array import device as _device
 from ._backend import Backend, Linearization
 from ._errors import StructureError
 from ._ift import implicit_jvp, implicit_vjp, ravel
 from ._root import ImplicitFunction
 from ._tags import symmetric
 
-_CS_H = 1e-30  # complex-step size, relative to the largest entry of the direction
 _CD_REL = 1e-6  # agreement required between complex step and central differences
-
-
-def _device(x: Any) -> Any:
-    import array_api_compat
-
-    return array_api_compat.device(x)
 
 
 def _shape(leaf: Any) -> tuple:
@@ -140,7 +135,7 @@ class ReferenceLinearization(Linearization):
                     _maxabs(xp, adir) if adir is not None else 0.0)
         if scale == 0.0:
             return self._zeros_like_x()
-        h = _CS_H / scale
+        h = COMPLEX_STEP / scale
         args = self.args if adir is None else _perturb_args(self.args, adir, 1j * h)
         if xdir is not None:
             out = self._eval_complex(_tree.tree_map(
@@ -178,7 +173,7 @@ class ReferenceLinearization(Linearization):
         if scale == 0.0:
             return self._zeros_like_x()
         ref = max(1.0, _maxabs(xp, self.x), _maxabs(xp, self.args) if adir is not None else 0.0)
-        h = float(np.finfo(np.float64).eps) ** (1 / 3) * ref / scale
+        h = CENTRAL_DIFFERENCE * ref / scale
 
         def at(s: float) -> Any:
             xs = self.x if xdir is None else _tree.tree_map(

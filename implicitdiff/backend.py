@@ -20,6 +20,8 @@ What the contract asks of an adapter, in short:
 
 from __future__ import annotations
 
+from ._array import ON_FAILURE as ON_FAILURE
+from ._array import check_on_failure as check_on_failure
 from ._backend import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP
 from ._backend import Backend as Backend
 from ._backend import Linearization as Linearization
@@ -40,7 +42,6 @@ from ._errors import LinearSolveError as LinearSolveError
 from ._errors import NonConvergenceError as NonConvergenceError
 from ._errors import SingularJacobianError as SingularJacobianError
 from ._errors import StructureError as StructureError
-from ._ift import ON_FAILURE as ON_FAILURE
 from ._ift import Raveler as Raveler
 from ._ift import implicit_jvp as implicit_jvp
 from ._ift import implicit_vjp as implicit_vjp
@@ -84,6 +85,7 @@ __all__ = [
     "SingularJacobianError",
     "StructureError",
     "TreeDef",
+    "check_on_failure",
     "collecting",
     "default_residual_tol",
     "emit",

@@ -641,6 +641,7 @@ def test_batch_dims_solves_each_element_on_its_own(fw):
         fw.sync()
     x_np = np.linalg.solve(A, b[..., None])[..., 0]
     u = np.linalg.solve(A, c[..., None])[..., 0]          # A symmetric: A^{-T} = A^{-1}
+    np.testing.assert_allclose(fw.numpy(x), x_np, rtol=1e-10)
     np.testing.assert_allclose(fw.numpy(db), u, rtol=1e-8)
     np.testing.assert_allclose(fw.numpy(dA), -u[:, :, None] * x_np[:, None, :], rtol=1e-7,
                                atol=1e-12)

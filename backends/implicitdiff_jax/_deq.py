@@ -19,9 +19,9 @@ import numpy as np
 
 import implicitdiff as idf
 from implicitdiff.backend import (
-    ON_FAILURE,
     NeumannSolve,
     StructureError,
+    check_on_failure,
     default_residual_tol,
     forward_error,
     get_backend,
@@ -111,8 +111,7 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
                       stacklevel=2)
         f, x = jax.tree_util.Partial(f, x), legacy[0]
     mode = as_backward(backward, "deq", solve=solve, steps=steps, damping=damping)
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"deq: on_failure: expected one of {ON_FAILURE}, got {on_failure!r}.")
+    check_on_failure(on_failure, "deq")
     if residual_tol is not None and not (isinstance(residual_tol, (int, float))
                                          and residual_tol > 0):
         raise ValueError(f"deq: residual_tol: expected a positive number or None, got "

@@ -8,7 +8,7 @@ from typing import Any
 
 import equinox as eqx
 
-from implicitdiff.backend import ON_FAILURE
+from implicitdiff.backend import check_on_failure
 from implicitdiff.deq import BackwardMode, DEQStats, as_backward, as_solver
 
 from ._deq import deq
@@ -132,9 +132,7 @@ class DEQ(eqx.Module):
                 raise ValueError(f"DEQ: residual_tol: expected None or a non-negative number, "
                                  f"got {residual_tol!r}.")
             residual_tol = float(residual_tol)
-        if on_failure not in ON_FAILURE:
-            raise ValueError(f"DEQ: on_failure: expected one of {list(ON_FAILURE)}, got "
-                             f"{on_failure!r}.")
+        check_on_failure(on_failure, "DEQ")
         self.f = f
         self.z_shape = z_shape
         self.solver = solver

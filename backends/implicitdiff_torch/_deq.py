@@ -22,9 +22,9 @@ from torch import nn
 
 import implicitdiff as idf
 from implicitdiff.backend import (
-    ON_FAILURE,
     NonConvergenceError,
     StructureError,
+    check_on_failure,
     default_residual_tol,
     get_backend,
     record_forward,
@@ -127,9 +127,7 @@ class DEQ(nn.Module):
         self.backward_mode = _as_mode(IFT() if backward is None else backward)
         self.warm_start = bool(warm_start)
         self.residual_tol = residual_tol
-        if on_failure not in ON_FAILURE:
-            raise ValueError(f"DEQ: on_failure: expected one of {ON_FAILURE}, got "
-                             f"{on_failure!r}.")
+        check_on_failure(on_failure, "DEQ")
         self.on_failure = on_failure
         self.stats: DEQStats | None = None
         self._z_last: torch.Tensor | None = None

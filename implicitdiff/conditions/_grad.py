@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 
 from .. import _tree
+from .._array import COMPLEX_STEP
 from .._backend import convert_constants, first_float, get_backend
 from .._errors import StructureError
-
-_CS_H = 1e-30  # complex-step size; exact to rounding for any complex-safe (analytic) function
 
 
 def grad_x(f: Callable[..., Any], x: Any, args: tuple, *, who: str) -> Any:
@@ -60,7 +59,7 @@ def complex_step_grad(f: Callable[..., Any], x: Any, args: tuple, *, who: str) -
         gflat = g.reshape(-1)
         for j in range(a.size):
             pert = a.astype(np.complex128)
-            pert.reshape(-1)[j] += 1j * _CS_H
+            pert.reshape(-1)[j] += 1j * COMPLEX_STEP
             zs = list(leaves)
             zs[k] = pert
             try:
@@ -85,6 +84,6 @@ def complex_step_grad(f: Callable[..., Any], x: Any, args: tuple, *, who: str) -
                     "np.real, ...). Write f with complex-safe NumPy, or pass grad=, or use JAX "
                     "or PyTorch arrays."
                 )
-            gflat[j] = np.imag(val) / _CS_H
+            gflat[j] = np.imag(val) / COMPLEX_STEP
         grads.append(g)
     return _tree.tree_unflatten(treedef, grads)

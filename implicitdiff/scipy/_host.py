@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from .._array import CENTRAL_DIFFERENCE, COMPLEX_STEP
 from .._backend import Backend, first_float, get_backend
 from .._root import default_residual_tol
-
-_CS_H = 1e-30
 
 #: The drop-ins' floor on the default `residual_tol` (SciPy's default stopping tolerances are
 #: loose, e.g. `gtol=1e-5` for BFGS): `default_residual_tol(eps, floor=SCIPY_TOL_FLOOR)`.
@@ -89,15 +88,15 @@ def np_jacobian(f: Callable[[np.ndarray], np.ndarray], z: np.ndarray) -> np.ndar
             warnings.simplefilter("error", np.exceptions.ComplexWarning)
             for j in range(n):
                 v = z.astype(np.complex128)
-                v[j] += 1j * _CS_H
+                v[j] += 1j * COMPLEX_STEP
                 out = np.asarray(f(v))
                 if not np.iscomplexobj(out):
                     raise TypeError("dropped the imaginary part")
-                cols.append(np.imag(out) / _CS_H)
+                cols.append(np.imag(out) / COMPLEX_STEP)
         return np.stack(cols, axis=-1) if cols else np.zeros((np.size(f(z)), 0))
     except (TypeError, ValueError, np.exceptions.ComplexWarning):
         pass
-    h = np.cbrt(np.finfo(np.float64).eps) * np.maximum(1.0, np.abs(z))
+    h = CENTRAL_DIFFERENCE * np.maximum(1.0, np.abs(z))
     cols = []
     for j in range(n):
         e = np.zeros(n)

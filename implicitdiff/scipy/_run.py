@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from .._array import check_on_failure as check_on_failure
 from .._backend import Backend, is_host_array
 from .._errors import NonConvergenceError, StructureError
 from .._linear_solve import AbstractLinearSolver
 from .._root import custom_root
 from ._host import residual_tol_of
-
-ON_FAILURE = ("raise", "warn", "nan")
 
 
 @dataclass
@@ -66,11 +65,6 @@ class Plan:
     x_spec: Any
     aux_fields: dict
     get_field: Callable[[Any, str], Any]
-
-
-def check_on_failure(on_failure: str) -> None:
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure: expected one of {ON_FAILURE}, got {on_failure!r}.")
 
 
 def as_args(args: Any) -> tuple:

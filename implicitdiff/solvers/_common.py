@@ -14,6 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .._array import device as device
+from .._array import dot as dot
+from .._array import norm as norm
+from .._array import safe_div as safe_div
+from .._array import zero_int as zero_int
 from .._errors import StructureError
 
 
@@ -51,20 +56,6 @@ def default_tol(xp: Any, dtype: Any) -> float:
     """$\\sqrt{\\epsilon}$ of the dtype: about $1.5\\cdot 10^{-8}$ in float64, $3.5\\cdot 10^{-4}$
     in float32."""
     return float(xp.finfo(dtype).eps) ** 0.5
-
-
-def norm(xp: Any, a: Any) -> Any:
-    """Euclidean norm over the last axis, kept as a length-1 axis: `(..., n) -> (..., 1)`."""
-    return xp.linalg.vector_norm(a, axis=-1, keepdims=True)
-
-
-def dot(xp: Any, a: Any, b: Any) -> Any:
-    return xp.sum(a * b, axis=-1, keepdims=True)
-
-
-def safe_div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
-    """`a / b` where `mask`, 0 elsewhere, never dividing by a masked-out `b`."""
-    return xp.where(mask, a / xp.where(mask, b, xp.ones_like(b)), xp.zeros_like(a))
 
 
 def finite(xp: Any, a: Any) -> Any:
@@ -209,19 +200,6 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     rtrace = xp.where(xp.isnan(s["trace"]), s["trace"], rtrace)
     return SolverResult(s["z"], s["steps"][..., 0], s["conv"][..., 0], s["rn"][..., 0],
                         rel[..., 0], s["trace"], rtrace, xp.max(xp.abs(s["r"]), axis=-1))
-
-
-def zero_int(xp: Any, like: Any) -> Any:
-    """A 0-d int32 zero (a loop counter) on the device of the array `like`: made from it, since
-    arrays must not mix devices and a sharded JAX array's device is a sharding that a scalar
-    cannot take."""
-    return xp.sum(xp.zeros_like(like, dtype=xp.int32), dtype=xp.int32)
-
-
-def device(x: Any) -> Any:
-    import array_api_compat
-
-    return array_api_compat.device(x)
 
 
 def backtrack(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z: Any, p: Any,

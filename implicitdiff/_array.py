@@ -1,0 +1,60 @@
+"""The small array helpers the core's algorithms share, written once against the array API.
+
+Row-wise products of the solvers' `(..., n)` vectors, the device of an array, a loop counter
+made on the operands' device, the finite-difference step sizes of the derivative-free
+backends, and the validation of `on_failure`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+ON_FAILURE = ("raise", "warn", "nan")
+"""What a failed solve does: raise an `ImplicitDiffError`, warn, or return NaN where it failed."""
+
+COMPLEX_STEP = 1e-30
+"""The complex-step size (relative to the largest entry of the direction): the derivative is
+$\\mathrm{Im}\\,F(x + ih v)/h$, exact to rounding for any $h$ this small."""
+
+CENTRAL_DIFFERENCE = float(np.finfo(np.float64).eps) ** (1 / 3)
+"""The central-difference step in float64 (relative to the size of the point): $\\epsilon^{1/3}$
+balances truncation ($h^2$) against rounding ($\\epsilon/h$)."""
+
+
+def check_on_failure(on_failure: Any, who: str = "") -> None:
+    """Raise `ValueError` unless `on_failure` is one of `ON_FAILURE`; `who` prefixes the message."""
+    if on_failure not in ON_FAILURE:
+        head = f"{who}: " if who else ""
+        raise ValueError(f"{head}on_failure: expected one of {ON_FAILURE}, got {on_failure!r}.")
+
+
+def device(x: Any) -> Any:
+    """The device of an array (array-API `device`, through array-api-compat)."""
+    import array_api_compat
+
+    return array_api_compat.device(x)
+
+
+def norm(xp: Any, a: Any) -> Any:
+    """Euclidean norm over the last axis, kept as a length-1 axis: `(..., n) -> (..., 1)`."""
+    return xp.linalg.vector_norm(a, axis=-1, keepdims=True)
+
+
+def dot(xp: Any, a: Any, b: Any) -> Any:
+    """Row-wise inner product: `(..., n), (..., n) -> (..., 1)`."""
+    return xp.sum(a * b, axis=-1, keepdims=True)
+
+
+def safe_div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
+    """`a / b` where `mask`, 0 elsewhere, never dividing by a masked-out `b`."""
+    return xp.where(mask, a / xp.where(mask, b, xp.ones_like(b)), xp.zeros_like(a))
+
+
+def zero_int(xp: Any, like: Any) -> Any:
+    """A 0-d int32 zero (a loop counter) on the device of the array `like`.
+
+    Made from `like` rather than with `device=`: arrays must not mix devices (array-api-strict
+    checks it), and a sharded JAX array's device is a sharding that a scalar cannot take."""
+    return xp.sum(xp.zeros_like(like, dtype=xp.int32), dtype=xp.int32)
