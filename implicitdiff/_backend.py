@@ -457,7 +457,9 @@ def nan_where(bk: Backend, value: Any, ok: Any) -> Any:
         mask = ok
         while mask.ndim < leaf.ndim:
             mask = mask[..., None]
-        nan = xp.asarray(float("nan"), dtype=leaf.dtype, device=_device(leaf))
+        # made from the leaf, on its device (or sharding): a scalar cannot take a sharded JAX
+        # array's device, and arrays of two devices must not meet (array-api-strict)
+        nan = xp.full_like(leaf, float("nan"))
         out.append(xp.where(mask, leaf, nan))
     return bk.tree_unflatten(treedef, out)
 

@@ -155,6 +155,9 @@ CHILD = textwrap.dedent(
                 "nan_rows": np.flatnonzero(np.isnan(np.asarray(
                     jax.jit(fn)(jax.device_put(W, shared), theta_bad))).any(1)).tolist(),
             }}
+            if policy == "nan":  # eagerly too: NaN made on the sharded rows, not one device
+                out["fail_nan"]["eager_nan_rows"] = np.flatnonzero(np.isnan(np.asarray(
+                    fn(jax.device_put(W, shared), theta_bad))).any(1)).tolist()
         except Exception as e:  # noqa: BLE001 (reported to the parent)
             out["fail_" + policy] = {{"error": type(e).__name__ + ": " + str(e)[-2000:]}}
     print("RESULT " + json.dumps(out))
@@ -222,3 +225,4 @@ def test_sharded_failure_raises_on_every_device_and_names_the_element(result):
     assert "stopped far from the root" in err and "batch elements (5,)" in err, result
     nan = result["fail_nan"]
     assert nan.get("nan_rows") == [5] and nan.get("spec") == ["batch"], nan
+    assert nan.get("eager_nan_rows") == [5], nan
