@@ -96,3 +96,11 @@ def test_raveler_round_trip_with_batch_and_extra_dims(batch_dims):
     assert vv.shape == (2, *v.shape)
     np.testing.assert_allclose(vv[1], 2 * v)
     np.testing.assert_allclose(r.unravel(vv)["a"][1], 2 * x["a"])
+
+
+def test_conditions_export_every_public_condition():
+    # `proximal_gradient` was missing from the hand-written list: now it is derived
+    import implicitdiff.conditions as cond
+
+    public = {n for n, v in vars(cond).items() if not n.startswith("_") and callable(v)}
+    assert public <= set(cond.__all__) and "proximal_gradient" in cond.__all__

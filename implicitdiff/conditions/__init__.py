@@ -19,6 +19,7 @@ against the array API and runs on NumPy, JAX and PyTorch. See `docs/conditions.m
 mathematics and for which conditions are exact and which need care at kinks.
 """
 
+from . import _conditions, _prox
 from ._conditions import Condition as Condition
 from ._conditions import fixed_point as fixed_point
 from ._conditions import kkt as kkt
@@ -41,25 +42,7 @@ from ._prox import prox_none as prox_none
 from ._prox import prox_nonnegative as prox_nonnegative
 from ._prox import prox_simplex as prox_simplex
 
-__all__ = [
-    "Condition",
-    "fixed_point",
-    "kkt",
-    "least_squares",
-    "mirror_descent",
-    "projected_gradient",
-    "projection_affine",
-    "projection_box",
-    "projection_l2_ball",
-    "projection_nonnegative",
-    "projection_simplex",
-    "prox_box",
-    "prox_elastic_net",
-    "prox_group_lasso",
-    "prox_l1",
-    "prox_l2_ball",
-    "prox_none",
-    "prox_nonnegative",
-    "prox_simplex",
-    "stationarity",
-]
+# the public names of the two modules, kept in one place each
+__all__: list[str] = []
+__all__ += _conditions.__all__
+__all__ += _prox.__all__
