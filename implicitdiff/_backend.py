@@ -417,17 +417,16 @@ def _host_scalar(out: Any) -> float:
     return float(a.reshape(()))
 
 
-def convert_constants(bk: Backend, tree: Any, *, like: Any = None) -> Any:
+def convert_constants(bk: Backend, tree: Any, *like_from: Any) -> Any:
     """`tree` with its NumPy arrays converted to `bk`'s framework by `bk.from_host` (constants
     joining the call's arrays), unchanged when it has none that `bk` does not own.
 
-    `like` defaults to the first floating array of `bk` in `tree`."""
+    The dtype and device come from the first floating array of `bk` in `like_from` (default:
+    in `tree`), looked up only when there is something to convert (the common call has none)."""
     leaves = _tree.tree_flatten(tree)[0]
     if not any(is_host_array(leaf) and not bk.owns(leaf) for leaf in leaves):
         return tree
-    if like is None:
-        like = first_float(bk, tree)
-    return bk.from_host(tree, like=like)
+    return bk.from_host(tree, like=first_float(bk, *(like_from or (tree,))))
 
 
 def first_float(bk: Backend, *trees: Any) -> Any:

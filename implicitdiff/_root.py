@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Backend, convert_constants, find_backend, first_float, get_backend
+from ._backend import Backend, convert_constants, find_backend, get_backend
 from ._diagnostics import ForwardRecord
 from ._errors import NonConvergenceError, StructureError
 from ._ift import _check_options
@@ -102,7 +102,7 @@ class ImplicitFunction:
             # solver's output tells which framework they belong to.
             bk = get_backend(self.run_solver(args, options)[0])
         # NumPy arrays beside another framework's arrays are constants of that framework
-        args = convert_constants(bk, args, like=first_float(bk, args, options))
+        args = convert_constants(bk, args, args, options)
         return bk.call(self, args, options)
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _tree
 from .._array import COMPLEX_STEP
-from .._backend import convert_constants, first_float, get_backend
+from .._backend import convert_constants, get_backend
 from .._errors import StructureError
 
 
@@ -21,14 +21,14 @@ def grad_x(f: Callable[..., Any], x: Any, args: tuple, *, who: str) -> Any:
     """$\\nabla_x f(x, *args)$ for a scalar-valued `f`, shaped like `x`: `Backend.grad` of the
     backend of `x` (NumPy arrays in `args` are converted to it as constants)."""
     bk = get_backend(x)
-    return bk.grad(f, x, convert_constants(bk, args, like=first_float(bk, x)), who=who)
+    return bk.grad(f, x, convert_constants(bk, args, x), who=who)
 
 
 def vjp_x(fun: Callable[..., Any], x: Any, args: tuple, *, who: str) -> Any:
     """$J^\\top r$ with $r$ = `fun(x, *args)` and $J = \\partial_x$ `fun`: the gradient of
     $\\tfrac12\\|r\\|^2$, from `Backend.residual_grad` of the backend of `x`."""
     bk = get_backend(x)
-    return bk.residual_grad(fun, x, convert_constants(bk, args, like=first_float(bk, x)),
+    return bk.residual_grad(fun, x, convert_constants(bk, args, x),
                             who=who)
 
 
