@@ -40,6 +40,7 @@ __all__ = [
     "Phantom",
     "as_backward",
     "as_solver",
+    "check_fixed_point",
     "is_builtin_solver",
 ]
 
@@ -220,6 +221,40 @@ def is_builtin_solver(solver: Callable[..., Any]) -> bool:
     """Whether `solver` is one of `SOLVERS`, whose `max_abs_residual` is that of the value they
     return (the layer's residual check then evaluates nothing)."""
     return any(solver is s for s in SOLVERS.values())
+
+
+# ---- the forward residual check ---------------------------------------------------------------
+
+def check_fixed_point(bk: Any, z: Any, rmax: Any, tol: float, on_failure: str, who: str) -> Any:
+    r"""The layers' forward residual check, per sample: `z` `(batch, n)` is accepted where it is
+    finite and $\max|f(z, x) - z|$ = `rmax` `(batch,)` is at most `tol`. Records it in
+    `idf.diagnostics()` (function `who`) and applies `on_failure` through the backend (`"raise"`
+    and `"warn"` name the failed samples; `"nan"` makes only them NaN). Returns `z`."""
+    from ._root import record_forward
+
+    xp = bk.namespace(z)
+    ok = xp.all(xp.isfinite(z), axis=-1) & (rmax <= tol)   # a NaN residual fails too
+    record_forward(bk, who, rmax, tol, batched=True)
+    return bk.handle_failure(z, ok, on_failure, _not_a_fixed_point(who, tol), rmax, ok)
+
+
+def _not_a_fixed_point(who: str, tol: float) -> Callable[..., Any]:
+    def make(rmax: Any, ok: Any) -> Any:
+        import numpy as np
+
+        from ._errors import NonConvergenceError
+
+        bad = np.flatnonzero(~np.asarray(ok, dtype=bool)).tolist()
+        worst = float(np.max(np.nan_to_num(np.asarray(rmax, dtype=np.float64), nan=np.inf)))
+        msg = (f"{who}: the forward solve stopped far from the fixed point for samples "
+               f"{bad[:5]}{' ...' if len(bad) > 5 else ''}: max|f(z*, x) - z*| = {worst:.3g}, "
+               f"expected at most residual_tol = {tol:.3g}. The gradient would be meaningless. "
+               "Raise maxiter, change the solver, make f more contractive (spectral norm, "
+               "Jacobian regularization), or pass a larger residual_tol.")
+        return NonConvergenceError(msg, residual_norm=float(np.max(np.asarray(rmax))),
+                                   tolerance=tol)
+
+    return make
 
 
 # ---- statistics --------------------------------------------------------------------------------

@@ -23,9 +23,7 @@ from implicitdiff.backend import (
     StructureError,
     check_on_failure,
     default_residual_tol,
-    forward_error,
     get_backend,
-    record_forward,
 )
 from implicitdiff.deq import (
     IFT,
@@ -34,6 +32,7 @@ from implicitdiff.deq import (
     Neumann,
     as_backward,
     as_solver,
+    check_fixed_point,
     is_builtin_solver,
 )
 
@@ -164,11 +163,7 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
         tol = residual_tol
         if tol is None:
             tol = default_residual_tol(float(jnp.finfo(z.dtype).eps))
-        finite = jnp.all(jnp.isfinite(z), axis=-1)
-        ok = finite & (rmax <= tol)
-        bk = get_backend(z)
-        record_forward(bk, "deq", rmax, tol, batched=True)
-        return bk.handle_failure(z, ok, on_failure, forward_error("deq", tol), rmax, finite)
+        return check_fixed_point(get_backend(z), z, rmax, tol, on_failure, "deq")
 
     params = [f_leaves[i] for i in where]
     z0f = jax.lax.stop_gradient(z0.reshape(batch, -1))

@@ -22,15 +22,13 @@ from torch import nn
 
 import implicitdiff as idf
 from implicitdiff.backend import (
-    NonConvergenceError,
     StructureError,
     check_on_failure,
     default_residual_tol,
     get_backend,
-    record_forward,
     tree_flatten,
 )
-from implicitdiff.deq import as_solver, is_builtin_solver
+from implicitdiff.deq import as_solver, check_fixed_point, is_builtin_solver
 
 # The toolkit lives in its own modules; its names stay importable from here too (a model saved
 # whole with `torch.save` refers to its backward mode as `implicitdiff_torch._deq.IFT`, ...).
@@ -253,26 +251,9 @@ class DEQ(nn.Module):
 
     def _accept(self, z: torch.Tensor, r: torch.Tensor, tol: float) -> torch.Tensor:
         """The residual check of `z` given its $\\max|f(z, x) - z|$ per sample, `r`."""
-        record_forward(get_backend(z), "DEQ", r, tol, batched=True)
-        ok = torch.isfinite(r) & (r <= tol) & torch.isfinite(z).all(dim=-1)
         if self.stats is not None:
             self.stats = self.stats._replace(max_abs_residual=r)
-        if self.on_failure == "nan":
-            return torch.where(ok[:, None], z, torch.full_like(z, float("nan")))
-        if not bool(ok.all()):
-            bad = torch.nonzero(~ok).flatten().tolist()
-            msg = (f"DEQ: the forward solve stopped far from the fixed point for samples "
-                   f"{bad[:5]}{' ...' if len(bad) > 5 else ''}: max|f(z*, x) - z*| = "
-                   f"{float(r.nan_to_num(float('inf')).max()):.3g}, expected at most "
-                   f"residual_tol = {tol:.3g}. The gradient would be meaningless. Raise "
-                   "maxiter, change the solver, make f more contractive (spectral norm, "
-                   "Jacobian regularization), or pass a larger residual_tol.")
-            if self.on_failure == "raise":
-                raise NonConvergenceError(msg, residual_norm=float(r.max()), tolerance=tol)
-            import warnings
-
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return z
+        return check_fixed_point(get_backend(z), z, r, tol, self.on_failure, "DEQ")
 
     # -- toolkit -------------------------------------------------------------------------------
     def jacobian_penalty(self, x: Any, z: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
