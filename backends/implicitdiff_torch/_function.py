@@ -47,10 +47,6 @@ from implicitdiff.backend import (
 )
 
 
-def _is_float_tensor(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()
-
-
 # ---- the problem: F, the structure of args, and which leaves are tensors ------------------------
 
 class Problem:
