@@ -46,7 +46,6 @@ from implicitdiff.backend import (
     symmetric,
 )
 
-
 # ---- the problem: F, the structure of args, and which leaves are tensors ------------------------
 
 class Problem:
