@@ -1,0 +1,144 @@
+"""Every ```python block of README.md and docs/*.md is a test (issue 14, item 1).
+
+The blocks of one page run top to bottom in one shared namespace (a page is a tutorial: later
+blocks use the names of earlier ones), one pytest item per block, named ``page.md:LINE`` after the
+line of its opening fence. Warnings are errors, as in the rest of the suite (pyproject's
+filterwarnings apply inside each item). Each page runs with the working directory set to its own
+temporary directory (blocks that write files do not litter the repo) and matplotlib on Agg.
+
+A block is excluded only by an HTML comment on the line right before its fence::
+
+    <!-- doc-test: skip (REASON) -->
+
+and is reported as skipped with that reason. When a block fails, the later blocks of its page are
+skipped with "an earlier block failed" (running them would only repeat the first error as a
+NameError). Selecting one block (``-k``) runs the page's earlier blocks first, silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```python\s*$")
+_SKIP = re.compile(r"^\s*<!--\s*doc-test:\s*skip\s*\((?P<reason>.+)\)\s*-->\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    page: str       # path relative to the repo root
+    line: int       # 1-based line of the opening fence
+    code: str
+    skip: str | None  # the reason, when the source marks the block skipped
+
+
+def extract(path: Path) -> list[Block]:
+    """The ```python blocks of one markdown page, in order, dedented to their fence."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rel = path.relative_to(ROOT).as_posix()
+    blocks, i = [], 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, start = m.group("indent"), i
+        body = []
+        i += 1
+        while i < len(lines) and lines[i].strip() != "```":
+            body.append(lines[i])
+            i += 1
+        if i == len(lines):
+            raise ValueError(f"{rel}:{start + 1}: unclosed ```python fence")
+        code = "\n".join(ln[len(indent):] if ln.startswith(indent) else ln.lstrip() for ln in body)
+        prev = _SKIP.match(lines[start - 1]) if start > 0 else None
+        blocks.append(Block(rel, start + 1, textwrap.dedent(code) + "\n",
+                            prev.group("reason").strip() if prev else None))
+        i += 1
+    return blocks
+
+
+BLOCKS = [b for p in PAGES for b in extract(p)]
+
+
+@dataclass
+class _Page:
+    namespace: dict[str, Any] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)  # lines of blocks already run (or skipped)
+    failed: int | None = None                     # line of the first failed block
+    cwd: Path | None = None
+
+
+_pages: dict[str, _Page] = {}
+
+
+def _exec(block: Block, state: _Page) -> None:
+    if block.line in state.done:
+        return
+    state.done.add(block.line)
+    if block.skip is not None:
+        return
+    assert state.cwd is not None
+    old = os.getcwd()
+    os.chdir(state.cwd)
+    try:
+        code = compile(block.code, f"{block.page}:{block.line}", "exec")
+        exec(code, state.namespace)
+    except BaseException:
+        if state.failed is None:
+            state.failed = block.line
+        raise
+    finally:
+        os.chdir(old)
+        if "matplotlib.pyplot" in __import__("sys").modules:
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.page}:{b.line}" for b in BLOCKS])
+def test_block(block: Block, tmp_path_factory: pytest.TempPathFactory) -> None:
+    state = _pages.get(block.page)
+    if state is None:
+        state = _pages[block.page] = _Page(
+            namespace={"__name__": f"doc_{re.sub(r'[^0-9A-Za-z]', '_', block.page)}"},
+            cwd=tmp_path_factory.mktemp(Path(block.page).stem))
+    if block.skip is not None:
+        state.done.add(block.line)
+        pytest.skip(f"marked in the source: {block.skip}")
+    # Blocks before this one that have not run (a -k selection): run them first.
+    for earlier in BLOCKS:
+        if earlier.page == block.page and earlier.line < block.line and state.failed is None:
+            try:
+                _exec(earlier, state)
+            except Exception:
+                pass
+    if state.failed is not None and state.failed != block.line:
+        pytest.skip(f"an earlier block failed ({block.page}:{state.failed})")
+    _exec(block, state)
+
+
+def test_blocks_found() -> None:
+    """The collector sees every page's blocks (a fence it misread would silently drop tests)."""
+    assert len(BLOCKS) >= 25
+    for path in PAGES:
+        text = path.read_text(encoding="utf-8")
+        assert len([b for b in BLOCKS if b.page == path.relative_to(ROOT).as_posix()]) == len(
+            re.findall(r"^[ \t]*```python[ \t]*$", text, flags=re.M))
+        for m in re.finditer(r"doc-test:", text):
+            line = text[: m.start()].count("\n") + 1
+            lines = text.splitlines()
+            assert _SKIP.match(lines[line - 1]) and _FENCE.match(lines[line]), (
+                f"{path.name}:{line}: a doc-test comment must be "
+                "`<!-- doc-test: skip (REASON) -->` on the line right before a ```python fence")
