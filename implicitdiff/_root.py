@@ -91,6 +91,15 @@ class ImplicitFunction:
         self.batch_dims = batch_dims
         functools.update_wrapper(self, solver)
 
+    def __reduce__(self) -> Any:
+        # A decorated module-level solver pickles by reference, as the function it replaces
+        # would (process pools, torch.save of a model holding it): by value, pickle would look
+        # the wrapped solver up by its name and find this object instead. Anything else (a
+        # closure, a solver made at run time) pickles by value as before.
+        if _is_global(self):
+            return str(self.__dict__["__qualname__"])  # set by update_wrapper
+        return object.__reduce__(self)
+
     @property
     def name(self) -> str:
         return getattr(self.solver, "__name__", type(self.solver).__name__)
@@ -177,6 +186,19 @@ class ImplicitFunction:
         name = self.name
         return bk.handle_failure(x, finite, self.on_failure, _forward_error(name, math.inf),
                                  xp.zeros_like(finite, dtype=xs[0][1].dtype), finite)
+
+
+def _is_global(obj: Any) -> bool:
+    """Whether `obj` is what its `__module__` and `__qualname__` name."""
+    import sys
+
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not (isinstance(module, str) and isinstance(qualname, str)) or "<locals>" in qualname:
+        return False
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found is obj
 
 
 def record_forward(bk: Backend, name: str, res: Any, tol: float, *, batched: bool) -> None:

@@ -270,6 +270,21 @@ class DEQ(nn.Module):
             return jacobian_penalty(f, z, x, n_samples=n_samples)
         return jacobian_penalty(self.f, z, x, n_samples=n_samples)
 
+    # -- copies and pickles ----------------------------------------------------------------
+    # The implicit layer and the map `_T_named` are closures over this module: a copy
+    # (`copy.deepcopy`, `torch.save` + `torch.load`) builds its own instead of keeping the
+    # original's, so that it solves with its own parameters and records its own stats.
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        for name in ("_layer", "_T_named", "_own"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._own = None
+        self._layer = self._make_layer()
+
     def extra_repr(self) -> str:
         name = getattr(self.solver, "__name__", type(self.solver).__name__)
         return (f"solver={name}, backward={self.backward_mode!r}, "
