@@ -93,7 +93,8 @@ def _exec(block: Block, state: _Page) -> None:
     old = os.getcwd()
     os.chdir(state.cwd)
     try:
-        code = compile(block.code, f"{block.page}:{block.line}", "exec")
+        # Padded so that line numbers in tracebacks are those of the markdown file.
+        code = compile("\n" * block.line + block.code, str(ROOT / block.page), "exec")
         exec(code, state.namespace)
     except BaseException:
         if state.failed is None:
