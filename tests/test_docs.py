@@ -13,12 +13,16 @@ A block is excluded only by an HTML comment on the line right before its fence::
 and is reported as skipped with that reason. When a block fails, the later blocks of its page are
 skipped with "an earlier block failed" (running them would only repeat the first error as a
 NameError). Selecting one block (``-k``) runs the page's earlier blocks first, silently.
+Environment variables a block sets are undone after it. Where a page states what a block's
+output does elsewhere (docs/cli.md's command on its problems.py), a check in ``_AFTER`` runs it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +87,39 @@ class _Page:
 _pages: dict[str, _Page] = {}
 
 
+def _check_cli_problems(block: Block, state: _Page) -> None:
+    """docs/cli.md: the block is a file `problems.py`; the command the page gives passes on it."""
+    from implicitdiff.cli._main import main
+
+    (Path.cwd() / "problems.py").write_text(block.code, encoding="utf-8")
+    assert main(["check", "./problems.py:cubic", "--backends", "numpy", "--rtol", "1e-8"]) == 0
+
+
+# Pages that must run in a fresh interpreter: docs/scale.md sets XLA_FLAGS (4 CPU devices)
+# before JAX starts, which in this process has long started with one device. Each of their
+# blocks runs, with the page's earlier blocks, in `python -W error`.
+_FRESH_PROCESS = {"docs/scale.md"}
+
+
+def _exec_fresh(block: Block, state: _Page) -> None:
+    lines: list[str] = []
+    for b in BLOCKS:  # padded, so that tracebacks give the markdown file's line numbers
+        if b.page == block.page and b.line <= block.line and b.skip is None:
+            lines += [""] * (b.line - len(lines)) + b.code.splitlines()
+    code = "\n".join(lines) + "\n"
+    script = state.cwd / f"{Path(block.page).stem}_{block.line}.py"
+    script.write_text(code, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-W", "error", str(script)], cwd=state.cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{block.page}:{block.line} failed:\n{proc.stderr[-4000:]}"
+
+
+# Checks of what a page states about a block that the block itself cannot show, run after it
+# (in its working directory), keyed by the page and the block's first line.
+_AFTER = {("docs/cli.md", "# problems.py"): _check_cli_problems}
+
+
 def _exec(block: Block, state: _Page) -> None:
     if block.line in state.done:
         return
@@ -90,18 +127,27 @@ def _exec(block: Block, state: _Page) -> None:
     if block.skip is not None:
         return
     assert state.cwd is not None
-    old = os.getcwd()
+    old, env = os.getcwd(), dict(os.environ)
     os.chdir(state.cwd)
     try:
         # Padded so that line numbers in tracebacks are those of the markdown file.
         code = compile("\n" * block.line + block.code, str(ROOT / block.page), "exec")
-        exec(code, state.namespace)
+        if block.page in _FRESH_PROCESS:
+            _exec_fresh(block, state)
+        else:
+            exec(code, state.namespace)
+        after = _AFTER.get((block.page, block.code.splitlines()[0].strip()))
+        if after is not None:
+            after(block, state)
     except BaseException:
         if state.failed is None:
             state.failed = block.line
         raise
     finally:
         os.chdir(old)
+        if os.environ != env:  # e.g. docs/scale.md's XLA_FLAGS: not for the rest of the suite
+            os.environ.clear()
+            os.environ.update(env)
         if "matplotlib.pyplot" in __import__("sys").modules:
             import matplotlib.pyplot as plt
 
