@@ -47,10 +47,10 @@ class Block:
     skip: str | None  # the reason, when the source marks the block skipped
 
 
-def extract(path: Path) -> list[Block]:
+def extract(path: Path, rel: str | None = None) -> list[Block]:
     """The ```python blocks of one markdown page, in order, dedented to their fence."""
     lines = path.read_text(encoding="utf-8").splitlines()
-    rel = path.relative_to(ROOT).as_posix()
+    rel = rel or path.relative_to(ROOT).as_posix()
     blocks, i = [], 0
     while i < len(lines):
         m = _FENCE.match(lines[i])
@@ -189,3 +189,12 @@ def test_blocks_found() -> None:
             assert _SKIP.match(lines[line - 1]) and _FENCE.match(lines[line]), (
                 f"{path.name}:{line}: a doc-test comment must be "
                 "`<!-- doc-test: skip (REASON) -->` on the line right before a ```python fence")
+
+
+def test_extract_skip_comment_and_indent(tmp_path: Path) -> None:
+    md = tmp_path / "page.md"
+    md.write_text("text\n<!-- doc-test: skip (needs a GPU) -->\n```python\nimport cupy\n```\n\n"
+                  "- item:\n\n    ```python\n    x = 1\n\n    y = x\n    ```\n", encoding="utf-8")
+    a, b = extract(md, "page.md")
+    assert (a.line, a.skip, a.code) == (3, "needs a GPU", "import cupy\n")
+    assert (b.line, b.skip, b.code) == (9, None, "x = 1\n\ny = x\n")
