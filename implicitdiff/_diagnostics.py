@@ -25,12 +25,15 @@ class LinearSolveInfo(NamedTuple):
     - `residual_norm`: $\\|A x - b\\|_2$ (the solver's own estimate for Krylov methods).
     - `converged`: residual within tolerance and no breakdown.
     - `breakdown`: the method broke down (singular or indefinite operator, division by zero).
+    - `not_symmetric`: with the `symmetric` tag, True where a random probe showed that $A$ is
+      not symmetric (the solve is then refused: `converged` is False); False without the tag.
     """
 
     iterations: Any
     residual_norm: Any
     converged: Any
     breakdown: Any
+    not_symmetric: Any = None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from ._array import ON_FAILURE as ON_FAILURE
 from ._array import check_on_failure
 from ._backend import Backend, get_backend
 from ._diagnostics import BackwardRecord, LinearSolveInfo
-from ._errors import LinearSolveError, SingularJacobianError, StructureError
+from ._errors import ImplicitDiffError, LinearSolveError, SingularJacobianError, StructureError
 from ._linear_solve import AbstractLinearSolver, Auto
-from ._tags import as_tags
+from ._tags import as_tags, symmetric
 
 # ---- raveling a pytree into one vector ---------------------------------------------------------
 
@@ -84,13 +84,26 @@ def resolve_solver(solve: AbstractLinearSolver, n: int, tags: frozenset) -> Abst
 
 
 def _linear_failure(name: str, mode: str, solver: AbstractLinearSolver, method: str,
-                    iterations: Any, residual: Any, breakdown: Any) -> LinearSolveError:
+                    iterations: Any, residual: Any, breakdown: Any,
+                    not_symmetric: Any = None) -> ImplicitDiffError:
     import numpy as np
 
     it = np.max(np.asarray(iterations))
     res = np.max(np.asarray(residual))
     brk = bool(np.any(np.asarray(breakdown)))
     which = "A^T" if mode == "vjp" else "A"
+    if not_symmetric is not None and bool(np.any(np.asarray(not_symmetric))):
+        bad = np.argwhere(np.asarray(not_symmetric, dtype=bool).reshape(
+            np.shape(not_symmetric) or (1,)))
+        where = "" if np.ndim(not_symmetric) == 0 else \
+            f" (batch elements {', '.join(str(tuple(int(i) for i in b)) for b in bad[:5])})"
+        return StructureError(
+            f"{name}: the `symmetric` tag does not hold at x*{where}: a random probe gives "
+            "<u, Av> != <Au, v> for dF/dx. A solve that trusts the tag would use A where the "
+            f"derivative needs {which}, a silently wrong result, so it is refused. Expected "
+            "dF/dx symmetric, as the tag promises: drop idf.symmetric from tags (Auto then "
+            "picks GMRES or BiCGStab), or check F."
+        )
     head = (f"{name}: the {mode} linear solve with {which} = dF/dx ({solver!r}, products by "
             f"{method}) ")
     if brk:
@@ -118,6 +131,14 @@ def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: 
             bk.record(lambda it, rn, cv: BackwardRecord(name, m, repr(solver), lin.method, it,
                                                         rn, cv),
                       info.iterations, info.residual_norm, info.converged)
+            if symmetric in tags and info.not_symmetric is not None:
+                bad_tag = info.not_symmetric
+                return bk.handle_failure(
+                    sol, info.converged, on_failure,
+                    lambda it, rn, brk, ns: _linear_failure(name, m, solver, lin.method, it,
+                                                            rn, brk, ns),
+                    info.iterations, info.residual_norm, info.breakdown, bad_tag,
+                )
             return bk.handle_failure(
                 sol, info.converged, on_failure,
                 lambda it, rn, brk: _linear_failure(name, m, solver, lin.method, it, rn, brk),
