@@ -335,7 +335,7 @@ class Backend(abc.ABC):
         def h(x: Any, *extra: Any) -> Any:
             xs = self.from_host(tuple(_host_float(e) for e in (x, *extra)), like=like)
             out = f(*xs, *theta)
-            return _host_scalar(self.to_host(out)) if scalar else _host_tree(self.to_host(out))
+            return host_scalar(self.to_host(out)) if scalar else _host_tree(self.to_host(out))
 
         return h
 
@@ -408,7 +408,9 @@ def _host_tree(out: Any) -> Any:
     return _tree.tree_map(conv, out)
 
 
-def _host_scalar(out: Any) -> float:
+def host_scalar(out: Any) -> float:
+    """A scalar function's host output (a NumPy array or number of size 1) as a Python float;
+    `StructureError` for any other size. What SciPy is handed for `fun`."""
     import numpy as np
 
     a = np.asarray(out)

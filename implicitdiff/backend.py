@@ -27,6 +27,7 @@ from ._backend import Backend as Backend
 from ._backend import Linearization as Linearization
 from ._backend import find_backend as find_backend
 from ._backend import get_backend as get_backend
+from ._backend import host_scalar as host_scalar
 from ._backend import list_backends as list_backends
 from ._backend import nan_where as nan_where
 from ._backend import register_backend as register_backend
@@ -93,6 +94,7 @@ __all__ = [
     "find_backend",
     "forward_error",
     "get_backend",
+    "host_scalar",
     "implicit_jvp",
     "implicit_vjp",
     "list_backends",

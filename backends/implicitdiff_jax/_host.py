@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from implicitdiff.backend import host_scalar
+
 _JIT_CACHE: dict[Any, Callable[..., Any]] = {}
 _JIT_CACHE_SIZE = 128
 
@@ -48,15 +50,6 @@ def host_array(x: Any, like: Any = None) -> Any:
     if like is not None and hasattr(like, "dtype") and jnp.issubdtype(like.dtype, jnp.floating):
         return a.astype(like.dtype)
     return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.result_type(float))
-
-
-def _scalar(out: Any) -> float:
-    a = np.asarray(out)
-    if a.size != 1:
-        from implicitdiff import StructureError
-
-        raise StructureError(f"expected fun to return a scalar, got shape {a.shape}.")
-    return float(a.reshape(()))
 
 
 def _np_tree(out: Any) -> Any:
@@ -106,7 +99,7 @@ def host_function(f: Callable[..., Any], theta: tuple, scalar: bool) -> Callable
 
     def h(x: Any, *extra: Any) -> Any:
         out = fn(x, *[jnp.asarray(e) for e in extra])
-        return _scalar(out) if scalar else _np_tree(out)
+        return host_scalar(out) if scalar else _np_tree(out)
 
     return h
 

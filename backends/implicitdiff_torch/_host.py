@@ -12,17 +12,8 @@ import numpy as np
 import torch
 import torch.func
 
-
-def _map(f: Callable[[Any], Any], tree: Any) -> Any:
-    """`f` on the leaves of a pytree of tuples, lists and dicts (host results, SciPy's data)."""
-    if isinstance(tree, dict):
-        return {k: _map(f, v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        out = [_map(f, v) for v in tree]
-        if isinstance(tree, list):
-            return out
-        return type(tree)(*out) if hasattr(type(tree), "_fields") else tuple(out)
-    return f(tree)
+from implicitdiff import backend as core
+from implicitdiff.backend import host_scalar
 
 
 def _dtype(like: Any) -> torch.dtype:
@@ -76,16 +67,7 @@ def _np_tree(out: Any) -> Any:
         return np.asarray(a, dtype=np.float64) if hasattr(a, "dtype") or isinstance(
             a, (float, int)) else a
 
-    return _map(conv, out)
-
-
-def _scalar(out: Any) -> float:
-    a = np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out)
-    if a.size != 1:
-        from implicitdiff import StructureError
-
-        raise StructureError(f"expected fun to return a scalar, got shape {a.shape}.")
-    return float(a.reshape(()))
+    return core.tree_map(conv, out)
 
 
 def host_function(f: Callable[..., Any], theta: tuple, like: Any, scalar: bool
@@ -98,7 +80,7 @@ def host_function(f: Callable[..., Any], theta: tuple, like: Any, scalar: bool
     def h(x: Any, *extra: Any) -> Any:
         with torch.no_grad():
             out = f(t(x), *[t(e) for e in extra], *theta)
-        return _scalar(out) if scalar else _np_tree(out)
+        return host_scalar(to_host_leaf(out)) if scalar else _np_tree(out)
 
     return h
 
