@@ -191,7 +191,7 @@ class TorchBackend(Backend):
             return nan_where(self, value, ok)
         if bool(torch.all(ok)):
             return value
-        err = make_error(*[_host(d) for d in data])
+        err = make_error(*[_host_side.to_host_leaf(d) for d in data])
         if on_failure == "raise":
             raise err
         warnings.warn(str(err), RuntimeWarning, stacklevel=2)
@@ -199,7 +199,7 @@ class TorchBackend(Backend):
 
     def record(self, make_record: Callable[..., Any], *data: Any) -> None:
         if collecting():
-            _emit(make_record(*[_host(d) for d in data]))
+            _emit(make_record(*[_host_side.to_host_leaf(d) for d in data]))
 
     def linearize(self, F, x, args, *, derivatives=None, tags=frozenset()):
         return Operator.at(self, F, x, tuple(args), tags)
@@ -324,10 +324,6 @@ def _rebuild(f: Callable[..., Any], leaves: list, treedef: Any, idx: Sequence[in
         return f(*core.tree_unflatten(treedef, full))
 
     return g
-
-
-def _host(d: Any) -> Any:
-    return d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else d
 
 
 def _as_tangent(t: Any, p: torch.Tensor) -> torch.Tensor:
