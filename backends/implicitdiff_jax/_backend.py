@@ -26,17 +26,14 @@ from implicitdiff.backend import emit as _emit
 from implicitdiff.backend import emitter as _emitter
 
 from . import _host
+from ._host import is_tracer
 
 _TRACE_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                  jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError)
 
 
-def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
-
-
 def _any_tracer(data: Sequence[Any]) -> bool:
-    return any(_is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(data))
+    return any(is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(data))
 
 
 def _float0_zeros_like(x: Any) -> Any:
@@ -95,7 +92,7 @@ def _is_dynamic(leaf: Any) -> bool:
     other objects are closed over as static values."""
     if isinstance(leaf, (bool, int)) or leaf is None:
         return False
-    return isinstance(leaf, (float, jax.Array, np.ndarray, np.generic)) or _is_tracer(leaf)
+    return isinstance(leaf, (float, jax.Array, np.ndarray, np.generic)) or is_tracer(leaf)
 
 
 def _failure_check(report: Callable[..., None], *, everywhere: bool = False
@@ -162,7 +159,7 @@ class JaxBackend(Backend):
     framework = "jax"
 
     def owns(self, x: Any) -> bool:
-        return isinstance(x, jax.Array) or _is_tracer(x)
+        return isinstance(x, jax.Array) or is_tracer(x)
 
     def namespace(self, *arrays: Any) -> Any:
         return jnp
@@ -402,7 +399,7 @@ def _call(bk: JaxBackend, fn: ImplicitFunction, args: tuple, options: dict) -> A
         # aux passes through untouched: array leaves as outputs, other leaves (strings,
         # objects) kept aside at trace time and put back after the call.
         leaves, treedef = jax.tree_util.tree_flatten(aux)
-        keep = [isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or _is_tracer(leaf)
+        keep = [isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or is_tracer(leaf)
                 for leaf in leaves]
         aux_static.update(treedef=treedef, keep=keep,
                           static=[None if k else leaf for leaf, k in zip(leaves, keep)])

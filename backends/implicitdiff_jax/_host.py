@@ -20,6 +20,7 @@ _JIT_CACHE_SIZE = 128
 
 
 def is_tracer(x: Any) -> bool:
+    """Whether `x` is a JAX tracer (a value being traced by `jit`, `vmap`, `grad`)."""
     return isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
 
 
