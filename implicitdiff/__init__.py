@@ -10,6 +10,7 @@ from ._backend import Linearization as Linearization
 from ._backend import get_backend as get_backend
 from ._backend import list_backends as list_backends
 from ._backend import register_backend as register_backend
+from ._config import config as config
 from ._diagnostics import BackwardRecord as BackwardRecord
 from ._diagnostics import Diagnostics as Diagnostics
 from ._diagnostics import ForwardRecord as ForwardRecord

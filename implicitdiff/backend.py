@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ._array import ON_FAILURE as ON_FAILURE
 from ._array import check_on_failure as check_on_failure
+from ._config import resolve_on_failure as resolve_on_failure
 from ._backend import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP
 from ._backend import Backend as Backend
 from ._backend import Linearization as Linearization
@@ -102,6 +103,7 @@ __all__ = [
     "positive_definite",
     "record_forward",
     "register_backend",
+    "resolve_on_failure",
     "resolve_solver",
     "symmetric",
     "tree_flatten",
