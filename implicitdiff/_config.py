@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,10 +36,10 @@ class Config:
             a change takes effect for new traces (a new `jit`, or new shapes) only.
     """
 
-    __slots__ = ("_lock", "_on_failure")
+    __slots__ = ("_on_failure",)
+    _on_failure: str
 
     def __init__(self) -> None:
-        object.__setattr__(self, "_lock", threading.Lock())
         env = os.environ.get(ENV_ON_FAILURE)
         if env is not None:
             check_on_failure(env, f"environment variable {ENV_ON_FAILURE}")
@@ -58,7 +57,7 @@ class Config:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "on_failure":
-            raise AttributeError(f"idf.config has no setting {name!r}; the settings are: on_failure.")
+            raise AttributeError(f"idf.config has no setting {name!r} (settings: on_failure).")
         object.__setattr__(self, name, value)
 
     @contextlib.contextmanager
@@ -66,8 +65,7 @@ class Config:
         """Set the defaults inside a `with` block only (process-wide while the block runs)."""
         if on_failure is not None:
             check_on_failure(on_failure, "idf.config.override")
-        with self._lock:
-            old = self._on_failure
+        old = self._on_failure
         try:
             if on_failure is not None:
                 self.on_failure = on_failure
