@@ -163,7 +163,10 @@ def test_check_list_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         _cli.main(["check", "--help"])
     assert e.value.code == 0
-    assert "MODULE:NAME" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "MODULE:NAME" in out
+    # the help says plainly that checking MODULE:NAME runs MODULE's code
+    assert "code runs with your permissions" in out and "executed" in out
 
 
 @pytest.mark.parametrize("problem", list(_gallery.GALLERY.values()), ids=list(_gallery.GALLERY))

@@ -15,6 +15,8 @@ Problems. Each PROBLEM is either the name of a gallery problem (see --list) or M
 
   MODULE  an importable module (mypkg.layers; the current directory is on the path)
           or a path to a Python file (path/to/problem.py).
+          WARNING: MODULE is imported, so its code runs with your permissions, exactly as
+          `python path/to/problem.py` would. Check only code you trust.
   NAME    an attribute of MODULE, one of
           (a) a solver decorated with idf.custom_root / idf.custom_fixed_point, with example
               arguments in a sibling attribute NAME_args of MODULE (or an attribute
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "every check passes, 1 when one fails, 2 on a usage error.", width=88),
         epilog=_USER_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("problems", nargs="*", metavar="PROBLEM",
-                       help="gallery problem names or MODULE:NAME (below); default: the gallery")
+                       help="gallery problem names or MODULE:NAME (below; MODULE's code is "
+                            "executed); default: the gallery")
     check.add_argument("--backends", metavar="LIST", help=backends_help)
     check.add_argument("--rtol", type=_positive_float, default=1e-6,
                        help="tolerance of the relative error vs finite differences "
