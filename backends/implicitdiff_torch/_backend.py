@@ -189,7 +189,10 @@ class TorchBackend(Backend):
                        make_error: Callable[..., ImplicitDiffError], *data: Any) -> Any:
         if on_failure == "nan":  # no host sync: a where on the flags
             return nan_where(self, value, ok)
-        if bool(torch.all(ok)):
+        if ok.device.type == "meta":  # shapes only, no values to check (shape propagation)
+            return value
+        # under torch.func.vmap the flags are batched: look at every element at once
+        if bool(torch.all(_host_side.physical(ok))):
             return value
         err = make_error(*[_host_side.to_host_leaf(d) for d in data])
         if on_failure == "raise":
@@ -198,7 +201,8 @@ class TorchBackend(Backend):
         return value
 
     def record(self, make_record: Callable[..., Any], *data: Any) -> None:
-        if collecting():
+        if collecting() and not any(isinstance(d, torch.Tensor) and d.device.type == "meta"
+                                    for d in data):
             _emit(make_record(*[_host_side.to_host_leaf(d) for d in data]))
 
     def linearize(self, F, x, args, *, derivatives=None, tags=frozenset()):

@@ -26,7 +26,10 @@ cotangent $b$ of $p \\mapsto A(p)^\\top a$.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -34,6 +37,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch._C import _functorch as _ft  # pyright: ignore
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as _torch_pytree
 
 from implicitdiff import backend as core
 from implicitdiff.backend import (
@@ -82,6 +88,15 @@ class Problem:
         self.aux_pos: list[int] = []
         self.aux_static: list[Any] = []
         self.check_closure = False
+        # closures (see `Closure`): `args` ends with the tuple of lifted tensors, F substitutes
+        # them; `n_user` is the number of the user's own arguments (what the solver gets)
+        self.n_user = len(args)
+        self.closure: Closure | None = None
+        self.guard = False  # refuse a functorch-wrapped tensor that F reads (`_Guard`)
+
+    def user_args(self, args: tuple) -> tuple:
+        """The user's own arguments (without the lifted closure tensors)."""
+        return tuple(args)[:self.n_user]
 
     # -- args and options from flat tensors ---------------------------------------------------
     def tensors(self, args: tuple) -> list[torch.Tensor]:
@@ -614,6 +629,10 @@ class ImplicitFn(torch.autograd.Function):
         none_opts = (None,) * problem.n_opt
         if not wanted:
             return (None, *([None] * n_th), *none_opts)
+        trivial = _shape_only(xs, ths)
+        if trivial is not None:
+            return (None, *[trivial(ths[j]) if j in wanted else None for j in range(n_th)],
+                    *none_opts)
         xs, xbar = _drop_failed(problem, xs, grads[:nx])
         if not differentiable_context():
             # first order, outside any transform: nothing records this pass
@@ -622,7 +641,7 @@ class ImplicitFn(torch.autograd.Function):
             lin = Operator(problem, xs, ths, wanted)
         fn = problem.fn
         assert fn is not None
-        g = implicit_vjp(fn.F, problem.x_from(xs), problem.args_from(ths),
+        g = implicit_vjp(problem.F, problem.x_from(xs), problem.args_from(ths),
                          problem.x_from(xbar), solve=fn.solve, tags=fn.tags,
                          on_failure=fn.on_failure, backend=problem.bk, name=fn.name,
                          linearization=lin, batch_dims=problem.batch_dims)
@@ -637,7 +656,10 @@ class ImplicitFn(torch.autograd.Function):
         xs, ths = saved[:nx], saved[nx:]
         fn = problem.fn
         assert fn is not None
-        xdot = implicit_jvp(fn.F, problem.x_from(xs), problem.args_from(ths),
+        trivial = _shape_only(xs, ths)
+        if trivial is not None:
+            return (*[trivial(x) for x in xs], *([None] * len(problem.aux_pos)))
+        xdot = implicit_jvp(problem.F, problem.x_from(xs), problem.args_from(ths),
                             problem.tangents_from(tangents[:n_th]), solve=fn.solve,
                             tags=fn.tags, on_failure=fn.on_failure, backend=problem.bk,
                             name=fn.name, linearization=Operator(problem, xs, ths),
@@ -652,6 +674,18 @@ class ImplicitFn(torch.autograd.Function):
             return ImplicitFn.apply(problem, *a)
 
         return _loop_vmap(one, info, in_dims[1:], inputs)
+
+
+def _shape_only(xs: Sequence[torch.Tensor], ths: Sequence[torch.Tensor]
+                ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Derivatives that need no linear solve: on the `meta` device there are no values, only
+    shapes (an empty tensor like each one: shape propagation, as torch's own meta kernels do);
+    if x has no elements, $A$ is 0×0 and every derivative is zero. None otherwise."""
+    if any(t.device.type == "meta" for t in (*xs, *ths)):
+        return torch.empty_like
+    if all(x.numel() == 0 for x in xs):
+        return torch.zeros_like
+    return None
 
 
 def _drop_failed(problem: Problem, xs: Sequence[torch.Tensor], xbar: Sequence[torch.Tensor]
@@ -681,6 +715,278 @@ def _unalias(t: torch.Tensor, inputs: Sequence[Any]) -> torch.Tensor:
         if isinstance(inp, torch.Tensor) and t.data_ptr() == inp.data_ptr() and t.numel():
             return t.clone()
     return t
+
+
+# ---- closures: tensors F reads that are not its arguments ---------------------------------------
+#
+# Under a `torch.func` transform a tensor that F reads from its closure (a closure cell, a
+# default, a global, a bound method's module, `functools.partial`, a module whose parameters
+# `torch.func.functional_call` swapped) is wrapped by the transform. The Function's forward and
+# backward run below every transform (functorch unwraps their inputs), so such a tensor would be
+# read there as a constant and its derivative would be silently zero. As the JAX backend's
+# closure conversion does, `Closure` finds those tensors, the call passes them to the Function
+# as extra inputs (one more argument of F, a tuple), and `Closure.substitute` makes F (and the
+# solver) read those inputs instead: by identity, through a `TorchFunctionMode`, of what the
+# closure holds when F runs (`functional_call` has put a module's own parameters back by the
+# time the backward pass runs; the substitution covers both). What it cannot find, `_Guard`
+# refuses by name in the forward pass, where no transform may track anything F reads.
+
+_MAX_DEPTH = 8
+_MAX_ITEMS = 256
+_LIBRARIES = ("torch", "numpy", "implicitdiff", "builtins", "functools", "typing")
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """Whether `torch.func.vmap` maps over `t` (at any level)."""
+    while _ft.is_functorch_wrapped_tensor(t):
+        if _ft.is_batchedtensor(t):
+            return True
+        t = _ft.get_unwrapped(t)
+    return False
+
+
+def _needs_lift(t: torch.Tensor) -> bool:
+    """Whether a tensor F closes over must become an input: a `torch.func` transform wraps it
+    (it tracks derivatives through it, or maps over it), forward AD gives it a tangent, or it
+    requires grad with grad mode on."""
+    if _ft.is_functorch_wrapped_tensor(t):
+        return True
+    if _forward_ad_active() and fwAD.unpack_dual(t).tangent is not None:
+        return True
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def _tracked(t: torch.Tensor) -> bool:
+    """Whether derivatives through `t` may be asked for (a grad or jvp transform wraps it,
+    forward AD gives it a tangent, or it requires grad with grad mode on)."""
+    u = t
+    while _ft.is_functorch_wrapped_tensor(u):
+        if _ft.is_gradtrackingtensor(u):
+            return True
+        u = _ft.get_unwrapped(u)
+    if _forward_ad_active() and fwAD.unpack_dual(u).tangent is not None:
+        return True
+    return torch.is_grad_enabled() and u.requires_grad
+
+
+def _cell_getter(cell: Any) -> Callable[[], Any]:
+    return lambda: cell.cell_contents
+
+
+def _attr_getter(obj: Any, name: str) -> Callable[[], Any]:
+    return lambda: functools.reduce(getattr, name.split("."), obj)
+
+
+def _item_getter(obj: Any, key: Any) -> Callable[[], Any]:
+    return lambda: obj[key]
+
+
+def _global_names(code: types.CodeType) -> list[str]:
+    names = list(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names += _global_names(c)
+    return names
+
+
+def _library(obj: Any) -> bool:
+    mod = getattr(obj, "__module__", None) or type(obj).__module__ or ""
+    return mod.split(".")[0] in _LIBRARIES
+
+
+class Closure:
+    """The tensors a condition reads from its closure that must become inputs of the implicit
+    function (`_needs_lift`): where F holds them (closure cells, defaults, globals it names,
+    bound methods and their `nn.Module`, `functools.partial`, lists, tuples, dicts, attributes
+    of plain objects and modules), found by walking F without calling it.
+
+    The solver's own closure adds the tensors `torch.func.vmap` maps over (the vmap rule runs
+    the solver once per element, which must read that element); their derivative is zero, as
+    the theorem says of anything only the solver reads."""
+
+    def __init__(self, F: Callable[..., Any], solver: Callable[..., Any] | None = None):
+        self.names: list[str] = []
+        self.values: list[torch.Tensor] = []
+        self.getters: list[list[Callable[[], Any]]] = []
+        self._index: dict[int, int] = {}
+        self._seen: set[int] = set()
+        self._lift: Callable[[torch.Tensor], bool] = _needs_lift
+        self._walk(F, getattr(F, "__name__", "F"), None, 0)
+        if solver is not None:
+            self._seen.clear()
+            self._lift = _batched
+            self._walk(solver, getattr(solver, "__name__", "solver"), None, 0)
+
+    def _add(self, t: torch.Tensor, name: str, get: Callable[[], Any] | None) -> None:
+        k = self._index.get(id(t))
+        if k is None:
+            if not self._lift(t):
+                return
+            k = self._index[id(t)] = len(self.values)
+            self.values.append(t)
+            self.names.append(name)
+            self.getters.append([])
+        if get is not None:
+            self.getters[k].append(get)
+
+    def _walk(self, obj: Any, name: str, get: Callable[[], Any] | None, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            self._add(obj, name, get)
+            return
+        if (depth > _MAX_DEPTH or obj is None or id(obj) in self._seen
+                or isinstance(obj, (str, bytes, int, float, complex, type, types.ModuleType))):
+            return
+        self._seen.add(id(obj))
+        d = depth + 1
+        if isinstance(obj, torch.nn.Module):
+            for n, t in (*obj.named_parameters(), *obj.named_buffers()):
+                self._add(t, f"{name}.{n}", _attr_getter(obj, n))
+            for mod_name, mod in obj.named_modules():
+                for n, v in vars(mod).items():
+                    if not n.startswith("_"):
+                        path = f"{mod_name}.{n}" if mod_name else n
+                        self._walk(v, f"{name}.{path}", _attr_getter(obj, path), d)
+        elif isinstance(obj, types.MethodType):
+            self._walk(obj.__self__, "self", None, d)
+            self._walk(obj.__func__, name, None, d)
+        elif isinstance(obj, functools.partial):
+            self._walk(obj.func, name, None, d)
+            for i, v in enumerate(obj.args):
+                self._walk(v, f"{name} partial argument {i}", _item_getter(obj.args, i), d)
+            for k, v in obj.keywords.items():
+                self._walk(v, f"{name} partial keyword {k!r}", _item_getter(obj.keywords, k), d)
+        elif isinstance(obj, types.FunctionType):
+            if _library(obj) and depth:
+                return
+            code = obj.__code__
+            for var, cell in zip(code.co_freevars, obj.__closure__ or ()):
+                try:
+                    v = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                self._walk(v, var, _cell_getter(cell), d)
+            for i, v in enumerate(obj.__defaults__ or ()):
+                var = code.co_varnames[code.co_argcount - len(obj.__defaults__ or ()) + i]
+                self._walk(v, f"{var} (default of {obj.__name__})", None, d)
+            for k, v in (obj.__kwdefaults__ or {}).items():
+                self._walk(v, f"{k} (default of {obj.__name__})", None, d)
+            g = obj.__globals__
+            for var in _global_names(code):
+                if var in g:
+                    self._walk(g[var], var, _item_getter(g, var), d)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj[:_MAX_ITEMS]):
+                self._walk(v, f"{name}[{i}]", _item_getter(obj, i), d)
+        elif isinstance(obj, dict):
+            for k, v in list(obj.items())[:_MAX_ITEMS]:
+                self._walk(v, f"{name}[{k!r}]", _item_getter(obj, k), d)
+        elif not _library(obj):
+            attrs = getattr(obj, "__dict__", None)
+            if isinstance(attrs, dict):
+                for n, v in list(attrs.items())[:_MAX_ITEMS]:
+                    self._walk(v, f"{name}.{n}", _attr_getter(obj, n), d)
+
+    def substitute(self, subs: Sequence[torch.Tensor]) -> _ClosureMode:
+        """A mode in which F reads `subs[k]` wherever it reads the k-th closed-over tensor (the
+        one found, or what its place in the closure holds now)."""
+        table: dict[int, torch.Tensor] = {}
+        for k, sub in enumerate(subs):
+            table[id(self.values[k])] = sub
+            for get in self.getters[k]:
+                try:
+                    now = get()
+                except (AttributeError, LookupError, ValueError):
+                    continue
+                if isinstance(now, torch.Tensor):
+                    table[id(now)] = sub
+        return _ClosureMode(table)
+
+    def condition(self, F: Callable[..., Any], n_user: int) -> Callable[..., Any]:
+        """`F` with one more argument, the tuple of the closed-over tensors' stand-ins."""
+        def F_lifted(x: Any, *args: Any) -> Any:
+            with self.substitute(args[n_user]):
+                return F(x, *args[:n_user])
+
+        F_lifted.__name__ = getattr(F, "__name__", "F")
+        return F_lifted
+
+
+class _ClosureMode(TorchFunctionMode):
+    """Every torch function F calls gets `table[id(t)]` for a tensor argument `t` in `table`."""
+
+    def __init__(self, table: dict[int, torch.Tensor]):
+        super().__init__()
+        self.table = table
+
+    def _sub(self, t: torch.Tensor) -> torch.Tensor:
+        return self.table.get(id(t), t)
+
+    def __torch_function__(self, func: Any, types_: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        args, kwargs = _torch_pytree.tree_map_only(torch.Tensor, self._sub,
+                                                   (tuple(args), dict(kwargs or {})))
+        return func(*args, **kwargs)
+
+
+class _Guard(TorchFunctionMode):
+    """Refuses a tensor F reads that a `torch.func` transform wraps. Active where F is evaluated
+    in the Function's forward pass, below every transform, where F's own inputs are unwrapped:
+    such a tensor is one F holds in a closure that `Closure` could not find."""
+
+    def __init__(self, name: str, solver: bool = False):
+        super().__init__()
+        self.name = name
+        self.solver = solver  # in the solver, only a tensor vmap maps over is refused
+
+    def __torch_function__(self, func: Any, types_: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        for t in _torch_pytree.tree_leaves((args, kwargs)):
+            if not (isinstance(t, torch.Tensor) and _ft.is_functorch_wrapped_tensor(t)):
+                continue
+            what = getattr(func, "__name__", str(func))
+            if self.solver and _batched(t):
+                raise StructureError(
+                    f"{self.name}: the solver reads a tensor of shape {tuple(t.shape)} and dtype "
+                    f"{t.dtype} (in {what}) that torch.func.vmap maps over but that is not one "
+                    "of its arguments, and implicitdiff could not find where it holds it. "
+                    "Expected the solver to read the mapped tensors from its arguments (the "
+                    "vmap rule runs it once per batch element); got a closure over one. Pass "
+                    "it as an argument of the solver."
+                )
+            if not self.solver:
+                raise StructureError(
+                    f"{self.name}: F reads a tensor of shape {tuple(t.shape)} and dtype "
+                    f"{t.dtype} (in {what}) that a torch.func transform tracks but that is not "
+                    "one of its arguments, and implicitdiff could not find where F holds it "
+                    "(it looks in closure cells, defaults, globals, bound methods, nn.Module "
+                    "parameters, buffers and attributes, functools.partial, lists, tuples, "
+                    "dicts and plain objects' attributes). Expected every tensor to "
+                    "differentiate (or to vmap over) to be passed as an argument, so the "
+                    "implicit rule can return its derivative; got a closure over it, whose "
+                    "derivative would be silently zero. Pass it as an argument of the solver "
+                    "(for an nn.Module: dict(module.named_parameters()) with "
+                    "torch.func.functional_call), or detach it inside F if it needs none."
+                )
+        return func(*args, **kwargs)
+
+
+def _refuse_complex(name: str, args: tuple, closure: Closure | None) -> None:
+    """A complex tensor whose derivative is asked for: refused (the implicit rule here is for
+    real floating θ; its gradient would otherwise be silently missing)."""
+    bad = [path for path, leaf in core.tree_leaves_with_path(tuple(args), "args")
+           if isinstance(leaf, torch.Tensor) and leaf.is_complex() and _tracked(leaf)]
+    if closure is not None:
+        bad += [n for n, t in zip(closure.names, closure.values) if t.is_complex()]
+    if bad:
+        raise StructureError(
+            f"{name}: a derivative is asked for through the complex tensor {bad[0]}. Expected "
+            "real floating arguments (float32/float64) where derivatives flow; got a complex "
+            "dtype, which the implicit rule of the torch backend does not support (its "
+            "derivative would be silently missing). Pass the real and imaginary parts as two "
+            "real arguments (torch.view_as_real(z) or z.real, z.imag) and build the complex "
+            "value inside F and the solver."
+        )
 
 
 # ---- the forward solve ---------------------------------------------------------------------------
@@ -719,11 +1025,14 @@ def _residual_checking_closure(problem: Problem, x: Any, args: tuple) -> Any:
            if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
     if bad:
         name = problem.fn.name if problem.fn is not None else "F"
+        found = Closure(problem.F).names
+        where = f" (found in F's closure: {', '.join(found)})" if found else ""
         raise StructureError(
-            f"{name}: F uses a tensor that requires grad but is not one of its arguments (its "
-            f"output {bad[0]} requires grad with x and every argument detached). Expected every "
-            "tensor to differentiate, such as a module's parameters, to be passed as an "
-            "argument, so the implicit rule can return its gradient; got a closure over it. "
+            f"{name}: F uses a tensor that requires grad but is not one of its arguments{where} "
+            f"(its output {bad[0]} requires grad with x and every argument detached). "
+            "Expected every tensor to differentiate, such as a module's parameters, to be "
+            "passed as an argument, so the implicit rule can return its gradient; got a "
+            "closure over it. "
             "Pass it as an argument (for an nn.Module: dict(module.named_parameters()) with "
             "torch.func.functional_call), or detach it inside F if it needs no gradient."
         )
@@ -734,20 +1043,64 @@ def run_forward(problem: Problem, args: tuple, options: dict) -> tuple[Any, Any]
     """Run the solver untraced, bring NumPy results back, check the residual."""
     fn = problem.fn
     assert fn is not None
-    with torch.no_grad():
-        x, aux = fn.run_solver(args, options)
-    x = _to_tensors(x, args)
-    F: Callable[..., Any] | None = None
+    user = problem.user_args(args)
+    closure = problem.closure
+    solver_guard = _Guard(fn.name, solver=True) if problem.guard else contextlib.nullcontext()
+    with torch.no_grad(), solver_guard, (closure.substitute(args[-1]) if closure is not None
+                                         else contextlib.nullcontext()):
+        x, aux = fn.run_solver(user, options)
+    x = _to_tensors(x, user)
+    F: Callable[..., Any] | None = problem.F if closure is not None else None
     if problem.check_closure and fn.residual_tol != math.inf:
         r = _residual_checking_closure(problem, x, args)
+        x_checked = x
 
-        def residual(*_: Any) -> Any:  # the check reuses this evaluation of F
-            return r
+        def residual(xx: Any, *a: Any) -> Any:  # the check reuses this evaluation of F
+            return r if xx is x_checked else problem.F(xx, *a)
 
         F = residual
-    with torch.no_grad():
-        x = fn.check(problem.bk, x, args, F=F)
+    guard = _Guard(fn.name) if problem.guard else contextlib.nullcontext()
+    with torch.no_grad(), guard:
+        x = _check(problem, x, args, F)
     return x, aux
+
+
+def _check(problem: Problem, x: Any, args: tuple, F: Callable[..., Any] | None) -> Any:
+    """`fn.check`, with leaves of x that have no elements left out of the residual (there is
+    nothing to check there; the core's reductions need at least one element)."""
+    fn = problem.fn
+    assert fn is not None
+    leaves, xdef = core.tree_flatten(x)
+    keep = [i for i, leaf in enumerate(leaves)
+            if not (isinstance(leaf, torch.Tensor) and leaf.numel() == 0)]
+    if len(keep) == len(leaves) or fn.residual_tol == math.inf:
+        return fn.check(problem.bk, x, args, F=F)
+    Fu = F or problem.F
+    r = core.tree_flatten(Fu(x, *args))[0]
+    if len(r) != len(leaves) or any(
+            not isinstance(ri, torch.Tensor) or ri.shape != xi.shape or ri.dtype != xi.dtype
+            for ri, xi in zip(r, leaves)):
+        raise StructureError(
+            f"{fn.name}: F(x, *args) must return leaves with the shapes and dtypes of x "
+            f"({[(tuple(t.shape), t.dtype) for t in leaves]}); got "
+            f"{[(tuple(getattr(t, 'shape', ())), getattr(t, 'dtype', type(t))) for t in r]}. "
+            "Return a residual shaped like x."
+        )
+    if not keep:
+        return x
+
+    def full(xk: Sequence[Any]) -> list[Any]:
+        out = list(leaves)
+        for i, leaf in zip(keep, xk):
+            out[i] = leaf
+        return out
+
+    def F_kept(xk: Any, *a: Any) -> list[Any]:
+        rr = core.tree_flatten(Fu(core.tree_unflatten(xdef, full(xk)), *a))[0]
+        return [rr[i] for i in keep]
+
+    xk = fn.check(problem.bk, [leaves[i] for i in keep], args, F=F_kept)
+    return core.tree_unflatten(xdef, full(xk))
 
 
 def _transforms_active() -> bool:
@@ -769,12 +1122,23 @@ def differentiable_context(recording: bool = True) -> bool:
 
 def _call(bk: Any, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
     """`fn(*args, **options)` for tensors: untraced when nothing needs a derivative, else through
-    `ImplicitFn`. Runs eagerly under `torch.compile` (a graph break)."""
-    problem = Problem(fn.F, fn, args, options, bk=bk)
-    ths = problem.tensors(args)
+    `ImplicitFn`. Runs eagerly under `torch.compile` (a graph break). Under a `torch.func`
+    transform or forward AD, tensors F reads from its closure become inputs (`Closure`)."""
     transforms = _transforms_active()
+    forward_ad = _forward_ad_active()
+    closure = Closure(fn.F, fn.solver) if transforms or forward_ad else None
+    _refuse_complex(fn.name, args, closure)
+    if closure is not None and closure.values:
+        problem = Problem(closure.condition(fn.F, len(args)), fn,
+                          (*args, tuple(closure.values)), options, bk=bk)
+        problem.n_user, problem.closure = len(args), closure
+    else:
+        problem = Problem(fn.F, fn, args, options, bk=bk)
+    problem.guard = transforms
+    all_args = args if problem.closure is None else (*args, tuple(problem.closure.values))
+    ths = problem.tensors(all_args)
     problem.check_closure = torch.is_grad_enabled() and not transforms
-    traced = transforms or _forward_ad_active() or any(
+    traced = transforms or forward_ad or any(
         t.requires_grad for j, t in enumerate(ths) if problem.float_th[j])
     if not traced:
         x, aux = run_forward(problem, args, options)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.func
+from torch._C import _functorch as _ft  # pyright: ignore
 
 from implicitdiff import backend as core
 from implicitdiff.backend import host_scalar
@@ -26,10 +27,18 @@ def _device(like: Any) -> Any:
     return like.device if isinstance(like, torch.Tensor) else None
 
 
+def physical(t: torch.Tensor) -> torch.Tensor:
+    """The tensor under every `torch.func` wrapper (under `vmap`, all batch elements at once):
+    what a failure check looks at, below the transforms, to decide and to report."""
+    while _ft.is_functorch_wrapped_tensor(t):
+        t = _ft.get_unwrapped(t)
+    return t
+
+
 def to_host_leaf(a: Any) -> Any:
     """One leaf on the host: a tensor detached, on the CPU, as NumPy."""
     if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
+        return physical(a).detach().cpu().numpy()
     return np.asarray(a) if hasattr(a, "dtype") else a
 
 
