@@ -443,3 +443,82 @@ def test_complex_x_is_correct_or_refused():
         assert "complex" in str(e)
         return
     assert z.grad is not None and rel(z.grad, z.detach() / 2) < 1e-10
+
+
+_GLOBAL_W = None
+
+
+def test_closure_through_a_global_and_an_object_attribute(data):
+    W, th, v, _ = data
+
+    class Holder:
+        def __init__(self, W):
+            self.W = W
+
+    def F_global(x, th):
+        return T(x, _GLOBAL_W, th) - x
+
+    def loss(W, via):
+        global _GLOBAL_W
+        _GLOBAL_W = W
+        h = Holder(W)
+        F = F_global if via == "global" else (lambda x, th: T(x, h.W, th) - x)
+
+        @idf.custom_root(F)
+        def fp(th):
+            with torch.no_grad():
+                return _iterate(lambda x: T(x, W, th), torch.zeros_like(th))
+
+        return fp(th) @ v
+
+    want = torch.func.grad(loss_oracle)(W, th, v)
+    for via in ("global", "attribute"):
+        assert rel(torch.func.grad(loss)(W, via), want) < 1e-10, via
+
+
+def test_eager_parameters_under_vmap_of_the_input(data):
+    """vmap over the input only, then `.backward()` in eager autograd: the module's parameters
+    (plain tensors that require grad, closed over by F) get their gradient."""
+    W, th, v, _ = data
+    model = Cell(W)
+    ths = torch.stack([th, 0.5 * th, -th])
+    (torch.func.vmap(model)(ths) @ v).sum().backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    sum(model.unrolled(t) @ v for t in ths).backward()
+    for k, p in model.named_parameters():
+        assert rel(got[k], p.grad) < 1e-10, k
+
+
+def test_solver_reading_a_vmapped_closure(data):
+    """Only the solver reads the mapped tensor (F takes it as an argument under another
+    name): the vmap rule must still give each element its own slice."""
+    W, th, _, _ = data
+    Ws = torch.stack([W, 0.5 * W, -W])
+
+    def f(W):
+        @idf.custom_fixed_point(T)
+        def fp(W_arg, th):
+            with torch.no_grad():
+                return _iterate(lambda x: T(x, W, th), torch.zeros_like(th))
+
+        return fp(W, th)
+
+    got = torch.func.vmap(f)(Ws)
+    assert rel(got, torch.stack([unrolled(w, th) for w in Ws])) < 1e-12
+
+
+def test_size_zero_x_forward_mode():
+    t = torch.zeros(0, dtype=DT)
+    _, xd = torch.func.jvp(lin_solve, (t,), (torch.ones(0, dtype=DT),))
+    assert xd.shape == (0,)
+    assert torch.func.jacfwd(lin_solve)(t).shape == (0, 0)
+
+
+def test_meta_device_wrong_residual_shape_is_still_refused():
+    @idf.custom_root(lambda x, th: th[:2] - x[:2])
+    def bad(th):
+        return th / 2
+
+    with pytest.raises(idf.StructureError):
+        bad(torch.empty(5, dtype=DT, device="meta"))

@@ -734,6 +734,7 @@ def _unalias(t: torch.Tensor, inputs: Sequence[Any]) -> torch.Tensor:
 _MAX_DEPTH = 8
 _MAX_ITEMS = 256
 _LIBRARIES = ("torch", "numpy", "implicitdiff", "builtins", "functools", "typing")
+"""Code whose globals hold no user tensors: its closures are walked, its globals not."""
 
 
 def _batched(t: torch.Tensor) -> bool:
@@ -856,8 +857,6 @@ class Closure:
             for k, v in obj.keywords.items():
                 self._walk(v, f"{name} partial keyword {k!r}", _item_getter(obj.keywords, k), d)
         elif isinstance(obj, types.FunctionType):
-            if _library(obj) and depth:
-                return
             code = obj.__code__
             for var, cell in zip(code.co_freevars, obj.__closure__ or ()):
                 try:
@@ -870,7 +869,7 @@ class Closure:
                 self._walk(v, f"{var} (default of {obj.__name__})", None, d)
             for k, v in (obj.__kwdefaults__ or {}).items():
                 self._walk(v, f"{k} (default of {obj.__name__})", None, d)
-            g = obj.__globals__
+            g = {} if _library(obj) else obj.__globals__
             for var in _global_names(code):
                 if var in g:
                     self._walk(g[var], var, _item_getter(g, var), d)
