@@ -112,6 +112,9 @@ class ReferenceLinearization(Linearization):
     process-wide `idf.config.on_failure`. `name` names `F` in messages.
     """
 
+    accuracy_warning: type[UserWarning] = DerivativeAccuracyWarning
+    """The warning issued when central differences serve (adapters re-export it)."""
+
     def __init__(self, backend: ReferenceBackend, F: Callable[..., Any], x: Any, args: tuple, *,
                  derivatives: Any = None, tags: frozenset = frozenset(),
                  argnums: Sequence[int] | None = None, on_failure: str | None = None,
@@ -538,7 +541,7 @@ class ReferenceLinearization(Linearization):
             "1e-15); the implicit derivative can lose more by the condition of dF/dx. For full "
             "accuracy write F with complex-safe operations (docs/numpy-reference.md) or pass "
             "idf.Derivatives.",
-            DerivativeAccuracyWarning, stacklevel=6)
+            self.accuracy_warning, stacklevel=6)
 
     def _directional(self, which: str, xdir: Any, adir: tuple | None) -> Any:
         attr = "x_method" if which == "x" else "args_method"
