@@ -1,6 +1,7 @@
 """Adversarial outcome table (issue 11): how each backend ends on hard problems.
 
-    python benchmarks/bench_adversarial.py [--draws 6] [--frameworks numpy jax torch] [--json FILE]
+    python benchmarks/bench_adversarial.py [--draws 4] [--frameworks numpy jax torch]
+        [--families ...] [--json FILE]
 
 Draws `--draws` problems per family and parameter setting from `tests/adversarial.py` (badly
 scaled, ill-conditioned, singular, stopped early, mixed dtype; seeded, so every run draws the
@@ -27,12 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from adversarial import OUTCOMES, classify  # noqa: E402
-from adversarial import ill_conditioned as _ill  # noqa: E402
-from adversarial import mixed_dtype as _mixed  # noqa: E402
-from adversarial import scaled as _scaled  # noqa: E402
-from adversarial import singular as _singular  # noqa: E402
-from adversarial import stopped_early as _stopped  # noqa: E402
+from adversarial import OUTCOMES, classify
+from adversarial import ill_conditioned as _ill
+from adversarial import mixed_dtype as _mixed
+from adversarial import scaled as _scaled
+from adversarial import singular as _singular
+from adversarial import stopped_early as _stopped
 
 SETTINGS = {
     "scaled": [dict(decades=d) for d in (0.0, 4.0, 8.0, 10.0)],
@@ -54,16 +55,17 @@ def _exact(family: str, params: dict) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draws", type=int, default=6)
+    ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--frameworks", nargs="+", default=["numpy", "jax", "torch"])
+    ap.add_argument("--families", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     table: dict[tuple[str, str], Counter] = {}
     examples: list[dict] = []
-    for family, grid in SETTINGS.items():
-        for params in grid:
+    for family in args.families:
+        for params in SETTINGS[family]:
             for draw in range(args.draws):
                 seed = 1000 * draw + hash_params(family, params)
                 case = MAKERS[family](np.random.default_rng(seed), **params)

@@ -282,7 +282,7 @@ def classify(case: Case, fw: str) -> tuple[str, str]:
         got, caught = attempt(case, fw)
     except idf.ImplicitDiffError as e:
         return "clear error", f"{type(e).__name__}: {str(e)[:120]}"
-    except Exception as e:  # noqa: BLE001 - a foreign exception is the finding
+    except Exception as e:  # a foreign exception type is the finding
         return "crash", f"{type(e).__name__}: {str(e)[:200]}"
     warned = any(_from_library(w) for w in caught)
     errs = _errors(case, got)
@@ -318,7 +318,8 @@ def _errors(case: Case, got: Any) -> list[tuple[float, float]] | None:
     if case.truth is None:
         return None
     out = []
-    for g, t, p in zip(_leaves(got), _leaves(case.truth), _leaves(case.primals)):
+    primals = case.primals if isinstance(case.truth, tuple) else (case.primals[case.argnum],)
+    for g, t, p in zip(_leaves(got), _leaves(case.truth), primals):
         if g.shape != t.shape or not np.all(np.isfinite(g)):
             return [(np.inf, case.tol)]
         tol = 1e-3 if np.asarray(p).dtype == np.float32 else case.tol
