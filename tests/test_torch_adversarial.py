@@ -522,3 +522,25 @@ def test_meta_device_wrong_residual_shape_is_still_refused():
 
     with pytest.raises(idf.StructureError):
         bad(torch.empty(5, dtype=DT, device="meta"))
+
+
+def test_closure_read_inside_a_transform_that_F_runs(data):
+    """F is the gradient of an energy (torch.func.grad inside F) that closes over W."""
+    W, th, v, _ = data
+    eye = torch.eye(N, dtype=DT)
+
+    def loss(W):
+        def energy(y, th):
+            return 0.5 * y @ y + 0.5 * (W @ y) @ (W @ y) - th @ y
+
+        @idf.custom_root(lambda x, th: torch.func.grad(energy)(x, th))
+        def argmin(th):
+            return torch.linalg.solve(eye + W.T @ W, th)
+
+        return argmin(th) @ v
+
+    def oracle(W):
+        return torch.linalg.solve(eye + W.T @ W, th) @ v
+
+    assert rel(torch.func.grad(loss)(W), torch.func.grad(oracle)(W)) < 1e-10
+    assert rel(torch.func.jacfwd(loss)(W), torch.func.jacrev(oracle)(W)) < 1e-10

@@ -888,16 +888,16 @@ class Closure:
     def substitute(self, subs: Sequence[torch.Tensor]) -> _ClosureMode:
         """A mode in which F reads `subs[k]` wherever it reads the k-th closed-over tensor (the
         one found, or what its place in the closure holds now)."""
-        table: dict[int, torch.Tensor] = {}
+        table: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for k, sub in enumerate(subs):
-            table[id(self.values[k])] = sub
+            table[id(self.values[k])] = (self.values[k], sub)
             for get in self.getters[k]:
                 try:
                     now = get()
                 except (AttributeError, LookupError, ValueError):
                     continue
                 if isinstance(now, torch.Tensor):
-                    table[id(now)] = sub
+                    table[id(now)] = (now, sub)  # held: its id stays its own
         return _ClosureMode(table)
 
     def condition(self, F: Callable[..., Any], n_user: int) -> Callable[..., Any]:
@@ -910,71 +910,88 @@ class Closure:
         return F_lifted
 
 
-class _ClosureMode(TorchFunctionMode):
-    """Every torch function F calls gets `table[id(t)]` for a tensor argument `t` in `table`."""
+_CONTAINERS = (list, tuple, dict)
 
-    def __init__(self, table: dict[int, torch.Tensor]):
+
+class _ClosureMode(TorchFunctionMode):
+    """Every torch function F calls gets `sub` for a tensor argument `t` where
+    `table[id(t)] == (t, sub)`."""
+
+    def __init__(self, table: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
         self.table = table
 
-    def _sub(self, t: torch.Tensor) -> torch.Tensor:
-        return self.table.get(id(t), t)
+    def _sub(self, t: Any) -> Any:
+        hit = self.table.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else t
 
     def __torch_function__(self, func: Any, types_: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
-        args, kwargs = _torch_pytree.tree_map_only(torch.Tensor, self._sub,
-                                                   (tuple(args), dict(kwargs or {})))
+        if kwargs or any(isinstance(a, _CONTAINERS) for a in args):
+            args, kwargs = _torch_pytree.tree_map_only(torch.Tensor, self._sub,
+                                                       (tuple(args), dict(kwargs or {})))
+        else:  # the common case, flat positional arguments
+            args, kwargs = tuple(self._sub(a) for a in args), {}
         return func(*args, **kwargs)
 
 
 class _Guard(TorchFunctionMode):
     """Refuses a tensor F reads that a `torch.func` transform wraps. Active where F is evaluated
     in the Function's forward pass, below every transform, where F's own inputs are unwrapped:
-    such a tensor is one F holds in a closure that `Closure` could not find."""
+    such a tensor is one F holds in a closure that `Closure` could not find. (Not inside a
+    transform that F itself runs: there its own tensors are wrapped too.)"""
 
-    def __init__(self, name: str, solver: bool = False):
+    def __init__(self, name: str):
         super().__init__()
         self.name = name
-        self.solver = solver  # in the solver, only a tensor vmap maps over is refused
 
     def __torch_function__(self, func: Any, types_: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         kwargs = kwargs or {}
-        for t in _torch_pytree.tree_leaves((args, kwargs)):
-            if not (isinstance(t, torch.Tensor) and _ft.is_functorch_wrapped_tensor(t)):
-                continue
-            what = getattr(func, "__name__", str(func))
-            if self.solver and _batched(t):
-                raise StructureError(
-                    f"{self.name}: the solver reads a tensor of shape {tuple(t.shape)} and dtype "
-                    f"{t.dtype} (in {what}) that torch.func.vmap maps over but that is not one "
-                    "of its arguments, and implicitdiff could not find where it holds it. "
-                    "Expected the solver to read the mapped tensors from its arguments (the "
-                    "vmap rule runs it once per batch element); got a closure over one. Pass "
-                    "it as an argument of the solver."
-                )
-            if not self.solver:
-                raise StructureError(
-                    f"{self.name}: F reads a tensor of shape {tuple(t.shape)} and dtype "
-                    f"{t.dtype} (in {what}) that a torch.func transform tracks but that is not "
-                    "one of its arguments, and implicitdiff could not find where F holds it "
-                    "(it looks in closure cells, defaults, globals, bound methods, nn.Module "
-                    "parameters, buffers and attributes, functools.partial, lists, tuples, "
-                    "dicts and plain objects' attributes). Expected every tensor to "
-                    "differentiate (or to vmap over) to be passed as an argument, so the "
-                    "implicit rule can return its derivative; got a closure over it, whose "
-                    "derivative would be silently zero. Pass it as an argument of the solver "
-                    "(for an nn.Module: dict(module.named_parameters()) with "
-                    "torch.func.functional_call), or detach it inside F if it needs none."
-                )
+        # Only at F's own level: a transform F runs itself (a gradient inside F) wraps its own
+        # tensors, with levels that reuse those of the lowered outer transforms.
+        if _ft.peek_interpreter_stack() is None:
+            flat = (_torch_pytree.tree_leaves((args, kwargs))
+                    if kwargs or any(isinstance(a, _CONTAINERS) for a in args) else args)
+            for t in flat:
+                if isinstance(t, torch.Tensor) and _ft.is_functorch_wrapped_tensor(t):
+                    raise self._error(t, getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
+
+    def _error(self, t: torch.Tensor, what: str) -> StructureError:
+        return StructureError(
+            f"{self.name}: F reads a tensor of shape {tuple(t.shape)} and dtype {t.dtype} (in "
+            f"{what}) that a torch.func transform tracks but that is not one of its arguments, "
+            "and implicitdiff could not find where F holds it (it looks in closure cells, "
+            "defaults, globals, bound methods, nn.Module parameters, buffers and attributes, "
+            "functools.partial, lists, tuples, dicts and plain objects' attributes). Expected "
+            "every tensor to differentiate (or to vmap over) to be passed as an argument, so "
+            "the implicit rule can return its derivative; got a closure over it, whose "
+            "derivative would be silently zero. Pass it as an argument of the solver (for an "
+            "nn.Module: dict(module.named_parameters()) with torch.func.functional_call), or "
+            "detach it inside F if it needs none."
+        )
+
+
+def _solver_reads_mapped_tensor(name: str) -> StructureError:
+    return StructureError(
+        f"{name}: the solver reads a tensor that torch.func.vmap maps over but that is not one "
+        "of its arguments, and implicitdiff could not find where it holds it (torch: the "
+        "tensor 'escaped from inside a function being vmapped'). Expected the solver to read "
+        "mapped tensors from its arguments or from where F's closure holds them (the vmap "
+        "rule runs it once per batch element); got a closure over one. Pass it as an "
+        "argument of the solver."
+    )
 
 
 def _refuse_complex(name: str, args: tuple, closure: Closure | None) -> None:
     """A complex tensor whose derivative is asked for: refused (the implicit rule here is for
     real floating θ; its gradient would otherwise be silently missing)."""
-    bad = [path for path, leaf in core.tree_leaves_with_path(tuple(args), "args")
-           if isinstance(leaf, torch.Tensor) and leaf.is_complex() and _tracked(leaf)]
+    bad = []
+    if any(isinstance(leaf, torch.Tensor) and leaf.is_complex()
+           for leaf in core.tree_flatten(tuple(args))[0]):
+        bad = [path for path, leaf in core.tree_leaves_with_path(tuple(args), "args")
+               if isinstance(leaf, torch.Tensor) and leaf.is_complex() and _tracked(leaf)]
     if closure is not None:
         bad += [n for n, t in zip(closure.names, closure.values) if t.is_complex()]
     if bad:
@@ -1044,10 +1061,14 @@ def run_forward(problem: Problem, args: tuple, options: dict) -> tuple[Any, Any]
     assert fn is not None
     user = problem.user_args(args)
     closure = problem.closure
-    solver_guard = _Guard(fn.name, solver=True) if problem.guard else contextlib.nullcontext()
-    with torch.no_grad(), solver_guard, (closure.substitute(args[-1]) if closure is not None
-                                         else contextlib.nullcontext()):
-        x, aux = fn.run_solver(user, options)
+    try:
+        with torch.no_grad(), (closure.substitute(args[-1]) if closure is not None
+                               else contextlib.nullcontext()):
+            x, aux = fn.run_solver(user, options)
+    except RuntimeError as e:
+        if problem.guard and "escaped from inside a function being vmapped" in str(e):
+            raise _solver_reads_mapped_tensor(fn.name) from e
+        raise
     x = _to_tensors(x, user)
     F: Callable[..., Any] | None = problem.F if closure is not None else None
     if problem.check_closure and fn.residual_tol != math.inf:
