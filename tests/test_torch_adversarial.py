@@ -544,3 +544,25 @@ def test_closure_read_inside_a_transform_that_F_runs(data):
 
     assert rel(torch.func.grad(loss)(W), torch.func.grad(oracle)(W)) < 1e-10
     assert rel(torch.func.jacfwd(loss)(W), torch.func.jacrev(oracle)(W)) < 1e-10
+
+
+def test_solver_reading_an_unfound_vmapped_tensor_is_a_clear_error(data):
+    W, th, _, _ = data
+    Ws = torch.stack([W, 0.5 * W])
+
+    class Opaque:
+        __slots__ = ("box",)
+
+    def f(W):
+        o = Opaque()
+        o.box = [W]
+
+        @idf.custom_fixed_point(T)
+        def fp(W_arg, th):
+            with torch.no_grad():
+                return _iterate(lambda x: T(x, o.box[0], th), torch.zeros_like(th))
+
+        return fp(W, th)
+
+    with pytest.raises(idf.StructureError, match="argument"):
+        torch.func.vmap(f)(Ws)
