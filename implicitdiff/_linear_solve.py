@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ._array import dot, norm, safe_div, zero_int
@@ -55,6 +55,7 @@ class AbstractLinearSolver(abc.ABC):
     rtol: float | None
     atol: float
     ridge: float
+    _needs_symmetry = False  # CG and MINRES: probe symmetry even without the tag
 
     def solve(self, matvec: MatVec, b: Any, *, x0: Any = None, rmatvec: MatVec | None = None,
               tags: frozenset = frozenset(), backend: Any = None) -> tuple[Any, LinearSolveInfo]:
@@ -91,13 +92,54 @@ class AbstractLinearSolver(abc.ABC):
                 f"{type(self).__name__}.solve: expected x0 of shape {tuple(b.shape)} like b, got "
                 f"{tuple(x0.shape)}."
             )
-        x, info = self._solve(bk, xp, _shifted(matvec, self.ridge), b, x0,
-                              None if rmatvec is None else _shifted(rmatvec, self.ridge), tags)
-        if symmetric in tags:
+        impl = self._concrete(b.shape[-1], tags)
+        if b.shape[-1] == 0:  # nothing to solve: the empty answer, converged
+            return _empty_solve(xp, b, x0)
+        A = _shifted(matvec, impl.ridge)
+        AT = None if rmatvec is None else _shifted(rmatvec, impl.ridge)
+        x, info = impl._solve(bk, xp, A, b, x0, AT, tags)
+        if impl._needs_symmetry or symmetric in tags:
             bad = _not_symmetric(xp, matvec, b)
-            info = info._replace(converged=info.converged & ~bad, not_symmetric=bad)
+            # Untagged, a solver that assumes symmetry (CG, MINRES) met a non-symmetric A: a
+            # breakdown (its answer, or a wrong one, would depend on rounding and backend).
+            brk = info.breakdown if symmetric in tags else info.breakdown | bad
+            info = info._replace(converged=info.converged & ~bad, breakdown=brk,
+                                 not_symmetric=bad)
         else:
             info = info._replace(not_symmetric=xp.zeros_like(info.converged))
+        return impl._verify(bk, xp, A, b, x, info, AT, tags)
+
+    def _concrete(self, n: int, tags: frozenset) -> AbstractLinearSolver:
+        """The solver that does the work (`Auto` picks one)."""
+        return self
+
+    # What every iterative answer goes through (`_verify`): Krylov methods stop on their own
+    # residual estimate, which a non-symmetric A (MINRES), rounding drift (CG) or an
+    # inconsistent system (NormalCG) can make lie, and from x0 = 0 they return, for a singular
+    # A and a consistent b, the minimum-norm solution: one that satisfies Ax = b but is not the
+    # derivative, which does not exist (x* is not locally unique). So:
+    #
+    # 1. the true residual ‖b − Ax‖ (one product) must meet the tolerance, up to the rounding
+    #    of the product itself, 100 √n ε (‖A‖‖x‖ + ‖b‖), ‖A‖ estimated by ‖Aw‖/‖w‖;
+    # 2. a uniqueness probe: the same method, with a 100 times tighter rtol (down to 10 ε),
+    #    solves A z = A w for a fixed pseudo-random w (scaled so that ‖Aw‖ = ‖b‖). A
+    #    non-singular A gives z = w to the probe's accuracy, ‖z − w‖ ≲ cond(A) rtol/100 ‖w‖. A
+    #    singular A gives a solution that misses w's null-space component,
+    #    ‖z − w‖ ≈ ‖P_N w‖ ≈ ‖w‖/√n per null direction, along a direction e = z − w that A
+    #    nearly annihilates. Refused when both show: ‖e‖ > max(3·10⁻³/√n, 10 rtol/100) ‖w‖,
+    #    and ‖Ae‖/‖e‖ < 10 √rtol ‖A‖ (an upper bound on the smallest singular value, so a
+    #    matrix with condition number below 1/(10 √rtol) is never refused, and a larger one only
+    #    where the probe's error exceeds the first bound: about cond(A) > 10¹⁰ at n = 300 in
+    #    float64 at the default rtol). A singular A escapes only when w has almost no
+    #    null-space component, |⟨q, w⟩| < 3·10⁻³ ‖w‖/√n for a unit null vector q: a chance of
+    #    about 0.2% per null direction for a random A (w is fixed and hash-random).
+    #    Krylov methods from b alone cannot see the null space at all (for a symmetric A every
+    #    residual lies in range(A)): a second vector is the least it takes, a second solve.
+    #    Direct solvers run the same probe as a second column of their factorization.
+
+    def _verify(self, bk: Any, xp: Any, A: MatVec, b: Any, x: Any, info: LinearSolveInfo,
+                AT: MatVec | None, tags: frozenset) -> tuple[Any, LinearSolveInfo]:
+        """The true-residual check and the uniqueness probe of an iterative answer."""
         return x, info
 
     @abc.abstractmethod
@@ -133,6 +175,39 @@ def _not_symmetric(xp: Any, matvec: MatVec, b: Any) -> Any:
     return ~(gap <= tol * size)                         # NaN products fail too
 
 
+def _empty_solve(xp: Any, b: Any, x0: Any) -> tuple[Any, LinearSolveInfo]:
+    """The solve of an empty system (`n = 0`): the empty answer, converged, no iterations."""
+    rn = xp.sum(b * b, axis=-1)                                 # zeros of the batch shape
+    iters = xp.sum(xp.zeros_like(b, dtype=xp.int32), axis=-1, dtype=xp.int32)
+    ok = rn == 0
+    x = xp.zeros_like(b) if x0 is None else x0
+    return x, LinearSolveInfo(iters, rn, ok, ~ok, ~ok)
+
+
+def _probe_vector(xp: Any, b: Any) -> Any:
+    """A fixed pseudo-random vector shaped like `b`, entries in [-1/2, 1/2) (a hash of the
+    index, made on b's device and dtype): its components along any fixed direction, a constant
+    gauge mode included, are of the size a random vector's would be."""
+    cumsum = getattr(xp, "cumulative_sum", None) or xp.cumsum
+    k = cumsum(xp.ones_like(b), axis=-1)
+    t = xp.sin(12.9898 * k + 78.233) * 43758.5453
+    return (t - xp.floor(t)) - 0.5
+
+
+def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, Ae: Any,
+                    anorm: Any) -> Any:
+    """Per batch element (shape `(..., 1)`), whether the solve `z` of $Az = Aw$ shows that A
+    is singular: `z` misses `w` by more than the solver's accuracy allows, along a direction
+    $e = z - w$ that A nearly annihilates (`Ae` = $A e$, `anorm` ≈ $\\|A\\|$)."""
+    e = z - w
+    ne = norm(xp, e)
+    rho = ne / norm(xp, w)
+    sig = safe_div(xp, norm(xp, Ae), ne, ne > 0)
+    tau = xp.maximum(10.0 * prtol, xp.full_like(rtol, 3e-3 / max(n, 1) ** 0.5))
+    unique = ~((rho > tau) & (sig < 10.0 * xp.sqrt(rtol) * anorm))
+    return ~(unique & xp.isfinite(rho) & (anorm > 0))
+
+
 def _shifted(matvec: MatVec, ridge: float) -> MatVec:
     """$v \\mapsto (A + \\text{ridge}\\, I) v$."""
     if not ridge:
@@ -166,29 +241,52 @@ def _zeros_like_b(xp: Any, b: Any, x0: Any) -> Any:
 # ---- direct solvers ----------------------------------------------------------------------------
 
 def _per_element(bk: Any, xp: Any, factor_solve: Callable[[Any, Any], Any], M: Any,
-                 b: Any) -> Any:
-    """`factor_solve(M, b)`; when it raises on a batch, again one element at a time, so one
-    singular element (NaN) does not fail the independent others. Eager frameworks only raise."""
+                 B: Any) -> Any:
+    """`factor_solve(M, B)` for right-hand sides `B` of shape `(..., n, k)`; when it raises on a
+    batch, again one element at a time, so one singular element (NaN) does not fail the
+    independent others. Eager frameworks only raise."""
     try:
-        return factor_solve(M, b)
+        return factor_solve(M, B)
     except bk.linalg_errors:
-        if b.ndim == 1:
-            return xp.zeros_like(b) * float("nan")
-    n = b.shape[-1]
-    Mf, bf = xp.reshape(M, (-1, n, n)), xp.reshape(b, (-1, n))
-    return xp.reshape(xp.stack([_per_element(bk, xp, factor_solve, Mf[i, ...], bf[i, ...])
-                                for i in range(bf.shape[0])]), b.shape)
+        if B.ndim == 2:
+            return xp.zeros_like(B) * float("nan")
+    n, k = B.shape[-2], B.shape[-1]
+    Mf, Bf = xp.reshape(M, (-1, n, n)), xp.reshape(B, (-1, n, k))
+    return xp.reshape(xp.stack([_per_element(bk, xp, factor_solve, Mf[i, ...], Bf[i, ...])
+                                for i in range(Bf.shape[0])]), B.shape)
 
 
-def _direct_info(bk: Any, xp: Any, solver: Any, matvec: MatVec, M: Any, b: Any,
-                 x: Any) -> tuple[Any, LinearSolveInfo]:
+def _direct(bk: Any, xp: Any, solver: Any, factor_solve: Callable[[Any, Any], Any], M: Any,
+            F: Any, b: Any) -> tuple[Any, LinearSolveInfo]:
+    """Solve with the factorization `factor_solve` of `F` (`M` itself, or its symmetric part),
+    check the residual with `M`, and with `check_singular` run the uniqueness probe (see
+    `AbstractLinearSolver._verify`) on a second right-hand side $Mw$: one more column of the
+    same factorization, so nearly free."""
+    def mul(v: Any) -> Any:
+        return (M @ v[..., None])[..., 0]
+
+    probe = solver.check_singular
+    cols = [b]
+    if probe:
+        w = _probe_vector(xp, b)
+        Aw = mul(w)
+        cols.append(Aw)
+    X = _per_element(bk, xp, factor_solve, F, xp.stack(cols, axis=-1))
+    x = X[..., 0]
     finite = xp.all(xp.isfinite(x), axis=-1, keepdims=True)
     x = xp.where(finite, x, xp.zeros_like(x) * float("nan"))
-    r = (M @ x[..., None])[..., 0] - b
+    r = mul(x) - b
     rn = norm(xp, r)
     rn = xp.where(finite, rn, xp.full_like(rn, float("inf")))
     tol = solver._tol(xp, b, direct=True)
     brk = ~finite | ~(rn <= tol)
+    if probe:
+        z = X[..., 1]
+        rtol = solver.rtol if solver.rtol is not None else _default_rtol(xp, b.dtype, True)
+        rtol = xp.full_like(rn, max(rtol, float(xp.finfo(b.dtype).eps)))
+        anorm = norm(xp, Aw) / norm(xp, w)
+        prtol = xp.full_like(rn, float(xp.finfo(b.dtype).eps))  # the factorization's accuracy
+        brk = brk | _looks_singular(xp, b.shape[-1], rtol, prtol, w, z, mul(z) - Aw, anorm)
     iters = xp.zeros_like(rn, dtype=xp.int32)
     return x, _info(xp, iters, rn, tol, brk)
 
@@ -200,36 +298,40 @@ class Dense(AbstractLinearSolver):
     Exact up to rounding; $O(n^3)$. Reports `breakdown` (hence a `SingularJacobianError` when
     used by the implicit rules) when the factorization fails or the solution's relative residual
     exceeds `rtol` (default $\\sqrt{\\epsilon}$ of the dtype), the mark of a numerically singular
-    matrix.
+    matrix, or when the uniqueness probe shows $A$ singular (a second right-hand side $Aw$ of
+    the same factorization must give back $w$).
 
-    **Arguments:** `rtol`, `atol` (residual check), `ridge` (solve $(A + \\text{ridge} I)x=b$).
+    **Arguments:** `rtol`, `atol` (residual check), `ridge` (solve $(A + \\text{ridge} I)x=b$),
+    `check_singular` (default True: the uniqueness probe).
     """
 
     rtol: float | None = None
     atol: float = 0.0
     ridge: float = 0.0
+    check_singular: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
         M = bk.materialize(matvec, b)
-        x = _per_element(bk, xp, lambda M, b: xp.linalg.solve(M, b[..., None])[..., 0], M, b)
-        return _direct_info(bk, xp, self, matvec, M, b, x)
+        return _direct(bk, xp, self, xp.linalg.solve, M, M, b)
 
 
 @dataclass(frozen=True)
 class Cholesky(AbstractLinearSolver):
     """Materialize $A$ (symmetric positive definite) and solve by Cholesky factorization.
 
-    About twice as fast as `Dense`. Reports a breakdown when $A$ is not positive definite.
+    About twice as fast as `Dense`. Reports a breakdown when $A$ is not positive definite, and,
+    as `Dense`, when the residual check or the uniqueness probe fails.
 
-    **Arguments:** `rtol`, `atol` (residual check), `ridge`.
+    **Arguments:** `rtol`, `atol` (residual check), `ridge`, `check_singular` (as in `Dense`).
     """
 
     rtol: float | None = None
     atol: float = 0.0
     ridge: float = 0.0
+    check_singular: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -238,13 +340,15 @@ class Cholesky(AbstractLinearSolver):
         M = bk.materialize(matvec, b)
         S = (M + xp.matrix_transpose(M)) / 2
 
-        def factor_solve(S: Any, b: Any) -> Any:
+        def factor_solve(S: Any, B: Any) -> Any:
             L = xp.linalg.cholesky(S)
-            y = bk.solve_triangular(L, b, lower=True)
-            return bk.solve_triangular(xp.matrix_transpose(L), y, lower=False)
+            out = []
+            for j in range(B.shape[-1]):
+                y = bk.solve_triangular(L, B[..., j], lower=True)
+                out.append(bk.solve_triangular(xp.matrix_transpose(L), y, lower=False))
+            return xp.stack(out, axis=-1)
 
-        x = _per_element(bk, xp, factor_solve, S, b)
-        return _direct_info(bk, xp, self, matvec, M, b, x)
+        return _direct(bk, xp, self, factor_solve, M, S, b)
 
 
 # ---- Krylov solvers ----------------------------------------------------------------------------
@@ -253,11 +357,78 @@ def _identity(v: Any) -> Any:
     return v
 
 
+class _Iterative(AbstractLinearSolver):
+    """The iterative solvers' answer check: the true residual and the uniqueness probe (see the
+    comment above `AbstractLinearSolver._verify`)."""
+
+    check_singular: bool
+
+    def _rtol(self, xp: Any, b: Any) -> float:
+        return self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, False)
+
+    def _check_tol(self, xp: Any, b: Any) -> Any:
+        """The bound on the true residual, in the norm of `_measure`."""
+        return self._tol(xp, b)
+
+    def _measure(self, xp: Any, r: Any) -> Any:
+        return norm(xp, r)
+
+    def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
+        """The solver of the uniqueness probe: this one, 100 times tighter (down to 10 ε), so
+        that a non-singular A's error on the probe stays far below the refusal threshold."""
+        rtol = self._rtol(xp, b)
+        eps = float(xp.finfo(b.dtype).eps)
+        return replace(self, rtol=max(rtol / 100, min(rtol, 10 * eps)), atol=self.atol / 100)
+
+    def _verify(self, bk, xp, A, b, x, info, AT, tags):
+        n = b.shape[-1]
+        eps = float(xp.finfo(b.dtype).eps)
+        conv, brk = info.converged[..., None], info.breakdown[..., None]
+        w = _probe_vector(xp, b)
+        Aw = A(w)
+        nb, nAw = norm(xp, b), norm(xp, Aw)
+        anorm = nAw / norm(xp, w)                     # ≈ ‖A‖ (a lower estimate)
+        rn = self._measure(xp, b - A(x))
+        slack = (100.0 * n ** 0.5 * eps) * (anorm * norm(xp, x) + nb)
+        ok = rn <= xp.maximum(self._check_tol(xp, b), slack)      # NaN fails
+        # converged by the iteration's estimate, refuted by the true residual: not the structure
+        # the method assumes, or no solution at all; a breakdown, never an answer.
+        refuted = conv & ~ok
+        brk = brk | refuted
+        rep = xp.where(refuted, rn, info.residual_norm[..., None])
+        # stopped (stalled, or out of iterations) with the true residual at the rounding level
+        # of the product, the accuracy limit of any solver: a backward stable answer.
+        conv = (conv | (~brk & (rn <= slack))) & ok
+        if self.check_singular and not bk.known_all(~conv):
+            # the probe A z = A w, scaled so that the tolerance is the one of the solve of b
+            has = nAw > 0
+            c = xp.where(has & (nb > 0), safe_div(xp, nb, nAw, has), xp.ones_like(nb))
+            ws, bw = c * w, c * Aw
+            probe = self._probe_solver(xp, b)
+            z, _ = probe._solve(bk, xp, A, bw, None, AT, tags)
+            nbw = norm(xp, bw)
+            rtol = xp.maximum(xp.full_like(nbw, max(self._rtol(xp, b), eps)),
+                              safe_div(xp, xp.full_like(nbw, self.atol), nbw, nbw > 0))
+            prtol = xp.maximum(xp.full_like(nbw, max(probe._rtol(xp, b), eps)),
+                               safe_div(xp, xp.full_like(nbw, probe.atol), nbw, nbw > 0))
+            singular = _looks_singular(xp, n, rtol, prtol, ws, z, A(z) - bw, anorm)
+            brk = brk | (conv & singular)
+            conv = conv & ~singular
+        return x, info._replace(residual_norm=rep[..., 0], converged=conv[..., 0],
+                                breakdown=brk[..., 0])
+
+
 @dataclass(frozen=True)
-class CG(AbstractLinearSolver):
+class CG(_Iterative):
     """Conjugate gradient, for symmetric positive definite $A$.
 
-    Breaks down (reported, never silent) when it meets a direction of non-positive curvature.
+    Breaks down (reported, never silent) when it meets a direction of non-positive curvature,
+    or when a probe shows $A$ is not symmetric (two products per solve). Like every iterative
+    solver here, its answer is then checked (see the module notes): the true residual
+    $\\|b - Ax\\|$ must meet the tolerance (up to the rounding of the product), and a
+    uniqueness probe (a second solve, of $Az = Aw$ for a fixed pseudo-random $w$) refuses a
+    singular $A$, for which the method would return the minimum-norm solution of a consistent
+    system instead of failing.
 
     **Arguments:**
 
@@ -266,13 +437,18 @@ class CG(AbstractLinearSolver):
     - `maxiter`: default $10n$.
     - `preconditioner`: $v \\mapsto M^{-1} v$, symmetric positive definite.
     - `ridge`: solve $(A + \\text{ridge}\\, I) x = b$.
+    - `check_singular`: default True, the uniqueness probe; False skips it (half the cost)
+      when $A$ is known to be non-singular.
     """
+
+    _needs_symmetry = True
 
     rtol: float | None = None
     atol: float = 0.0
     maxiter: int | None = None
     preconditioner: Callable[[Any], Any] | None = field(default=None, compare=True)
     ridge: float = 0.0
+    check_singular: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -321,19 +497,31 @@ def _cg(bk, xp, A, b, x0, M, tol, maxiter):
 
 
 @dataclass(frozen=True)
-class NormalCG(AbstractLinearSolver):
+class NormalCG(_Iterative):
     """CG on the normal equations $A^\\top A x = A^\\top b$, for any non-singular $A$.
 
     Squares the condition number, so it is never chosen automatically; needs products with
-    $A^\\top$. The tolerance applies to the normal-equation residual $\\|A^\\top(b - Ax)\\|$.
+    $A^\\top$. The iteration stops on the normal-equation residual
+    $\\|A^\\top(b - Ax)\\| \\le \\max(\\text{atol}, \\text{rtol}\\,\\|A^\\top b\\|)$, which is what
+    `residual_norm` reports. A least-squares solution of a system that has no solution makes
+    that residual small too, so the answer must then also satisfy $A x = b$: its true residual
+    $\\|b - Ax\\|$ must be within $\\max(\\text{atol}, \\sqrt{\\text{rtol}}\\,\\|b\\|)$ (the
+    normal equations lose up to half the digits), else the solve is reported as a breakdown; and
+    the uniqueness probe refuses a singular $A$, as for the other solvers.
 
-    **Arguments:** `rtol`, `atol`, `maxiter`, `ridge` as in `CG`.
+    **Arguments:** `rtol`, `atol`, `maxiter`, `ridge`, `check_singular` as in `CG`;
+    `least_squares` (default False): True asks, explicitly, for the minimum-norm least-squares
+    solution $A^+ b$ (what CG on the normal equations from $x_0 = 0$ converges to): no true
+    residual check, no uniqueness probe. For a singular $\\partial_x F$ that is a choice of
+    derivative (the one of the minimum-norm root), not the derivative, which does not exist.
     """
 
     rtol: float | None = None
     atol: float = 0.0
     maxiter: int | None = None
     ridge: float = 0.0
+    check_singular: bool = True
+    least_squares: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -352,20 +540,38 @@ class NormalCG(AbstractLinearSolver):
         return _cg(bk, xp, normal, bt, x0, _identity, self._tol(xp, bt),
                    self._maxiter(b.shape[-1]))
 
+    def _check_tol(self, xp: Any, b: Any) -> Any:
+        rtol = max(self._rtol(xp, b), float(xp.finfo(b.dtype).eps))
+        nb = norm(xp, b)
+        return xp.maximum(rtol ** 0.5 * nb, xp.full_like(nb, self.atol))
+
+    def _verify(self, bk, xp, A, b, x, info, AT, tags):
+        if self.least_squares:
+            return x, info
+        return super()._verify(bk, xp, A, b, x, info, AT, tags)
+
 
 @dataclass(frozen=True)
-class MINRES(AbstractLinearSolver):
+class MINRES(_Iterative):
     """Minimum residual method, for symmetric (possibly indefinite) $A$.
 
+    MINRES's residual estimate holds only for a symmetric $A$, so every solve first probes the
+    symmetry (two products, as for the `symmetric` tag): a non-symmetric $A$ is a breakdown on
+    every backend, never an answer. The answer is then checked as for `CG`.
+
     **Arguments:** `rtol`, `atol`, `maxiter`, `preconditioner` (symmetric positive definite),
-    `ridge`, as in `CG`. The tolerance applies to the (preconditioned) residual estimate.
+    `ridge`, `check_singular`, as in `CG`. The tolerance applies to the (preconditioned)
+    residual, $\\sqrt{r^\\top M^{-1} r}$ with a preconditioner $M^{-1}$.
     """
+
+    _needs_symmetry = True
 
     rtol: float | None = None
     atol: float = 0.0
     maxiter: int | None = None
     preconditioner: Callable[[Any], Any] | None = None
     ridge: float = 0.0
+    check_singular: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -437,9 +643,21 @@ class MINRES(AbstractLinearSolver):
         s = bk.while_loop(cond, body, state)
         return s["x"], _info(xp, s["iters"], s["phibar"], tol, s["brk"])
 
+    def _measure(self, xp: Any, r: Any) -> Any:
+        if self.preconditioner is None:
+            return norm(xp, r)
+        rr = dot(xp, r, self.preconditioner(r))
+        return xp.sqrt(xp.where(rr >= 0, rr, xp.full_like(rr, float("nan"))))
+
+    def _check_tol(self, xp: Any, b: Any) -> Any:
+        if self.preconditioner is None:
+            return self._tol(xp, b)
+        nb = self._measure(xp, b)
+        return xp.maximum(self._rtol(xp, b) * nb, xp.full_like(nb, self.atol))
+
 
 @dataclass(frozen=True)
-class GMRES(AbstractLinearSolver):
+class GMRES(_Iterative):
     """Restarted GMRES, for any non-singular $A$.
 
     Each cycle builds an orthonormal Krylov basis of up to `restart` vectors (classical
@@ -450,7 +668,9 @@ class GMRES(AbstractLinearSolver):
     once, whatever `restart` is.
 
     **Arguments:** `rtol`, `atol`, `maxiter` (matrix-vector products, default $10n$), `restart`
-    (default 30), `preconditioner` (applied on the right), `ridge`.
+    (default 30), `preconditioner` (applied on the right), `ridge`, `check_singular` (as in
+    `CG`: on a singular $A$ with a consistent right-hand side GMRES would return a minimum-norm
+    solution; the uniqueness probe refuses it).
     """
 
     rtol: float | None = None
@@ -459,6 +679,7 @@ class GMRES(AbstractLinearSolver):
     restart: int = 30
     preconditioner: Callable[[Any], Any] | None = None
     ridge: float = 0.0
+    check_singular: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -609,11 +830,12 @@ def _dev(x: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class BiCGStab(AbstractLinearSolver):
+class BiCGStab(_Iterative):
     """Stabilized bi-conjugate gradient, for any non-singular $A$; short recurrences, two
     matrix-vector products per iteration. Breakdowns ($\\rho = 0$, $\\omega = 0$) are reported.
 
-    **Arguments:** `rtol`, `atol`, `maxiter`, `preconditioner`, `ridge`, as in `CG`.
+    **Arguments:** `rtol`, `atol`, `maxiter`, `preconditioner`, `ridge`, `check_singular`, as
+    in `CG`.
     """
 
     rtol: float | None = None
@@ -621,6 +843,7 @@ class BiCGStab(AbstractLinearSolver):
     maxiter: int | None = None
     preconditioner: Callable[[Any], Any] | None = None
     ridge: float = 0.0
+    check_singular: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -678,7 +901,7 @@ class BiCGStab(AbstractLinearSolver):
 
 
 @dataclass(frozen=True)
-class Richardson(AbstractLinearSolver):
+class Richardson(_Iterative):
     """Richardson iteration $x \\leftarrow x + \\omega\\,(b - A x)$: two vectors of state, one
     matrix-vector product per iteration.
 
@@ -686,9 +909,10 @@ class Richardson(AbstractLinearSolver):
     $x = T(x, \\theta)$, $A = \\partial_x T - I$ and `omega=-1` gives the iteration
     $u \\leftarrow \\partial_x T^\\top u - \\bar x$, the "fixed-point backward" of deep equilibrium
     models, which converges whenever $T$ is a contraction, with the least memory of any solver.
-    A diverging iteration is reported as a breakdown.
+    A diverging iteration is reported as a breakdown; the answer is checked as for `CG`.
 
-    **Arguments:** `omega` (default 1), `rtol`, `atol`, `maxiter` (default $10n$), `ridge`.
+    **Arguments:** `omega` (default 1), `rtol`, `atol`, `maxiter` (default $10n$), `ridge`,
+    `check_singular`.
     """
 
     omega: float = 1.0
@@ -696,11 +920,15 @@ class Richardson(AbstractLinearSolver):
     atol: float = 0.0
     maxiter: int | None = None
     ridge: float = 0.0
+    check_singular: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
         if not self.omega:
             raise ValueError(f"Richardson: expected a non-zero omega, got {self.omega!r}.")
+
+    def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
+        return self  # its residual is the true one: a tighter tolerance may be out of reach
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
         maxiter = self._maxiter(b.shape[-1])
@@ -740,11 +968,17 @@ class NeumannSolve(AbstractLinearSolver):
 
     This is Richardson's iteration with $\\omega = -1$ from $x_0 = 0$, stopped after exactly
     `terms` steps ($k - 1$ products with $A$) whatever the residual: an **approximation**, whose
-    relative error is about $\\|J\\|^k$ for a contraction. It always reports `converged=True`
-    (unless the result is not finite), so the implicit rule accepts it; `residual_norm` is that
-    of the last computed residual (before the last term).
+    relative error is about $\\|J\\|^k$ for a contraction. One more product gives the true
+    residual of the answer, $\\|b - Ax\\| = \\|J^k b\\|$, which `residual_norm` reports. It
+    reports `converged=True`, so the implicit rule accepts the approximation, unless the result
+    is not finite or the residual grew beyond $10^4 \\|b\\|$ (T is not a contraction at $x^*$:
+    a breakdown), or, where `rtol` or `atol` is given, the residual misses
+    $\\max(\\text{atol}, \\text{rtol}\\,\\|b\\|)$. It has no uniqueness probe: an eigenvalue 1 of
+    $J$ (a singular $A$) is not detected; use `Richardson(omega=-1.0)` or `GMRES` for a checked
+    solve.
 
-    **Arguments:** `terms` (default 5, at least 1).
+    **Arguments:** `terms` (default 5, at least 1), `rtol`, `atol` (default: no tolerance, the
+    series is an approximation by choice), `ridge`.
     """
 
     terms: int = 5
@@ -765,10 +999,15 @@ class NeumannSolve(AbstractLinearSolver):
             x = x - r
             if j < self.terms - 1:
                 r = b - matvec(x)
-        rn = xp.sqrt(xp.sum(r * r, axis=-1))
-        finite = xp.isfinite(rn) & xp.all(xp.isfinite(x), axis=-1)
+        rn = norm(xp, b - matvec(x))                  # the true residual of the answer
+        nb = norm(xp, b)
+        finite = xp.isfinite(rn) & xp.all(xp.isfinite(x), axis=-1, keepdims=True)
+        brk = ~finite | ~(rn <= 1e4 * nb)
+        conv = ~brk
+        if self.rtol is not None or self.atol > 0:
+            conv = conv & (rn <= xp.maximum((self.rtol or 0.0) * nb, xp.full_like(nb, self.atol)))
         iters = xp.zeros_like(rn, dtype=xp.int32) + (self.terms - 1)
-        return x, LinearSolveInfo(iters, rn, finite, ~finite)
+        return x, LinearSolveInfo(iters[..., 0], rn[..., 0], conv[..., 0], brk[..., 0])
 
 
 @dataclass(frozen=True)
@@ -777,7 +1016,9 @@ class Auto(AbstractLinearSolver):
 
     $n \\le$ `dense_max`: `Cholesky` if tagged symmetric and positive definite, else `Dense`.
     Larger: `CG` if symmetric positive definite, `MINRES` if symmetric, else `GMRES`. Never
-    normal-equation CG. The tolerances and `maxiter` are passed on.
+    normal-equation CG. The tolerances, `maxiter` and `check_singular` are passed on, so every
+    path refuses a singular $A$ (a `SingularJacobianError` in the implicit rules), the Krylov
+    ones (n > `dense_max`) included.
     """
 
     rtol: float | None = None
@@ -785,6 +1026,7 @@ class Auto(AbstractLinearSolver):
     maxiter: int | None = None
     ridge: float = 0.0
     dense_max: int = 256
+    check_singular: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -793,15 +1035,19 @@ class Auto(AbstractLinearSolver):
         """The concrete solver used for a system of size `n` with structure `tags`."""
         spd = symmetric in tags and positive_definite in tags
         rtol, atol, ridge, maxiter = self.rtol, self.atol, self.ridge, self.maxiter
+        chk = self.check_singular
         if n <= self.dense_max:
             if spd:
-                return Cholesky(rtol=rtol, atol=atol, ridge=ridge)
-            return Dense(rtol=rtol, atol=atol, ridge=ridge)
+                return Cholesky(rtol=rtol, atol=atol, ridge=ridge, check_singular=chk)
+            return Dense(rtol=rtol, atol=atol, ridge=ridge, check_singular=chk)
         if spd:
-            return CG(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge)
+            return CG(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, check_singular=chk)
         if symmetric in tags:
-            return MINRES(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge)
-        return GMRES(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge)
+            return MINRES(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, check_singular=chk)
+        return GMRES(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, check_singular=chk)
+
+    def _concrete(self, n: int, tags: frozenset) -> AbstractLinearSolver:
+        return self.select(n, tags)
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
         chosen = self.select(b.shape[-1], tags)
