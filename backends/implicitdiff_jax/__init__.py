@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ._backend import JaxBackend as JaxBackend
 from ._backend import JaxLinearization as JaxLinearization
 from ._backend import backend as backend
+from ._backend import catching as catching
 from ._deq import DEQStats as DEQStats
 from ._deq import NeumannSolve as NeumannSolve
 from ._deq import deq as deq

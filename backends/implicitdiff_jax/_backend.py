@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend.core import Primitive, jaxpr_as_fun
+from jax.extend.core import (  # pyright: ignore[reportPrivateImportUsage]
+    unsafe_am_i_under_a_jit_DO_NOT_USE as _under_jit,
+)
+from jax.interpreters import ad, batching, mlir
 
 from implicitdiff.backend import (
     Backend,
@@ -20,6 +28,7 @@ from implicitdiff.backend import (
     collecting,
     implicit_jvp,
     nan_where,
+    resolve_on_failure,
     symmetric,
 )
 from implicitdiff.backend import emit as _emit
@@ -97,26 +106,76 @@ def _is_dynamic(leaf: Any) -> bool:
 
 def _failure_check(report: Callable[..., None], *, everywhere: bool = False
                    ) -> Callable[..., Any]:
-    """`report(ok, *data)` in a host callback that runs only when some `ok` is false.
+    """`report(ok, *data)`, called only when some `ok` is false: in Python when the arrays are
+    concrete (an eager call, eager `grad` or `vmap`: the library's own exception then reaches
+    the caller), and in a host callback when compiled.
 
-    A `lax.cond` keeps the callback off the happy path. Under `vmap` a batched predicate would
-    turn the cond into a select that calls back once per element on every call; the custom
-    batching rule reduces `ok` over the batch first, so it stays one cond and one callback.
-    `everywhere`: when the arrays are sharded, call back on every device (for a `report` that
-    raises), not on the first one only."""
+    Compiled, a `lax.cond` keeps the callback off the happy path. The check is one primitive
+    (`_check_p`) whose Python implementation runs it directly and whose lowering is that cond:
+    without it, an eager `jax.grad` evaluates the cond through XLA, and the exception reaches the
+    caller as a `JaxRuntimeError`. Under `vmap` a batched predicate would turn the cond into a
+    select that calls back once per element on every call; the batching rule reduces `ok` over
+    the batch first, so it stays one cond and one callback. `everywhere`: when the arrays are
+    sharded, call back on every device (for a `report` that raises), not on the first one only."""
 
-    @jax.custom_batching.custom_vmap
     def check(ok: Any, *data: Any) -> Any:
-        lax.cond(jnp.all(ok), lambda *_: None,
-                 lambda *a: _sharded_callback(report, a, everywhere), ok, *data)
+        def compiled_check(ok_: Any, *data_: Any) -> list:
+            lax.cond(jnp.all(ok_), lambda *_: None,
+                     lambda *a: _sharded_callback(report, a, everywhere), ok_, *data_)
+            return []
+
+        compiled = jax.make_jaxpr(compiled_check)(ok, *data)
+        _check_p.bind(ok, *data, report=report, everywhere=everywhere, compiled=compiled)
         return jnp.zeros((), jnp.int32)
 
-    @check.def_vmap
-    def _rule(axis_size: int, in_batched: Any, ok: Any, *data: Any) -> Any:
-        check(jnp.all(ok), *data)
-        return jnp.zeros((), jnp.int32), False
-
     return check
+
+
+_DEBUG_EFFECTS = frozenset(jax.make_jaxpr(lambda: jax.debug.callback(lambda: None))().effects)
+_check_p = Primitive("implicitdiff_failure_check")
+_check_p.multiple_results = True
+
+
+def _check_impl(ok: Any, *data: Any, report: Callable[..., None], everywhere: bool,
+                compiled: Any) -> list:
+    # Concrete arrays (eager evaluation, including the backward pass of an eager `jax.grad`):
+    # check in Python, so the library's exception is raised as itself.
+    ok_ = np.asarray(ok)
+    if not np.all(ok_):
+        report(ok_, *(np.asarray(d) for d in data))
+    return []
+
+
+def _check_abstract_eval(*avals: Any, **params: Any) -> tuple[list, set]:
+    return [], set(_DEBUG_EFFECTS)
+
+
+def _check_lowering(*args: Any, compiled: Any, **params: Any) -> list:
+    jaxpr_as_fun(compiled)(*args)
+    return []
+
+
+def _check_batch(args: Sequence[Any], dims: Sequence[Any], *, report: Callable[..., None],
+                 everywhere: bool, compiled: Any) -> tuple[list, list]:
+    ok, *data = (a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims))
+    _failure_check(report, everywhere=everywhere)(jnp.all(ok), *data)
+    return [], []
+
+
+def _check_jvp(primals: Sequence[Any], tangents: Sequence[Any], **params: Any) -> tuple[list, list]:
+    return _check_p.bind(*primals, **params), []
+
+
+def _check_transpose(cts: Any, *args: Any, **params: Any) -> list:
+    return [None] * len(args)
+
+
+_check_p.def_impl(_check_impl)
+_check_p.def_effectful_abstract_eval(_check_abstract_eval)
+mlir.register_lowering(_check_p, mlir.lower_fun(_check_lowering, multiple_results=True))
+batching.primitive_batchers[_check_p] = _check_batch
+ad.primitive_jvps[_check_p] = _check_jvp
+ad.primitive_transposes[_check_p] = _check_transpose
 
 
 def _sharded_callback(report: Callable[..., None], data: tuple, everywhere: bool) -> None:
@@ -150,6 +209,81 @@ def _auto_mesh(data: Sequence[Any]) -> Any:
         if mesh is not None and not mesh.empty:
             return mesh if all(t == auto.Auto for t in mesh.axis_types) else None
     return None
+
+
+# ---- failures inside compiled code, back as the library's exceptions ---------------------------
+
+_RAISED: collections.deque[ImplicitDiffError] = collections.deque(maxlen=64)
+"""The exceptions raised by failure callbacks (most recent last): a compiled callback's
+exception reaches Python as a `JaxRuntimeError` carrying its message, and `catching` finds the
+original here by that message."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _original_error(e: BaseException) -> ImplicitDiffError | None:
+    """The library exception whose failure callback caused the runtime error `e`, or None."""
+    text = str(e)
+    for err in reversed(list(_RAISED)):
+        if str(err) and str(err) in text:
+            return err
+    return None
+
+
+@contextlib.contextmanager
+def _catching_block() -> Iterator[None]:
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        err = _original_error(e)
+        if err is None:
+            raise
+        raise err.with_traceback(None) from e
+
+
+@overload
+def catching() -> contextlib.AbstractContextManager[None]: ...
+@overload
+def catching(fn: _F) -> _F: ...
+def catching(fn: Callable[..., Any] | None = None) -> Any:
+    """Failures of implicitdiff checks inside `jax.jit` raised as the library's own exceptions.
+
+    Under `jit`, a failed check (`on_failure="raise"`) raises inside a host callback, and JAX
+    hands it to Python as a `jax.errors.JaxRuntimeError` that carries the message. Inside this
+    block, or a call of a function wrapped by it, such an error is raised again as the original
+    `ImplicitDiffError` subclass (`NonConvergenceError`, `LinearSolveError`, ...), with the same
+    message, `from` the runtime error. Other errors pass through unchanged. Eager calls (no
+    `jit`, including eager `jax.grad` and `jax.vmap`) raise the library's exceptions without it.
+
+    ```python
+    step = idf.jax.catching(jax.jit(jax.grad(loss)))   # a wrapped function
+    try:
+        g = step(theta)
+    except idf.NonConvergenceError:
+        ...
+
+    with idf.jax.catching():                            # a block
+        g = jax.block_until_ready(jax.jit(jax.grad(loss))(theta))
+    ```
+
+    **Arguments:**
+
+    - `fn`: a function to wrap. The wrapper calls it and waits for its result
+      (`jax.block_until_ready`), so errors of the asynchronous computation surface inside.
+      Without `fn`, a context manager: wait for the results inside the block yourself.
+
+    **Returns:** the wrapped function, or a context manager.
+    """
+    if fn is None:
+        return _catching_block()
+    fn_ = fn
+
+    @functools.wraps(fn_)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _catching_block():
+            return jax.block_until_ready(fn_(*args, **kwargs))
+
+    return wrapper
 
 
 class JaxBackend(Backend):
@@ -203,9 +337,10 @@ class JaxBackend(Backend):
 
     # ---- failures and diagnostics: host callbacks when traced --------------------------------
     def handle_failure(self, value, ok, on_failure, make_error, *data):
+        on_failure = resolve_on_failure(on_failure, "on_failure")
         if not _any_tracer((ok, data)):
             return super().handle_failure(value, ok, on_failure, make_error, *data)
-        if on_failure == "nan":
+        if on_failure == "nan":  # no callback in the program at all
             return nan_where(self, value, ok)
 
         def report(ok_: Any, *data_: Any) -> None:
@@ -213,6 +348,7 @@ class JaxBackend(Backend):
                 return
             err = make_error(*data_)
             if on_failure == "raise":
+                _RAISED.append(err)  # for `catching`, when this runs in a compiled callback
                 raise err
             warnings.warn(str(err), RuntimeWarning, stacklevel=2)
 
@@ -319,22 +455,44 @@ class JaxBackend(Backend):
 # ---- the implicit rule -------------------------------------------------------------------------
 
 def _split_static(args: tuple) -> tuple[list[Any], Callable[[Sequence[Any]], tuple]]:
+    """The dynamic leaves of `args` and a function putting new ones back. The function's
+    `static_key` is the structure and the static leaves (for caches keyed on them), or None
+    when a static leaf is unhashable."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     dyn_idx = [i for i, leaf in enumerate(leaves) if _is_dynamic(leaf)]
+    dyn_set = set(dyn_idx)
+    # Only the static leaves are kept: JAX's caches keep the functions closing over `rebuild`,
+    # and with them, before, the user's arrays of every eager call.
+    static_leaves = [None if i in dyn_set else leaf for i, leaf in enumerate(leaves)]
 
     def rebuild(dyn: Sequence[Any]) -> tuple:
-        full = list(leaves)
+        full = list(static_leaves)
         for i, d in zip(dyn_idx, dyn):
             full[i] = d
         return jax.tree_util.tree_unflatten(treedef, full)
 
+    static_key: Any = (treedef, tuple((type(leaf), leaf) for i, leaf in enumerate(leaves)
+                                      if i not in dyn_set))
+    try:
+        hash(static_key)
+    except TypeError:
+        static_key = None
+    rebuild.static_key = static_key  # type: ignore[attr-defined]
     return [leaves[i] for i in dyn_idx], rebuild
 
 
-def _shape_key(dyn: Sequence[Any], options: dict) -> tuple:
+def _shape_key(dyn: Sequence[Any], rebuild: Callable[..., Any], options: dict) -> tuple | None:
+    """What the output shape of a host solver may depend on: the shapes and dtypes of the
+    dynamic arguments, the static ones (Python ints, strings, the tree structure) and the
+    options. None (do not cache) when a static argument is unhashable."""
+    static_args = getattr(rebuild, "static_key", None)
+    if static_args is None:
+        return None
     shapes = tuple((tuple(np.shape(d)), str(jnp.result_type(d))) for d in dyn)
     static = tuple(sorted((k, repr(v)) for k, v in options.items() if not _is_arraylike(v)))
-    return (*shapes, static)
+    arrays = tuple(sorted((k, tuple(np.shape(v)), str(v.dtype)) for k, v in options.items()
+                          if _is_arraylike(v)))
+    return (*shapes, static_args, static, arrays)
 
 
 def _is_arraylike(v: Any) -> bool:
@@ -348,7 +506,7 @@ def _external_solver(fn: ImplicitFunction, dyn: list[Any], rebuild: Callable, op
     The output's shape and dtype come from `fn.result_shape` when given, else from an earlier
     call with concrete arguments of the same shapes (cached on `fn`)."""
     cache = fn.__dict__.setdefault("_jax_result_shapes", {})
-    key = _shape_key(dyn, options)
+    key = _shape_key(dyn, rebuild, options)
 
     def host(*d: Any) -> Any:
         np_args = rebuild([np.asarray(a) for a in d])
@@ -359,20 +517,22 @@ def _external_solver(fn: ImplicitFunction, dyn: list[Any], rebuild: Callable, op
     spec = getattr(fn, "result_shape", None)
     if spec is not None:
         sds = spec(*rebuild(dyn)) if callable(spec) else spec
-    elif key in cache:
+    elif key is not None and key in cache:
         sds = cache[key]
-    elif not _any_tracer(dyn):
+    elif not _any_tracer((dyn, options)):
         out = host(*dyn)
         sds = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a),
                                                                     np.asarray(a).dtype), out)
-        cache[key] = sds
+        if key is not None:
+            cache[key] = sds
     else:
         raise StructureError(
             f"{fn.name}: the solver is not traceable by JAX (it calls NumPy/SciPy or other host "
             "code), so it runs through jax.pure_callback, which must know the output's shape "
             "before running. Expected result_shape=jax.ShapeDtypeStruct(...) (or a function of "
             "the arguments returning one) in idf.custom_root, or one call with concrete "
-            "arguments of the same shapes before jit/vmap; got neither."
+            "arguments of the same shapes, static arguments and options before jit/vmap; got "
+            "neither."
         )
 
     def cast(out: Any) -> Any:
@@ -386,9 +546,42 @@ def _external_solver(fn: ImplicitFunction, dyn: list[Any], rebuild: Callable, op
     return solver
 
 
+EAGER_WARN_AFTER = 100
+"""After this many calls of one decorated solver under a transform outside `jit`, warn (once
+per process) that eager transformed calls grow memory."""
+_eager_warned = False
+
+
+def _note_eager_call(fn: ImplicitFunction, dyn: Sequence[Any]) -> None:
+    """Count calls under `grad`/`jvp`/`vmap` outside `jit`, and warn once past the threshold.
+
+    Each such call traces the rule again, with new functions: JAX compiles the loops in it
+    again (for the backward pass, when it evaluates them) and keeps every compiled program in
+    its caches, keyed on those functions, so memory grows by a few MB a call. Caching the traced
+    pieces across calls here would bake in whatever `F` reads from globals or closures at the
+    first call (a silently stale derivative after the user changes them), so the cost is
+    documented and warned about instead; `jax.jit` traces once."""
+    global _eager_warned
+    if _eager_warned or not _any_tracer(dyn) or _under_jit():
+        return
+    count = fn.__dict__["_jax_eager_calls"] = fn.__dict__.get("_jax_eager_calls", 0) + 1
+    if count >= EAGER_WARN_AFTER:
+        _eager_warned = True
+        warnings.warn(
+            f"{fn.name}: called {count} times under jax.grad/jvp/vmap outside jax.jit. Each "
+            "such call traces the implicit rule again and JAX compiles its loops anew, keeping "
+            "every compiled program in its caches: memory grows by a few MB a call (about 4 MB "
+            "for a 20x5 ridge problem on CPU), and each call costs a compilation. Wrap the "
+            "computation in jax.jit (it compiles once), or call jax.clear_caches() now and "
+            "then. (Shown once per process.)", RuntimeWarning, stacklevel=4)
+
+
 def _call(bk: JaxBackend, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
+    # `idf.config.on_failure` when the function left it at None: read now, at call (trace) time
+    on_failure = resolve_on_failure(fn.on_failure, f"{fn.name}: on_failure")
     dyn, rebuild = _split_static(args)
     dyn = [jnp.asarray(d) if isinstance(d, (np.ndarray, np.generic)) else d for d in dyn]
+    _note_eager_call(fn, dyn)
 
     aux_static: dict[str, Any] = {}
 
@@ -448,7 +641,7 @@ def _call(bk: JaxBackend, fn: ImplicitFunction, args: tuple, options: dict) -> A
         x, aux = sol(*primals)
         theta, theta_dot = primals[:nd + nf], tangents[:nd + nf]
         x_dot = implicit_jvp(G, x, theta, theta_dot, solve=fn.solve, tags=fn.tags,
-                             on_failure=fn.on_failure, backend=bk, name=fn.name,
+                             on_failure=on_failure, backend=bk, name=fn.name,
                              batch_dims=fn.batch_dims)
         return (x, aux), (x_dot, jax.tree_util.tree_map(_float0_zeros_like, aux))
 
