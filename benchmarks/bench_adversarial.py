@@ -42,7 +42,7 @@ SETTINGS = {
     "singular": [dict(n=n, symmetric=s) for n in (5, 300) for s in (False, True)],
     "stopped early": [dict(steps=k, curvature=c) for k in (3, 20, 400)
                       for c in (1e-6, 1.0, 1e3)],
-    "mixed dtype": [dict(steps64=k) for k in (10, 30, 200)],
+    "mixed dtype": [dict(steps64=k) for k in (3, 6, 10, 30, 200)],
 }
 MAKERS = {"scaled": _scaled, "ill-conditioned": _ill, "singular": _singular,
           "stopped early": _stopped, "mixed dtype": _mixed}

@@ -74,6 +74,6 @@ def test_stopped_early(fw, seed, steps, curvature):
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)
 @FEW
-@given(seed=SEEDS, steps64=st.integers(5, 200))
+@given(seed=SEEDS, steps64=st.integers(2, 200))
 def test_mixed_dtype(fw, seed, steps64):
     _check(mixed_dtype(np.random.default_rng(seed), steps64=steps64), fw)
