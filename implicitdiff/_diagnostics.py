@@ -42,6 +42,14 @@ class ForwardRecord:
 
     With `batch_dims > 0`, `residual_norm` and `ok` cover the whole batch and `per_element`
     holds the residual of each batch element (a NumPy array of the batch shape); else None.
+
+    `relative_residual`: with the default tolerance (`residual_tol=None`), the residual
+    relative to the size of $F$'s terms near $x^*$, $\\max|F| / \\max|\\partial_x F\\, d|$ with
+    $d \\sim x^*$, leaf by leaf (the largest over leaves and batch elements); to first order the
+    relative error of $x^*$ when $\\partial_x F$ is well conditioned. The check accepts
+    `relative_residual <= residual_tol` (then relative, $10\\sqrt{\\epsilon}$ of each leaf's
+    dtype; the strictest shown). None with an explicit `residual_tol` (absolute: `ok` is
+    `residual_norm <= residual_tol`).
     """
 
     function: str
@@ -49,11 +57,24 @@ class ForwardRecord:
     residual_tol: float
     ok: bool
     per_element: Any = None
+    relative_residual: float | None = None
 
 
 @dataclass(frozen=True)
 class BackwardRecord:
-    """One derivative computation (`mode` "jvp" or "vjp") and its linear solve."""
+    """One derivative computation (`mode` "jvp" or "vjp") and its linear solve.
+
+    `derivative_error_bound`: the relative error of the derivative implied, to first order, by
+    the forward residual and the backward solve: $\\|A^{-1} F(x^*, \\theta)\\|_\\infty /
+    \\|x^*\\|_\\infty$ (the relative error of $x^*$, from one extra linear solve with $A$)
+    plus the backward solve's relative residual $\\|A y - b\\| / \\|b\\|$. The derivative
+    moves with $x^*$ by its own relative sensitivity (of order 1 where $F$ is nonlinear on the
+    scale of $x^*$; 0 where the derivative does not depend on $x^*$), and the backward term
+    grows with the condition number of $A$: an estimate of the order of the error, not a
+    guarantee. Computed only inside an `idf.diagnostics()` block (the extra solve costs about
+    as much as the derivative's own); NaN where the extra solve failed. One per batch element
+    (an array) with `batch_dims`.
+    """
 
     function: str
     mode: str
@@ -62,6 +83,7 @@ class BackwardRecord:
     iterations: Any
     residual_norm: Any
     converged: Any
+    derivative_error_bound: Any = None
 
 
 @dataclass
@@ -94,15 +116,28 @@ def _emit(rec: Any) -> None:
         d._add(rec)
 
 
+def _foreign_thread() -> bool:
+    """Whether this thread was started outside Python's `threading` (a runtime's own worker,
+    such as the host-callback thread of an accelerator), so no user code runs on it."""
+    return isinstance(threading.current_thread(), threading._DummyThread)  # type: ignore[attr-defined]
+
+
 def _emitter() -> Callable[[Any], None]:
     """`_emit` for a record that arrives later, maybe on another thread (a host callback of
-    compiled code, which XLA may run on one of its own threads): it goes to the blocks active
-    now, while they stay open, and to those active in the thread it arrives on, once each."""
+    compiled code).
+
+    Compiled code traced once may run again from any thread, so the record goes to the blocks
+    of the thread it arrives on: JAX runs a CPU computation, and its callbacks, on the thread
+    that called it. A callback on a runtime's own worker thread (a GPU's host-callback thread,
+    where no user code runs) cannot tell which caller it serves: its record goes to the blocks
+    that were active where the function was traced, while they stay open."""
     captured = list(_active())
 
     def emit(rec: Any) -> None:
-        targets = [d for d in captured if d._open]
-        targets += [d for d in _active() if not any(d is t for t in targets)]
+        if _foreign_thread():
+            targets = [d for d in captured if d._open]
+        else:
+            targets = list(_active())
         for d in targets:
             d._add(rec)
 
@@ -123,10 +158,12 @@ def diagnostics() -> Iterator[Diagnostics]:
     residual_tol, ok) and `backward` (`BackwardRecord`: function, mode, solver,
     derivative_method, iterations, residual_norm, converged).
 
-    Under `jax.jit` records arrive when the compiled function runs, through a host callback:
-    to the blocks that were active when the function was traced (while they are open) and to
-    those active in the thread the callback runs on. Only functions traced inside a block
-    report; compiled code traced outside one pays nothing.
+    Under `jax.jit` records arrive when the compiled function runs, through a host callback,
+    to the blocks active in the thread that runs it (JAX on the CPU runs a computation and its
+    callbacks on the calling thread, so two threads calling one compiled function each get
+    their own records). A callback on a runtime's own worker thread goes to the blocks that
+    were active where the function was traced, while they are open. Only functions traced
+    inside a block report; compiled code traced outside one pays nothing.
     """
     d = Diagnostics()
     stack = _active()

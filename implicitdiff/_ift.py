@@ -7,13 +7,19 @@ result comes back in the structure of `x` (JVP) or `args` (VJP).
 
 from __future__ import annotations
 
+import contextvars
+import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from ._array import ON_FAILURE as ON_FAILURE
 from ._array import check_on_failure
 from ._backend import Backend, get_backend
-from ._diagnostics import BackwardRecord, LinearSolveInfo
+from ._config import resolve_on_failure
+from ._diagnostics import BackwardRecord, LinearSolveInfo, collecting
 from ._errors import ImplicitDiffError, LinearSolveError, SingularJacobianError, StructureError
 from ._linear_solve import AbstractLinearSolver, Auto
 from ._tags import as_tags, symmetric
@@ -123,14 +129,27 @@ def _linear_failure(name: str, mode: str, solver: AbstractLinearSolver, method: 
 
 def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: Callable,
                    rmatvec: Callable, rhs: Any, tags: frozenset, on_failure: str, name: str,
-                   mode: str) -> Any:
+                   mode: str, x_error: Any = None) -> Any:
+    """The linear solve, recorded and checked. `x_error` (inside a diagnostics block): the
+    relative error of x* implied by the forward residual, one per batch element, for the
+    record's `derivative_error_bound`."""
     def checker(m: str) -> Callable[[Any, Any], Any]:
         # Record the solve and apply on_failure; `m` is "jvp" (solve with A) or "vjp" (A^T).
         def check(sol: Any, info: Any) -> Any:
             info = LinearSolveInfo(*info)
-            bk.record(lambda it, rn, cv: BackwardRecord(name, m, repr(solver), lin.method, it,
-                                                        rn, cv),
-                      info.iterations, info.residual_norm, info.converged)
+            if x_error is None:
+                bk.record(lambda it, rn, cv: BackwardRecord(name, m, repr(solver), lin.method,
+                                                            it, rn, cv),
+                          info.iterations, info.residual_norm, info.converged)
+            else:
+                # the solve's relative residual ||Ay - b|| / ||b||, with ||b|| ~ ||Ay||
+                op = matvec if m == mode else rmatvec
+                xp = bk.namespace(sol)
+                b_norm = xp.linalg.vector_norm(op(sol), axis=-1)
+                bk.record(lambda it, rn, cv, xe, bn: BackwardRecord(
+                    name, m, repr(solver), lin.method, it, rn, cv,
+                    _error_bound(xe, rn, bn)),
+                    info.iterations, info.residual_norm, info.converged, x_error, b_norm)
             if symmetric in tags and info.not_symmetric is not None:
                 bad_tag = info.not_symmetric
                 return bk.handle_failure(
@@ -153,14 +172,26 @@ def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: 
                            linearization=lin, transpose=mode == "vjp")
 
 
-def _check_options(solve: Any, on_failure: str) -> None:
+def _error_bound(x_error: Any, residual: Any, b_norm: Any) -> Any:
+    """`derivative_error_bound` from the forward part (relative error of x*) and the backward
+    solve's residual over its right-hand side; a float, or an array per batch element."""
+    xe = np.asarray(x_error, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(np.asarray(b_norm) > 0, np.asarray(residual, dtype=np.float64) /
+                       np.asarray(b_norm, dtype=np.float64), 0.0)
+    out = xe + rel
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def _check_options(solve: Any, on_failure: str | None) -> None:
     if not isinstance(solve, AbstractLinearSolver):
         raise StructureError(
             f"solve: expected a linear solver such as idf.CG() or idf.Dense(), got "
             f"{type(solve).__name__}. Note: the forward solver is the decorated function; "
             "`solve=` is the linear solver for the derivative."
         )
-    check_on_failure(on_failure)
+    if on_failure is not None:
+        check_on_failure(on_failure)
 
 
 def _check_tangents(bk: Backend, args: tuple, tangents: tuple) -> tuple:
@@ -187,6 +218,197 @@ def _check_tangents(bk: Backend, args: tuple, tangents: tuple) -> tuple:
     return tuple(tangents)
 
 
+# ---- checks at x*: the derivative probe and the error of x* ------------------------------------
+
+_NO_KINK_PROBE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "implicitdiff_no_kink_probe", default=False)
+"""Set while a solver decorated with `kink_probe=False` runs: the rules it reaches skip the
+probe unless told otherwise."""
+
+KINK_RTOL = 0.25
+"""The probe's tolerance relative to the entry's own size, $|\\partial_x F v|_i + |CD_i|$."""
+KINK_ATOL = 0.05
+"""The probe's tolerance relative to the largest entry of $\\partial_x F v$ (per problem)."""
+
+
+def _rowmax(xp: Any, a: Any) -> Any:
+    """$\\max|a|$ over the last axis of a raveled `(..., n)` array, `n > 0`."""
+    return xp.max(xp.abs(a), axis=-1)
+
+
+class _AtRoot:
+    """The checks at x* that share $F(x^*, \\theta)$: the derivative probe (autodiff backends)
+    and, inside a diagnostics block, the relative error of x* from one solve $A\\,\\delta = F$.
+
+    The probe: for one direction $v$ (random signs, entries the size of x*), compare the
+    linearization's $A v$ with F's central difference $(F(x+hv) - F(x-hv))/2h$ and F's second
+    difference $(F(x+hv) - 2F(x) + F(x-hv))/h$. For $F$ smooth at $x^*$ the first differs from
+    $Av$ by $O(h^2)$ and the second is $O(h)$; at a kink (a switch of `abs`, `relu`, `max` at
+    $x^*$) one of them is $O(1)$, so the derivative does not exist there (autodiff returns one
+    one-sided choice, finite differences their average). An entry is refused where the
+    mismatch exceeds the tolerance and does not shrink at four times the step (a kink's stays,
+    a smooth F's grows four- to sixteenfold). $h = \\sqrt{\\epsilon}$ relative to
+    x*: rounding ($\\epsilon/h$) and curvature ($h$) stay below the tolerances
+    (`KINK_RTOL`, `KINK_ATOL`) for curvature up to ~100 times the scale of x* in float32 (far
+    more in float64), and a switch nearer than $h|x^*|$ to x* but not at it (a proximal
+    step's threshold with a small step size) is rarely crossed. Five evaluations of F and one
+    product with A."""
+
+    def __init__(self, bk: Backend, F: Callable[..., Any], x: Any, args: tuple, lin: Any,
+                 rv: Raveler, name: str, on_failure: str, probe: bool, collect: bool):
+        self.bk, self.rv, self.name, self.on_failure = bk, rv, name, on_failure
+        self.ok: Any = None
+        self.data: tuple = ()
+        self.F0: Any = None
+        if not (probe or collect):
+            return
+        self.F0 = F(x, *args)
+        if probe:
+            cached = getattr(lin, "_idf_kink_probe", None)
+            if cached is not None:
+                self.ok, self.data = cached
+            else:
+                self.ok, self.data = self._probe(F, x, args, lin)
+                try:
+                    lin._idf_kink_probe = (self.ok, self.data)
+                except AttributeError:  # a linearization with __slots__: probe every time
+                    pass
+
+    def _probe(self, F: Callable[..., Any], x: Any, args: tuple, lin: Any) -> tuple:
+        bk, rv = self.bk, self.rv
+        xp, k = rv.xp, rv.k
+        xls, xdef = bk.tree_flatten(x)
+        eps = max(float(xp.finfo(dt).eps) for dt in rv.dtypes)
+        h = math.sqrt(eps)
+        rng = np.random.default_rng(0)
+        vs = []
+        for xl in xls:
+            signs = rng.choice(np.array([-1.0, 1.0]), size=tuple(xl.shape))
+            z = xp.astype(bk.from_host(signs, like=xl), xl.dtype)
+            axes = tuple(range(k, xl.ndim))
+            if not axes:
+                m = xp.abs(xl)
+            elif math.prod(tuple(xl.shape)):
+                m = xp.max(xp.abs(xl), axis=axes, keepdims=True)
+            else:  # an empty leaf (a sum over nothing keeps the device)
+                m = xp.sum(xp.abs(xl), axis=axes, keepdims=True)
+            vs.append(z * xp.where(m > 0, m, xp.ones_like(m)))
+        v = bk.tree_unflatten(xdef, vs)
+        f0 = rv.ravel(self.F0)
+        av = rv.ravel(lin.A(v))
+
+        def mismatch(step: float) -> tuple:
+            fp, fm = (rv.ravel(F(bk.tree_unflatten(xdef, [a + s * step * b
+                                                          for a, b in zip(xls, vs)]), *args))
+                      for s in (1.0, -1.0))
+            cd = (fp - fm) / (2 * step)
+            d2 = (fp - 2 * f0 + fm) / step
+            noise = 8 * eps * (xp.abs(fp) + xp.abs(fm) + 2 * xp.abs(f0)) / step
+            return xp.maximum(xp.abs(cd - av), xp.abs(d2)), cd, noise
+
+        mis, cd, noise = mismatch(h)
+        mis4 = mismatch(4 * h)[0]
+        scale = xp.maximum(_rowmax(xp, av), _rowmax(xp, cd))
+        allowed = (KINK_RTOL * (xp.abs(av) + xp.abs(cd)) + KINK_ATOL * scale[..., None]
+                   + noise)
+        # a kink's mismatch does not shrink with the step; a smooth F's does, like h or h^2
+        # (a singular or degenerate dF/dx, such as (x - θ)^3 at x = θ, is left to the solve)
+        bad = (mis > allowed) & (mis4 < 2 * mis)
+        ok = xp.logical_not(xp.any(bad, axis=-1))
+        worst = _rowmax(xp, mis) / xp.where(scale > 0, scale, xp.ones_like(scale))
+        # where it disagrees most (index into the raveled x): for the message
+        where = xp.argmax(xp.astype(bad, rv.dtype) * (mis - allowed), axis=-1)
+        return ok, (worst, where)
+
+    def x_error(self, solver: AbstractLinearSolver, matvec: Callable, rmatvec: Callable,
+                tags: frozenset, x_flat: Any) -> Any:
+        """$\\|A^{-1} F(x^*)\\|_\\infty / \\|x^*\\|_\\infty$ per batch element: to first order the
+        relative error of x* (NaN where the extra solve fails)."""
+        xp = self.rv.xp
+        delta, info = solver.solve(matvec, self.rv.ravel(self.F0), rmatvec=rmatvec, tags=tags,
+                                   backend=self.bk)
+        info = LinearSolveInfo(*info)
+        size = _rowmax(xp, x_flat)
+        err = _rowmax(xp, delta) / xp.where(size > 0, size, xp.ones_like(size))
+        return xp.where(info.converged, err, xp.full_like(err, math.nan))
+
+    def apply(self, value: Any, like: Any) -> Any:
+        """`value` (a pytree shaped like x, batch dimensions first) with the probe's verdict
+        applied per `on_failure`. With "nan" the failed elements are multiplied by NaN (a
+        linear map, so the NaN survives JAX's transposition of the JVP)."""
+        if self.ok is None:
+            return value
+        bk, ok = self.bk, self.ok
+        if self.on_failure == "nan":
+            xp = self.rv.xp
+            one = xp.ones_like(ok, dtype=self.rv.dtype)
+            factor = xp.where(ok, one, one * math.nan)
+            leaves, tdef = bk.tree_flatten(value)
+            out = []
+            for leaf in leaves:
+                f = xp.astype(factor, leaf.dtype)
+                f = xp.reshape(f, (*tuple(f.shape), *([1] * (leaf.ndim - f.ndim))))
+                out.append(leaf * f)
+            return bk.tree_unflatten(tdef, out)
+        return bk.handle_failure(value, ok, self.on_failure, _kink_error(self.name, self.rv),
+                                 *self.data)
+
+
+def _kink_error(name: str, rv: Raveler) -> Callable[..., StructureError]:
+    def make(worst: Any, where: Any) -> StructureError:
+        w = np.asarray(worst)
+        i = int(np.ravel(np.asarray(where))[int(np.argmax(w))]) if np.ndim(w) else int(where)
+        leaf, start = 0, 0
+        for j, size in enumerate(rv.sizes):
+            if i < start + size:
+                leaf = j
+                break
+            start += size
+        pos = f"entry {i - start} of leaf {leaf} of x" if len(rv.sizes) > 1 else f"entry {i}"
+        batch = ""
+        if np.ndim(w):
+            bad = np.argwhere(w == np.max(w))
+            batch = f" (batch element {tuple(int(b) for b in bad[0])})"
+        return StructureError(
+            f"{name}: ∂F/∂x at x* disagrees with F's finite differences{batch}: F is not "
+            f"differentiable at x* (a kink: abs/relu/max at x*?) or its derivative is wrong. "
+            f"A random probe v gives |∂F/∂x·v − finite differences| up to "
+            f"{float(np.max(w)):.3g} times the size of ∂F/∂x·v (worst at {pos}). Expected F "
+            "smooth at the root (the implicit function theorem needs a derivative there): "
+            "move θ off the switch, smooth F (softplus for relu, a Huber or sqrt(x²+δ²) "
+            "for abs), or fix F's custom derivative. If F is smooth and the probe misfires, "
+            "pass kink_probe=False."
+        )
+
+    return make
+
+
+_NO_KINK_PROBE_F: weakref.WeakSet = weakref.WeakSet()
+"""Conditions `F` of solvers decorated with `kink_probe=False`, for the rules that run outside
+the decorated call (PyTorch's backward pass) and receive that `F`."""
+
+
+def no_kink_probe(F: Callable[..., Any]) -> None:
+    """Mark the condition `F` as not to be probed for kinks (`kink_probe=False`)."""
+    try:
+        _NO_KINK_PROBE_F.add(F)
+    except TypeError:  # not weakly referable: the context variable still serves JAX
+        pass
+
+
+def _probe_wanted(bk: Backend, F: Callable[..., Any], kink_probe: bool | None) -> bool:
+    """Whether the rules probe for kinks: autodiff backends only (the reference backends'
+    products are finite differences already), unless switched off: explicitly, by the
+    decorated solver being called (`kink_probe=False`), or for its condition `F`."""
+    if kink_probe is None:
+        try:
+            marked = F in _NO_KINK_PROBE_F
+        except TypeError:
+            marked = False
+        kink_probe = not (_NO_KINK_PROBE.get() or marked)
+    return bool(kink_probe) and bool(getattr(bk, "autodiff", False))
+
+
 # ---- the rules ---------------------------------------------------------------------------------
 #
 # Let x*(θ) satisfy F(x*(θ), θ) = 0 for θ near θ₀, with A = ∂ₓF(x*, θ) invertible. Differentiating
@@ -205,9 +427,10 @@ def _check_tangents(bk: Backend, args: tuple, tangents: tuple) -> tuple:
 
 def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangents: Sequence[Any],
                  *, solve: AbstractLinearSolver = Auto(), tags: Any = None,
-                 derivatives: Any = None, on_failure: str = "raise",
+                 derivatives: Any = None, on_failure: str | None = None,
                  backend: Backend | None = None, name: str | None = None,
-                 linearization: Any = None, batch_dims: int = 0) -> Any:
+                 linearization: Any = None, batch_dims: int = 0,
+                 kink_probe: bool | None = None) -> Any:
     """Forward-mode implicit derivative: $\\dot x = -A^{-1} (B \\dot\\theta)$.
 
     **Arguments:**
@@ -219,22 +442,36 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     - `solve`: the linear solver for $A$ (default `Auto()`).
     - `tags`: structure of $A$, e.g. `{idf.symmetric}`.
     - `derivatives`: optional `idf.Derivatives` with hand-written products (NumPy reference).
-    - `on_failure`: "raise", "warn" or "nan" when the linear solve fails.
+    - `on_failure`: "raise", "warn" or "nan" when the linear solve (or the kink probe) fails;
+      None (default): `idf.config.on_failure`.
     - `backend`, `name`, `linearization`: the backend (default: found from the arrays), a name
       for messages, and a `Linearization` to reuse across calls at the same point.
     - `batch_dims`: the first `batch_dims` dimensions of every leaf of `x_star` index independent
       problems ($A$ block diagonal): one linear solve per element, each stopping on its own.
+    - `kink_probe`: with autodiff backends, compare $A v$ with F's finite differences in one
+      random direction (five evaluations of F) and refuse where F has a kink at x*
+      (`StructureError` naming it, or per `on_failure`). None (default): on, unless the
+      decorated solver being called was given `kink_probe=False`.
+
+    A size-0 `x_star` gives a size-0 $\\dot x$ (no solve). Inside an `idf.diagnostics()` block
+    the record carries `derivative_error_bound` (one more solve with $A$).
 
     **Returns:** $\\dot x$, shaped like `x_star`.
     """
+    on_failure = resolve_on_failure(on_failure, "implicit_jvp")
     _check_options(solve, on_failure)
     tags = as_tags(tags)
     args = tuple(args)
     bk = backend or get_backend(x_star, args, tangents)
     tangents = _check_tangents(bk, args, tuple(tangents))
     name = name or str(getattr(F, "__name__", "F"))
-    lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
     r = Raveler(bk, x_star, batch_dims)
+    if r.n == 0:  # nothing to solve for: an empty derivative
+        return r.unravel(r.ravel(x_star) * 0)
+    lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
+    collect = collecting()
+    at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
+                 _probe_wanted(bk, F, kink_probe), collect)
     rhs = r.ravel(lin.B(tangents))
     solver = resolve_solver(solve, r.n, tags)
 
@@ -244,15 +481,18 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     def rmatvec(u: Any) -> Any:
         return r.ravel(lin.AT(r.unravel(u)))
 
-    sol = _solve_checked(bk, lin, solver, matvec, rmatvec, -rhs, tags, on_failure, name, "jvp")
-    return r.unravel(sol)
+    x_error = at.x_error(solver, matvec, rmatvec, tags, r.ravel(x_star)) if collect else None
+    sol = _solve_checked(bk, lin, solver, matvec, rmatvec, -rhs, tags, on_failure, name, "jvp",
+                         x_error)
+    return at.apply(r.unravel(sol), x_star)
 
 
 def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotangent: Any, *,
                  solve: AbstractLinearSolver = Auto(), tags: Any = None, derivatives: Any = None,
-                 on_failure: str = "raise", argnums: Sequence[int] | None = None,
+                 on_failure: str | None = None, argnums: Sequence[int] | None = None,
                  backend: Backend | None = None, name: str | None = None,
-                 linearization: Any = None, batch_dims: int = 0) -> tuple:
+                 linearization: Any = None, batch_dims: int = 0,
+                 kink_probe: bool | None = None) -> tuple:
     """Reverse-mode implicit derivative: $\\bar\\theta = -B^\\top u$ with $A^\\top u = \\bar x$.
 
     **Arguments:**
@@ -260,11 +500,12 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     - `F`, `x_star`, `args`, `solve`, `tags`, `derivatives`, `on_failure`: as in `implicit_jvp`.
     - `cotangent`: $\\bar x$, shaped like `x_star`.
     - `argnums`: indices of `args` to differentiate (default all); the others get None.
-    - `backend`, `name`, `linearization`, `batch_dims`: as in `implicit_jvp`.
+    - `backend`, `name`, `linearization`, `batch_dims`, `kink_probe`: as in `implicit_jvp`.
 
     **Returns:** a tuple with one cotangent per argument, shaped like it; None for integer and
     boolean leaves and for arguments outside `argnums`.
     """
+    on_failure = resolve_on_failure(on_failure, "implicit_vjp")
     _check_options(solve, on_failure)
     tags = as_tags(tags)
     args = tuple(args)
@@ -281,6 +522,11 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
     r = Raveler(bk, x_star, batch_dims)
     rhs = r.ravel(cotangent)
+    if r.n == 0:  # nothing to solve for: B^T of an empty cotangent, zeros (None for ints)
+        return lin.BT(r.unravel(rhs * 0), argnums)
+    collect = collecting()
+    at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
+                 _probe_wanted(bk, F, kink_probe), collect)
     solver = resolve_solver(solve, r.n, tags)
 
     def matvec(u: Any) -> Any:
@@ -289,5 +535,7 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     def rmatvec(v: Any) -> Any:
         return r.ravel(lin.A(r.unravel(v)))
 
-    u = _solve_checked(bk, lin, solver, matvec, rmatvec, rhs, tags, on_failure, name, "vjp")
-    return lin.BT(r.unravel(-u), argnums)
+    x_error = at.x_error(solver, rmatvec, matvec, tags, r.ravel(x_star)) if collect else None
+    u = _solve_checked(bk, lin, solver, matvec, rmatvec, rhs, tags, on_failure, name, "vjp",
+                       x_error)
+    return lin.BT(at.apply(r.unravel(-u), x_star), argnums)

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from . import _tree
 from ._backend import Backend, convert_constants, find_backend, get_backend
+from ._config import resolve_on_failure
 from ._diagnostics import ForwardRecord
 from ._errors import NonConvergenceError, StructureError
-from ._ift import _check_options
+from ._ift import _NO_KINK_PROBE, _check_options, no_kink_probe
 from ._linear_solve import AbstractLinearSolver, Auto
 from ._tags import as_tags
 
@@ -70,13 +72,16 @@ class ImplicitFunction:
     Call it like the solver: `fn(*args, **options)`. Positional arguments are $\\theta$: they are
     passed to `F` and differentiated; keyword options go to the solver only. The attributes
     `F`, `solver`, `solve`, `tags`, `has_aux`, `residual_tol`, `on_failure`, `derivatives`,
-    `result_shape`, `batch_dims` hold the configuration.
+    `result_shape`, `batch_dims`, `kink_probe` hold the configuration. `on_failure` reads
+    `idf.config.on_failure` when the decorator was given `None` (at each access: the backends
+    read it when the function is called, or traced).
     """
 
     def __init__(self, solver: Callable[..., Any], F: Callable[..., Any], *,
                  solve: AbstractLinearSolver, tags: frozenset, has_aux: bool,
-                 residual_tol: float | None, on_failure: str, derivatives: Derivatives | None,
-                 result_shape: Any = None, batch_dims: int = 0):
+                 residual_tol: float | None, on_failure: str | None,
+                 derivatives: Derivatives | None, result_shape: Any = None,
+                 batch_dims: int = 0, kink_probe: bool = True):
         if not callable(solver):
             raise TypeError(f"expected a callable solver to decorate, got {type(solver).__name__}.")
         self.solver = solver
@@ -85,11 +90,27 @@ class ImplicitFunction:
         self.tags = tags
         self.has_aux = has_aux
         self.residual_tol = residual_tol
-        self.on_failure = on_failure
+        self._on_failure = on_failure
         self.derivatives = derivatives
         self.result_shape = result_shape
         self.batch_dims = batch_dims
+        self.kink_probe = kink_probe
+        if not kink_probe:
+            no_kink_probe(F)
         functools.update_wrapper(self, solver)
+
+    @property
+    def on_failure(self) -> str:
+        """What a failed forward or backward solve does: the decorator's `on_failure`, or
+        `idf.config.on_failure` when that was None (read now, so a change of the config
+        reaches every decorated solver at its next call or trace)."""
+        return resolve_on_failure(self._on_failure, f"{self.name}: on_failure")
+
+    @on_failure.setter
+    def on_failure(self, value: str | None) -> None:
+        if value is not None:
+            resolve_on_failure(value, "on_failure")  # validates
+        self._on_failure = value
 
     def __reduce__(self) -> Any:
         # A decorated module-level solver pickles by reference, as the function it replaces
@@ -112,7 +133,15 @@ class ImplicitFunction:
             bk = get_backend(self.run_solver(args, options)[0])
         # NumPy arrays beside another framework's arrays are constants of that framework
         args = convert_constants(bk, args, args, options)
-        return bk.call(self, args, options)
+        if self.kink_probe:
+            return bk.call(self, args, options)
+        # the rules see `kink_probe=False` through the context where they run inside the call
+        # (JAX traces its derivative rule there); see `_ift.kink_probe_default`
+        token = _NO_KINK_PROBE.set(True)
+        try:
+            return bk.call(self, args, options)
+        finally:
+            _NO_KINK_PROBE.reset(token)
 
     def __repr__(self) -> str:
         return f"<implicit function {self.name} (condition {getattr(self.F, '__name__', 'F')})>"
@@ -128,7 +157,54 @@ class ImplicitFunction:
                     f"{type(out).__name__}. Return a pair or set has_aux=False."
                 )
             return out
+        self._check_output_structure(out, args)
         return out, None
+
+    def _check_output_structure(self, out: Any, args: tuple) -> None:
+        """A solver returning a container (tuple, list, dict) where `F` takes one array (a
+        forgotten `has_aux=True`, or a stats dict returned beside x) would make `F` fail with a
+        `TypeError` deep inside the user's code. Once per output structure: when `F` rejects the
+        container (any exception) but takes one of its first array leaves alone, raise
+        `StructureError` naming the mismatch. Any other outcome leaves the call as it was."""
+        if not isinstance(out, (tuple, list, dict)):
+            return
+        treedef = _tree.tree_flatten(out)[1]
+        seen = self.__dict__.setdefault("_structures_ok", set())
+        try:
+            if treedef in seen:
+                return
+        except TypeError:  # an unhashable node: check every time
+            pass
+        try:
+            self.F(out, *args)
+        except Exception as e:  # any failure of F on the container
+            taken = None
+            for path, leaf in _tree.tree_leaves_with_path(out, "x")[:4]:
+                if not (hasattr(leaf, "dtype") and hasattr(leaf, "shape")):
+                    continue
+                try:
+                    self.F(leaf, *args)
+                except Exception:  # F does not take this leaf either
+                    continue
+                taken = path
+                break
+            if taken is None:  # F takes no leaf alone either: not a structure mismatch
+                return
+            paths = [p for p, _ in _tree.tree_leaves_with_path(out, "x")]
+            what = (f"a dict with keys {sorted(map(repr, out))}" if isinstance(out, dict) else
+                    f"a {type(out).__name__} of {len(out)}")
+            raise StructureError(
+                f"{self.name}: the solver returned {what} (leaves {', '.join(paths[:6])}), but "
+                f"F does not take that structure as x: F raised {type(e).__name__}: {e}. F "
+                f"takes a single array (it accepts {taken}). Expected the solver to return "
+                "x in the structure F takes: return only x, or, to return extra outputs, pass "
+                "has_aux=True and return (x, aux)."
+            ) from e
+        else:
+            try:
+                seen.add(treedef)
+            except TypeError:
+                pass
 
     def check(self, bk: Backend, x: Any, args: tuple, F: Callable[..., Any] | None = None) -> Any:
         """Check x's structure, F's output structure, and the residual; apply `on_failure`.
@@ -144,34 +220,47 @@ class ImplicitFunction:
                 )
         xp = bk.namespace(*[leaf for _, leaf in xs])
         k = self.batch_dims
-        batch = _batch_shape(self.name, xs, k)
+        _batch_shape(self.name, xs, k)  # validates the batch dimensions
         if self.residual_tol == math.inf:
             # no residual check: F is not evaluated; x must still be finite
             return self._check_finite(bk, xp, x, xs, k)
         r = (F or self.F)(x, *args)
         check_like(bk, r, x, f"{self.name}: F(x, *args)")
-        res = None
-        finite = None
-        for (_, xl), rl in zip(xs, bk.tree_flatten(r)[0]):
-            # with batch_dims = k, one residual and one finiteness flag per batch element
-            axes = tuple(range(k, rl.ndim))
-            if not axes:
-                m, f = xp.abs(rl), xp.isfinite(xl)
-            elif rl.size:
-                m, f = xp.max(xp.abs(rl), axis=axes), xp.all(xp.isfinite(xl), axis=axes)
-            else:
-                m = xp.zeros(batch, dtype=rl.dtype)
-                f = xp.ones(batch, dtype=xp.bool)
-            res = m if res is None else xp.maximum(res, m)
-            finite = f if finite is None else finite & f
-        tol = self.residual_tol
-        if tol is None:
-            tol = default_residual_tol(float(xp.finfo(xs[0][1].dtype).eps))
-        assert res is not None and finite is not None  # x has at least one leaf
-        ok = finite & (res <= tol)
+        xls, rls = [leaf for _, leaf in xs], bk.tree_flatten(r)[0]
+        # with batch_dims = k, one residual and one finiteness flag per batch element
+        res_l = [_row_max(xp, rl, k) for rl in rls]
+        res, finite = _combine(xp, res_l, xp.maximum), _combine(
+            xp, [_row_all(xp, xp.isfinite(xl), k) for xl in xls], lambda a, b: a & b)
         name = self.name
-        record_forward(bk, name, res, tol, batched=bool(k))
-        return bk.handle_failure(x, ok, self.on_failure, _forward_error(name, tol), res, finite)
+        if self.residual_tol is not None:  # the user's tolerance: absolute, as given
+            tol = self.residual_tol
+            ok = finite & (res <= tol)
+            record_forward(bk, name, res, tol, batched=bool(k))
+            return bk.handle_failure(x, ok, self.on_failure, _forward_error(name, tol), res,
+                                     finite)
+        # The default: relative to the size of F's terms near x*, leaf by leaf, each leaf with
+        # the tolerance of its own dtype (see `residual_scales`).
+        tols = [default_residual_tol(float(xp.finfo(xl.dtype).eps)) for xl in xls]
+        jvp = None
+        d = self.derivatives
+        if F is None and d is not None and d.jvp_x is not None:  # the user's ∂F/∂x·v
+            jvp_x = d.jvp_x
+
+            def jvp(v: Any) -> Any:
+                return jvp_x(v, x, *args)
+        scales = residual_scales(bk, F or self.F, x, args, r, k, fallback=self.F, jvp=jvp)
+        rel = q = None
+        for rl, tl, sl in zip(rls, tols, scales):
+            rel_l = _row_max(xp, rl / sl, k)
+            q_l = rel_l / tl  # accepted where <= 1
+            rel = rel_l if rel is None else xp.maximum(rel, rel_l)
+            q = q_l if q is None else xp.maximum(q, q_l)
+        assert rel is not None and q is not None
+        ok = finite & (q <= 1)
+        tol = min(tols)
+        record_forward(bk, name, res, tol, batched=bool(k), relative=rel, normalized=q)
+        return bk.handle_failure(x, ok, self.on_failure, _relative_forward_error(name, tols),
+                                 res, finite, rel, q)
 
     def _check_finite(self, bk: Backend, xp: Any, x: Any, xs: list, k: int) -> Any:
         """The check with `residual_tol=math.inf`: only finiteness of x, per batch element. No
@@ -201,12 +290,111 @@ def _is_global(obj: Any) -> bool:
     return found is obj
 
 
-def record_forward(bk: Backend, name: str, res: Any, tol: float, *, batched: bool) -> None:
+def _row_max(xp: Any, a: Any, k: int) -> Any:
+    """$\\max|a|$ over the dimensions after the first `k` (one per batch element); 0 for a leaf
+    with no entries (a sum over nothing, so the result keeps `a`'s device)."""
+    axes = tuple(range(k, a.ndim))
+    if not axes:
+        return xp.abs(a)
+    if not math.prod(tuple(a.shape)):
+        return xp.sum(xp.abs(a), axis=axes)
+    return xp.max(xp.abs(a), axis=axes)
+
+
+def _row_all(xp: Any, a: Any, k: int) -> Any:
+    axes = tuple(range(k, a.ndim))
+    return xp.all(a, axis=axes) if axes else a
+
+
+def _combine(xp: Any, parts: list, op: Callable[[Any, Any], Any]) -> Any:
+    out = None
+    for p in parts:
+        out = p if out is None else op(out, p)
+    assert out is not None  # x has at least one leaf
+    return out
+
+
+def _expand(xp: Any, m: Any, leaf: Any, k: int) -> Any:
+    """A per-batch-element value `m` (shape: the batch) broadcastable against `leaf`."""
+    return xp.reshape(m, (*tuple(m.shape), *([1] * (leaf.ndim - k)))) if k else m
+
+
+def residual_scales(bk: Backend, F: Callable[..., Any], x: Any, args: tuple, r: Any, k: int = 0,
+                    *, fallback: Callable[..., Any] | None = None,
+                    jvp: Callable[[Any], Any] | None = None) -> list:
+    """The size of the terms of $F$ near $x^*$, entry by entry of the residual (a list, one
+    array per leaf, shaped like it): $|\\partial_x F\\, d|_i$ with $d = x^* + \\max|x^*|$ (per
+    leaf and batch element; 1 where a leaf of $x^*$ is zero), at least `ROW_FLOOR` times the
+    largest in its leaf, from one evaluation of `F` by a forward difference. A residual
+    relative to it is, to first order, the relative error of $x^*$ when $\\partial_x F$ is
+    well conditioned: $F(x^* + \\delta) \\approx \\partial_x F\\,\\delta$; entry by entry,
+    so rows of very different scales (a proximal step's fixed point: a small step size on the
+    support, 1 off it) are each measured in their own units. The step keeps every entry's
+    sign (a positive $x^*$ stays in `F`'s domain). Where a leaf's estimate is zero or not
+    finite, 1 (absolute units, as an explicit `residual_tol`).
+
+    `r` is $F(x^*, \\theta)$. `fallback` is called instead of `F` when `F` returns `r` itself
+    whatever its input (a backend handing over an already computed residual). `jvp`, when
+    given, is $v \\mapsto \\partial_x F\\, v$ (the user's `Derivatives.jvp_x`), used instead of
+    the difference."""
+    # NumPy's warnings off: a non-finite x* (refused anyway) must not warn here
+    with np.errstate(all="ignore"):
+        return _scales(bk, F, x, args, r, k, fallback, jvp)
+
+
+def _scales(bk: Backend, F: Callable[..., Any], x: Any, args: tuple, r: Any, k: int,
+            fallback: Callable[..., Any] | None, jvp: Callable[[Any], Any] | None) -> list:
+    xls, xdef = bk.tree_flatten(x)
+    xp = bk.namespace(*xls)
+    eps = max(float(xp.finfo(xl.dtype).eps) for xl in xls)
+    h = math.sqrt(eps)
+    ds = []
+    for xl in xls:
+        m = _row_max(xp, xl, k)
+        m = xp.where(m > 0, m, xp.ones_like(m))
+        ds.append(xl + _expand(xp, m, xl, k))
+    rls = bk.tree_flatten(r)[0]
+    if jvp is not None:
+        prods = [xp.asarray(p) for p in bk.tree_flatten(jvp(bk.tree_unflatten(xdef, ds)))[0]]
+    else:
+        xh = bk.tree_unflatten(xdef, [xl + h * d for xl, d in zip(xls, ds)])
+        rpl = bk.tree_flatten(F(xh, *args))[0]
+        if fallback is not None and all(a is b for a, b in zip(rpl, rls)):
+            rpl = bk.tree_flatten(fallback(xh, *args))[0]
+        prods = [(a - b) / h for a, b in zip(rpl, rls)]
+    out = []
+    for p, b in zip(prods, rls):
+        ad = xp.abs(xp.reshape(p, tuple(b.shape)))
+        big = _row_max(xp, ad, k)
+        good = xp.isfinite(big) & (big > 0)
+        big = xp.where(good, big, xp.ones_like(big))
+        floor = ROW_FLOOR * _expand(xp, big, ad, k)
+        ad = xp.where(xp.isfinite(ad), ad, floor)  # an entry that overflowed: the floor
+        out.append(xp.where(_expand(xp, good, ad, k), xp.maximum(ad, floor),
+                            xp.ones_like(ad)))
+    return out
+
+
+ROW_FLOOR = 1e-3
+"""An entry's scale in `residual_scales` is at least this fraction of the largest in its leaf
+(an entry of $\\partial_x F\\, d$ that cancels to near zero must not make its residual look
+large)."""
+
+
+def record_forward(bk: Backend, name: str, res: Any, tol: float, *, batched: bool,
+                   relative: Any = None, normalized: Any = None) -> None:
     """Hand the active `idf.diagnostics()` collectors the record of a forward residual check:
-    `res` is $\\max|F(x^*, \\theta)|$, one per batch element when `batched`."""
-    bk.record(lambda r_: ForwardRecord(name, float(np.max(r_)), float(tol),
-                                       bool(np.all(r_ <= tol)),
-                                       np.asarray(r_) if batched else None), res)
+    `res` is $\\max|F(x^*, \\theta)|$, one per batch element when `batched`. With the default
+    (relative) check, `relative` is the residual relative to the size of F's terms and
+    `normalized` that relative residual over each leaf's tolerance (accepted where <= 1)."""
+    if relative is None:
+        bk.record(lambda r_: ForwardRecord(name, float(np.max(r_)), float(tol),
+                                           bool(np.all(r_ <= tol)),
+                                           np.asarray(r_) if batched else None), res)
+        return
+    bk.record(lambda r_, rel_, q_: ForwardRecord(
+        name, float(np.max(r_)), float(tol), bool(np.all(np.asarray(q_) <= 1)),
+        np.asarray(r_) if batched else None, float(np.max(rel_))), res, relative, normalized)
 
 
 def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:
@@ -228,6 +416,40 @@ def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:
                    f"{res_f:.3g}, expected at most residual_tol = {tol:.3g}. The derivative "
                    "would be meaningless. Tighten the solver's tolerance or raise its iteration "
                    "limit; or, if this accuracy is enough, pass a larger residual_tol.")
+        return NonConvergenceError(msg, residual_norm=res_f, tolerance=tol)
+
+    return make
+
+
+def _relative_forward_error(name: str, tols: list[float]) -> Callable[..., NonConvergenceError]:
+    """The maker of the `NonConvergenceError` of a failed default (relative) residual check,
+    `make(res, finite, rel, q)`: absolute residual(s), finiteness flag(s), residual(s) relative
+    to the size of F's terms, and those over the tolerance (failed where > 1)."""
+    tol = min(tols)
+
+    def make(res: Any, finite: Any, rel: Any, q: Any) -> NonConvergenceError:
+        res_f = float(np.max(np.asarray(res)))
+        rel_f = float(np.max(np.asarray(rel)))
+        ok = np.asarray(finite) & (np.asarray(q) <= 1)
+        name_ = name
+        if np.ndim(res):  # batch_dims > 0: name the failed elements
+            bad = np.argwhere(~ok)
+            shown = ", ".join(str(tuple(int(i) for i in b)) for b in bad[:5])
+            name_ += f" (batch elements {shown}{', ...' if len(bad) > 5 else ''})"
+        if not bool(np.all(np.asarray(finite))):
+            msg = (f"{name_}: the solver returned NaN or inf. Expected a finite root x* of F. "
+                   "Check the solver's inputs and its convergence.")
+        else:
+            tol_txt = (f"{tol:.3g}" if len(set(tols)) == 1 else
+                       "10·sqrt(eps) of each leaf's dtype: " +
+                       ", ".join(f"{t:.3g}" for t in tols))
+            msg = (f"{name_}: the forward solve stopped far from the root: max|F(x*, θ)| = "
+                   f"{res_f:.3g}, which is {rel_f:.3g} relative to the size of F's terms near "
+                   f"x* (max|dF/dx·d|, d ~ x*), expected at most residual_tol = {tol_txt} "
+                   "(relative: to first order, the relative error of x*). The derivative would "
+                   "be meaningless. Tighten the solver's tolerance or raise its iteration "
+                   "limit; or, if this accuracy is enough, pass residual_tol= (then an "
+                   "absolute bound on max|F|).")
         return NonConvergenceError(msg, residual_norm=res_f, tolerance=tol)
 
     return make
@@ -290,11 +512,13 @@ def _batch_shape(name: str, xs: list, k: int) -> tuple:
     return batch or ()
 
 
-def _validate(F: Any, solve: Any, on_failure: str, residual_tol: Any, has_aux: Any,
-              batch_dims: Any = 0) -> None:
+def _validate(F: Any, solve: Any, on_failure: str | None, residual_tol: Any, has_aux: Any,
+              batch_dims: Any = 0, kink_probe: Any = True) -> None:
     if not callable(F):
         raise TypeError(f"expected the condition F to be callable, got {type(F).__name__}.")
     _check_options(solve, on_failure)
+    if not isinstance(kink_probe, bool):
+        raise TypeError(f"kink_probe: expected a bool, got {kink_probe!r}.")
     if residual_tol is not None and not (isinstance(residual_tol, (int, float)) and
                                          residual_tol > 0):
         raise ValueError(f"residual_tol: expected a positive number or None, got "
@@ -307,8 +531,8 @@ def _validate(F: Any, solve: Any, on_failure: str, residual_tol: Any, has_aux: A
 
 def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
                 tags: Any = None, has_aux: bool = False, residual_tol: float | None = None,
-                on_failure: str = "raise", derivatives: Derivatives | None = None,
-                result_shape: Any = None, batch_dims: int = 0
+                on_failure: str | None = None, derivatives: Derivatives | None = None,
+                result_shape: Any = None, batch_dims: int = 0, kink_probe: bool = True
                 ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Decorate a solver whose output $x^*$ satisfies $F(x^*, \\theta) = 0$.
 
@@ -325,11 +549,16 @@ def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
     - `solve`: linear solver for $A = \\partial_x F$ in the derivative (default `Auto()`).
     - `tags`: structure of $A$: `{idf.symmetric}`, `{idf.symmetric, idf.positive_definite}`.
     - `has_aux`: the solver returns `(x, aux)`; aux is passed through and gets no gradient.
-    - `residual_tol`: the forward solve is accepted when $\\max|F(x^*, \\theta)| \\le$
-      `residual_tol`; default $10\\sqrt{\\epsilon}$ of x's dtype. `math.inf` skips the check:
-      F is then not evaluated after the solve (one evaluation saved); x must still be finite.
-    - `on_failure`: what a failed forward or backward solve does: `"raise"` (default),
-      `"warn"`, or `"nan"` (the failed output, or failed batch elements, become NaN).
+    - `residual_tol`: `None` (default): the forward solve is accepted when, in every leaf,
+      $\\max|F(x^*, \\theta)|$ relative to the size of $F$'s terms near $x^*$
+      ($\\max|\\partial_x F\\, d|$ with $d \\sim x^*$, one more evaluation of `F`) is at most
+      $10\\sqrt{\\epsilon}$ of that leaf's dtype: to first order, x* has that relative
+      error, however F is scaled (see docs/failures.md). A number: an absolute bound,
+      $\\max|F(x^*, \\theta)| \\le$ `residual_tol`. `math.inf` skips the check: F is then not
+      evaluated after the solve; x must still be finite.
+    - `on_failure`: what a failed forward or backward solve does: `"raise"`, `"warn"`, or
+      `"nan"` (the failed output, or failed batch elements, become NaN); `None` (default):
+      `idf.config.on_failure`, read when the solver is called (traced, under `jax.jit`).
     - `derivatives`: optional `idf.Derivatives` with hand-written products (NumPy reference).
     - `result_shape`: for a host solver (NumPy, SciPy, C) called with JAX arrays under `jit`,
       `vmap` or `grad`: the output's `jax.ShapeDtypeStruct` pytree (`(x, aux)` with
@@ -342,18 +571,23 @@ def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
       that support it (PyTorch) solve the linear systems per element, each stopping on its own.
       Derivatives are those of the whole batch: shared arguments get the sum of the per-element
       gradients. Default 0.
+    - `kink_probe`: (autodiff backends) once per derivative, compare $\\partial_x F\\, v$ with
+      central differences of `F` in a random direction $v$ (five more evaluations of `F`)
+      and refuse the derivative (`StructureError`, or per `on_failure`) where they disagree:
+      `F` has a kink at $x^*$ (`abs`, `relu`, `max` exactly at a switch), where the derivative
+      does not exist, or its autodiff derivative is wrong. Default True; False skips it.
 
     **Returns:** a decorator turning `solver(*args, **options) -> x` into an `ImplicitFunction`
     with the same call signature, differentiable in `args` by the implicit function theorem.
     """
-    _validate(F, solve, on_failure, residual_tol, has_aux, batch_dims)
+    _validate(F, solve, on_failure, residual_tol, has_aux, batch_dims, kink_probe)
     tags_ = as_tags(tags)
 
     def decorate(solver: Callable[..., Any]) -> ImplicitFunction:
         return ImplicitFunction(solver, F, solve=solve, tags=tags_, has_aux=has_aux,
                                 residual_tol=residual_tol, on_failure=on_failure,
                                 derivatives=derivatives, result_shape=result_shape,
-                                batch_dims=batch_dims)
+                                batch_dims=batch_dims, kink_probe=kink_probe)
 
     return decorate
 
@@ -375,9 +609,9 @@ def fixed_point_condition(T: Callable[..., Any]) -> Callable[..., Any]:
 
 def custom_fixed_point(T: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
                        tags: Any = None, has_aux: bool = False,
-                       residual_tol: float | None = None, on_failure: str = "raise",
+                       residual_tol: float | None = None, on_failure: str | None = None,
                        derivatives: Derivatives | None = None, result_shape: Any = None,
-                       batch_dims: int = 0
+                       batch_dims: int = 0, kink_probe: bool = True
                        ) -> Callable[[Callable[..., Any]], ImplicitFunction]:
     """Decorate a solver whose output satisfies $x^* = T(x^*, \\theta)$.
 
@@ -388,4 +622,4 @@ def custom_fixed_point(T: Callable[..., Any], *, solve: AbstractLinearSolver = A
         raise TypeError(f"expected the map T to be callable, got {type(T).__name__}.")
     return custom_root(fixed_point_condition(T), solve=solve, tags=tags, has_aux=has_aux,
                        residual_tol=residual_tol, on_failure=on_failure, derivatives=derivatives,
-                       result_shape=result_shape, batch_dims=batch_dims)
+                       result_shape=result_shape, batch_dims=batch_dims, kink_probe=kink_probe)
