@@ -109,6 +109,14 @@ def _sub(a: Any, b: Any) -> Any:
     return _tree.tree_unflatten(adef, [u - v for u, v in zip(al, bl)])
 
 
+def _scale(a: Any, c: float) -> Any:
+    """c * a leaf by leaf (`a` itself when c == 1, so the default step changes no bit)."""
+    if c == 1.0:
+        return a
+    al, adef = _tree.tree_flatten(a)
+    return _tree.tree_unflatten(adef, [c * u for u in al])
+
+
 def _axpy(x: Any, step: float, g: Any) -> Any:
     """x - step * g leaf by leaf."""
     xl, xdef = _tree.tree_flatten(x)
@@ -175,17 +183,21 @@ def fixed_point(T: Callable[..., Any]) -> Condition:
 
 def proximal_gradient(f: Callable[..., Any], prox: Callable[..., Any], *, step: float = 1.0,
                       grad: Callable[..., Any] | None = None) -> Condition:
-    """The fixed point of proximal gradient for $\\min_x f(x, \\theta_f) + g(x, \\theta_g)$:
+    """The fixed point of proximal gradient for $\\min_x f(x, \\theta_f) + g(x, \\theta_g)$, as
+    the gradient mapping:
 
-    $$F(x, \\theta_f, \\theta_g) = x - \\operatorname{prox}_{\\eta g}\\big(x - \\eta \\nabla_x
-    f(x, \\theta_f), \\theta_g\\big).$$
+    $$F(x, \\theta_f, \\theta_g) = \\frac{1}{\\eta}\\Big(x - \\operatorname{prox}_{\\eta g}\\big(x
+    - \\eta \\nabla_x f(x, \\theta_f), \\theta_g\\big)\\Big).$$
 
     $F(x^*) = 0$ for every $\\eta > 0$ exactly at the minimizers ($f$ convex and smooth, $g$
-    convex).
+    convex). The factor $1/\\eta$ puts the residual in the units of a gradient, whatever the
+    step: with $g = 0$, $F = \\nabla_x f$; without it, a small step would shrink the residual
+    by $\\eta$ and let an inexact solution through the residual check. It changes no
+    derivative ($-(\\partial_x F)^{-1}\\partial_\\theta F$ is invariant under a constant factor).
     With $D$ the Jacobian of the prox and $H = \\nabla^2 f$,
-    $\\partial_x F = I - D (I - \\eta H)$: not symmetric, no tags. For the lasso, $D$ is the 0/1
-    diagonal of the support $S$, and $\\partial_x F$ is $\\eta H_{SS}$ on the support and the
-    identity off it: the derivative is the closed form on $S$ and exactly 0 off $S$.
+    $\\partial_x F = (I - D (I - \\eta H))/\\eta$: not symmetric, no tags. For the lasso, $D$
+    is the 0/1 diagonal of the support $S$, and $\\partial_x F$ is $H_{SS}$ on the support and
+    $I/\\eta$ off it: the derivative is the closed form on $S$ and exactly 0 off $S$.
 
     Calling convention: `F(x, theta_f, theta_g=None)`, so the decorated solver takes
     `(theta_f, theta_g)` (or only `theta_f` when the prox has no parameter). `theta_f` is the
@@ -199,7 +211,8 @@ def proximal_gradient(f: Callable[..., Any], prox: Callable[..., Any], *, step: 
       `implicitdiff.conditions`).
     - `step`: (keyword) $\\eta > 0$; any value gives the same solutions and derivatives, it
       changes the conditioning of $\\partial_x F$ (about $1/L$ is a good choice, $L$ the Lipschitz
-      constant of $\\nabla f$).
+      constant of $\\nabla f$). A very small step costs digits to rounding (about
+      $\\epsilon |x| / \\eta$ in the residual and in $\\partial_x F$).
     - `grad`: (keyword) optional `grad(x, theta_f) -> ∇ₓf` instead of autodiff (for NumPy
       arrays, a complex-safe `grad` makes the reference exact; see `stationarity`).
 
@@ -223,14 +236,15 @@ def proximal_gradient(f: Callable[..., Any], prox: Callable[..., Any], *, step: 
 def _forward_backward(f: Callable[..., Any], grad: Callable[..., Any] | None, eta: float,
                       backward: Callable[[Any, Any], Any], who: str,
                       label: str) -> Callable[..., Any]:
-    """$F(x, \\theta_f, \\theta_b) = x - \\text{backward}(x - \\eta \\nabla_x f(x, \\theta_f),
-    \\theta_b)$: the fixed point of a forward-backward step (prox or projection)."""
+    """$F(x, \\theta_f, \\theta_b) = (x - \\text{backward}(x - \\eta \\nabla_x f(x, \\theta_f),
+    \\theta_b)) / \\eta$: the gradient mapping of a forward-backward step (prox or projection),
+    zero at its fixed points, in the units of $\\nabla f$ for every step."""
 
     def F(x: Any, theta_f: Any, theta_b: Any) -> Any:
         y = _axpy(x, eta, _gradient(f, grad, x, (theta_f,), who))
         p = backward(y, theta_b)
         _check_like(p, x, f"{who}: {label}")
-        return _sub(x, p)
+        return _scale(_sub(x, p), 1.0 / eta)
 
     return F
 
@@ -239,13 +253,15 @@ def _forward_backward(f: Callable[..., Any], grad: Callable[..., Any] | None, et
 
 def projected_gradient(f: Callable[..., Any], projection: Callable[..., Any], *,
                        step: float = 1.0, grad: Callable[..., Any] | None = None) -> Condition:
-    """The fixed point of projected gradient for $\\min_{x \\in C(\\theta_C)} f(x, \\theta_f)$:
+    """The fixed point of projected gradient for $\\min_{x \\in C(\\theta_C)} f(x, \\theta_f)$, as
+    the projected-gradient mapping:
 
-    $$F(x, \\theta_f, \\theta_C) = x - P_{C(\\theta_C)}\\big(x - \\eta \\nabla_x
-    f(x, \\theta_f)\\big).$$
+    $$F(x, \\theta_f, \\theta_C) = \\frac{1}{\\eta}\\Big(x - P_{C(\\theta_C)}\\big(x - \\eta
+    \\nabla_x f(x, \\theta_f)\\big)\\Big).$$
 
-    The special case of `proximal_gradient` with $g$ the indicator of $C$. Calling convention
-    `F(x, theta_f, theta_proj=None)`.
+    The special case of `proximal_gradient` with $g$ the indicator of $C$ (the residual is in
+    the units of $\\nabla f$ whatever the step; the derivative does not depend on it).
+    Calling convention `F(x, theta_f, theta_proj=None)`.
 
     **Arguments:**
 
@@ -279,8 +295,12 @@ def mirror_descent(f: Callable[..., Any], *, step: float = 1.0,
     simplex $\\{x \\ge 0, \\sum_i x_i = 1\\}$ along the last axis (a 2-d `x` lies in a product of
     simplices, one per row), as in Blondel et al. (2022):
 
-    $$F(x, \\theta) = x - \\frac{x \\odot e^{-\\eta \\nabla_x f(x, \\theta)}}
-    {\\sum_j x_j e^{-\\eta \\partial_j f(x, \\theta)}}.$$
+    $$F(x, \\theta) = \\frac{1}{\\eta}\\Big(x - \\frac{x \\odot e^{-\\eta \\nabla_x f(x, \\theta)}}
+    {\\sum_j x_j e^{-\\eta \\partial_j f(x, \\theta)}}\\Big).$$
+
+    The factor $1/\\eta$ keeps the residual in the units of a gradient for every step (near a
+    solution $F \\approx x \\odot (\\nabla f - \\bar g)$, $\\bar g = x^\\top \\nabla f$), so a small
+    step does not shrink it; it changes no derivative.
 
     At a minimizer the gradient is constant ($= c$) on the support of $x$ and $\\ge c$ off it,
     so $F(x^*) = 0$. Off the support, $\\partial_x F$ has diagonal $1 - e^{-\\eta(\\partial_i f -
@@ -308,7 +328,8 @@ def mirror_descent(f: Callable[..., Any], *, step: float = 1.0,
         gr = xp.real(g) if xp.isdtype(g.dtype, "complex floating") else g
         shift = xp.min(gr, axis=-1, keepdims=True)
         w = x * xp.exp(-eta * (g - shift))
-        return x - w / xp.sum(w, axis=-1, keepdims=True)
+        out = x - w / xp.sum(w, axis=-1, keepdims=True)
+        return out if eta == 1.0 else out * (1.0 / eta)
 
     return Condition(F, who)
 

@@ -26,6 +26,50 @@ from .._root import default_residual_tol
 SCIPY_TOL_FLOOR = 1e-4
 
 
+class Derived:
+    """`op(fn, x, *args)`: a function derived from the user's `fn` by a module-level `op`
+    (take the value of a `(value, grad)` pair, flatten the output, ...), equal to, and hashing
+    like, every other `Derived` of the same `op` and `fn`.
+
+    Backends cache the host functions they compile by function (the JAX backend's `jax.jit`
+    cache): a fresh closure per drop-in call would recompile at every call, eagerly and, for the
+    host solve that runs at every call, under `jax.jit` too. An unhashable `fn` makes an
+    unhashable `Derived` (no caching, as before)."""
+
+    __slots__ = ("__name__", "fn", "op")
+
+    def __init__(self, op: Callable[..., Any], fn: Any, name: str | None = None):
+        self.op = op
+        self.fn = fn
+        self.__name__ = name or getattr(fn, "__name__", "fun")
+
+    def __call__(self, x: Any, *args: Any) -> Any:
+        return self.op(self.fn, x, *args)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Derived) and other.op is self.op and other.fn == self.fn
+
+    def __hash__(self) -> int:
+        return hash((self.op, self.fn))
+
+    def __repr__(self) -> str:
+        return f"<{self.op.__name__} of {self.fn!r}>"
+
+
+def value_of(fn: Callable[..., Any], x: Any, *args: Any) -> Any:
+    """`fn(x, *args)[0]`: the value of a function returning `(value, derivative)` (SciPy's
+    `jac=True` / `fprime=True`)."""
+    return fn(x, *args)[0]
+
+
+def flat_output(fn: Callable[..., Any], x: Any, *args: Any) -> Any:
+    """`fn(x, *args)` reshaped to 1-d (constraint functions, for their Jacobian)."""
+    import array_api_compat
+
+    out = fn(x, *args)
+    return array_api_compat.array_namespace(out).reshape(out, (-1,))
+
+
 def backend_of_call(*trees: Any) -> tuple[Backend, Any]:
     """The backend of a drop-in call's arrays and its reference array `like` (the first
     floating array of that framework, x0 first): the dtype and device that host data and
@@ -58,13 +102,7 @@ def host_jac(bk: Backend, f: Callable[..., Any], z: np.ndarray, theta: tuple, li
              user: Callable[..., Any] | None = None) -> np.ndarray:
     """The Jacobian of a vector function at `z` on the host, shape `(m, n)`: the backend's
     autodiff, else the user's `jac`, else the complex step / central differences."""
-    def flat(x: Any, *a: Any) -> Any:
-        import array_api_compat
-
-        out = f(x, *a)
-        return array_api_compat.array_namespace(out).reshape(out, (-1,))
-
-    J = bk.host_derivative(flat, theta, "jacobian", like=like)
+    J = bk.host_derivative(Derived(flat_output, f), theta, "jacobian", like=like)
     if J is not None:
         return J(z)
     if user is not None:

@@ -14,8 +14,20 @@ from .._backend import Backend
 from .._errors import StructureError
 from .._linear_solve import AbstractLinearSolver
 from .._root import solve_argument
-from ._host import backend_of_call, host_grad, host_jac, residual_tol_of
-from ._run import ArraySpec, Plan, as_args, check_args, check_on_failure, run, spec_of
+from ..backend import resolve_on_failure
+from ._host import Derived, backend_of_call, host_grad, host_jac, residual_tol_of, value_of
+from ._run import (
+    INVALID,
+    OK,
+    SCIPY_FAILED,
+    ArraySpec,
+    Plan,
+    as_args,
+    check_args,
+    describe_blocks,
+    run,
+    spec_of,
+)
 
 _JAC = {"cg", "bfgs", "newton-cg", "l-bfgs-b", "tnc", "slsqp", "dogleg", "trust-ncg",
         "trust-krylov", "trust-exact", "trust-constr"}
@@ -73,7 +85,7 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
              jac: Any = None, hess: Any = None, hessp: Any = None, bounds: Any = None,
              constraints: Any = (), tol: float | None = None, callback: Any = None,
              options: dict | None = None, *, residual_tol: float | None = None,
-             on_failure: str = "raise", solve: AbstractLinearSolver | None = None,
+             on_failure: str | None = None, solve: AbstractLinearSolver | None = None,
              linear_solver: AbstractLinearSolver | None = None
              ) -> scipy.optimize.OptimizeResult:
     """`scipy.optimize.minimize` whose result's `x` is differentiable in `args` (and in the
@@ -103,9 +115,13 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
     - `residual_tol`: the residual check $\\max|F(x^*, \\theta)| \\le$ `residual_tol`; default
       $\\max(10^{-4}, 10\\sqrt{\\epsilon})$ (SciPy's default tolerances are loose; pass `tol=`
       for accurate derivatives).
-    - `on_failure`: `"raise"` (default; `NonConvergenceError` with SciPy's message), `"warn"`
-      or `"nan"`, for SciPy's `success=False`, a constraint violated at the returned x, or a
-      residual above `residual_tol`.
+    - `on_failure`: `"raise"` (`NonConvergenceError`), `"warn"` or `"nan"`, for a residual
+      above `residual_tol` (with SciPy's message when SciPy also reported failure; for the KKT
+      conditions, naming the block that is off: stationarity, equality, inequality,
+      complementarity), x outside the bounds, or a constraint violated at the returned x.
+      Default `None`: `idf.config.on_failure`, read at the call. SciPy's `success=False` alone
+      does not fail: at a residual within `residual_tol` (BFGS "precision loss" at a tight
+      `tol`) x is accepted with a `RuntimeWarning` carrying SciPy's message.
     - `solve`: the linear solver of the derivative (default `idf.Auto()`), as in
       `idf.custom_root`. `linear_solver=` is its old name, deprecated (a `DeprecationWarning`;
       removed in the next release).
@@ -114,7 +130,7 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
     `vmap`, `grad`) it holds `x` and the array fields `fun`, `success`, `status`, `nit`,
     `nfev` only (`message` and the others are host objects).
     """
-    check_on_failure(on_failure)
+    on_failure = resolve_on_failure(on_failure, "minimize")
     solve = solve_argument("minimize", solve, linear_solver)
     args = as_args(args)
     cons = _constraints(constraints)
@@ -137,10 +153,8 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
     if residual_tol is None:
         residual_tol = residual_tol_of(x0f)
 
-    def f_obj(x: Any, *a: Any) -> Any:
-        return fun(x, *a)[0] if jac is True else fun(x, *a)
-
-    f_obj.__name__ = getattr(fun, "__name__", "fun")
+    # the objective: `fun` itself, so host functions compiled for it are reused across calls
+    f_obj: Callable[..., Any] = Derived(value_of, fun) if jac is True else fun
     user_grad: Callable[..., Any] | None = None
     if not bk.autodiff:  # the user's gradient serves the condition (the NumPy reference)
         if callable(jac):
@@ -169,7 +183,7 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
         def F(x: Any, *a: Any) -> Any:
             return Fp(x, a, (lb_f, ub_f))
 
-        F.__name__ = f"projected_gradient({f_obj.__name__}, box)"
+        F.__name__ = f"projected_gradient({getattr(f_obj, '__name__', 'fun')}, box)"
         tags, thetas = frozenset(), args
         x_spec = spec_of(x0f)
     else:
@@ -179,7 +193,7 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
         thetas = (args, tuple(a for _, a in eqs), tuple(a for _, a in ineqs))
 
     # ---- the host solve -------------------------------------------------------------------
-    def host_solve(x0_h: Any, *th: Any) -> tuple[Any, Any, bool, str]:
+    def host_solve(x0_h: Any, *th: Any) -> tuple[Any, Any, str, str, dict | None]:
         a = th[0] if cons else th
         eq_a, in_a = (th[1], th[2]) if cons else ((), ())
         kw: dict[str, Any] = {"method": method, "tol": tol, "callback": callback,
@@ -219,22 +233,25 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
                                  for (c, _), ca in zip(eqs + ineqs, (*eq_a, *in_a))]
         res = scipy.optimize.minimize(fun_s, np.asarray(x0_h, dtype=np.float64).reshape(-1),
                                       **kw)
-        ok, msg = bool(res.success), str(res.message)
+        status, msg = (OK if res.success else SCIPY_FAILED), str(res.message)
         z = np.asarray(res.x, dtype=np.float64)
         if not cons:
-            if ok and box is not None and (np.any(z < box[0] - residual_tol) or
-                                           np.any(z > box[1] + residual_tol)):
-                ok, msg = False, ("the returned x is outside the bounds (the method does not "
-                                  "enforce bounds?).")
-            return z, res, ok, msg
-        nu, mu, viol = _multipliers(bk, like, f_obj, user_grad, z, a, eqs, eq_a, ineqs, in_a,
-                                    box, m_eq, m_in)
-        if ok and viol > residual_tol:
-            ok, msg = False, (f"the returned x violates the constraints: max violation "
-                              f"{viol:.3g} > residual_tol = {residual_tol:.3g} (SciPy said: "
-                              f"{res.message}; does the method support constraints?).")
+            if box is not None and (np.any(z < box[0] - residual_tol) or
+                                    np.any(z > box[1] + residual_tol)):
+                status, msg = INVALID, (f"the returned x is outside the bounds (SciPy said: "
+                                        f"{msg}; does the method enforce bounds?).")
+            return z, res, status, msg, None
+        nu, mu, blocks = _multipliers(bk, like, f_obj, user_grad, z, a, eqs, eq_a, ineqs, in_a,
+                                      box, m_eq, m_in)
+        feas = {k: v for k, v in blocks.items() if k in ("equality", "inequality")}
+        worst = max(feas, key=lambda k: feas[k], default=None)
+        if worst is not None and not feas[worst] <= residual_tol:
+            status, msg = INVALID, (
+                f"the returned x violates the constraints: {describe_blocks(blocks, worst)} > "
+                f"residual_tol = {residual_tol:.3g} (SciPy said: {msg}; does the method "
+                "support constraints?).")
         x = (z, *((nu,) if eqs else ()), *((mu,) if m_in else ()))
-        return x, res, ok, msg
+        return x, res, status, msg, blocks
 
     plan = Plan("minimize", F, frozenset(tags), host_solve, thetas, x0f, x_spec, _AUX, _field)
     x, aux, holder = run(bk, like, plan, residual_tol=residual_tol, on_failure=on_failure,
@@ -317,11 +334,13 @@ def _kkt_condition(bk: Backend, like: Any, f_obj: Callable[..., Any],
 def _multipliers(bk: Backend, like: Any, f_obj: Callable[..., Any], user_grad: Any,
                  z: np.ndarray,
                  a: tuple, eqs: list, eq_a: tuple, ineqs: list, in_a: tuple,
-                 box: tuple | None, m_eq: int, m_in: int) -> tuple[Any, Any, float]:
+                 box: tuple | None, m_eq: int, m_in: int) -> tuple[Any, Any, dict]:
     """Multipliers $(\\nu, \\mu \\ge 0)$ at the solution $z$ from the Lagrangian's stationarity
     $\\nabla f + J_h^\\top \\nu + J_g^\\top \\mu = 0$, by bounded least squares on the active
-    inequalities ($g_i \\ge -10^{-7}$; the others get $\\mu_i = 0$). Also the largest constraint
-    violation $\\max(|h|, g^+)$."""
+    inequalities ($g_i \\ge -10^{-7}$; the others get $\\mu_i = 0$). Also the KKT residual by
+    block, `{name: max|block|}`: `stationarity` $\\nabla f + J_h^\\top\\nu + J_g^\\top\\mu$,
+    `equality` $h$, `inequality` $g^+$ (primal feasibility; not a block of the condition
+    `conditions.kkt`, which assumes it), `complementarity` $\\mu \\odot g$."""
     a_fw = bk.from_host(a, like=like)
     grad = host_grad(bk, f_obj, z, a_fw, like, user=user_grad)
     rows_h, vals_h, rows_g, vals_g = [], [], [], []
@@ -344,7 +363,6 @@ def _multipliers(bk: Backend, like: Any, f_obj: Callable[..., Any], user_grad: A
     g = np.concatenate(vals_g) if vals_g else np.zeros(0)
     Jh = np.concatenate(rows_h).reshape(-1, n) if rows_h else np.zeros((0, n))
     Jg = np.concatenate(rows_g).reshape(-1, n) if rows_g else np.zeros((0, n))
-    viol = max(float(np.max(np.abs(h), initial=0.0)), float(np.max(g, initial=0.0)))
     active = np.flatnonzero(g >= -1e-7)
     M = np.concatenate([Jh, Jg[active]]).T  # (n, m_eq + n_active)
     nu, mu = np.zeros(m_eq), np.zeros(m_in)
@@ -358,4 +376,16 @@ def _multipliers(bk: Backend, like: Any, f_obj: Callable[..., Any], user_grad: A
                                             tol=1e-14).x
         nu = sol[:m_eq]
         mu[active] = sol[m_eq:]
-    return nu, mu, viol
+    blocks = {"stationarity": _maxabs(grad + Jh.T @ nu + Jg.T @ mu)}
+    if m_eq:
+        blocks["equality"] = _maxabs(h)
+    if m_in:
+        blocks["inequality"] = _maxabs(np.maximum(g, 0.0))
+        blocks["complementarity"] = _maxabs(mu * g)
+    return nu, mu, blocks
+
+
+def _maxabs(a: np.ndarray) -> float:
+    """$\\max|a|$, NaN when `a` is not finite (so a check against it fails)."""
+    a = np.abs(np.asarray(a, dtype=np.float64))
+    return float(np.max(a, initial=0.0)) if np.all(np.isfinite(a)) else float("nan")

@@ -11,16 +11,21 @@ The decorated solver is called with `has_aux=True`:
   (`fun`, `success`, `status`, ...). Called eagerly with concrete arrays, the full result object
   from the host is used; traced (`jit`, `vmap`, `grad`), the result holds the array fields only.
 
-SciPy's own failure (`success=False`, or an exception such as `fixed_point`'s RuntimeError) is
-handled on the host before the core's residual check: `on_failure="raise"` raises
-`NonConvergenceError` with SciPy's message, `"warn"` warns, `"nan"` returns NaN (which the core's
-check then lets through as NaN).
+SciPy's own flag (`success=False`, or an exception such as `fixed_point`'s RuntimeError) does
+not decide: SciPy also stops at a solution as exact as float64 allows (BFGS "precision loss" at
+`tol=1e-12`, hybr "xtol too small"). The condition's residual at the returned x decides, on the
+host: within `residual_tol`, x is accepted and SciPy's message becomes a `RuntimeWarning`;
+above it, the failure carries SciPy's message and the residual (per block for the KKT
+conditions): `on_failure="raise"` raises `NonConvergenceError`, `"warn"` warns, `"nan"` returns
+NaN (which the core's check then lets through as NaN). The drop-ins' own checks (x outside the
+bounds, constraints violated) are failures whatever SciPy says.
 """
 
 from __future__ import annotations
 
 import contextvars
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from .._array import check_on_failure as check_on_failure
 from .._backend import Backend, is_host_array
 from .._errors import NonConvergenceError, StructureError
 from .._linear_solve import AbstractLinearSolver
@@ -50,7 +54,11 @@ class Plan:
     """One drop-in call, ready for the core.
 
     - `F(x, *thetas)`: the condition (`x` the framework-side unknown).
-    - `host_solve(x0_np, *thetas_np) -> (x_np, result, ok, message)`.
+    - `host_solve(x0_np, *thetas_np) -> (x_np, result, status, message, blocks)`: `status` is
+      `OK`, `SCIPY_FAILED` (SciPy's flag: the residual decides) or `INVALID` (a failure
+      whatever the residual); `blocks` is `{name: max|block|}` of the condition's residual
+      when the host solve computed it (the KKT blocks), else None (then `run` evaluates `F`
+      on the host when SciPy's flag needs it).
     - `thetas`: the positional (differentiable) arguments of the decorated solver.
     - `x_spec`: pytree of `ArraySpec` of `x` (JAX's `result_shape`).
     - `aux_fields`: `{name: numpy dtype}` of the scalar result fields carried under JAX.
@@ -59,7 +67,7 @@ class Plan:
     name: str
     F: Callable[..., Any]
     tags: frozenset
-    host_solve: Callable[..., tuple[Any, Any, bool, str]]
+    host_solve: Callable[..., tuple[Any, Any, str, str, dict | None]]
     thetas: tuple
     x0: Any
     x_spec: Any
@@ -89,6 +97,15 @@ def check_args(who: str, what: str, f: Callable[..., Any], n_lead: int, args: tu
         ) from None
 
 
+OK = "ok"
+"""`host_solve` status: SciPy reported success and the drop-in's own checks passed."""
+SCIPY_FAILED = "scipy-failed"
+"""`host_solve` status: SciPy reported failure; the condition's residual decides."""
+INVALID = "invalid"
+"""`host_solve` status: a failure whatever the residual (x outside the bounds, constraints
+violated, no iterate to check)."""
+
+
 def run(bk: Backend, like: Any, plan: Plan, *, residual_tol: float | None, on_failure: str,
         solve: AbstractLinearSolver, derivatives: Any = None) -> tuple[Any, Any, Holder]:
     """Run the plan through `idf.custom_root`. Returns `(x, aux, holder)`: `x` differentiable in
@@ -99,6 +116,7 @@ def run(bk: Backend, like: Any, plan: Plan, *, residual_tol: float | None, on_fa
     solve) unless it is a NumPy array (then the decorated solver takes the thetas only, as
     `implicit_function` documents)."""
     holder = Holder()
+    tol = residual_tol_of(plan.x0) if residual_tol is None else residual_tol
     result_shape = bk.callback_result_shape((plan.x_spec, {
         k: ArraySpec((), dt) for k, dt in plan.aux_fields.items()}))
     via_callback = result_shape is not None
@@ -109,14 +127,21 @@ def run(bk: Backend, like: Any, plan: Plan, *, residual_tol: float | None, on_fa
             x0_h, thetas_h = bk.to_host(thetas[0]), bk.to_host(thetas[1:])
         else:
             x0_h, thetas_h = bk.to_host(plan.x0), bk.to_host(thetas)
-        x, result, ok, message = plan.host_solve(x0_h, *thetas_h)
+        x, result, status, message, blocks = plan.host_solve(x0_h, *thetas_h)
         holder.result = result
-        if not ok:
+        x = _tree_map_np_spec(x, plan.x_spec)
+        if status != INVALID and (status == SCIPY_FAILED or blocks is not None):
+            if blocks is None:
+                blocks = host_residual(bk, like, plan.F, x, thetas_h)
+            status, message = _decide(plan.name, status, message, blocks, tol)
+        if status == INVALID:
             err = NonConvergenceError(
-                f"{plan.name}: SciPy reported failure: {message} The derivative of x* is only "
-                "meaningful at a solution. Raise the iteration limit (maxiter/max_nfev), "
-                "loosen the tolerance, start closer, or check the problem; on_failure='warn' "
-                "or 'nan' lets the result through."
+                f"{plan.name}: {message} The derivative of x* is only meaningful at a "
+                "solution. Tighten SciPy's tolerance (tol=, gtol/xtol/ftol in options) or "
+                "raise its iteration limit (maxiter/max_nfev), start closer, or check the "
+                "problem; on_failure='warn' or 'nan' lets the result through.",
+                residual_norm=max(blocks.values(), default=math.nan) if blocks else None,
+                tolerance=tol,
             )
             if on_failure == "raise":
                 holder.error = err
@@ -125,7 +150,6 @@ def run(bk: Backend, like: Any, plan: Plan, *, residual_tol: float | None, on_fa
                 warnings.warn(str(err), RuntimeWarning, stacklevel=2)
             else:
                 x = _tree_map_np(lambda a: np.full_like(a, np.nan), x)
-        x = _tree_map_np_spec(x, plan.x_spec)
         if via_callback:
             aux = {k: np.asarray(plan.get_field(result, k), dtype=dt)
                    for k, dt in plan.aux_fields.items()}
@@ -136,8 +160,6 @@ def run(bk: Backend, like: Any, plan: Plan, *, residual_tol: float | None, on_fa
         return x, (result if not lead else None)
 
     solver.__name__ = plan.name
-    if residual_tol is None:
-        residual_tol = residual_tol_of(plan.x0)
     if lead:
         base_F = plan.F
 
@@ -148,7 +170,7 @@ def run(bk: Backend, like: Any, plan: Plan, *, residual_tol: float | None, on_fa
     else:
         F = plan.F
     fn = custom_root(F, solve=solve, tags=plan.tags, has_aux=True,
-                     residual_tol=residual_tol, on_failure=on_failure,
+                     residual_tol=tol, on_failure=on_failure,
                      result_shape=result_shape, derivatives=derivatives)(solver)
     capture = _CAPTURE.get()
     if capture is not None:
@@ -163,6 +185,55 @@ def run(bk: Backend, like: Any, plan: Plan, *, residual_tol: float | None, on_fa
     if bk.is_traced(x):
         holder.result = None
     return x, (aux if via_callback else None), holder
+
+
+def _decide(name: str, status: str, message: str, blocks: dict, tol: float
+            ) -> tuple[str, str]:
+    """SciPy's flag against the condition's residual `blocks` (`{name: max|block|}`): the
+    status and message after the residual check on the host."""
+    worst = max(blocks, key=lambda k: _nan_last(blocks[k])) if blocks else None
+    value = blocks[worst] if worst is not None else 0.0
+    if worst is not None and not (value <= tol):  # NaN fails too
+        said = (f"SciPy reported failure ({message.strip()}), and the" if status == SCIPY_FAILED
+                else "the")
+        return INVALID, (f"{said} optimality condition does not hold at the returned x: "
+                         f"{describe_blocks(blocks, worst)} > residual_tol = {tol:.3g}.")
+    if status == SCIPY_FAILED:
+        warnings.warn(
+            f"{name}: SciPy reported failure: {message} But the optimality condition holds at "
+            f"the returned x to max|F(x*, θ)| = {value:.3g} <= residual_tol = {tol:.3g}, so x* "
+            "and its derivative are accepted (the condition's residual decides; SciPy's flag "
+            "only warns). Pass a larger tol to SciPy to stop before its own limit.",
+            RuntimeWarning, stacklevel=4)
+    return OK, message
+
+
+def _nan_last(v: float) -> float:
+    return math.inf if math.isnan(v) else v
+
+
+def describe_blocks(blocks: dict, worst: str) -> str:
+    """`"the stationarity block is off: max|...| = 1e-06 (equality 0, ...)"`, or
+    `"max|F(x*, θ)| = 1e-06"` for a condition of one block."""
+    if len(blocks) == 1:
+        return f"max|F(x*, θ)| = {blocks[worst]:.3g}"
+    rest = ", ".join(f"{k} {v:.3g}" for k, v in blocks.items() if k != worst)
+    return f"the {worst} block is off: {worst} {blocks[worst]:.3g} (the others: {rest})"
+
+
+def host_residual(bk: Backend, like: Any, F: Callable[..., Any], x: Any, thetas_h: tuple
+                  ) -> dict:
+    """`{"F": max|F(x, *thetas)|}` evaluated on the host side (the framework's arrays built
+    from the host `x` and `thetas_h`), NaN where F is not finite; one entry per output leaf
+    when F returns a tuple (named `F[i]`)."""
+    out = bk.to_host(F(bk.from_host(x, like=like), *bk.from_host(thetas_h, like=like)))
+    leaves = list(out) if isinstance(out, (tuple, list)) else [out]
+    blocks = {}
+    for i, leaf in enumerate(leaves):
+        a = np.abs(np.asarray(leaf, dtype=np.complex128 if np.iscomplexobj(leaf) else float))
+        v = float(np.max(a, initial=0.0)) if np.all(np.isfinite(a)) else math.nan
+        blocks["F" if len(leaves) == 1 else f"F[{i}]"] = v
+    return blocks
 
 
 _CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("capture", default=None)
