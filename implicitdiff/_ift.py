@@ -246,8 +246,10 @@ class _AtRoot:
     $Av$ by $O(h^2)$ and the second is $O(h)$; at a kink (a switch of `abs`, `relu`, `max` at
     $x^*$) one of them is $O(1)$, so the derivative does not exist there (autodiff returns one
     one-sided choice, finite differences their average). An entry is refused where the
-    mismatch exceeds the tolerance and does not shrink at four times the step (a kink's stays,
-    a smooth F's grows four- to sixteenfold). $h = \\sqrt{\\epsilon}$ relative to
+    mismatch exceeds the tolerance and stays the same at four times the step (a kink's stays,
+    a smooth F's grows four- to sixteenfold). A switch within $h|x^*|/4$ of x* but not at
+    it is taken for a kink (a float32 ReLU network with a pre-activation that close to 0):
+    `kink_probe=False` skips the probe. $h = \\sqrt{\\epsilon}$ relative to
     x*: rounding ($\\epsilon/h$) and curvature ($h$) stay below the tolerances
     (`KINK_RTOL`, `KINK_ATOL`) for curvature up to ~100 times the scale of x* in float32 (far
     more in float64), and a switch nearer than $h|x^*|$ to x* but not at it (a proximal
@@ -311,9 +313,11 @@ class _AtRoot:
         scale = xp.maximum(_rowmax(xp, av), _rowmax(xp, cd))
         allowed = (KINK_RTOL * (xp.abs(av) + xp.abs(cd)) + KINK_ATOL * scale[..., None]
                    + noise)
-        # a kink's mismatch does not shrink with the step; a smooth F's does, like h or h^2
-        # (a singular or degenerate dF/dx, such as (x - θ)^3 at x = θ, is left to the solve)
-        bad = (mis > allowed) & (mis4 < 2 * mis)
+        # A kink's mismatch does not change with the step; a smooth F's grows like h or h^2
+        # (a singular or degenerate dF/dx, such as (x - θ)^3 at x = θ, is left to the solve),
+        # and so does that of a switch near x* but not at it (at δ of x*, crossed by both
+        # steps: (1 - δ/4h) / (1 - δ/h), above 1.25 for δ > h/4)
+        bad = (mis > allowed) & (mis4 < 1.25 * mis)
         ok = xp.logical_not(xp.any(bad, axis=-1))
         worst = _rowmax(xp, mis) / xp.where(scale > 0, scale, xp.ones_like(scale))
         # where it disagrees most (index into the raveled x): for the message

@@ -99,6 +99,12 @@ class ImplicitFunction:
             no_kink_probe(F)
         functools.update_wrapper(self, solver)
 
+    def __setstate__(self, state: dict) -> None:
+        # unpickled by value: the condition is marked again where the probe is off
+        self.__dict__.update(state)
+        if not state.get("kink_probe", True):
+            no_kink_probe(self.F)
+
     @property
     def on_failure(self) -> str:
         """What a failed forward or backward solve does: the decorator's `on_failure`, or
