@@ -247,13 +247,15 @@ class ImplicitFunction:
         # The default: relative to the size of F's terms near x*, leaf by leaf, each leaf with
         # the tolerance of its own dtype (see `residual_scales`).
         tols = [default_residual_tol(float(xp.finfo(xl.dtype).eps)) for xl in xls]
-        jvp = None
+        jvp: Callable[[Any], Any] | None = None
         d = self.derivatives
         if F is None and d is not None and d.jvp_x is not None:  # the user's ∂F/∂x·v
             jvp_x = d.jvp_x
 
-            def jvp(v: Any) -> Any:
+            def jvp_user(v: Any) -> Any:
                 return jvp_x(v, x, *args)
+
+            jvp = jvp_user
         scales = residual_scales(bk, F or self.F, x, args, r, k, fallback=self.F, jvp=jvp)
         rel = q = None
         for rl, tl, sl in zip(rls, tols, scales):
