@@ -98,7 +98,7 @@ class _Stencil(NamedTuple):
     cs: tuple  # c(h), c(h/2), c(h/4)
     spread: Any  # |c(h) - c(h/2)| + |c(h/2) - c(h/4)| + rounding: the differences' own error
     trunc: float  # max |c(h) - c(h/2)|
-    rnd: float  # max rounding estimate
+    rnd: float  # max rounding estimate of c(h)
     rel: float  # norm-wise relative error estimate of `value`
     kink: bool
 
@@ -255,24 +255,25 @@ class ReferenceLinearization(Linearization):
         fm = [self._at(xdir, adir, -h * t) for t in (1.0, 0.5, 0.25)]
         steps = (h, h / 2, h / 4)
         c = tuple((p - m) / (2 * hh) for p, m, hh in zip(fp, fm, steps))
-        # rounding of each difference, from the size of what was subtracted
-        rnd = [_EPS * (xp.abs(p) + xp.abs(m)) / hh for p, m, hh in zip(fp, fm, steps)]
+        # the rounding of one evaluation of F: eps times the size of the terms it adds up
+        # (`_magnitudes`; |F| alone misses the cancellation of A x against b)
+        e = _EPS * (self._magnitudes() + xp.maximum(xp.abs(fp[0]), xp.abs(fm[0])))
         value = (4 * c[1] - c[0]) / 3
         other = (4 * c[2] - c[1]) / 3
-        err = xp.abs(value - other) + 2 * rnd[1]
-        spread = xp.abs(c[0] - c[1]) + xp.abs(c[1] - c[2]) + rnd[2]
+        err = xp.abs(value - other) + 3 * e / h
+        spread = xp.abs(c[0] - c[1]) + xp.abs(c[1] - c[2]) + e / steps[2]
         # The jump of the one-sided slopes, (f(+h) - 2 f0 + f(-h)) / h: about h F'' where F is
         # smooth (halves with h), the jump itself at a kink (the same at every step).
         D = [(p - 2 * f0 + m) / hh for p, m, hh in zip(fp, fm, steps)]
-        noise = 64 * _EPS * (xp.abs(fp[2]) + 2 * xp.abs(f0) + xp.abs(fm[2])) / steps[2]
+        noise = 64 * e / steps[2]
         kink = ((xp.abs(D[2]) > noise) & (xp.abs(D[2]) > 1e-6 * xp.abs(value))
                 & (xp.abs(D[0] - D[1]) <= _KINK_SAME * xp.abs(D[1]))
                 & (xp.abs(D[1] - D[2]) <= _KINK_SAME * xp.abs(D[2])))
         size = _vmax(xp, xp.abs(value))
         emax = _vmax(xp, err)
         return _Stencil(value, err, c, spread, _vmax(xp, xp.abs(c[0] - c[1])),
-                        _vmax(xp, rnd[1]), emax / size if size > 0 else (0.0 if emax == 0
-                                                                         else math.inf),
+                        _vmax(xp, 3 * e / h), emax / size if size > 0 else (0.0 if emax == 0
+                                                                          else math.inf),
                         bool(xp.any(kink)) if _size(_shape(kink)) else False)
 
     def _cd(self, which: str, xdir: Any, adir: tuple | None, h: float, hmax: float) -> Any:
@@ -284,7 +285,7 @@ class ReferenceLinearization(Linearization):
         for _ in range(3):
             if best.rel <= _TARGET:
                 break
-            if best.trunc > 4 * best.rnd:  # truncation (or hidden rounding): a smaller step
+            if best.trunc > 3 * best.rnd:  # truncation: a smaller step
                 ratio = (best.rnd / (2 * best.trunc)) ** (1 / 3) if best.rnd > 0 else 0.1
                 h_new = h * min(max(ratio, 1e-3), 0.5)
             else:  # rounding: a larger one (the error falls like 1/h)
@@ -447,10 +448,7 @@ class ReferenceLinearization(Linearization):
         gap = xp.abs(csf - st.cs[0])
         for c in st.cs[1:]:
             gap = xp.minimum(gap, xp.abs(csf - c))
-        # rounding inside F (of terms far larger than the residual, as A x against b) is
-        # hidden from both; it is at most about eps times the size of those terms over h
-        tol = _PROBE_TOL * (st.spread + 2 * _EPS * self._magnitudes() / h) \
-            + 8 * _EPS * xp.abs(csf)
+        tol = _PROBE_TOL * st.spread + 8 * _EPS * xp.abs(csf)
         bad = gap > tol
         if _size(_shape(bad)) and bool(xp.any(bad)):
             k = int(xp.argmax(xp.where(bad, gap / xp.where(tol > 0, tol, xp.ones_like(tol)),
