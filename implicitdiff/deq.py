@@ -42,6 +42,8 @@ __all__ = [
     "as_solver",
     "check_fixed_point",
     "is_builtin_solver",
+    "samples_finite",
+    "zero_failed_samples",
 ]
 
 
@@ -223,19 +225,73 @@ def is_builtin_solver(solver: Callable[..., Any]) -> bool:
     return any(solver is s for s in SOLVERS.values())
 
 
-# ---- the forward residual check ---------------------------------------------------------------
+# ---- the forward residual check and failed samples ---------------------------------------------
+# A DEQ solves one fixed point per sample. With on_failure="nan" a failed sample must not reach
+# the others: its output is NaN, and it contributes nothing to the gradient. Two things would
+# let it leak into what the batch shares (the parameters): its input x (NaN there makes every
+# Jacobian product of f NaN in that row, and 0 * NaN = NaN in B^T u), and its z* (the same in
+# the approximate modes' recorded steps). The layers therefore solve and differentiate the failed
+# samples at zero (x by `zero_failed_samples` before the solve, z* by the backend's per-element
+# rule or, in the step modes, before the steps) and make them NaN afterwards (`nan_where`,
+# whose cotangent there is zero).
 
-def check_fixed_point(bk: Any, z: Any, rmax: Any, tol: float, on_failure: str, who: str) -> Any:
+def _batched_float_leaves(bk: Any, tree: Any, batch: int) -> list[Any]:
+    return [leaf for leaf in bk.tree_flatten(tree)[0]
+            if hasattr(leaf, "dtype") and hasattr(leaf, "shape") and bk.owns(leaf)
+            and bk.is_float(leaf) and len(leaf.shape) >= 1 and leaf.shape[0] == batch]
+
+
+def samples_finite(bk: Any, tree: Any, batch: int) -> Any:
+    """Per sample, `(batch,)` booleans: whether every floating leaf of `tree` (a layer's input)
+    whose leading dimension is the batch is finite in that sample. All true when no leaf is."""
+    leaves = _batched_float_leaves(bk, tree, batch)
+    if not leaves:
+        return None
+    ok = None
+    for leaf in leaves:
+        xp = bk.namespace(leaf)
+        fin = xp.reshape(xp.isfinite(leaf), (batch, -1))
+        fin = xp.all(fin, axis=-1)
+        ok = fin if ok is None else ok & fin
+    return ok
+
+
+def zero_failed_samples(bk: Any, tree: Any, ok: Any, batch: int) -> Any:
+    """`tree` with zeros in the samples where `ok` is false, in every floating leaf whose
+    leading dimension is the batch (a `where`: differentiable, no cotangent reaches the zeroed
+    samples). `ok` None: `tree` itself."""
+    if ok is None:
+        return tree
+    leaves, treedef = bk.tree_flatten(tree)
+    keep = {id(leaf) for leaf in _batched_float_leaves(bk, tree, batch)}
+    out = []
+    for leaf in leaves:
+        if id(leaf) in keep:
+            xp = bk.namespace(leaf, ok)
+            mask = xp.reshape(ok, (batch,) + (1,) * (len(leaf.shape) - 1))
+            leaf = xp.where(mask, leaf, xp.zeros_like(leaf))
+        out.append(leaf)
+    return bk.tree_unflatten(treedef, out)
+
+
+def check_fixed_point(bk: Any, z: Any, rmax: Any, tol: float, on_failure: str, who: str, *,
+                      inputs_ok: Any = None, with_residual: bool = False) -> Any:
     r"""The layers' forward residual check, per sample: `z` `(batch, n)` is accepted where it is
-    finite and $\max|f(z, x) - z|$ = `rmax` `(batch,)` is at most `tol`. Records it in
+    finite and $\max|f(z, x) - z|$ = `rmax` `(batch,)` is at most `tol`, and where `inputs_ok`
+    (`samples_finite` of the layer's input; None: all) is true. Records it in
     `idf.diagnostics()` (function `who`) and applies `on_failure` through the backend (`"raise"`
-    and `"warn"` name the failed samples; `"nan"` makes only them NaN). Returns `z`."""
+    and `"warn"` name the failed samples; `"nan"` makes only them NaN). Returns `z`, or
+    `(z, rmax)` with `with_residual` (`rmax` NaN in the samples whose input is not finite)."""
     from ._root import record_forward
 
     xp = bk.namespace(z)
     ok = xp.all(xp.isfinite(z), axis=-1) & (rmax <= tol)   # a NaN residual fails too
+    if inputs_ok is not None:
+        rmax = xp.where(inputs_ok, rmax, xp.full_like(rmax, float("nan")))
+        ok = ok & inputs_ok
     record_forward(bk, who, rmax, tol, batched=True)
-    return bk.handle_failure(z, ok, on_failure, _not_a_fixed_point(who, tol), rmax, ok)
+    z = bk.handle_failure(z, ok, on_failure, _not_a_fixed_point(who, tol), rmax, ok)
+    return (z, rmax) if with_residual else z
 
 
 def _not_a_fixed_point(who: str, tol: float) -> Callable[..., Any]:
@@ -250,7 +306,9 @@ def _not_a_fixed_point(who: str, tol: float) -> Callable[..., Any]:
                f"{bad[:5]}{' ...' if len(bad) > 5 else ''}: max|f(z*, x) - z*| = {worst:.3g}, "
                f"expected at most residual_tol = {tol:.3g}. The gradient would be meaningless. "
                "Raise maxiter, change the solver, make f more contractive (spectral norm, "
-               "Jacobian regularization), or pass a larger residual_tol.")
+               "Jacobian regularization), or pass a larger residual_tol. (A residual of inf "
+               "or nan: the state or the input x of those samples is not finite; "
+               "on_failure='nan' makes only them NaN.)")
         return NonConvergenceError(msg, residual_norm=float(np.max(np.asarray(rmax))),
                                    tolerance=tol)
 

@@ -26,9 +26,18 @@ from implicitdiff.backend import (
     check_on_failure,
     default_residual_tol,
     get_backend,
+    nan_where,
+    resolve_on_failure,
     tree_flatten,
+    tree_map,
 )
-from implicitdiff.deq import as_solver, check_fixed_point, is_builtin_solver
+from implicitdiff.deq import (
+    as_solver,
+    check_fixed_point,
+    is_builtin_solver,
+    samples_finite,
+    zero_failed_samples,
+)
 
 # The toolkit lives in its own modules; its names stay importable from here too (a model saved
 # whole with `torch.save` refers to its backward mode as `implicitdiff_torch._deq.IFT`, ...).
@@ -48,6 +57,7 @@ from ._deq_regularizers import VariationalDropout as VariationalDropout
 from ._deq_regularizers import _prepare_dropout
 from ._deq_regularizers import jacobian_penalty as jacobian_penalty
 from ._deq_stats import DEQStats as DEQStats
+from ._function import _transforms_active
 
 __all__ = [
     "DEQ",
@@ -78,7 +88,15 @@ class DEQ(nn.Module):
 
     `f` must act sample by sample on a leading batch dimension (sample $i$ of its output depends
     on sample $i$ of `z` and `x` only); `z` may have any per-sample shape, the solver sees it
-    flattened to `(batch, n)`. Stochastic layers inside `f` must be fixed across iterations:
+    flattened to `(batch, n)`. A `DEQ` solves one fixed point per sample, so a module that
+    couples the samples is refused with a `StructureError` naming it: `nn.BatchNorm*` /
+    `SyncBatchNorm` in training mode or without running statistics (batch statistics; use
+    `GroupNorm` / `LayerNorm`, or eval mode), and any module in training mode with running
+    statistics (`InstanceNorm(track_running_stats=True)`, ...: they would be updated at every
+    solver iteration), checked at each forward; and, once (the first forward with a batch of
+    two or more, outside `torch.func` transforms: one more application of `f` and one backward
+    through it), a cell whose output for one sample depends on the state of another (such as
+    `z - z.mean(0)`). Stochastic layers inside `f` must be fixed across iterations:
     use `VariationalDropout`, not `nn.Dropout`. Parametrizations of submodules of `f`
     (`torch.nn.utils.parametrizations.spectral_norm`, `weight_norm`, ...) are evaluated once
     per forward pass: in training mode `spectral_norm`'s power iteration runs once, before the
@@ -103,8 +121,12 @@ class DEQ(nn.Module):
       gradient, and the forward residual check still applies.
     - `residual_tol`: the forward solve is accepted when $\\max|f(z^*, x) - z^*| \\le$
       `residual_tol` per sample; default $10\\sqrt\\epsilon$ of the dtype.
-    - `on_failure`: `"raise"` (default), `"warn"` or `"nan"` (failed samples become NaN and
-      contribute nothing to the exact gradient), for the forward solve and the backward solve.
+    - `on_failure`: `"raise"`, `"warn"` or `"nan"`, for the forward solve and the backward
+      solve; `None` (default): `idf.config.on_failure` when the layer is called. With `"nan"`
+      a failed sample (its solve failed, or its input `x` is not finite) is NaN in the output,
+      reported in `stats` and `idf.diagnostics()`, and contributes nothing to the gradient
+      (in every backward mode): the other samples' outputs and the parameters' gradient are
+      those of the batch without it.
 
     **Returns** (from `forward(x, z0=None)`): $z^*$ of shape `(batch, *z_shape)`.
     After each call `self.stats` holds a `DEQStats` of the forward solve.
@@ -114,7 +136,7 @@ class DEQ(nn.Module):
                  solver: str | Callable[..., Any] = "anderson",
                  solver_options: dict[str, Any] | None = None, backward: Any = None,
                  warm_start: bool = False, residual_tol: float | None = None,
-                 on_failure: str = "raise"):
+                 on_failure: str | None = None):
         super().__init__()
         if not callable(f):
             raise TypeError(f"DEQ: expected a callable f(z, x), got {type(f).__name__}.")
@@ -125,12 +147,14 @@ class DEQ(nn.Module):
         self.backward_mode = _as_mode(IFT() if backward is None else backward)
         self.warm_start = bool(warm_start)
         self.residual_tol = residual_tol
-        check_on_failure(on_failure, "DEQ")
+        if on_failure is not None:
+            check_on_failure(on_failure, "DEQ")
         self.on_failure = on_failure
         self.stats: DEQStats | None = None
         self._z_last: torch.Tensor | None = None
         self._own: dict | None = None
-        self._layer = self._make_layer()
+        self._probed = False
+        self._make_layer()
 
     # -- the map on flattened states ----------------------------------------------------------
     def _T(self, z: torch.Tensor, params: dict, x: Any) -> torch.Tensor:
@@ -149,28 +173,40 @@ class DEQ(nn.Module):
             )
         return out.reshape(z.shape)
 
-    def _make_layer(self) -> idf.ImplicitFunction:
-        mode = self.backward_mode
-        solve = mode.solve if isinstance(mode, (IFT, Neumann)) else idf.BiCGStab()
-
+    def _make_layer(self) -> None:
         def T(z: torch.Tensor, params: dict, x: Any) -> torch.Tensor:
             return self._T(z, params, x)
 
         T.__name__ = "DEQ.f"
         self._T_named = T
+        self._layers: dict[str, idf.ImplicitFunction] = {}
 
-        def deq_layer(params: dict, x: Any, *, z0: torch.Tensor) -> torch.Tensor:
-            return self._solve(T, z0, params, x)
+    def _layer(self, on_failure: str) -> idf.ImplicitFunction:
+        """The implicit layer for `on_failure` (resolved at the call; one per value, so that
+        its backward applies the value its forward did)."""
+        if on_failure in self._layers:
+            return self._layers[on_failure]
+        mode = self.backward_mode
+        solve = mode.solve if isinstance(mode, (IFT, Neumann)) else idf.BiCGStab()
+        T = self._T_named
+
+        def deq_layer(params: dict, x: Any, *, z0: torch.Tensor, inputs_ok: torch.Tensor
+                      ) -> torch.Tensor:
+            return self._solve(T, z0, params, x, inputs_ok)
 
         deq_layer.__name__ = "DEQ"  # names the layer in error messages and diagnostics
         # the residual check is `_solve`'s (from the solver's own final residual, without
-        # another evaluation of f); custom_fixed_point only checks finiteness
-        return idf.custom_fixed_point(T, solve=solve, batch_dims=1, residual_tol=math.inf,
-                                      on_failure=self.on_failure)(deq_layer)
+        # another evaluation of f); custom_fixed_point only checks finiteness, and with
+        # on_failure="nan" its backward drops the failed samples (they contribute nothing)
+        layer = idf.custom_fixed_point(T, solve=solve, batch_dims=1, residual_tol=math.inf,
+                                       on_failure=on_failure)(deq_layer)
+        self._layers[on_failure] = layer
+        return layer
 
-    def _solve(self, T: Callable[..., Any], z0: torch.Tensor, params: dict, x: Any
-               ) -> torch.Tensor:
-        """The forward solve, untraced, and its residual check (per `on_failure`)."""
+    def _solve(self, T: Callable[..., Any], z0: torch.Tensor, params: dict, x: Any,
+               inputs_ok: torch.Tensor) -> torch.Tensor:
+        """The forward solve, untraced, and its residual check (per `on_failure`); the
+        samples where `inputs_ok` is false (`x` not finite) fail too."""
         own = self._own
         p = own if own is not None and len(params) == len(own) and all(
             params.get(k) is v for k, v in own.items()) else params
@@ -180,8 +216,8 @@ class DEQ(nn.Module):
             tol = self._residual_tol(res.value.dtype)
             if is_builtin_solver(self.solver):
                 # the built-in solvers return max|f(z) - z| at the value they return
-                return self._accept(res.value, res.max_abs_residual, tol)
-            return self._check(res.value, p, x)
+                return self._accept(res.value, res.max_abs_residual, tol, inputs_ok)
+            return self._check(res.value, p, x, inputs_ok)
 
     # Under torch.compile the forward solve runs eagerly, as one graph break: its loop stops on
     # data (`bool(tensor)` each iteration), where Dynamo would otherwise break, or recompile, at
@@ -218,6 +254,17 @@ class DEQ(nn.Module):
         batch = z0.shape[0]
         self._shape = tuple(z0.shape[1:])
         self._warm = False
+        self._on_failure = on_failure = resolve_on_failure(self.on_failure, "DEQ: on_failure")
+        _refuse_coupling_modules(self.f)
+        # samples whose input is not finite fail; with "nan" they are solved at x = 0 (then
+        # made NaN), so that nothing of theirs reaches the samples and parameters they share
+        bk = get_backend(z0)
+        inputs_ok = samples_finite(bk, x, batch)
+        if on_failure == "nan":
+            x = zero_failed_samples(bk, x, inputs_ok, batch)
+        if not self._probed and batch > 1 and not _transforms_active():
+            self._probed = True
+            _probe_coupling(self.f, z0.detach(), x)
         z0f = z0.detach().reshape(batch, -1)
         if (self.warm_start and self._z_last is not None and self._z_last.shape == z0f.shape
                 and self._z_last.dtype == z0f.dtype and self._z_last.device == z0f.device
@@ -231,29 +278,46 @@ class DEQ(nn.Module):
         self._own = None if snapshot else params
         mode = self.backward_mode
         if isinstance(mode, (IFT, Neumann)):
-            z = self._layer(params, x, z0=z0f)
+            z = self._layer(on_failure)(params, x, z0=z0f, inputs_ok=inputs_ok)
         else:
-            z = self._approximate(mode, params, x, z0f)
+            z = self._approximate(mode, params, x, z0f, inputs_ok)
         if self.warm_start:
             self._z_last = z.detach().clone()
         return z.reshape(batch, *self._shape)
 
-    def _approximate(self, mode: Any, params: dict, x: Any, z0: torch.Tensor) -> torch.Tensor:
+    def _approximate(self, mode: Any, params: dict, x: Any, z0: torch.Tensor,
+                     inputs_ok: torch.Tensor) -> torch.Tensor:
         """Phantom / JFB: the forward solve untraced, then a few recorded steps of `f` from the
-        detached fixed point. The forward residual check is the same as the exact mode's."""
+        detached fixed point. The forward residual check is the same as the exact mode's; with
+        `on_failure="nan"` the steps start from zero in the failed samples, which are NaN in
+        the output (and get no cotangent: nothing of theirs reaches the parameters)."""
         with torch.no_grad():
-            zs = self._solve(self._T_named, z0, params, x)
-        return mode.unroll(lambda z: self._T(z, params, x), zs.detach())
+            zs = self._solve(self._T_named, z0, params, x, inputs_ok)
+        zs = zs.detach()
+        if self._on_failure != "nan":
+            return mode.unroll(lambda z: self._T(z, params, x), zs)
+        bk = get_backend(zs)
+        ok = samples_finite(bk, zs, zs.shape[0])
+        z = mode.unroll(lambda z: self._T(z, params, x),
+                        zero_failed_samples(bk, zs, ok, zs.shape[0]))
+        return nan_where(bk, z, ok)
 
-    def _check(self, z: torch.Tensor, params: dict, x: Any) -> torch.Tensor:
+    def _check(self, z: torch.Tensor, params: dict, x: Any, inputs_ok: torch.Tensor
+               ) -> torch.Tensor:
         r = (self._T(z, params, x) - z).abs().amax(dim=-1)
-        return self._accept(z, r, self._residual_tol(z.dtype))
+        return self._accept(z, r, self._residual_tol(z.dtype), inputs_ok)
 
-    def _accept(self, z: torch.Tensor, r: torch.Tensor, tol: float) -> torch.Tensor:
+    def _accept(self, z: torch.Tensor, r: torch.Tensor, tol: float, inputs_ok: torch.Tensor
+                ) -> torch.Tensor:
         """The residual check of `z` given its $\\max|f(z, x) - z|$ per sample, `r`."""
+        z, r = check_fixed_point(get_backend(z), z, r, tol, self._on_failure, "DEQ",
+                                 inputs_ok=inputs_ok, with_residual=True)
         if self.stats is not None:
-            self.stats = self.stats._replace(max_abs_residual=r)
-        return check_fixed_point(get_backend(z), z, r, tol, self.on_failure, "DEQ")
+            converged = self.stats.converged
+            if inputs_ok is not None:   # a sample with a non-finite input did not converge
+                converged = converged & inputs_ok
+            self.stats = self.stats._replace(max_abs_residual=r, converged=converged)
+        return z
 
     # -- toolkit -------------------------------------------------------------------------------
     def jacobian_penalty(self, x: Any, z: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
@@ -276,19 +340,98 @@ class DEQ(nn.Module):
     # original's, so that it solves with its own parameters and records its own stats.
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        for name in ("_layer", "_T_named", "_own"):
+        for name in ("_layers", "_T_named", "_own"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._own = None
-        self._layer = self._make_layer()
+        # models saved before these attributes existed
+        self.__dict__.setdefault("_probed", False)
+        self._make_layer()
 
     def extra_repr(self) -> str:
         name = getattr(self.solver, "__name__", type(self.solver).__name__)
         return (f"solver={name}, backward={self.backward_mode!r}, "
                 f"warm_start={self.warm_start}")
+
+
+# ---- one fixed point per sample: modules and cells that couple the samples --------------------
+
+_WHY = ("A DEQ solves one fixed point per sample (the solver and the backward linear solve "
+        "stop per sample, and the implicit gradient takes df/dz block diagonal over the "
+        "batch)")
+
+
+def _refuse_coupling_modules(f: Any) -> None:
+    """Refuse, with a `StructureError` naming the module, what couples the samples or changes
+    at every solver iteration: batch normalization using batch statistics (training mode, or no
+    running statistics), and any module in training mode whose running statistics it would
+    update (once per application of `f`, i.e. per solver iteration). Cheap: a walk over the
+    modules, at every forward."""
+    if not isinstance(f, nn.Module):
+        return
+    for name, m in f.named_modules():
+        path = f"f.{name}" if name else "f"
+        kind = type(m).__name__
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.training or m.running_mean is None:
+                state = ("in training mode" if m.training else
+                         "without running statistics (track_running_stats=False)")
+                raise StructureError(
+                    f"DEQ: {path} ({kind}) {state} normalizes with the statistics of the "
+                    f"batch, so sample i of f(z, x) depends on every sample of z. {_WHY}, so "
+                    "the gradient would be wrong; its running statistics would also be "
+                    "updated at every solver iteration. Expected f to act sample by sample. "
+                    "Use a per-sample normalization (nn.GroupNorm, nn.LayerNorm), or "
+                    "batch normalization in eval mode with running statistics (frozen "
+                    "statistics: module.eval()), or move it out of the cell.")
+            continue
+        stats = [b for b in ("running_mean", "running_var")
+                 if isinstance(getattr(m, b, None), torch.Tensor)]
+        if m.training and stats and getattr(m, "track_running_stats", True):
+            raise StructureError(
+                f"DEQ: {path} ({kind}) in training mode updates its running statistics "
+                f"({', '.join(stats)}) each time f is applied, i.e. at every solver "
+                "iteration (tens of times a forward pass), so after a forward they describe "
+                f"the solver's iterates, not the batch. {_WHY}. Expected f without state "
+                "that changes while it is solved. Use track_running_stats=False (for "
+                "InstanceNorm: per-sample statistics, nothing kept), put the module in eval "
+                "mode (frozen statistics), or move it out of the cell.")
+
+
+def _probe_coupling(f: Any, z0: torch.Tensor, x: Any) -> None:
+    """Once per layer: refuse a cell whose output for one sample depends on the state of
+    another (such as `z - z.mean(0)`, or a normalization over the batch). One application of
+    `f` at `z0` and one backward through it with a cotangent that is zero on the even samples:
+    the gradient of the even samples of `z` is then exactly zero when `f` acts sample by
+    sample (every product with a zero row is zero), and not when an odd sample's output reads
+    an even sample's state."""
+    z = z0.detach().clone().requires_grad_(True)
+    xd = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
+    with torch.enable_grad():
+        out = f(z, xd)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad or out.shape != z.shape:
+        return  # f ignores z, or is not differentiable in it (nothing to probe); or misshaped
+    batch = z.shape[0]
+    odd = (torch.arange(batch, device=z.device) % 2 == 1).reshape(batch, *([1] * (z.ndim - 1)))
+    ramp = torch.arange(out.numel(), device=z.device, dtype=out.dtype).reshape(out.shape)
+    cot = torch.where(odd, torch.cos(1.618 * ramp) + 1.5, torch.zeros_like(out))
+    (g,) = torch.autograd.grad(out, z, cot, allow_unused=True)
+    if g is None:
+        return
+    leak = torch.nan_to_num(g[~odd.reshape(batch)], nan=0.0, posinf=0.0, neginf=0.0)
+    if bool((leak != 0).any()):
+        worst = float(leak.abs().max())
+        raise StructureError(
+            f"DEQ: f couples the samples of the batch: the output of an odd-numbered sample "
+            f"depends on the state z of an even-numbered one (a probe on the first call found "
+            f"d f(z, x)[odd] / d z[even] of size {worst:.3g}, expected exactly 0). {_WHY}, "
+            "so the gradient would be wrong. Expected f to act sample by sample (sample i of "
+            "f(z, x) depending on sample i of z and x only). Remove the reduction over the "
+            "batch dimension (z.mean(0), batch statistics, attention across the batch), or "
+            "use a per-sample normalization (nn.GroupNorm, nn.LayerNorm).")
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
