@@ -109,7 +109,9 @@ class ReferenceLinearization(Linearization):
     `backend` is the backend of the arrays: its namespace does the arithmetic and its
     `is_float` decides which leaves of `args` get a derivative. `on_failure` decides what a kink
     of `F` at the point does ("raise" a `StructureError`, "warn", or NaN products); None is the
-    process-wide `idf.config.on_failure`. `name` names `F` in messages.
+    process-wide `idf.config.on_failure`; `kink_probe=False` accepts a kink (None: as the
+    decorated solver being called says, `kink_probe=False` there). `name` names `F` in
+    messages.
     """
 
     accuracy_warning: type[UserWarning] = DerivativeAccuracyWarning
@@ -118,7 +120,7 @@ class ReferenceLinearization(Linearization):
     def __init__(self, backend: ReferenceBackend, F: Callable[..., Any], x: Any, args: tuple, *,
                  derivatives: Any = None, tags: frozenset = frozenset(),
                  argnums: Sequence[int] | None = None, on_failure: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, kink_probe: bool | None = None):
         self.bk = backend
         self.F, self.x, self.args = F, x, args
         # the arguments derivatives are wanted for: the probe of ∂F/∂θ perturbs only those
@@ -128,6 +130,7 @@ class ReferenceLinearization(Linearization):
         self.d = derivatives
         self.tags = tags
         self.on_failure = on_failure
+        self.kink_probe = kink_probe
         self.name = name or str(getattr(F, "__name__", "F"))
         self.x_leaves, self.x_def = _tree.tree_flatten(x)
         self.xp = backend.namespace(*self.x_leaves)
@@ -308,6 +311,8 @@ class ReferenceLinearization(Linearization):
 
     def _on_kink(self, which: str) -> None:
         """A kink of F at the point along a probed direction: the derivative does not exist."""
+        if not _kink_probe_wanted(self.F, self.kink_probe):
+            return
         what = "x" if which == "x" else "the arguments θ"
         msg = (
             f"{self.name}: F has a kink at the point (x*, θ) in {what}: its one-sided slopes "
@@ -316,7 +321,8 @@ class ReferenceLinearization(Linearization):
             "implicit derivative dx*/dθ do not exist there; central differences would return "
             "the average of the one-sided slopes, a number that is no derivative. Expected F "
             "differentiable at x*. Move θ off the kink, smooth F there (e.g. sqrt(t² + δ²) for "
-            "|t|), or pass idf.Derivatives with the one-sided derivative you mean."
+            "|t|), pass idf.Derivatives with the one-sided derivative you mean, or accept the "
+            "average with kink_probe=False."
         )
         on_failure = resolve_on_failure(self.on_failure, self.name)
         if on_failure == "raise":
@@ -701,6 +707,22 @@ class ReferenceLinearization(Linearization):
         return tuple(out), gmax
 
 
+def _kink_probe_wanted(F: Callable[..., Any], kink_probe: bool | None) -> bool:
+    """Whether a kink is refused: `kink_probe` when given, else not while a solver decorated
+    with `kink_probe=False` runs or for its condition `F` (the marks the IFT rules read)."""
+    if kink_probe is not None:
+        return bool(kink_probe)
+    from . import _ift
+
+    var = getattr(_ift, "_NO_KINK_PROBE", None)
+    marked = getattr(_ift, "_NO_KINK_PROBE_F", ())
+    try:
+        off = F in marked
+    except TypeError:
+        off = False
+    return not (off or (var is not None and bool(var.get())))
+
+
 def _vmax(xp: Any, v: Any) -> float:
     """The largest entry of the vector `v` (0 for an empty one)."""
     return float(xp.max(v)) if _size(_shape(v)) else 0.0
@@ -776,10 +798,10 @@ class ReferenceBackend(Backend):
         return g
 
     def linearize(self, F, x, args, *, derivatives=None, tags=frozenset(), argnums=None,
-                  on_failure=None, name=None):
+                  on_failure=None, name=None, kink_probe=None):
         return self.linearization_class(self, F, x, tuple(args), derivatives=derivatives,
                                         tags=tags, argnums=argnums, on_failure=on_failure,
-                                        name=name)
+                                        name=name, kink_probe=kink_probe)
 
     def call(self, fn: ImplicitFunction, args: tuple, options: dict) -> Any:
         x, aux = fn.run_solver(args, options)
@@ -815,7 +837,8 @@ class ReferenceBackend(Backend):
 
     def _lin(self, f: ImplicitFunction, x: Any, primals: tuple, argnums: Any) -> Any:
         return self.linearize(f.F, x, primals, derivatives=f.derivatives, tags=f.tags,
-                              argnums=argnums, on_failure=f.on_failure, name=f.name)
+                              argnums=argnums, on_failure=f.on_failure, name=f.name,
+                              kink_probe=getattr(f, "kink_probe", None))
 
     def _cotangent(self, x: Any, cotangent: Any) -> Any:
         """The cotangent with its Python and NumPy scalar leaves made arrays of the dtype of

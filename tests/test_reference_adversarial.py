@@ -320,3 +320,15 @@ def test_size_zero_x():
     assert gt.shape == (0,) and float(gs) == 0.0
     assert idf.jacobian(fn, 0)(t, s).shape == (0, 0)
     assert idf.jacobian(fn, 1)(t, s).shape == (0,)
+
+
+def test_kink_accepted_with_kink_probe_false():
+    """`kink_probe=False` (the decorator's switch for every backend) accepts the kink: the
+    reference then differentiates with the average of F's one-sided slopes in x (3 and 1):
+    dx*/dθ = 1/2 (the one-sided values are 1/3 and 1)."""
+    F, solve = KINKS["abs in x"]
+    fn = idf.custom_root(F, solve=idf.Dense(), kink_probe=False)(solve)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whichever source served
+        J = idf.jacobian(fn, 0)(np.zeros(2))
+    np.testing.assert_allclose(J, np.eye(2) / 2, rtol=1e-6)
