@@ -155,9 +155,11 @@ def test_scipy_flag_follows_the_process_wide_on_failure():
     with idf.config.override(on_failure="nan"):
         res = isc.minimize(ridge, jnp.zeros(5), args=args, **kw)
     assert np.all(np.isnan(np.asarray(res.x)))
-    with idf.config.override(on_failure="warn"), pytest.warns(RuntimeWarning, match="maxfev"):
+    with idf.config.override(on_failure="warn"), warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
         isc.root(hybr_fun, jnp.ones(2), args=(jnp.array([20.0, 30.0]),), method="hybr",
                  options={"maxfev": 2})
+    assert scipy_warnings(rec, "maxfev")  # SciPy's message (the core's check warns too)
 
 
 # ---- 3. minimize(..., constraints=...) under jax.jit: compiled once -----------------------------
@@ -393,3 +395,25 @@ def test_proximal_gradient_residual_is_in_gradient_units(step):
                                  cond.projection_box, step=step)
     np.testing.assert_allclose(Fp(x_star + delta, b, (-10.0, 10.0)), H @ delta, rtol=1e-6,
                                atol=1e-15)
+
+
+def test_kkt_condition_names_its_blocks():
+    def h(z, _):
+        return z[:1] - 1.0
+
+    assert cond.kkt(sq2, eq=h, ineq=h).blocks == ("stationarity", "equality", "complementarity")
+    assert cond.kkt(sq2, ineq=h).blocks == ("stationarity", "complementarity")
+    assert cond.stationarity(sq2).blocks is None
+
+
+def test_scipy_failure_with_constraints_names_the_block_and_scipys_message():
+    def obj(x, c):
+        return jnp.sum(jnp.exp(x) * c) + 0.5 * jnp.sum(x * x)
+
+    cons = [{"type": "eq", "fun": lambda x: jnp.sum(x)[None] - 1.0},
+            {"type": "ineq", "fun": lambda x: -0.1 - x[0:2]}]
+    with pytest.raises(idf.NonConvergenceError,
+                       match=r"(?s)Iteration limit.*the stationarity block is off"):
+        isc.minimize(obj, jnp.zeros(4), args=(jnp.array([1.0, 2.0, 0.5, 1.5]),),
+                     method="SLSQP", constraints=cons, options={"maxiter": 2},
+                     residual_tol=1e-9)

@@ -48,14 +48,19 @@ class Condition:
     - `tags`: a frozenset of `idf.symmetric` / `idf.positive_definite`, the structure of
       $\\partial_x F$ at a solution.
     - `__name__`: a readable name, used in error messages and diagnostics.
+    - `blocks`: for a condition that returns a tuple of blocks, their names in order (`kkt`:
+      `("stationarity", "equality", "complementarity")`, leaving out absent kinds), so a failed
+      residual check can say which block is off; `None` for a condition of one block.
     """
 
-    __slots__ = ("__name__", "_fn", "tags")
+    __slots__ = ("__name__", "_fn", "blocks", "tags")
 
-    def __init__(self, fn: Callable[..., Any], name: str, tags: frozenset[Tag] = frozenset()):
+    def __init__(self, fn: Callable[..., Any], name: str, tags: frozenset[Tag] = frozenset(),
+                 blocks: tuple[str, ...] | None = None):
         self._fn = fn
         self.__name__ = name
         self.tags = frozenset(tags)
+        self.blocks = blocks
 
     def __call__(self, x: Any, *args: Any) -> Any:
         return self._fn(x, *args)
@@ -303,9 +308,9 @@ def mirror_descent(f: Callable[..., Any], *, step: float = 1.0,
     step does not shrink it; it changes no derivative.
 
     At a minimizer the gradient is constant ($= c$) on the support of $x$ and $\\ge c$ off it,
-    so $F(x^*) = 0$. Off the support, $\\partial_x F$ has diagonal $1 - e^{-\\eta(\\partial_i f -
-    c)}$: the Jacobian is invertible under strict complementarity ($\\partial_i f > c$ off the
-    support), the usual requirement. The solver must return exact zeros off the support (as
+    so $F(x^*) = 0$. Off the support, $\\partial_x F$ has diagonal $(1 - e^{-\\eta(\\partial_i f -
+    c)})/\\eta$: the Jacobian is invertible under strict complementarity ($\\partial_i f > c$ off
+    the support), the usual requirement. The solver must return exact zeros off the support (as
     projected gradient does); mirror descent iterates only approach them. The exponent is shifted
     by the row minimum of the gradient (no overflow; the shift cancels exactly).
 
@@ -369,7 +374,8 @@ def kkt(f: Callable[..., Any], *, eq: Callable[..., Any] | None = None,
     - `grad`: (keyword) optional `grad(z, theta_f) -> ∇_z f` for the objective; the constraint
       terms $J^\\top \\nu$ still come from autodiff / the complex step.
 
-    **Returns:** a `Condition` `F(x, theta_f, theta_eq=None, theta_ineq=None)`.
+    **Returns:** a `Condition` `F(x, theta_f, theta_eq=None, theta_ineq=None)`, with
+    `F.blocks` naming its output blocks (`"stationarity"`, `"equality"`, `"complementarity"`).
     """
     who = f"kkt({_name(f, 'f')})"
     _callable(f, "kkt", "f")
@@ -424,7 +430,9 @@ def kkt(f: Callable[..., Any], *, eq: Callable[..., Any] | None = None,
         return tuple(out)
 
     tags = frozenset({symmetric}) if ineq is None else frozenset()
-    return Condition(F, who, tags)
+    blocks = ("stationarity", *(("equality",) if eq is not None else ()),
+              *(("complementarity",) if ineq is not None else ()))
+    return Condition(F, who, tags, blocks=blocks)
 
 
 # ---- 7. least squares --------------------------------------------------------------------------

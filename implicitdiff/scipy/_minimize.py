@@ -247,9 +247,9 @@ def minimize(fun: Callable[..., Any], x0: Any, args: Any = (), method: Any = Non
         worst = max(feas, key=lambda k: feas[k], default=None)
         if worst is not None and not feas[worst] <= residual_tol:
             status, msg = INVALID, (
-                f"the returned x violates the constraints: {describe_blocks(blocks, worst)} > "
-                f"residual_tol = {residual_tol:.3g} (SciPy said: {msg}; does the method "
-                "support constraints?).")
+                f"the returned x violates the constraints: "
+                f"{describe_blocks(blocks, worst, residual_tol)}. SciPy said: {msg} (does the "
+                "method support constraints?)")
         x = (z, *((nu,) if eqs else ()), *((mu,) if m_in else ()))
         return x, res, status, msg, blocks
 
@@ -324,6 +324,7 @@ def _kkt_condition(bk: Backend, like: Any, f_obj: Callable[..., Any],
 
     F.__name__ = K.__name__
     F.tags = K.tags  # type: ignore[attr-defined]
+    F.blocks = K.blocks  # type: ignore[attr-defined]
     z_spec = spec_of(x0f)
 
     x_spec = (z_spec, *((ArraySpec((m_eq,), z_spec.dtype),) if eqs else ()),

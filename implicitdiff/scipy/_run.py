@@ -197,7 +197,7 @@ def _decide(name: str, status: str, message: str, blocks: dict, tol: float
         said = (f"SciPy reported failure ({message.strip()}), and the" if status == SCIPY_FAILED
                 else "the")
         return INVALID, (f"{said} optimality condition does not hold at the returned x: "
-                         f"{describe_blocks(blocks, worst)} > residual_tol = {tol:.3g}.")
+                         f"{describe_blocks(blocks, worst, tol)}.")
     if status == SCIPY_FAILED:
         warnings.warn(
             f"{name}: SciPy reported failure: {message} But the optimality condition holds at "
@@ -212,28 +212,42 @@ def _nan_last(v: float) -> float:
     return math.inf if math.isnan(v) else v
 
 
-def describe_blocks(blocks: dict, worst: str) -> str:
-    """`"the stationarity block is off: max|...| = 1e-06 (equality 0, ...)"`, or
-    `"max|F(x*, θ)| = 1e-06"` for a condition of one block."""
+def describe_blocks(blocks: dict, worst: str, tol: float) -> str:
+    """`"the stationarity block is off: max|stationarity| = 1e-06 > residual_tol = 1e-09 (the
+    others: equality 0, ...)"`, or `"max|F(x*, θ)| = 1e-06 > residual_tol = 1e-09"` for a
+    condition of one block."""
     if len(blocks) == 1:
-        return f"max|F(x*, θ)| = {blocks[worst]:.3g}"
+        return f"max|F(x*, θ)| = {blocks[worst]:.3g} > residual_tol = {tol:.3g}"
     rest = ", ".join(f"{k} {v:.3g}" for k, v in blocks.items() if k != worst)
-    return f"the {worst} block is off: {worst} {blocks[worst]:.3g} (the others: {rest})"
+    return (f"the {worst} block is off: max|{worst}| = {blocks[worst]:.3g} > residual_tol = "
+            f"{tol:.3g} (the others: {rest})")
 
 
 def host_residual(bk: Backend, like: Any, F: Callable[..., Any], x: Any, thetas_h: tuple
                   ) -> dict:
     """`{"F": max|F(x, *thetas)|}` evaluated on the host side (the framework's arrays built
-    from the host `x` and `thetas_h`), NaN where F is not finite; one entry per output leaf
-    when F returns a tuple (named `F[i]`)."""
+    from the host `x` and `thetas_h`), NaN where F is not finite; one entry per block when F
+    returns a tuple (named by `F.blocks`, a `Condition`'s block names, else `F[i]`)."""
     out = bk.to_host(F(bk.from_host(x, like=like), *bk.from_host(thetas_h, like=like)))
-    leaves = list(out) if isinstance(out, (tuple, list)) else [out]
+    parts = list(out) if isinstance(out, (tuple, list)) else [out]
+    names = getattr(F, "blocks", None)
+    if not (isinstance(names, tuple) and len(names) == len(parts)):
+        names = ("F",) if len(parts) == 1 else tuple(f"F[{i}]" for i in range(len(parts)))
     blocks = {}
-    for i, leaf in enumerate(leaves):
-        a = np.abs(np.asarray(leaf, dtype=np.complex128 if np.iscomplexobj(leaf) else float))
-        v = float(np.max(a, initial=0.0)) if np.all(np.isfinite(a)) else math.nan
-        blocks["F" if len(leaves) == 1 else f"F[{i}]"] = v
+    for name, part in zip(names, parts):
+        vals = [np.abs(np.asarray(leaf)) for leaf in _leaves(part)]
+        finite = all(bool(np.all(np.isfinite(a))) for a in vals)
+        blocks[name] = (max((float(np.max(a, initial=0.0)) for a in vals), default=0.0)
+                        if finite else math.nan)
     return blocks
+
+
+def _leaves(tree: Any) -> list:
+    if isinstance(tree, (tuple, list)):
+        return [leaf for t in tree for leaf in _leaves(t)]
+    if isinstance(tree, dict):
+        return [leaf for t in tree.values() for leaf in _leaves(t)]
+    return [tree]
 
 
 _CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("capture", default=None)
