@@ -485,7 +485,7 @@ def test_eager_parameters_under_vmap_of_the_input(data):
     (torch.func.vmap(model)(ths) @ v).sum().backward()
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    sum(model.unrolled(t) @ v for t in ths).backward()
+    torch.stack([model.unrolled(t) @ v for t in ths]).sum().backward()
     for k, p in model.named_parameters():
         assert rel(got[k], p.grad) < 1e-10, k
 

@@ -6,7 +6,13 @@ untraced (under `torch.no_grad()`) and returns $x^*$. When an argument requires 
 `torch.autograd.Function` whose `backward` (VJP), `jvp` (forward mode) and `vmap` rules apply the
 implicit function theorem, so `.backward()`, `torch.autograd.grad` (with `create_graph=True` too),
 `torch.autograd.forward_ad` and `torch.func.{grad, vjp, jvp, jacrev, jacfwd, hessian, vmap}` work.
-See `docs/torch.md`.
+Under a `torch.func` transform or forward AD, tensors that `F` reads from its closure (closure
+cells, defaults, globals, a bound method's `nn.Module`, `functools.partial`, a module whose
+parameters `torch.func.functional_call` swapped) become inputs of the implicit function, so their
+derivatives are right; one it cannot find is refused by name (`StructureError`). In eager
+autograd, a closure over a tensor that requires grad is refused: pass it as an argument.
+Complex tensors whose derivative is asked for are refused; on the `meta` device the forward and
+the derivatives propagate shapes only. See `docs/torch.md`.
 """
 
 from ._backend import TorchBackend as TorchBackend
