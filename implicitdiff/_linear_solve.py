@@ -388,7 +388,8 @@ class _Iterative(AbstractLinearSolver):
         Aw = A(w)
         nb, nAw = norm(xp, b), norm(xp, Aw)
         anorm = nAw / norm(xp, w)                     # ≈ ‖A‖ (a lower estimate)
-        rn = self._measure(xp, b - A(x))
+        r = b - A(x)
+        rn = self._measure(xp, r)
         slack = (100.0 * n ** 0.5 * eps) * (anorm * norm(xp, x) + nb)
         ok = rn <= xp.maximum(self._check_tol(xp, b), slack)      # NaN fails
         # converged by the iteration's estimate, refuted by the true residual: not the structure
@@ -399,6 +400,19 @@ class _Iterative(AbstractLinearSolver):
         # stopped (stalled, or out of iterations) with the true residual at the rounding level
         # of the product, the accuracy limit of any solver: a backward stable answer.
         conv = (conv | (~brk & (rn <= slack))) & ok
+        # Not converged, and "raise maxiter" would not help: a breakdown. Either the iterate
+        # diverged (a true residual far beyond ‖b‖: MINRES meeting a singular A through
+        # rounding), or it sits at a least-squares point, Aᵀr ≈ 0 with r ≠ 0, so b has a
+        # component outside the range of A that no x reaches (a singular A, no solution).
+        stuck = ~conv & ~brk
+        if not bk.known_all(~stuck):
+            rn2 = norm(xp, r)
+            brk = brk | (stuck & ~(rn2 <= 1e4 * nb))
+            ATop = AT if AT is not None else (A if self._needs_symmetry else None)
+            if ATop is not None:
+                root = max(self._rtol(xp, b), eps) ** 0.5
+                lsq = (norm(xp, ATop(r)) <= 10.0 * root * anorm * rn2) & (rn2 > 0)
+                brk = brk | (stuck & lsq)
         if self.check_singular and not bk.known_all(~conv):
             # the probe A z = A w, scaled so that the tolerance is the one of the solve of b
             has = nAw > 0
