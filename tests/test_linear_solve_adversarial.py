@@ -217,7 +217,7 @@ def test_inconsistent_never_converged(solver):
 # ---- MINRES (and CG) on a non-symmetric A: refused on every backend ----------------------------
 
 @pytest.mark.parametrize("skew", [1e-3, 0.3], ids=["slightly", "strongly"])
-@pytest.mark.parametrize("cls", [idf.MINRES, idf.CG], ids=_id)
+@pytest.mark.parametrize("cls", [idf.MINRES, idf.CG], ids=lambda c: c.__name__)
 def test_symmetric_solver_nonsymmetric_matrix(fw, cls, skew):
     n = 16
     A, _ = sym_with_eigs(10, np.random.default_rng(10).uniform(1.0, 4.0, n))
