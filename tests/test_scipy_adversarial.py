@@ -110,6 +110,18 @@ def test_bfgs_precision_loss_at_machine_precision_is_accepted(fw, ridge_problem)
     assert scipy_warnings(record, "precision loss"), "SciPy's flag must still warn"
 
 
+def test_bfgs_precision_loss_under_jit(ridge_problem):
+    """Under `jax.jit` the decision runs in the host callback: the same acceptance and warning."""
+    A, b, _, J_ref = ridge_problem
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        J = jax.jit(jax.jacobian(lambda b_: isc.minimize(
+            ridge, jnp.zeros(5), args=(jnp.asarray(A), b_), method="BFGS", tol=1e-12).x))(
+                jnp.asarray(b))
+    assert rel(J, J_ref) < 1e-10
+    assert scipy_warnings(record, "precision loss")
+
+
 # ---- 2. hybr "xtol too small": the residual decides ---------------------------------------------
 
 def hybr_fun(x, t):
@@ -266,6 +278,9 @@ def test_root_scalar_on_array_api_strict():
     r = isc.root_scalar(strict_exp, args=(t,), bracket=[0.0, 3.0], xtol=1e-15)
     assert array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(r.root))
     assert r.root.shape == () and abs(float(r.root) - np.log(2.0)) < 1e-12
+    g = isc.implicit_function(isc.root_scalar, strict_exp, args=(t,), bracket=[0.0, 3.0],
+                              xtol=1e-15)
+    assert abs(float(idf.jacobian(g, 0)(t)) - 0.5) < 1e-10
 
 
 # ---- 5. a failed KKT residual check names its block ---------------------------------------------
