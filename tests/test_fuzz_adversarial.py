@@ -2,8 +2,9 @@
 stopped-early and mixed-dtype problems (`tests/adversarial.py`) and runs each on NumPy, JAX and
 PyTorch. The promise is a correct derivative or a loud failure, so every attempt must end
 "correct", "clear error" or "warned": a silently wrong number, or a foreign exception type,
-fails the test. Exact forward solutions of merely badly scaled or ill-conditioned problems must
-be accepted, not refused (a refusal there is advice that cannot help).
+fails the test. Exact forward solutions of merely badly scaled problems, and of ill-conditioned
+ones up to cond 1e6 (where 10 digits survive), must be accepted, not refused (a refusal there is
+advice that cannot help).
 
 The deterministic "ci" profile (tests/conftest.py) draws the same problems on every run;
 `benchmarks/bench_adversarial.py` runs more draws and prints the outcome table.
@@ -51,7 +52,9 @@ def test_scaled_exact_solution_is_accepted_and_correct(fw, seed, decades):
 @given(seed=SEEDS, log_cond=st.floats(0.0, 13.0), symmetric=st.booleans())
 def test_ill_conditioned(fw, seed, log_cond, symmetric):
     case = ill_conditioned(np.random.default_rng(seed), log_cond=log_cond, symmetric=symmetric)
-    _check(case, fw, must_accept=log_cond <= 10)
+    # up to cond 1e6 the derivative keeps 10 digits and must be given; beyond, refusing (or
+    # warning) is as good as a correct answer, a silently wrong one is not
+    _check(case, fw, must_accept=log_cond <= 6)
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)
