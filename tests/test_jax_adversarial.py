@@ -358,3 +358,23 @@ def test_eager_transformed_calls_warn_once(monkeypatch):
     with pytest.warns(RuntimeWarning, match="outside jax.jit"):
         grad(0.3)
     grad(0.4)  # once per process: no second warning (warnings are errors in this suite)
+
+
+# ---- argnums ---------------------------------------------------------------------------------
+
+def test_implicit_vjp_negative_argnums_count_from_the_end():
+    def F(x, a, b):
+        return x - a * b
+
+    a, b = jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0])
+    x, ct = a * b, jnp.array([1.0, -2.0])
+    # x = a*b: d<ct, x>/da = ct*b, d/db = ct*a. Before: argnums=(-1,) gave (None, None).
+    ga, gb = idf.implicit_vjp(F, x, (a, b), ct, argnums=(-1,))
+    assert ga is None
+    np.testing.assert_allclose(gb, ct * a, rtol=1e-12)
+    ga, gb = idf.implicit_vjp(F, x, (a, b), ct, argnums=(-2,))
+    assert gb is None
+    np.testing.assert_allclose(ga, ct * b, rtol=1e-12)
+    for bad in [(2,), (-3,)]:
+        with pytest.raises(idf.StructureError, match="argnums"):
+            idf.implicit_vjp(F, x, (a, b), ct, argnums=bad)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive, jaxpr_as_fun
-from jax.extend.core import (  # pyright: ignore[reportPrivateImportUsage]
-    unsafe_am_i_under_a_jit_DO_NOT_USE as _under_jit,
+from jax.extend.core import (
+    unsafe_am_i_under_a_jit_DO_NOT_USE as _under_jit,  # pyright: ignore[reportPrivateImportUsage]
 )
 from jax.interpreters import ad, batching, mlir
 
@@ -85,8 +85,25 @@ class JaxLinearization(Linearization):
     def BT(self, u: Any, argnums: Sequence[int] | None = None) -> tuple:
         _, pullback = jax.vjp(lambda *a: self.F(self.x, *a), *self.args)
         out = pullback(u)
-        wanted = range(len(self.args)) if argnums is None else argnums
+        wanted = _wanted(argnums, len(self.args), "implicit_vjp")
         return tuple(o if i in wanted else None for i, o in enumerate(out))
+
+
+def _wanted(argnums: Sequence[int] | None, n: int, who: str) -> frozenset[int]:
+    """`argnums` as a set of indices in range(n): negative ones count from the end (as in
+    Python and `jax.grad`); one outside [-n, n) is an error (it matched nothing, and every
+    cotangent came back None)."""
+    if argnums is None:
+        return frozenset(range(n))
+    out = set()
+    for a in argnums:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -n <= a < n:
+            raise StructureError(
+                f"{who}: argnums: expected indices of the {n} positional argument(s) (from "
+                f"{-n} to {n - 1}), got {a!r} in {tuple(argnums)!r}. Pass the positions of the "
+                "arguments to differentiate.")
+        out.add(int(a) % n)
+    return frozenset(out)
 
 
 def _inexact(x: Any) -> bool:
@@ -395,9 +412,11 @@ class JaxBackend(Backend):
         if argnums is None:
             return out, pullback
 
+        wanted = _wanted(argnums, len(primals), "vjp")
+
         def vjp_fn(cotangent: Any) -> tuple:
             grads = pullback(cotangent)
-            return tuple(g if i in argnums else None for i, g in enumerate(grads))
+            return tuple(g if i in wanted else None for i, g in enumerate(grads))
 
         return out, vjp_fn
 
