@@ -67,7 +67,8 @@ class BackwardRecord:
     `derivative_error_bound`: the relative error of the derivative implied, to first order, by
     the forward residual and the backward solve: $\\|A^{-1} F(x^*, \\theta)\\|_\\infty /
     \\|x^*\\|_\\infty$ (the relative error of $x^*$, from one extra linear solve with $A$)
-    plus the backward solve's relative residual $\\|A y - b\\| / \\|b\\|$. The derivative
+    plus the backward solve's relative residual $\\|A y - b\\| / (\\|A\\| \\|y\\|)$ ($\\|A\\|$
+    estimated by one product). The derivative
     moves with $x^*$ by its own relative sensitivity (of order 1 where $F$ is nonlinear on the
     scale of $x^*$; 0 where the derivative does not depend on $x^*$), and the backward term
     grows with the condition number of $A$: an estimate of the order of the error, not a

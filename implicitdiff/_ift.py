@@ -129,10 +129,11 @@ def _linear_failure(name: str, mode: str, solver: AbstractLinearSolver, method: 
 
 def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: Callable,
                    rmatvec: Callable, rhs: Any, tags: frozenset, on_failure: str, name: str,
-                   mode: str, x_error: Any = None) -> Any:
+                   mode: str, x_error: Any = None, a_norm: Any = None) -> Any:
     """The linear solve, recorded and checked. `x_error` (inside a diagnostics block): the
-    relative error of x* implied by the forward residual, one per batch element, for the
-    record's `derivative_error_bound`."""
+    relative error of x* implied by the forward residual, one per batch element, and `a_norm`
+    an estimate of $\\|A\\|$, for the record's `derivative_error_bound`."""
+
     def checker(m: str) -> Callable[[Any, Any], Any]:
         # Record the solve and apply on_failure; `m` is "jvp" (solve with A) or "vjp" (A^T).
         def check(sol: Any, info: Any) -> Any:
@@ -142,10 +143,9 @@ def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: 
                                                             it, rn, cv),
                           info.iterations, info.residual_norm, info.converged)
             else:
-                # the solve's relative residual ||Ay - b|| / ||b||, with ||b|| ~ ||Ay||
-                op = matvec if m == mode else rmatvec
-                xp = bk.namespace(sol)
-                b_norm = xp.linalg.vector_norm(op(sol), axis=-1)
+                # the solve's relative residual ||Ay - b|| / ||b||, with ||b|| ~ ||A|| ||y||
+                # (b itself may be a tangent, which JAX must not see in a closure here)
+                b_norm = a_norm * bk.namespace(sol).linalg.vector_norm(sol, axis=-1)
                 bk.record(lambda it, rn, cv, xe, bn: BackwardRecord(
                     name, m, repr(solver), lin.method, it, rn, cv,
                     _error_bound(xe, rn, bn)),
@@ -257,7 +257,8 @@ class _AtRoot:
     product with A."""
 
     def __init__(self, bk: Backend, F: Callable[..., Any], x: Any, args: tuple, lin: Any,
-                 rv: Raveler, name: str, on_failure: str, probe: bool, collect: bool):
+                 rv: Raveler, name: str, on_failure: str, probe: bool, collect: bool,
+                 transpose: bool = False):
         self.bk, self.rv, self.name, self.on_failure = bk, rv, name, on_failure
         self.ok: Any = None
         self.data: tuple = ()
@@ -270,13 +271,14 @@ class _AtRoot:
             if cached is not None:
                 self.ok, self.data = cached
             else:
-                self.ok, self.data = self._probe(F, x, args, lin)
+                self.ok, self.data = self._probe(F, x, args, lin, transpose)
                 try:
                     lin._idf_kink_probe = (self.ok, self.data)
                 except AttributeError:  # a linearization with __slots__: probe every time
                     pass
 
-    def _probe(self, F: Callable[..., Any], x: Any, args: tuple, lin: Any) -> tuple:
+    def _probe(self, F: Callable[..., Any], x: Any, args: tuple, lin: Any,
+               transpose: bool) -> tuple:
         bk, rv = self.bk, self.rv
         xp, k = rv.xp, rv.k
         xls, xdef = bk.tree_flatten(x)
@@ -297,7 +299,18 @@ class _AtRoot:
             vs.append(z * xp.where(m > 0, m, xp.ones_like(m)))
         v = bk.tree_unflatten(xdef, vs)
         f0 = rv.ravel(self.F0)
-        av = rv.ravel(lin.A(v))
+        if transpose:
+            # The VJP rule has reverse products only (a forward product inside some reverse
+            # transforms fails): the first-order test is <u, CD> against <A^T u, v> = <u, A v>
+            # for random signs u, one number per problem; the second difference stays per entry.
+            us = [xp.astype(bk.from_host(rng.choice(np.array([-1.0, 1.0]),
+                                                    size=tuple(xl.shape)), like=xl), xl.dtype)
+                  for xl in xls]
+            u = rv.ravel(bk.tree_unflatten(xdef, us))
+            lin_s = xp.sum(rv.ravel(lin.AT(bk.tree_unflatten(xdef, us))) * rv.ravel(v),
+                           axis=-1)
+        else:
+            av = rv.ravel(lin.A(v))
 
         def mismatch(step: float) -> tuple:
             fp, fm = (rv.ravel(F(bk.tree_unflatten(xdef, [a + s * step * b
@@ -306,13 +319,16 @@ class _AtRoot:
             cd = (fp - fm) / (2 * step)
             d2 = (fp - 2 * f0 + fm) / step
             noise = 8 * eps * (xp.abs(fp) + xp.abs(fm) + 2 * xp.abs(f0)) / step
-            return xp.maximum(xp.abs(cd - av), xp.abs(d2)), cd, noise
+            if transpose:
+                first = xp.abs(xp.sum(u * cd, axis=-1) - lin_s)
+                return xp.abs(d2), cd, noise, first
+            return xp.maximum(xp.abs(cd - av), xp.abs(d2)), cd, noise, None
 
-        mis, cd, noise = mismatch(h)
-        mis4 = mismatch(4 * h)[0]
-        scale = xp.maximum(_rowmax(xp, av), _rowmax(xp, cd))
-        allowed = (KINK_RTOL * (xp.abs(av) + xp.abs(cd)) + KINK_ATOL * scale[..., None]
-                   + noise)
+        mis, cd, noise, first = mismatch(h)
+        mis4, _, _, first4 = mismatch(4 * h)
+        size = xp.abs(cd) if transpose else xp.abs(av) + xp.abs(cd)
+        scale = _rowmax(xp, cd) if transpose else xp.maximum(_rowmax(xp, av), _rowmax(xp, cd))
+        allowed = KINK_RTOL * size + KINK_ATOL * scale[..., None] + noise
         # A kink's mismatch does not change with the step; a smooth F's grows like h or h^2
         # (a singular or degenerate dF/dx, such as (x - θ)^3 at x = θ, is left to the solve),
         # and so does that of a switch near x* but not at it (at δ of x*, crossed by both
@@ -320,21 +336,30 @@ class _AtRoot:
         bad = (mis > allowed) & (mis4 < 1.25 * mis)
         ok = xp.logical_not(xp.any(bad, axis=-1))
         worst = _rowmax(xp, mis) / xp.where(scale > 0, scale, xp.ones_like(scale))
+        if transpose:
+            allowed_s = KINK_ATOL * scale + xp.sum(noise, axis=-1)
+            bad_s = (first > allowed_s) & (first4 < 1.25 * first)
+            ok = ok & xp.logical_not(bad_s)
+            worst = xp.maximum(worst, first / xp.where(scale > 0, scale, xp.ones_like(scale)))
         # where it disagrees most (index into the raveled x): for the message
         where = xp.argmax(xp.astype(bad, rv.dtype) * (mis - allowed), axis=-1)
         return ok, (worst, where)
 
     def x_error(self, solver: AbstractLinearSolver, matvec: Callable, rmatvec: Callable,
-                tags: frozenset, x_flat: Any) -> Any:
+                tags: frozenset, x_flat: Any) -> tuple:
         """$\\|A^{-1} F(x^*)\\|_\\infty / \\|x^*\\|_\\infty$ per batch element: to first order the
-        relative error of x* (NaN where the extra solve fails)."""
+        relative error of x* (NaN where the extra solve fails); and an estimate of $\\|A\\|_2$."""
         xp = self.rv.xp
         delta, info = solver.solve(matvec, self.rv.ravel(self.F0), rmatvec=rmatvec, tags=tags,
                                    backend=self.bk)
         info = LinearSolveInfo(*info)
         size = _rowmax(xp, x_flat)
         err = _rowmax(xp, delta) / xp.where(size > 0, size, xp.ones_like(size))
-        return xp.where(info.converged, err, xp.full_like(err, math.nan))
+        # ||A|| ~ ||A d|| / ||d|| with d of the size of x* (ones where x* is 0)
+        d = x_flat + xp.where(size > 0, size, xp.ones_like(size))[..., None]
+        a_norm = (xp.linalg.vector_norm(matvec(d), axis=-1)
+                  / xp.linalg.vector_norm(d, axis=-1))
+        return xp.where(info.converged, err, xp.full_like(err, math.nan)), a_norm
 
     def apply(self, value: Any, like: Any) -> Any:
         """`value` (a pytree shaped like x, batch dimensions first) with the probe's verdict
@@ -485,9 +510,10 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     def rmatvec(u: Any) -> Any:
         return r.ravel(lin.AT(r.unravel(u)))
 
-    x_error = at.x_error(solver, matvec, rmatvec, tags, r.ravel(x_star)) if collect else None
+    x_error, a_norm = (at.x_error(solver, matvec, rmatvec, tags, r.ravel(x_star)) if collect
+                       else (None, None))
     sol = _solve_checked(bk, lin, solver, matvec, rmatvec, -rhs, tags, on_failure, name, "jvp",
-                         x_error)
+                         x_error, a_norm)
     return at.apply(r.unravel(sol), x_star)
 
 
@@ -530,7 +556,7 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
         return lin.BT(r.unravel(rhs * 0), argnums)
     collect = collecting()
     at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
-                 _probe_wanted(bk, F, kink_probe), collect)
+                 _probe_wanted(bk, F, kink_probe), collect, transpose=True)
     solver = resolve_solver(solve, r.n, tags)
 
     def matvec(u: Any) -> Any:
@@ -539,7 +565,8 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     def rmatvec(v: Any) -> Any:
         return r.ravel(lin.A(r.unravel(v)))
 
-    x_error = at.x_error(solver, rmatvec, matvec, tags, r.ravel(x_star)) if collect else None
+    x_error, a_norm = (at.x_error(solver, rmatvec, matvec, tags, r.ravel(x_star)) if collect
+                       else (None, None))
     u = _solve_checked(bk, lin, solver, matvec, rmatvec, rhs, tags, on_failure, name, "vjp",
-                       x_error)
+                       x_error, a_norm)
     return lin.BT(at.apply(r.unravel(-u), x_star), argnums)

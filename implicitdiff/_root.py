@@ -42,9 +42,11 @@ class Derivatives:
 
 def default_residual_tol(dtype_eps: float, *, floor: float = 0.0) -> float:
     """The default forward residual tolerance, $\\max(\\text{floor}, 10\\sqrt{\\epsilon})$ with
-    $\\epsilon$ the machine epsilon of the dtype of `x`: $10\\sqrt{\\epsilon}$ for
-    `custom_root` and the layers; the SciPy drop-ins pass `floor=1e-4`, so the check accepts
-    what SciPy's default stopping tolerances (e.g. `gtol=1e-5` for BFGS) deliver."""
+    $\\epsilon$ the machine epsilon of a dtype: $10\\sqrt{\\epsilon}$ for `custom_root` and the
+    layers, where `custom_root`'s default check applies it to the residual *relative* to the size
+    of F's terms, leaf by leaf with each leaf's dtype (see `residual_scales`); the SciPy drop-ins
+    pass `floor=1e-4`, so the check accepts what SciPy's default stopping tolerances (e.g.
+    `gtol=1e-5` for BFGS) deliver."""
     return max(floor, 10.0 * math.sqrt(dtype_eps))
 
 
