@@ -35,6 +35,7 @@ from ._linear_solve import Dense as Dense
 from ._linear_solve import NeumannSolve as NeumannSolve
 from ._linear_solve import NormalCG as NormalCG
 from ._linear_solve import Richardson as Richardson
+from ._reference import DerivativeAccuracyWarning as DerivativeAccuracyWarning
 from ._root import Derivatives as Derivatives
 from ._root import ImplicitFunction as ImplicitFunction
 from ._root import custom_fixed_point as custom_fixed_point

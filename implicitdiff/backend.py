@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from ._array import ON_FAILURE as ON_FAILURE
 from ._array import check_on_failure as check_on_failure
-from ._config import resolve_on_failure as resolve_on_failure
 from ._backend import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP
 from ._backend import Backend as Backend
 from ._backend import Linearization as Linearization
@@ -32,6 +31,7 @@ from ._backend import host_scalar as host_scalar
 from ._backend import list_backends as list_backends
 from ._backend import nan_where as nan_where
 from ._backend import register_backend as register_backend
+from ._config import resolve_on_failure as resolve_on_failure
 from ._diagnostics import BackwardRecord as BackwardRecord
 from ._diagnostics import ForwardRecord as ForwardRecord
 from ._diagnostics import LinearSolveInfo as LinearSolveInfo
@@ -50,6 +50,7 @@ from ._ift import implicit_vjp as implicit_vjp
 from ._ift import resolve_solver as resolve_solver
 from ._linear_solve import AbstractLinearSolver as AbstractLinearSolver
 from ._linear_solve import NeumannSolve as NeumannSolve
+from ._reference import DerivativeAccuracyWarning as DerivativeAccuracyWarning
 from ._reference import ReferenceBackend as ReferenceBackend
 from ._reference import ReferenceLinearization as ReferenceLinearization
 from ._root import Derivatives as Derivatives
@@ -72,6 +73,7 @@ __all__ = [
     "Backend",
     "BackendNotFoundError",
     "BackwardRecord",
+    "DerivativeAccuracyWarning",
     "Derivatives",
     "ForwardRecord",
     "ImplicitDiffError",
