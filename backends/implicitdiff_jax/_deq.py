@@ -21,9 +21,9 @@ import implicitdiff as idf
 from implicitdiff.backend import (
     NeumannSolve,
     StructureError,
-    check_on_failure,
     default_residual_tol,
-    get_backend,
+    nan_where,
+    resolve_on_failure,
 )
 from implicitdiff.deq import (
     IFT,
@@ -34,7 +34,11 @@ from implicitdiff.deq import (
     as_solver,
     check_fixed_point,
     is_builtin_solver,
+    samples_finite,
+    zero_failed_samples,
 )
+
+from ._backend import backend as _backend
 
 __all__ = ["DEQStats", "NeumannSolve", "deq"]
 
@@ -50,7 +54,7 @@ def _is_param(leaf: Any) -> bool:
 def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
         z_shape: tuple[int, ...] | None = None, solver: str | Callable[..., Any] = "anderson",
         solver_options: dict[str, Any] | None = None, backward: Any = None,
-        residual_tol: float | None = None, on_failure: str = "raise",
+        residual_tol: float | None = None, on_failure: str | None = None,
         solve: Any = None, steps: Any = None, damping: Any = None) -> tuple[Any, DEQStats]:
     """The fixed point $z^* = f(z^*, x)$ of a batch, and the solver's statistics.
 
@@ -92,8 +96,12 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
     - `residual_tol`, `on_failure`: as in `idf.custom_fixed_point`, in every backward mode: the
       forward solve is accepted when $\\max|f(z^*, x) - z^*| \\le$ `residual_tol` per sample
       (default $10\\sqrt\\epsilon$; the built-in solvers return that residual, so the check
-      evaluates nothing); under `jit`, `"raise"` and `"warn"` act from a host callback, `"nan"`
-      makes the failed samples NaN.
+      evaluates nothing); under `jit`, `"raise"` and `"warn"` act from a host callback.
+      `"nan"` makes only the failed samples NaN (a failed solve, or an input `x` not finite
+      in that sample; `stats.converged` false, `stats.max_abs_residual` NaN or above
+      `residual_tol`), and they contribute nothing to the gradient, in every backward mode:
+      the other samples and the parameters' gradient are those of the batch without them.
+      `on_failure=None` (default): `idf.config.on_failure`, read when `deq` is called (traced).
     - Deprecated: `deq(f, params, x)` with `f(params, z, x)` (use
       `deq(Partial(f, params), x)`), and `solve=`, `steps=`, `damping=` (use a backward object).
 
@@ -110,7 +118,7 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
                       stacklevel=2)
         f, x = jax.tree_util.Partial(f, x), legacy[0]
     mode = as_backward(backward, "deq", solve=solve, steps=steps, damping=damping)
-    check_on_failure(on_failure, "deq")
+    on_failure = resolve_on_failure(on_failure, "deq: on_failure")
     if residual_tol is not None and not (isinstance(residual_tol, (int, float))
                                          and residual_tol > 0):
         raise ValueError(f"deq: residual_tol: expected a positive number or None, got "
@@ -123,6 +131,17 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
         shape = leaf.shape[1:] if z_shape is None else tuple(z_shape)
         z0 = jnp.zeros((leaf.shape[0], *shape), dtype=leaf.dtype)
     batch, shape = z0.shape[0], tuple(z0.shape[1:])
+    bk = _backend
+    # NumPy inputs are JAX arrays here (as the implicit layer would make them), so that the
+    # check below sees them
+    x = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a) if isinstance(a, (np.ndarray, np.generic)) else a, x)
+    # a sample whose input is not finite fails; with "nan" it is solved (and differentiated)
+    # at x = 0 and its z* at 0, then made NaN: nothing of it reaches what the batch shares
+    inputs_ok = samples_finite(bk, x, batch)
+    isolate = on_failure == "nan"
+    if isolate:
+        x = zero_failed_samples(bk, x, inputs_ok, batch)
     solver_fn = as_solver(solver, "deq")
     opts = {"maxiter": 50, **(solver_options or {})}
     # the parameters: the array leaves of the cell's pytree; the other leaves are constants
@@ -152,18 +171,26 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
             rmax = res.max_abs_residual
         else:
             rmax = jnp.max(jnp.abs(T(res.value, params, x) - res.value), axis=-1)
-        # "nan": failed samples are NaN before the implicit rule sees them (as custom_fixed_point
-        # would make them); "raise"/"warn" act after the layer, on concrete values when eager
-        value = _check(res.value, rmax) if on_failure == "nan" else res.value
-        stats = (res.steps, res.converged, res.residual_norm, res.relative_residual,
-                 res.trace, res.relative_trace, rmax)
+        value, ok = res.value, jnp.ones((batch,), dtype=bool)
+        converged = res.converged
+        if isolate:
+            # "nan": the failed samples are recorded, then zero for the implicit rule (its
+            # products with df/dz and df/dx there are finite, and get a zero cotangent) and NaN
+            # after the layer; "raise"/"warn" act after the layer, on concrete values when eager
+            value, rmax = _check(value, rmax)
+            ok = jnp.all(jnp.isfinite(value), axis=-1)
+            value = jnp.where(ok[:, None], value, jnp.zeros_like(value))
+            converged = converged & ok
+        stats = (res.steps, converged, res.residual_norm, res.relative_residual,
+                 res.trace, res.relative_trace, rmax, ok)
         return value, jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
 
-    def _check(z: Any, rmax: Any) -> Any:
+    def _check(z: Any, rmax: Any) -> tuple[Any, Any]:
         tol = residual_tol
         if tol is None:
             tol = default_residual_tol(float(jnp.finfo(z.dtype).eps))
-        return check_fixed_point(get_backend(z), z, rmax, tol, on_failure, "deq")
+        return check_fixed_point(bk, z, rmax, tol, on_failure, "deq", inputs_ok=inputs_ok,
+                                 with_residual=True)
 
     params = [f_leaves[i] for i in where]
     z0f = jax.lax.stop_gradient(z0.reshape(batch, -1))
@@ -179,7 +206,11 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
     else:  # Phantom, JFB: a few recorded steps of f from the detached fixed point
         zs, aux = run(jax.lax.stop_gradient(params), jax.lax.stop_gradient(x), z0f)
         z = mode.unroll(lambda z_: T(z_, params, x), jax.lax.stop_gradient(zs))
+    *aux, ok = aux
     stats = DEQStats(*aux, warm_started=warm)
-    if on_failure != "nan":
-        z = _check(z, stats.max_abs_residual)
+    if isolate:
+        z = nan_where(bk, z, ok)
+    else:
+        z, rmax = _check(z, stats.max_abs_residual)
+        stats = stats._replace(max_abs_residual=rmax)
     return z.reshape(batch, *shape), stats

@@ -77,8 +77,10 @@ class DEQ(eqx.Module):
       `Phantom(steps, damping)`, `JFB()`, a linear solver (`IFT` with it) or one of the names
       `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`. See the backward modes in the DEQ guide.
       (`solve=`, `steps=`, `damping=` are the former spelling, deprecated.)
-    - `residual_tol`, `on_failure`: the forward residual check of `idf.custom_fixed_point`
-      (`"raise"`, `"warn"` or `"nan"`; under `jit` only `"nan"` can act on a failure).
+    - `residual_tol`, `on_failure`: the forward residual check, as in `deq`: `"raise"`,
+      `"warn"` or `"nan"` (only the failed samples NaN, contributing nothing to the gradient;
+      under `jit` `"raise"` and `"warn"` act from a host callback), or `None` (default):
+      `idf.config.on_failure` when the module is called (traced, under `jit`).
 
     All but `f` are static fields (part of the tree structure): changing one makes a new
     module and, under `jit`, a new compilation.
@@ -98,12 +100,12 @@ class DEQ(eqx.Module):
     solver_options: tuple[tuple[str, Any], ...] = eqx.field(static=True)
     backward: BackwardMode = eqx.field(static=True)
     residual_tol: float | None = eqx.field(static=True)
-    on_failure: str = eqx.field(static=True)
+    on_failure: str | None = eqx.field(static=True)
 
     def __init__(self, f: Callable[..., Any], *, z_shape: Sequence[int] | None = None,
                  solver: str | Callable[..., Any] = "anderson",
                  solver_options: Mapping[str, Any] | None = None, backward: Any = None,
-                 residual_tol: float | None = None, on_failure: str = "raise",
+                 residual_tol: float | None = None, on_failure: str | None = None,
                  solve: Any = None, steps: Any = None, damping: Any = None):
         if not callable(f):
             raise TypeError(f"DEQ: expected a callable f(z, x) -> z' (typically an "
@@ -132,7 +134,8 @@ class DEQ(eqx.Module):
                 raise ValueError(f"DEQ: residual_tol: expected None or a non-negative number, "
                                  f"got {residual_tol!r}.")
             residual_tol = float(residual_tol)
-        check_on_failure(on_failure, "DEQ")
+        if on_failure is not None:
+            check_on_failure(on_failure, "DEQ")
         self.f = f
         self.z_shape = z_shape
         self.solver = solver

@@ -93,10 +93,10 @@ class DEQ(nn.Module):
     `SyncBatchNorm` in training mode or without running statistics (batch statistics; use
     `GroupNorm` / `LayerNorm`, or eval mode), and any module in training mode with running
     statistics (`InstanceNorm(track_running_stats=True)`, ...: they would be updated at every
-    solver iteration), checked at each forward; and, once (the first forward with a batch of
-    two or more, outside `torch.func` transforms: one more application of `f` and one backward
-    through it), a cell whose output for one sample depends on the state of another (such as
-    `z - z.mean(0)`). Stochastic layers inside `f` must be fixed across iterations:
+    solver iteration), checked at each forward; and, once (the first forward in grad mode with
+    a batch of two or more, outside `torch.func` transforms: one more application of `f` and
+    one backward through it), a cell whose output for one sample depends on the state of
+    another (such as `z - z.mean(0)`). Stochastic layers inside `f` must be fixed across iterations:
     use `VariationalDropout`, not `nn.Dropout`. Parametrizations of submodules of `f`
     (`torch.nn.utils.parametrizations.spectral_norm`, `weight_norm`, ...) are evaluated once
     per forward pass: in training mode `spectral_norm`'s power iteration runs once, before the
@@ -262,9 +262,6 @@ class DEQ(nn.Module):
         inputs_ok = samples_finite(bk, x, batch)
         if on_failure == "nan":
             x = zero_failed_samples(bk, x, inputs_ok, batch)
-        if not self._probed and batch > 1 and not _transforms_active():
-            self._probed = True
-            _probe_coupling(self.f, z0.detach(), x)
         z0f = z0.detach().reshape(batch, -1)
         if (self.warm_start and self._z_last is not None and self._z_last.shape == z0f.shape
                 and self._z_last.dtype == z0f.dtype and self._z_last.device == z0f.device
@@ -276,6 +273,11 @@ class DEQ(nn.Module):
         # with no parametrization state to pin, the forward solve calls f itself (the same
         # tensors as `params`, without functional_call's per-call cost)
         self._own = None if snapshot else params
+        if (not self._probed and batch > 1 and torch.is_grad_enabled()
+                and not _transforms_active()):
+            # once, at the first call that records a gradient (no derivative, nothing to spoil)
+            self._probed = True
+            _probe_coupling(self._T, z0f, params, x)
         mode = self.backward_mode
         if isinstance(mode, (IFT, Neumann)):
             z = self._layer(on_failure)(params, x, z0=z0f, inputs_ok=inputs_ok)
@@ -401,19 +403,20 @@ def _refuse_coupling_modules(f: Any) -> None:
                 "mode (frozen statistics), or move it out of the cell.")
 
 
-def _probe_coupling(f: Any, z0: torch.Tensor, x: Any) -> None:
+def _probe_coupling(T: Callable[..., Any], z0: torch.Tensor, params: dict, x: Any) -> None:
     """Once per layer: refuse a cell whose output for one sample depends on the state of
     another (such as `z - z.mean(0)`, or a normalization over the batch). One application of
-    `f` at `z0` and one backward through it with a cotangent that is zero on the even samples:
-    the gradient of the even samples of `z` is then exactly zero when `f` acts sample by
-    sample (every product with a zero row is zero), and not when an odd sample's output reads
-    an even sample's state."""
+    the map `T(z, params, x)` (`f` on flattened states, its parametrizations frozen) at `z0`
+    and one backward through it with a cotangent that is zero on the even samples: the gradient
+    of the even samples of `z` is then exactly zero when `f` acts sample by sample (every
+    product with a zero row is zero), and not when an odd sample's output reads an even
+    sample's state."""
     z = z0.detach().clone().requires_grad_(True)
     xd = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
     with torch.enable_grad():
-        out = f(z, xd)
-    if not isinstance(out, torch.Tensor) or not out.requires_grad or out.shape != z.shape:
-        return  # f ignores z, or is not differentiable in it (nothing to probe); or misshaped
+        out = T(z, {k: v.detach() for k, v in params.items()}, xd)
+    if not out.requires_grad:
+        return  # f ignores z, or is not differentiable in it: nothing to probe
     batch = z.shape[0]
     odd = (torch.arange(batch, device=z.device) % 2 == 1).reshape(batch, *([1] * (z.ndim - 1)))
     ramp = torch.arange(out.numel(), device=z.device, dtype=out.dtype).reshape(out.shape)
