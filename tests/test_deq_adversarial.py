@@ -392,3 +392,13 @@ def test_jax_on_failure_default_is_read_at_call():
         assert np.isnan(np.asarray(zz)[0]).all() and np.isfinite(np.asarray(zz)[1:]).all()
     with pytest.raises(NonConvergenceError, match=r"samples \[0\]"):
         model(jnp.asarray(x))
+
+
+def test_correction_states_refuse_batch_statistics():
+    from implicitdiff_torch import correction_states
+
+    deq = DEQ(NormCell(nn.BatchNorm1d(H)).to(F64), z_shape=(H,))
+    with pytest.raises(StructureError, match=r"f\.norm \(BatchNorm1d\)"):
+        correction_states(deq, xs())
+    deq.eval()
+    assert len(correction_states(deq, xs(), iterations=(1, 2))) == 2

@@ -28,7 +28,12 @@ def correction_states(deq: DEQ, x: Any, *, iterations: Sequence[int] = (2, 4, 8)
                                        for i, s in enumerate(states))
     ```
 
-    The iterations run under `torch.no_grad()`; only the `grad_steps` per state are taped."""
+    The iterations run under `torch.no_grad()`; only the `grad_steps` per state are taped.
+    Like the `DEQ`, it refuses modules of `deq.f` that couple the samples or would update
+    running statistics at every iteration (`StructureError`)."""
+    from ._deq import _refuse_coupling_modules
+
+    _refuse_coupling_modules(deq.f)
     z0 = deq.initial_state(x) if z0 is None else z0
     batch, shape = z0.shape[0], tuple(z0.shape[1:])
     deq._shape = shape
