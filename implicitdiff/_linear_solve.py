@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from ._array import dot, norm, safe_div, zero_int
 from ._diagnostics import LinearSolveInfo
@@ -378,7 +378,8 @@ class _Iterative(AbstractLinearSolver):
         that a non-singular A's error on the probe stays far below the refusal threshold."""
         rtol = self._rtol(xp, b)
         eps = float(xp.finfo(b.dtype).eps)
-        return replace(self, rtol=max(rtol / 100, min(rtol, 10 * eps)), atol=self.atol / 100)
+        tight = max(rtol / 100, min(rtol, 10 * eps))
+        return replace(cast(Any, self), rtol=tight, atol=self.atol / 100)
 
     def _verify(self, bk, xp, A, b, x, info, AT, tags):
         n = b.shape[-1]
