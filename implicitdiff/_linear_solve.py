@@ -256,29 +256,61 @@ def _per_element(bk: Any, xp: Any, factor_solve: Callable[[Any, Any], Any], M: A
                                 for i in range(Bf.shape[0])]), B.shape)
 
 
+def _equilibrate(xp: Any, F: Any, symmetric: bool) -> tuple[Any, Any]:
+    """Power-of-two row and column scales `(r, c)` (shapes `(..., n)`) with $RFC$ of unit
+    max-norm rows and columns: solving $(RFC)y = Rb$, $x = Cy$ is exact in rounding (powers of
+    two) and makes the uniqueness probe blind to how F's rows and x's entries are scaled (a
+    problem in badly matched units is not singular). `symmetric`: one scale $D = R = C$ (SPD kept).
+    """
+    def pow2(v: Any) -> Any:
+        ok = (v > 0) & xp.isfinite(v)
+        v = xp.where(ok, v, xp.ones_like(v))
+        return 2.0 ** xp.round(xp.log2(v))
+
+    a = xp.abs(F)
+    if symmetric:
+        d = 1.0 / pow2(xp.sqrt(xp.max(a, axis=-1)))
+        return d, d
+    r = 1.0 / pow2(xp.max(a, axis=-1))
+    c = 1.0 / pow2(xp.max(a * r[..., None], axis=-2))
+    return r, c
+
+
 def _direct(bk: Any, xp: Any, solver: Any, factor_solve: Callable[[Any, Any], Any], M: Any,
-            F: Any, b: Any) -> tuple[Any, LinearSolveInfo]:
+            F: Any, b: Any, *, symmetric: bool = False) -> tuple[Any, LinearSolveInfo]:
     """Solve with the factorization `factor_solve` of `F` (`M` itself, or its symmetric part),
-    check the residual with `M`, and with `check_singular` run the uniqueness probe (see
-    `AbstractLinearSolver._verify`) on a second right-hand side $Mw$: one more column of the
-    same factorization, so nearly free."""
+    equilibrated (`_equilibrate`), check the residual with `M`, and with `check_singular` run
+    the uniqueness probe (see `AbstractLinearSolver._verify`) on the equilibrated system with a
+    second right-hand side $M'w$: one more column of the same factorization, so nearly free."""
     def mul(v: Any) -> Any:
         return (M @ v[..., None])[..., 0]
 
+    r, c = _equilibrate(xp, F, symmetric)
+    Fe = r[..., :, None] * F * c[..., None, :]
+    Me = r[..., :, None] * M * c[..., None, :]
+
+    def mul_e(v: Any) -> Any:
+        return (Me @ v[..., None])[..., 0]
+
     probe = solver.check_singular
-    cols = [b]
+    cols = [r * b]
     if probe:
         w = _probe_vector(xp, b)
-        Aw = mul(w)
+        Aw = mul_e(w)
         cols.append(Aw)
-    X = _per_element(bk, xp, factor_solve, F, xp.stack(cols, axis=-1))
-    x = X[..., 0]
+    X = _per_element(bk, xp, factor_solve, Fe, xp.stack(cols, axis=-1))
+    x = c * X[..., 0]
     finite = xp.all(xp.isfinite(x), axis=-1, keepdims=True)
     x = xp.where(finite, x, xp.zeros_like(x) * float("nan"))
-    r = mul(x) - b
-    rn = norm(xp, r)
+    rr = mul(x) - b
+    rn = norm(xp, rr)
     rn = xp.where(finite, rn, xp.full_like(rn, float("inf")))
-    tol = solver._tol(xp, b, direct=True)
+    tol = asked = solver._tol(xp, b, direct=True)
+    # the residual an exact solve leaves in rounding, row by row: ε |M| |x| (a badly scaled
+    # system's exact answer is not refused for the rounding of its large terms)
+    absmx = (xp.abs(M) @ xp.abs(x)[..., None])[..., 0]
+    rounding = 4.0 * float(xp.finfo(b.dtype).eps) * norm(xp, absmx)
+    tol = xp.maximum(tol, rounding)
     brk = ~finite | ~(rn <= tol)
     if probe:
         z = X[..., 1]
@@ -286,7 +318,15 @@ def _direct(bk: Any, xp: Any, solver: Any, factor_solve: Callable[[Any, Any], An
         rtol = xp.full_like(rn, max(rtol, float(xp.finfo(b.dtype).eps)))
         anorm = norm(xp, Aw) / norm(xp, w)
         prtol = xp.full_like(rn, float(xp.finfo(b.dtype).eps))  # the factorization's accuracy
-        brk = brk | _looks_singular(xp, b.shape[-1], rtol, prtol, w, z, mul(z) - Aw, anorm)
+        brk = brk | _looks_singular(xp, b.shape[-1], rtol, prtol, w, z, mul_e(z) - Aw, anorm)
+        # the probe's relative error estimates the answer's (about cond(A) eps): a hundred
+        # times past the relative accuracy asked for (rtol, or atol/|b|) the system is singular
+        # at working precision (float64 default: cond ~1e10), and the derivative would have
+        # far fewer digits than asked (loosen rtol to accept them)
+        eps = float(xp.finfo(b.dtype).eps)
+        digits = 100.0 * xp.maximum(safe_div(xp, asked, norm(xp, b), norm(xp, b) > 0),
+                                    xp.full_like(rn, eps))
+        brk = brk | ~(norm(xp, z - w) <= digits * norm(xp, w))
     iters = xp.zeros_like(rn, dtype=xp.int32)
     return x, _info(xp, iters, rn, tol, brk)
 
@@ -348,7 +388,7 @@ class Cholesky(AbstractLinearSolver):
                 out.append(bk.solve_triangular(xp.matrix_transpose(L), y, lower=False))
             return xp.stack(out, axis=-1)
 
-        return _direct(bk, xp, self, factor_solve, M, S, b)
+        return _direct(bk, xp, self, factor_solve, M, S, b, symmetric=True)
 
 
 # ---- Krylov solvers ----------------------------------------------------------------------------

@@ -402,7 +402,9 @@ def test_keyword_options_reach_solver_not_F():
 
     x = solver(theta, Q, x0=np.ones(3), maxiter=7)
     assert got["options"][1] == 7 and np.array_equal(got["options"][0], np.ones(3))
-    assert got["F_calls"] == [(2, {})]
+    # F sees the arguments and no option (the default residual check evaluates it twice:
+    # the residual and the size of its terms)
+    assert got["F_calls"] and all(c == (2, {}) for c in got["F_calls"])
     np.testing.assert_allclose(ConvexFamily.F(x, theta, Q), 0, atol=1e-12)
     # The rule applied to the same point, without options, needs none either.
     x_dot = idf.implicit_jvp(F, x, (theta, Q), (np.ones(3), None), tags=SPD)

@@ -661,7 +661,7 @@ def _call(bk: JaxBackend, fn: ImplicitFunction, args: tuple, options: dict) -> A
         theta, theta_dot = primals[:nd + nf], tangents[:nd + nf]
         x_dot = implicit_jvp(G, x, theta, theta_dot, solve=fn.solve, tags=fn.tags,
                              on_failure=on_failure, backend=bk, name=fn.name,
-                             batch_dims=fn.batch_dims)
+                             batch_dims=fn.batch_dims, kink_probe=fn.kink_probe)
         return (x, aux), (x_dot, jax.tree_util.tree_map(_float0_zeros_like, aux))
 
     x, aux = sol(*dyn, *F_consts, *S_consts)

@@ -199,9 +199,11 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
             return run(params, x, z0)
 
         layer.__name__ = "deq"
-        # the residual check is run's (above); custom_fixed_point checks finiteness only
+        # the residual check is run's (above); custom_fixed_point checks finiteness only; no
+        # kink probe (a cell's ReLU switches take JAX's convention, as in the PyTorch DEQ)
         fn = idf.custom_fixed_point(T, solve=mode.solve, has_aux=True, batch_dims=1,
-                                    residual_tol=math.inf, on_failure=on_failure)(layer)
+                                    residual_tol=math.inf, on_failure=on_failure,
+                                    kink_probe=False)(layer)
         z, aux = fn(params, x, z0=z0f)
     else:  # Phantom, JFB: a few recorded steps of f from the detached fixed point
         zs, aux = run(jax.lax.stop_gradient(params), jax.lax.stop_gradient(x), z0f)

@@ -197,9 +197,11 @@ class DEQ(nn.Module):
         deq_layer.__name__ = "DEQ"  # names the layer in error messages and diagnostics
         # the residual check is `_solve`'s (from the solver's own final residual, without
         # another evaluation of f); custom_fixed_point only checks finiteness, and with
-        # on_failure="nan" its backward drops the failed samples (they contribute nothing)
+        # on_failure="nan" its backward drops the failed samples (they contribute nothing).
+        # No kink probe: a cell is a network whose ReLU switches take the framework's
+        # convention, and the probe's five more evaluations of f nearly doubled a backward
         layer = idf.custom_fixed_point(T, solve=solve, batch_dims=1, residual_tol=math.inf,
-                                       on_failure=on_failure)(deq_layer)
+                                       on_failure=on_failure, kink_probe=False)(deq_layer)
         self._layers[on_failure] = layer
         return layer
 

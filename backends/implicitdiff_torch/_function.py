@@ -644,7 +644,8 @@ class ImplicitFn(torch.autograd.Function):
         g = implicit_vjp(problem.F, problem.x_from(xs), problem.args_from(ths),
                          problem.x_from(xbar), solve=fn.solve, tags=fn.tags,
                          on_failure=fn.on_failure, backend=problem.bk, name=fn.name,
-                         linearization=lin, batch_dims=problem.batch_dims)
+                         linearization=lin, batch_dims=problem.batch_dims,
+                         kink_probe=fn.kink_probe)
         return (None, *problem.tensor_cotangents(g), *none_opts)
 
     @staticmethod
@@ -663,7 +664,7 @@ class ImplicitFn(torch.autograd.Function):
                             problem.tangents_from(tangents[:n_th]), solve=fn.solve,
                             tags=fn.tags, on_failure=fn.on_failure, backend=problem.bk,
                             name=fn.name, linearization=Operator(problem, xs, ths),
-                            batch_dims=problem.batch_dims)
+                            batch_dims=problem.batch_dims, kink_probe=fn.kink_probe)
         n_aux = len(problem.aux_pos)
         return (*core.tree_flatten(xdot)[0], *([None] * n_aux))
 
