@@ -285,8 +285,14 @@ class TorchBackend(Backend):
         return torch.func.grad(f)(x, *args)
 
     def residual_grad(self, fun, x, args, *, who="residual_grad"):
-        out = torch.func.vjp(lambda z: fun(z, *args), x)
-        return out[1](out[0])[0]
+        # J^T r as the gradient of ½‖r‖², all inside one transform (a vjp_fn called after
+        # torch.func.vjp returns works on tensors of a level already left, which the closure
+        # guard would take for a closed-over tensor)
+        def half_sq(z: Any) -> Any:
+            r = fun(z, *args)
+            return 0.5 * sum((leaf * leaf).sum() for leaf in self.tree_flatten(r)[0])
+
+        return torch.func.grad(half_sq)(x)
 
     def to_host(self, tree):
         leaves, treedef = self.tree_flatten(tree)
