@@ -18,11 +18,11 @@ from sklearn.linear_model import Lasso
 
 import implicitdiff as idf
 import implicitdiff.conditions as cond
+from implicitdiff._gallery import to_framework
 
 # The catalogue's conditions take a complex-step gradient inside F, so on NumPy F itself is not
 # complex-safe and central differences serve, with their DerivativeAccuracyWarning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*come from central differences:UserWarning")
-from implicitdiff._gallery import to_framework
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402

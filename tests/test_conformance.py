@@ -25,7 +25,6 @@ A new backend is conformant when this file passes with its framework added to `B
 from __future__ import annotations
 
 import contextlib
-
 import importlib
 import subprocess
 import sys
