@@ -115,10 +115,14 @@ def _linear_failure(name: str, mode: str, solver: AbstractLinearSolver, method: 
     if brk:
         return SingularJacobianError(
             head + f"broke down after {it} iterations (residual {res:.3g}): dF/dx looks "
-            "singular or not of the structure the solver assumes at x*. Expected a non-singular "
+            "singular (or singular at working precision) or not of the structure the solver "
+            "assumes at x*: the answer failed its true-residual check or the uniqueness probe, "
+            "so x* is not locally unique and no derivative exists. Expected a non-singular "
             "Jacobian. Check that x* is an isolated root (the implicit function theorem needs "
-            "it), drop tags that do not hold, or regularize with a ridge, e.g. "
-            f"solve={type(solver).__name__}(ridge=1e-8)."
+            "it): fix the gauge (pin the invariant directions), drop tags that do not hold, "
+            "regularize with a ridge, e.g. "
+            f"solve={type(solver).__name__}(ridge=1e-8), or, to take the minimum-norm "
+            "derivative knowingly, solve=idf.NormalCG(least_squares=True)."
         )
     return LinearSolveError(
         head + f"did not converge: residual {res:.3g} after {it} iterations. Expected it within "
