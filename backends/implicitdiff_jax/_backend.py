@@ -14,10 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive, jaxpr_as_fun
-from jax.extend.core import (
-    unsafe_am_i_under_a_jit_DO_NOT_USE as _under_jit,  # pyright: ignore[reportPrivateImportUsage]
-)
 from jax.interpreters import ad, batching, mlir
+
+try:  # only the once-per-process eager-memory warning uses it; a JAX without it skips that count
+    from jax.extend.core import (
+        unsafe_am_i_under_a_jit_DO_NOT_USE as _under_jit,  # pyright: ignore[reportPrivateImportUsage]
+    )
+except ImportError:  # pragma: no cover - depends on the JAX version
+    def _under_jit() -> bool:
+        return True
 
 from implicitdiff.backend import (
     Backend,
