@@ -407,20 +407,29 @@ def record_forward(bk: Backend, name: str, res: Any, tol: float, *, batched: boo
         np.asarray(r_) if batched else None, float(np.max(rel_))), res, relative, normalized)
 
 
+def _with_failed_elements(name: str, res: Any, ok: Any) -> str:
+    """`name`, and with batch_dims > 0 (`res` per element) the elements where `ok` is false."""
+    if not np.ndim(res):
+        return name
+    bad = np.argwhere(~np.asarray(ok))
+    shown = ", ".join(str(tuple(int(i) for i in b)) for b in bad[:5])
+    return name + f" (batch elements {shown}{', ...' if len(bad) > 5 else ''})"
+
+
+def _not_finite(name: str) -> str:
+    return (f"{name}: the solver returned NaN or inf. Expected a finite root x* of F. "
+            "Check the solver's inputs and its convergence.")
+
+
 def _forward_error(name: str, tol: float) -> Callable[..., NonConvergenceError]:
     """A maker of the `NonConvergenceError` of a failed forward residual check of `name`,
     `make(res, finite)` from the residual(s) and finiteness flag(s), for `handle_failure`."""
 
     def make(res: Any, finite: Any) -> NonConvergenceError:
         res_f = float(np.max(np.asarray(res)))
-        name_ = name
-        if np.ndim(res):  # batch_dims > 0: name the failed elements
-            bad = np.argwhere(~(np.asarray(finite) & (np.asarray(res) <= tol)))
-            shown = ", ".join(str(tuple(int(i) for i in b)) for b in bad[:5])
-            name_ += f" (batch elements {shown}{', ...' if len(bad) > 5 else ''})"
+        name_ = _with_failed_elements(name, res, np.asarray(finite) & (np.asarray(res) <= tol))
         if not bool(np.all(np.asarray(finite))):
-            msg = (f"{name_}: the solver returned NaN or inf. Expected a finite root x* of F. "
-                   "Check the solver's inputs and its convergence.")
+            msg = _not_finite(name_)
         else:
             msg = (f"{name_}: the forward solve stopped far from the root: max|F(x*, θ)| = "
                    f"{res_f:.3g}, expected at most residual_tol = {tol:.3g}. The derivative "
@@ -440,15 +449,9 @@ def _relative_forward_error(name: str, tols: list[float]) -> Callable[..., NonCo
     def make(res: Any, finite: Any, rel: Any, q: Any) -> NonConvergenceError:
         res_f = float(np.max(np.asarray(res)))
         rel_f = float(np.max(np.asarray(rel)))
-        ok = np.asarray(finite) & (np.asarray(q) <= 1)
-        name_ = name
-        if np.ndim(res):  # batch_dims > 0: name the failed elements
-            bad = np.argwhere(~ok)
-            shown = ", ".join(str(tuple(int(i) for i in b)) for b in bad[:5])
-            name_ += f" (batch elements {shown}{', ...' if len(bad) > 5 else ''})"
+        name_ = _with_failed_elements(name, res, np.asarray(finite) & (np.asarray(q) <= 1))
         if not bool(np.all(np.asarray(finite))):
-            msg = (f"{name_}: the solver returned NaN or inf. Expected a finite root x* of F. "
-                   "Check the solver's inputs and its convergence.")
+            msg = _not_finite(name_)
         else:
             tol_txt = (f"{tol:.3g}" if len(set(tols)) == 1 else
                        "10·sqrt(eps) of each leaf's dtype: " +
