@@ -29,20 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 from frameworks import FRAMEWORKS, torch  # noqa: E402
-
-
-def to_fw(a, fw):
-    if fw == "jax":
-        return jnp.asarray(a)
-    if fw == "torch":
-        return torch.as_tensor(np.array(a), dtype=torch.float64)
-    return np.asarray(a, dtype=np.float64)
-
-
-def to_np(a):
-    if torch is not None and isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
+from test_scipy import to_fw, to_np  # noqa: E402  (the drop-in tests' conversions)
 
 
 def jac_of(fw, call, arg, np_args=None, index=0):
