@@ -429,17 +429,22 @@ def no_kink_probe(F: Callable[..., Any]) -> None:
         pass
 
 
+def kink_probe_on(F: Callable[..., Any], kink_probe: bool | None) -> bool:
+    """Whether kinks of `F` are refused: `kink_probe` when given, else unless switched off by
+    the decorated solver being called (`kink_probe=False`) or marked for its condition `F`."""
+    if kink_probe is not None:
+        return bool(kink_probe)
+    try:
+        marked = F in _NO_KINK_PROBE_F
+    except TypeError:
+        marked = False
+    return not (_NO_KINK_PROBE.get() or marked)
+
+
 def _probe_wanted(bk: Backend, F: Callable[..., Any], kink_probe: bool | None) -> bool:
     """Whether the rules probe for kinks: autodiff backends only (the reference backends'
-    products are finite differences already), unless switched off: explicitly, by the
-    decorated solver being called (`kink_probe=False`), or for its condition `F`."""
-    if kink_probe is None:
-        try:
-            marked = F in _NO_KINK_PROBE_F
-        except TypeError:
-            marked = False
-        kink_probe = not (_NO_KINK_PROBE.get() or marked)
-    return bool(kink_probe) and bool(getattr(bk, "autodiff", False))
+    products are finite differences already, with their own kink test), as `kink_probe_on`."""
+    return kink_probe_on(F, kink_probe) and bool(getattr(bk, "autodiff", False))
 
 
 # ---- the rules ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from ._array import device as _device
 from ._backend import Backend, Linearization
 from ._config import resolve_on_failure
 from ._errors import StructureError
-from ._ift import implicit_jvp, implicit_vjp, ravel
+from ._ift import implicit_jvp, implicit_vjp, kink_probe_on, ravel
 from ._root import ImplicitFunction
 from ._tags import symmetric
 
@@ -710,17 +710,7 @@ class ReferenceLinearization(Linearization):
 def _kink_probe_wanted(F: Callable[..., Any], kink_probe: bool | None) -> bool:
     """Whether a kink is refused: `kink_probe` when given, else not while a solver decorated
     with `kink_probe=False` runs or for its condition `F` (the marks the IFT rules read)."""
-    if kink_probe is not None:
-        return bool(kink_probe)
-    from . import _ift
-
-    var = getattr(_ift, "_NO_KINK_PROBE", None)
-    marked = getattr(_ift, "_NO_KINK_PROBE_F", ())
-    try:
-        off = F in marked
-    except TypeError:
-        off = False
-    return not (off or (var is not None and bool(var.get())))
+    return kink_probe_on(F, kink_probe)
 
 
 def _vmax(xp: Any, v: Any) -> float:
