@@ -1,0 +1,548 @@
+"""Differentiable quadratic programs: `idf.qp.solve_qp`, written once for every framework.
+
+$$\\min_x\\ \\tfrac12 x^\\top Q x + q^\\top x \\quad \\text{s.t.}\\quad Ax = b,\\ Gx \\le h$$
+
+with any leading batch dimensions, NumPy, JAX or PyTorch arrays. The forward solve is a batched
+primal-dual interior-point method on the host (float64), polished on the identified active set
+so the answer is exact to rounding; the derivative is the implicit function theorem on the
+active-set KKT condition (`kkt_condition`), through `idf.custom_root`, so reverse, forward and
+higher-order derivatives, `jit`, `vmap` and `torch.func` work as for any decorated solver.
+This module imports no framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._backend import Backend, convert_constants, get_backend
+from .._config import resolve_on_failure
+from .._errors import NonConvergenceError, StructureError
+from .._linear_solve import AbstractLinearSolver, Dense
+from .._root import Derivatives, ImplicitFunction, custom_root
+from . import _ipm
+from ._ipm import (
+    CLOSEST,
+    DUAL_INFEASIBLE,
+    MAX_ITER,
+    PRIMAL_INFEASIBLE,
+    SOLVED,
+    STATUS_NAMES,
+)
+
+__all__ = [
+    "CLOSEST",
+    "DUAL_INFEASIBLE",
+    "MAX_ITER",
+    "PRIMAL_INFEASIBLE",
+    "SOLVED",
+    "STATUS_NAMES",
+    "QPSolution",
+    "QPStats",
+    "kkt_condition",
+    "qp_function",
+    "solve_qp",
+]
+
+
+class QPStats(NamedTuple):
+    """Per-sample statistics of a `solve_qp` call (NumPy arrays when called eagerly, JAX
+    arrays under `jit`/`vmap`), each of the batch shape unless said.
+
+    - `iterations`: interior-point iterations.
+    - `status`: `SOLVED` (0), `PRIMAL_INFEASIBLE` (1), `DUAL_INFEASIBLE` (2, unbounded),
+      `MAX_ITER` (3, not converged), `CLOSEST` (4, infeasible; the closest feasible problem was
+      solved, with `infeasible="closest"`). `STATUS_NAMES` maps them to words.
+    - `primal_residual`: $\\max(|Ax - b|, (Gx - h)_+)$ at the returned x.
+    - `dual_residual`: $\\max|Qx + q + A^\\top y + G^\\top z|$.
+    - `gap`: $\\max|z \\circ (h - Gx)|$.
+    - `active`: shape `(..., m)`, the inequality constraints the derivative holds active.
+    - `degenerate`: some constraint is weakly active (active with a zero multiplier): the
+      derivative there is the one documented in `solve_qp`.
+    """
+
+    iterations: Any
+    status: Any
+    primal_residual: Any
+    dual_residual: Any
+    gap: Any
+    active: Any
+    degenerate: Any
+
+    def summary(self) -> str:
+        """A one-paragraph account: how many samples per status, iterations, residuals."""
+        st = np.asarray(self.status).reshape(-1)
+        its = np.asarray(self.iterations).reshape(-1)
+        parts = [f"{int(np.sum(st == k))} {STATUS_NAMES[k]}" for k in STATUS_NAMES
+                 if np.any(st == k)]
+        deg = int(np.sum(np.asarray(self.degenerate)))
+        rp = float(np.max(np.asarray(self.primal_residual), initial=0))
+        rd = float(np.max(np.asarray(self.dual_residual), initial=0))
+        return (f"{st.size} QP(s): " + ", ".join(parts)
+                + (f"; iterations {int(its.min())}-{int(its.max())}" if its.size else "")
+                + f"; max primal residual {rp:.1e}, max dual residual {rd:.1e}"
+                + (f"; {deg} degenerate" if deg else ""))
+
+
+class QPSolution(NamedTuple):
+    """`solve_qp(..., full_output=True)`: the primal solution `x` (..., n), the multipliers
+    `y` (..., p) of $Ax = b$ and `z` (..., m) $\\ge 0$ of $Gx \\le h$ (all three
+    differentiable), and the `QPStats`. Convention: $Qx + q + A^\\top y + G^\\top z = 0$."""
+
+    x: Any
+    y: Any
+    z: Any
+    stats: QPStats
+
+
+# ---- the optimality condition, written once -----------------------------------------------------
+
+def _mv(M: Any, v: Any) -> Any:
+    return (M @ v[..., None])[..., 0]
+
+
+def _mtv(M: Any, v: Any) -> Any:
+    return (v[..., None, :] @ M)[..., 0, :]
+
+
+def _qx(Q: Any, x: Any) -> Any:
+    """$\\tfrac12 (Q + Q^\\top) x$: the objective sees the symmetric part of Q only."""
+    return (_mv(Q, x) + _mtv(Q, x)) / 2
+
+
+def kkt_condition(w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
+    """The active-set KKT condition of the QP, $F(w, \\theta) = 0$ with
+    $w = (x, y, z, \\text{ok})$, in any framework:
+
+    - $\\tfrac12(Q + Q^\\top)x + q + A^\\top y + G^\\top z$, $Ax - b$;
+    - row $i$ of the inequalities: $(Gx - h)_i$ where $z_i > 0$ (active), else $z_i$;
+    - `ok` (one flag per sample, 1 solved, 0 failed) satisfies $\\text{ok} - \\text{ok}^2 = 0$;
+      a failed sample's condition is $w = 0$ (its derivative is zero, never NaN).
+
+    The active set is read from the sign of $z$, so $\\partial_w F$ is the KKT matrix of the
+    equality-constrained QP of the active constraints: the derivative treats weakly active
+    constraints (held at $z_i = 0$ by the forward solve) as inactive."""
+    x, y, z, ok = w
+    bk = get_backend(x)
+    xp = bk.namespace(x)
+    r1 = _qx(Q, x) + q + _mtv(A, y) + _mtv(G, z)
+    r2 = _mv(A, x) - b
+    r3 = xp.where(z > 0, _mv(G, x) - h, z)
+    o = ok[..., None]
+    return (o * r1 + (1 - o) * x, o * r2 + (1 - o) * y, o * r3 + (1 - o) * z, ok - ok * ok)
+
+
+def _sum_to(xp: Any, g: Any, shape: tuple) -> Any:
+    """Sum the broadcast dimensions of `g` away, down to `shape`."""
+    extra = g.ndim - len(shape)
+    if extra > 0:
+        g = xp.sum(g, axis=tuple(range(extra)))
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    if axes:
+        g = xp.sum(g, axis=axes, keepdims=True)
+    return g
+
+
+def _outer(u: Any, v: Any) -> Any:
+    return u[..., :, None] * v[..., None, :]
+
+
+def _jvp_x(v: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
+    dx, dy, dz, dok = v
+    x, y, z, ok = w
+    xp = get_backend(x).namespace(x)
+    o = ok[..., None]
+    r1 = _qx(Q, x) + q + _mtv(A, y) + _mtv(G, z)
+    r2 = _mv(A, x) - b
+    r3 = xp.where(z > 0, _mv(G, x) - h, z)
+    d1 = _qx(Q, dx) + _mtv(A, dy) + _mtv(G, dz)
+    d2 = _mv(A, dx)
+    d3 = xp.where(z > 0, _mv(G, dx), dz)
+    do = dok[..., None]
+    return (o * d1 + (1 - o) * dx + do * (r1 - x), o * d2 + (1 - o) * dy + do * (r2 - y),
+            o * d3 + (1 - o) * dz + do * (r3 - z), dok - 2 * ok * dok)
+
+
+def _vjp_x(u: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
+    u1, u2, u3, u4 = u
+    x, y, z, ok = w
+    xp = get_backend(x).namespace(x)
+    o = ok[..., None]
+    act = z > 0
+    a1, a2, a3 = o * u1, o * u2, o * u3
+    a3a = xp.where(act, a3, xp.zeros_like(a3))
+    gx = _qx(Q, a1) + _mtv(A, a2) + _mtv(G, a3a) + (1 - o) * u1
+    gy = _mv(A, a1) + (1 - o) * u2
+    gz = _mv(G, a1) + xp.where(act, xp.zeros_like(a3), a3) + (1 - o) * u3
+    r1 = _qx(Q, x) + q + _mtv(A, y) + _mtv(G, z)
+    r2 = _mv(A, x) - b
+    r3 = xp.where(act, _mv(G, x) - h, z)
+    gok = (xp.sum(u1 * (r1 - x), axis=-1) + xp.sum(u2 * (r2 - y), axis=-1)
+           + xp.sum(u3 * (r3 - z), axis=-1) + u4 * (1 - 2 * ok))
+    return (gx, gy, gz, gok)
+
+
+def _jvp_args(args_dot: tuple, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
+    dQ, dq, dA, db, dG, dh = args_dot
+    x, y, z, ok = w
+    xp = get_backend(x).namespace(x)
+    o = ok[..., None]
+    d1 = _qx(dQ, x) + dq + _mtv(dA, y) + _mtv(dG, z)
+    d2 = _mv(dA, x) - db
+    d3 = xp.where(z > 0, _mv(dG, x) - dh, xp.zeros_like(z))
+    return (o * d1, o * d2, o * d3, xp.zeros_like(ok))
+
+
+def _vjp_args(u: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple:
+    u1, u2, u3, _ = u
+    x, y, z, ok = w
+    xp = get_backend(x).namespace(x)
+    o = ok[..., None]
+    a1, a2 = o * u1, o * u2
+    a3 = xp.where(z > 0, o * u3, xp.zeros_like(u3))
+    gQ = _outer(a1, x)
+    return (_sum_to(xp, (gQ + xp.matrix_transpose(gQ)) / 2, tuple(Q.shape)),
+            _sum_to(xp, a1, tuple(q.shape)),
+            _sum_to(xp, _outer(y, a1) + _outer(a2, x), tuple(A.shape)),
+            _sum_to(xp, -a2, tuple(b.shape)),
+            _sum_to(xp, _outer(z, a1) + _outer(a3, x), tuple(G.shape)),
+            _sum_to(xp, -a3, tuple(h.shape)))
+
+
+_DERIVATIVES = Derivatives(jvp_x=_jvp_x, vjp_x=_vjp_x, jvp_args=_jvp_args, vjp_args=_vjp_args)
+
+
+# ---- input checks -------------------------------------------------------------------------------
+
+def _shape(a: Any) -> tuple:
+    return tuple(int(s) for s in a.shape)
+
+
+def _check_inputs(bk: Backend, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any
+                  ) -> tuple[int, int, int, tuple]:
+    for name, v in (("Q", Q), ("q", q), ("A", A), ("b", b), ("G", G), ("h", h)):
+        if not hasattr(v, "shape") or not hasattr(v, "dtype"):
+            raise StructureError(f"solve_qp: {name}: expected an array, got "
+                                 f"{type(v).__name__}.")
+        if not bk.is_float(v):
+            raise StructureError(f"solve_qp: {name}: expected a real floating array, got dtype "
+                                 f"{v.dtype}. Convert it, e.g. to float64.")
+    if q.ndim < 1:
+        raise StructureError(f"solve_qp: q: expected shape (..., n), got {_shape(q)}.")
+    n = _shape(q)[-1]
+    want = {"Q": (Q, 2, (n, n)), "A": (A, 2, (None, n)), "b": (b, 1, (None,)),
+            "G": (G, 2, (None, n)), "h": (h, 1, (None,))}
+    for name, (v, k, tail) in want.items():
+        sh = _shape(v)
+        if v.ndim < k or any(t is not None and t != s for t, s in zip(tail, sh[v.ndim - k:])):
+            desc = {"Q": "(..., n, n)", "A": "(..., p, n)", "b": "(..., p)", "G": "(..., m, n)",
+                    "h": "(..., m)"}[name]
+            raise StructureError(f"solve_qp: {name}: expected shape {desc} with n = {n} (the "
+                                 f"length of q), got {sh}.")
+    p, m = _shape(A)[-2], _shape(G)[-2]
+    if _shape(b)[-1] != p:
+        raise StructureError(f"solve_qp: b: expected {p} entries (the rows of A), got shape "
+                             f"{_shape(b)}.")
+    if _shape(h)[-1] != m:
+        raise StructureError(f"solve_qp: h: expected {m} entries (the rows of G), got shape "
+                             f"{_shape(h)}.")
+    batches = [_shape(Q)[:-2], _shape(q)[:-1], _shape(A)[:-2], _shape(b)[:-1],
+               _shape(G)[:-2], _shape(h)[:-1]]
+    try:
+        batch = tuple(np.broadcast_shapes(*batches))
+    except ValueError:
+        names = ", ".join(f"{k} {s}" for k, s in zip("Q q A b G h".split(), batches))
+        raise StructureError(f"solve_qp: the leading (batch) dimensions do not broadcast: "
+                             f"{names}. Give every input the same batch shape, or none."
+                             ) from None
+    return n, p, m, batch
+
+
+def _check_Q(Q: np.ndarray, batch: tuple, eps: float) -> None:
+    """The symmetric part of Q positive semidefinite, sample by sample (host, float64)."""
+    scale = np.maximum(np.max(np.abs(Q), axis=(1, 2)), 1e-300)
+    n = Q.shape[1]
+    try:
+        np.linalg.cholesky(Q + (1e3 * eps * scale)[:, None, None] * np.eye(n))
+        return
+    except np.linalg.LinAlgError:
+        pass
+    lo = np.linalg.eigvalsh(Q)[:, 0]
+    bad = np.nonzero(lo < -1e3 * eps * scale)[0]
+    if len(bad):
+        i = int(bad[0])
+        raise StructureError(
+            f"solve_qp: Q is not positive semidefinite{_where(i, batch)} (smallest eigenvalue "
+            f"{lo[i]:.3e}): the problem is not convex, and its KKT point need not be a minimum. "
+            "Pass a positive semidefinite Q (e.g. L Lᵀ + εI).")
+
+
+def _where(i: int, batch: tuple) -> str:
+    return f" at batch index {np.unravel_index(i, batch)}" if batch else ""
+
+
+# ---- the host solve -----------------------------------------------------------------------------
+
+def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, Gh: np.ndarray,
+                hh: np.ndarray, *, tol: float, maxiter: int, check_eps: float
+                ) -> tuple[tuple, dict]:
+    n, p, m, batch = _dims(Qh, qh, Ah, bh, Gh, hh)
+    B = int(np.prod(batch)) if batch else 1
+
+    def flat(a: Any, tail: tuple) -> np.ndarray:
+        a = np.asarray(a, dtype=np.float64)
+        return np.broadcast_to(a, batch + tail).reshape((B, *tail))
+
+    Q, q = flat(Qh, (n, n)), flat(qh, (n,))
+    Q = (Q + np.swapaxes(Q, 1, 2)) / 2
+    A, b, G, h = flat(Ah, (p, n)), flat(bh, (p,)), flat(Gh, (m, n)), flat(hh, (m,))
+    finite = np.array([np.isfinite(a).reshape(B, -1).all(axis=1) for a in (Q, q, A, b, G, h)]
+                      ).all(axis=0)
+    if not finite.all():
+        i = int(np.nonzero(~finite)[0][0])
+        raise StructureError(f"solve_qp: the data hold NaN or infinity{_where(i, batch)}. "
+                             "Check the inputs.")
+    _check_Q(Q, batch, check_eps)
+    x, y, z, s, it, conv, scale = _ipm.ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
+    status = np.where(conv, SOLVED, MAX_ITER)
+    xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale)
+    # weakly active constraints: held inactive (z = 0), flagged
+    thr = 1e-7 * scale[:, None] * (1.0 + np.max(np.abs(zp), axis=1, keepdims=True))
+    slack = h - (G @ xp_[..., None])[..., 0]
+    weak = active & (zp <= thr)
+    near = ~active & (slack <= 1e-7 * scale[:, None] * (1.0 + np.abs(h)))
+    degenerate = (weak | near).any(axis=1) & conv
+    active = active & ~weak
+    zp = np.where(active, zp, 0.0)
+    use = conv  # converged samples: the polished point (when the polish failed, the IPM's)
+    x = np.where(use[:, None], np.where(pol[:, None], xp_, x), 0.0)
+    y = np.where(use[:, None], np.where(pol[:, None], yp, y), 0.0)
+    z = np.where(use[:, None], np.where(pol[:, None], zp, np.where(active, np.maximum(z, 0), 0)),
+                 0.0)
+    if (~conv).any():
+        i = np.nonzero(~conv)[0]
+        st, _, _ = _ipm.infeasibility(Q[i], q[i], A[i], b[i], G[i], h[i], tol=tol,
+                                      maxiter=maxiter, scale=scale[i])
+        status[i] = st
+    rp, rd, gap = _ipm.residuals(Q, q, A, b, G, h, x, y, z)
+    ok = (status == SOLVED).astype(np.float64)
+    w = (x.reshape((*batch, n)), y.reshape((*batch, p)), z.reshape((*batch, m)),
+         ok.reshape(batch))
+    aux = {"iterations": it.reshape(batch).astype(np.int32),
+           "status": status.reshape(batch).astype(np.int32),
+           "primal_residual": rp.reshape(batch), "dual_residual": rd.reshape(batch),
+           "gap": gap.reshape(batch), "active": (active & conv[:, None]).reshape((*batch, m)),
+           "degenerate": degenerate.reshape(batch)}
+    return w, aux
+
+
+class _Spec:
+    """Shape and NumPy dtype of one output leaf (for `Backend.callback_result_shape`)."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: tuple, dtype: Any):
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+
+
+def _np_dtype(x: Any) -> np.dtype:
+    try:
+        return np.dtype(x.dtype)
+    except TypeError:  # a framework's own dtype object (torch.float32): by name
+        return np.dtype(str(x.dtype).rpartition(".")[2])
+
+
+def _failure(status: Any, batch: tuple) -> NonConvergenceError:
+    st = np.asarray(status).reshape(batch)
+    bad = np.argwhere(st != SOLVED) if batch else (np.zeros((1, 0), int) if st != SOLVED
+                                                   else np.zeros((0, 0), int))
+    items = [(tuple(int(v) for v in ix), int(st[tuple(ix)])) for ix in bad[:10]]
+    where = "; ".join(f"{STATUS_NAMES[s]} at batch index {ix}" if batch else STATUS_NAMES[s]
+                      for ix, s in items)
+    more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+    return NonConvergenceError(
+        f"solve_qp: {len(bad)} of {max(st.size, 1)} QP(s) have no solution to differentiate: "
+        f"{where}{more}. Check those problems' constraints (an infeasible one has no point "
+        "satisfying Ax = b, Gx <= h; an unbounded one a direction d with Qd = 0, Ad = 0, "
+        "Gd <= 0, qᵀd < 0), raise maxiter for a slow one, pass infeasible='closest' to solve the "
+        "closest feasible problem, or on_failure='nan' to make only those samples NaN.")
+
+
+def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any = None, *,
+             solver: str = "ipm", tol: float | None = None, maxiter: int | None = None,
+             infeasible: str = "fail", on_failure: str | None = None,
+             solve: AbstractLinearSolver | None = None, full_output: bool = False) -> Any:
+    """Solve $\\min_x \\tfrac12 x^\\top Q x + q^\\top x$ s.t. $Ax = b$, $Gx \\le h$, a batch at a
+    time, differentiably in every input.
+
+    ```python
+    import numpy as np
+    import implicitdiff as idf
+
+    Q, q = np.eye(2), np.array([-1.0, -1.0])
+    G, h = np.array([[1.0, 1.0]]), np.array([1.0])      # x0 + x1 <= 1
+    x = idf.qp.solve_qp(Q, q, G=G, h=h)                  # [0.5, 0.5]
+    ```
+
+    **Arguments:**
+
+    - `Q` (..., n, n) positive semidefinite (only its symmetric part $(Q + Q^\\top)/2$ enters
+      the objective, so that is what is solved with and differentiated: the gradient with
+      respect to `Q` is symmetric), `q` (..., n); `A` (..., p, n) and `b`
+      (..., p), `G` (..., m, n) and `h` (..., m), each pair optional. Leading (batch)
+      dimensions broadcast against each other: a `Q` of shape (n, n) is shared by a batch of
+      `q`. NumPy, JAX or PyTorch arrays (NumPy arrays beside another framework's are its
+      constants), float32 or float64: the solve runs in float64 on the host, the outputs have
+      the inputs' dtype.
+    - `solver`: `"ipm"`, the built-in batched primal-dual interior-point method (Mehrotra
+      predictor-corrector; each sample stops on its own), polished on its active set.
+    - `tol`: the interior-point stopping tolerance (relative to the data's size; default
+      1e-9). The answer is then polished, so it is exact to rounding whatever `tol`, once the
+      active set is identified.
+    - `maxiter`: interior-point iterations per sample (default 100).
+    - `infeasible`: `"fail"` (default): an infeasible or unbounded sample is a failure, handled
+      by `on_failure`.
+    - `on_failure`: `"raise"` (a `NonConvergenceError` naming the failed samples and why),
+      `"warn"`, or `"nan"` (only the failed samples' outputs are NaN; the others keep exact
+      values and gradients, and a failed sample adds nothing to the gradient of a shared
+      input); None (default): `idf.config.on_failure`.
+    - `solve`: the linear solver of the derivative (default `idf.Dense()`, LU of the KKT
+      matrix of each sample).
+    - `full_output`: return `QPSolution(x, y, z, stats)` instead of `x`.
+
+    **Derivatives** with respect to every input, by the implicit function theorem on the
+    active-set KKT condition (`kkt_condition`): reverse, forward and higher order in every
+    framework, under `jit`, `vmap`, `torch.func` like any `idf.custom_root` solver; NumPy
+    inputs through `idf.vjp`, `idf.jvp`, `idf.jacobian` (exact hand-written products, no finite
+    differences). At a degenerate point (a constraint active with a zero multiplier, flagged by
+    `stats.degenerate`) the derivative is the element of the generalized Jacobian that treats
+    the weakly active constraints as inactive (their multipliers held at zero): the one-sided
+    derivative in the directions that move $x^*$ off the constraint. Where the active
+    constraints' rows (with $A$'s) are linearly dependent, or $Q$ is singular on their null
+    space, the multipliers or $x^*$ are not unique: the derivative raises
+    `SingularJacobianError`.
+
+    **Returns:** `x` (..., n), or `QPSolution` with `full_output=True`.
+    """
+    if solver != "ipm":
+        raise ValueError(f"solve_qp: solver: expected 'ipm', got {solver!r}.")
+    if infeasible not in ("fail",):
+        raise ValueError(f"solve_qp: infeasible: expected 'fail', got {infeasible!r}.")
+    if (A is None) != (b is None):
+        raise StructureError("solve_qp: A and b go together: got "
+                             f"{'A' if b is None else 'b'} without "
+                             f"{'b' if b is None else 'A'}. Pass both, or neither.")
+    if (G is None) != (h is None):
+        raise StructureError("solve_qp: G and h go together: got "
+                             f"{'G' if h is None else 'h'} without "
+                             f"{'h' if h is None else 'G'}. Pass both, or neither.")
+    if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"solve_qp: tol: expected a number in (0, 1), got {tol!r}.")
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int)
+                                or maxiter < 1):
+        raise ValueError(f"solve_qp: maxiter: expected a positive int, got {maxiter!r}.")
+    on_failure = resolve_on_failure(on_failure, "solve_qp: on_failure")
+    given = [a for a in (Q, q, A, b, G, h) if a is not None]
+    bk = get_backend(*given)
+    Q, q, A, b, G, h = convert_constants(bk, (Q, q, A, b, G, h))
+    if not hasattr(q, "shape") or q.ndim < 1:
+        raise StructureError(f"solve_qp: q: expected an array of shape (..., n), got "
+                             f"{getattr(q, 'shape', type(q).__name__)}.")
+    xp = bk.namespace(q)
+    n = int(q.shape[-1])
+    if A is None:
+        A, b = xp.zeros((0, n), dtype=q.dtype), xp.zeros((0,), dtype=q.dtype)
+    if G is None:
+        G, h = xp.zeros((0, n), dtype=q.dtype), xp.zeros((0,), dtype=q.dtype)
+    n, _p, _m, batch = _check_inputs(bk, Q, q, A, b, G, h)
+    fn = qp_function(tol=tol, maxiter=maxiter, on_failure=on_failure, solve=solve,
+                     batch_dims=len(batch))
+    (x, y, z, ok), aux = fn(Q, q, A, b, G, h)
+    x, y, z = bk.handle_failure((x, y, z), ok > 0.5, on_failure,
+                                lambda st: _failure(st, batch), aux["status"])
+    if not full_output:
+        return x
+    return QPSolution(x, y, z, QPStats(**aux))
+
+
+def _dims(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple[int, int, int, tuple]:
+    n, p, m = int(q.shape[-1]), int(A.shape[-2]), int(G.shape[-2])
+    batch = tuple(np.broadcast_shapes(tuple(Q.shape)[:-2], tuple(q.shape)[:-1],
+                                      tuple(A.shape)[:-2], tuple(b.shape)[:-1],
+                                      tuple(G.shape)[:-2], tuple(h.shape)[:-1]))
+    return n, p, m, batch
+
+
+def _specs(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple:
+    n, p, m, batch = _dims(Q, q, A, b, G, h)
+    dt = _np_dtype(q)
+    return ((_Spec((*batch, n), dt), _Spec((*batch, p), dt), _Spec((*batch, m), dt),
+             _Spec(batch, dt)),
+            {"iterations": _Spec(batch, np.int32), "status": _Spec(batch, np.int32),
+             "primal_residual": _Spec(batch, dt), "dual_residual": _Spec(batch, dt),
+             "gap": _Spec(batch, dt), "active": _Spec((*batch, m), np.bool_),
+             "degenerate": _Spec(batch, np.bool_)})
+
+
+_FUNCTIONS: dict = {}
+
+
+def qp_function(*, tol: float | None = None, maxiter: int | None = None,
+                on_failure: str | None = None, solve: AbstractLinearSolver | None = None,
+                batch_dims: int = 0) -> ImplicitFunction:
+    """The `idf.custom_root` solver behind `solve_qp`, for `idf.vjp`, `idf.jvp` and
+    `idf.jacobian` with NumPy arrays (which differentiate decorated solvers, not compositions).
+
+    `f = qp_function(...)`; `f(Q, q, A, b, G, h)` returns `((x, y, z, ok), stats)`: every input
+    is required (zero-row `A`, `b`, `G`, `h` for absent constraints), `ok` is 1 for a solved
+    sample and 0 for a failed one (whose x, y, z are 0: `on_failure` is `solve_qp`'s business),
+    `stats` a dict of the `QPStats` fields. Cotangents and tangents are 4-tuples like the
+    output. `batch_dims`: the number of leading batch dimensions of the outputs (the
+    broadcast batch shape of the inputs). The other options are `solve_qp`'s.
+
+    ```python
+    import numpy as np
+    import implicitdiff as idf
+
+    Q, q = np.eye(2), np.array([-1.0, -1.0])
+    A, b = np.zeros((0, 2)), np.zeros(0)
+    G, h = np.array([[1.0, 1.0]]), np.array([1.0])
+    (w, stats), pullback = idf.vjp(idf.qp.qp_function(), Q, q, A, b, G, h)
+    dQ, dq, dA, db, dG, dh = pullback((np.ones(2), np.zeros(0), np.zeros(1), np.array(0.0)))
+    ```
+    """
+    key = (tol, maxiter, on_failure, solve, batch_dims)
+    try:
+        hit = _FUNCTIONS.get(key)
+    except TypeError:  # an unhashable linear solver
+        hit, key = None, None
+    if hit is not None:
+        return hit
+    tol_ = 1e-9 if tol is None else float(tol)
+    maxiter_ = 100 if maxiter is None else maxiter
+
+    def solve_qp_host(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
+        theta = (Q, q, A, b, G, h)
+        on_host = all(isinstance(a, np.ndarray) for a in theta)
+        bk = None if on_host else get_backend(*theta)
+        th = theta if bk is None else tuple(bk.to_host(a) for a in theta)
+        dtype = _np_dtype(q)
+        w, aux = _host_solve(*th, tol=tol_, maxiter=maxiter_,
+                             check_eps=float(np.finfo(dtype).eps))
+        specs = _specs(*th)
+        w = tuple(np.asarray(a, dtype=dtype) for a in w)
+        aux = {k: np.asarray(v, dtype=specs[1][k].dtype) for k, v in aux.items()}
+        return (w, aux) if bk is None else (bk.from_host(w, like=q), aux)
+
+    def result_shape(*theta: Any) -> Any:
+        return get_backend(*theta).callback_result_shape(_specs(*theta))
+
+    fn = custom_root(kkt_condition, solve=Dense() if solve is None else solve,
+                     has_aux=True, residual_tol=None, on_failure=on_failure,
+                     derivatives=_DERIVATIVES, result_shape=result_shape,
+                     batch_dims=batch_dims, kink_probe=False)(solve_qp_host)
+    if key is not None:
+        _FUNCTIONS[key] = fn
+    return fn

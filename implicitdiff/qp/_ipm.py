@@ -1,0 +1,283 @@
+"""The host side of `idf.qp.solve_qp`: a batched primal-dual interior-point method in NumPy
+(float64), the polish of its answer on the identified active set, and the certificates of
+infeasibility and unboundedness.
+
+Everything here takes and returns NumPy arrays with one leading batch dimension `B`:
+`Q (B, n, n)`, `q (B, n)`, `A (B, p, n)`, `b (B, p)`, `G (B, m, n)`, `h (B, m)`.
+
+The problem is  min ½xᵀQx + qᵀx  s.t.  Ax = b, Gx + s = h, s ≥ 0, with multipliers y (of
+Ax = b) and z ≥ 0 (of Gx ≤ h):  Qx + q + Aᵀy + Gᵀz = 0,  z∘s = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SOLVED = 0
+PRIMAL_INFEASIBLE = 1
+DUAL_INFEASIBLE = 2
+MAX_ITER = 3
+CLOSEST = 4
+STATUS_NAMES = {SOLVED: "solved", PRIMAL_INFEASIBLE: "primal infeasible",
+                DUAL_INFEASIBLE: "dual infeasible (unbounded)", MAX_ITER: "not converged",
+                CLOSEST: "infeasible, closest feasible problem solved"}
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+@dataclass
+class HostResult:
+    """What the host solve returns for a batch of `B` problems (NumPy, float64)."""
+
+    x: np.ndarray          # (B, n)
+    y: np.ndarray          # (B, p)
+    z: np.ndarray          # (B, m), 0 exactly on inactive constraints
+    status: np.ndarray     # (B,) int
+    iterations: np.ndarray  # (B,) int
+    primal_residual: np.ndarray  # (B,) max |Ax - b|, max (Gx - h)_+
+    dual_residual: np.ndarray    # (B,) max |Qx + q + Aᵀy + Gᵀz|
+    gap: np.ndarray        # (B,) max |z∘(h - Gx)|
+    active: np.ndarray     # (B, m) bool
+    degenerate: np.ndarray  # (B,) bool
+    h_used: np.ndarray | None = None  # (B, m): h + shift where infeasible="closest"
+    b_used: np.ndarray | None = None  # (B, p)
+
+
+def _mv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (M @ v[..., None])[..., 0]
+
+
+def _mtv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (v[..., None, :] @ M)[..., 0, :]
+
+
+def _gtdg(G: np.ndarray, D: np.ndarray | None = None) -> np.ndarray:
+    """Gᵀ diag(D) G, batched, through BLAS."""
+    return np.swapaxes(G, 1, 2) @ (G if D is None else G * D[:, :, None])
+
+
+def _inf(a: np.ndarray) -> np.ndarray:
+    """max |a| over every axis but the first (0 for size-0 rows)."""
+    if a.shape[1] == 0:
+        return np.zeros(a.shape[0])
+    return np.max(np.abs(a), axis=1)
+
+
+def _max_step(v: np.ndarray, dv: np.ndarray) -> np.ndarray:
+    """The largest α ≤ 1 with v + α dv ≥ 0, per row (v > 0)."""
+    if v.shape[1] == 0:
+        return np.ones(v.shape[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(dv < 0, -v / dv, np.inf)
+    return np.minimum(1.0, np.min(r, axis=1))
+
+
+def _solve(M: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Batched `M x = r`; rows whose matrix is singular get NaN instead of failing the batch."""
+    try:
+        return np.linalg.solve(M, r[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        out = np.full_like(r, np.nan)
+        for i in range(M.shape[0]):
+            try:
+                out[i] = np.linalg.solve(M[i], r[i])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
+    """Mehrotra predictor-corrector on a batch; each problem stops on its own.
+
+    Returns `(x, y, z, s, it, converged)`; non-converged rows hold their last iterate."""
+    B, n = q.shape
+    p, m = b.shape[1], h.shape[1]
+    scale = 1.0 + np.maximum.reduce([_inf(q), _inf(b), _inf(h),
+                                     _inf(Q.reshape(B, -1)), _inf(A.reshape(B, -1)),
+                                     _inf(G.reshape(B, -1))])
+    reg = 1e-9 * scale
+    # start: the equality-constrained least-squares point of Q + GᵀG
+    eye_n = np.eye(n)
+    K0 = np.zeros((B, n + p, n + p))
+    K0[:, :n, :n] = Q + _gtdg(G) + reg[:, None, None] * eye_n
+    K0[:, :n, n:] = np.swapaxes(A, 1, 2)
+    K0[:, n:, :n] = A
+    K0[:, n:, n:] = -reg[:, None, None] * np.eye(p)
+    w = _solve(K0, np.concatenate([-q + _mtv(G, h), b], axis=1))
+    w = np.where(np.isfinite(w), w, 0.0)
+    x, y = w[:, :n], w[:, n:]
+    s = h - _mv(G, x)
+    if m:
+        shift = np.maximum(0.0, 1.0 - np.min(s, axis=1))
+        s = s + shift[:, None]
+    z = np.ones((B, m))
+    it = np.zeros(B, dtype=np.int64)
+    done = np.zeros(B, dtype=bool)
+    KK = np.zeros((B, n + p, n + p))
+    KK[:, :n, n:] = np.swapaxes(A, 1, 2)
+    KK[:, n:, :n] = A
+    KK[:, n:, n:] = -reg[:, None, None] * np.eye(p)
+    for k in range(maxiter + 1):
+        rd = _mv(Q, x) + q + _mtv(A, y) + _mtv(G, z)
+        rp = _mv(A, x) - b
+        ri = _mv(G, x) + s - h
+        mu = (np.sum(s * z, axis=1) / m) if m else np.zeros(B)
+        ok = ((_inf(rd) <= tol * scale) & (_inf(rp) <= tol * scale) & (_inf(ri) <= tol * scale)
+              & (mu <= tol * scale))
+        done |= ok | ~np.isfinite(mu) | ~np.isfinite(_inf(rd))
+        if k == maxiter or done.all():
+            break
+        i = np.nonzero(~done)[0]
+        it[i] += 1
+        Qi, _Ai, Gi = Q[i], A[i], G[i]
+        si, zi = s[i], z[i]
+        D = zi / si
+        M = KK[i].copy()
+        M[:, :n, :n] = Qi + _gtdg(Gi, D) + reg[i, None, None] * eye_n
+
+        def direction(rc: np.ndarray, M=M, Gi=Gi, D=D, si=si, i=i, ri=ri, rd=rd, rp=rp):
+            r1 = -rd[i] - _mtv(Gi, D * ri[i] - rc / si)
+            d = _solve(M, np.concatenate([r1, -rp[i]], axis=1))
+            dx, dy = d[:, :n], d[:, n:]
+            dz = D * (ri[i] + _mv(Gi, dx)) - rc / si
+            ds = -ri[i] - _mv(Gi, dx)
+            return dx, dy, dz, ds
+
+        dx, dy, dz, ds = direction(si * zi)
+        if m:
+            a_aff = np.minimum(_max_step(si, ds), _max_step(zi, dz))
+            mu_i = mu[i]
+            mu_aff = np.sum((si + a_aff[:, None] * ds) * (zi + a_aff[:, None] * dz), axis=1) / m
+            sigma = np.clip(mu_aff / np.maximum(mu_i, 1e-300), 0.0, 1.0) ** 3
+            dx, dy, dz, ds = direction(si * zi + ds * dz - (sigma * mu_i)[:, None])
+            alpha = np.minimum(1.0, 0.99 * np.minimum(_max_step(si, ds), _max_step(zi, dz)))
+        else:
+            alpha = np.ones(len(i))
+        a = alpha[:, None]
+        x[i] += a * dx
+        y[i] += a * dy
+        z[i] += a * dz
+        s[i] += a * ds
+    conv = np.zeros(B, dtype=bool)
+    rd = _mv(Q, x) + q + _mtv(A, y) + _mtv(G, z)
+    conv = ((_inf(rd) <= tol * scale) & (_inf(_mv(A, x) - b) <= tol * scale)
+            & (_inf(_mv(G, x) + s - h) <= tol * scale)
+            & (((np.sum(s * z, axis=1) / m) if m else np.zeros(B)) <= tol * scale))
+    return x, y, z, s, it, conv, scale
+
+
+def kkt_matrix(Q, A, G, active):
+    """The symmetric active-set KKT matrix, inactive rows reduced to the identity on z_i."""
+    B, n = Q.shape[0], Q.shape[1]
+    p, m = A.shape[1], G.shape[1]
+    N = n + p + m
+    K = np.zeros((B, N, N))
+    act = active.astype(np.float64)
+    K[:, :n, :n] = Q
+    K[:, :n, n:n + p] = np.swapaxes(A, 1, 2)
+    K[:, n:n + p, :n] = A
+    GA = G * act[:, :, None]
+    K[:, :n, n + p:] = np.swapaxes(GA, 1, 2)
+    K[:, n + p:, :n] = GA
+    idx = np.arange(m)
+    K[:, n + p + idx, n + p + idx] = 1.0 - act
+    return K
+
+
+def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6):
+    """Solve the equality-constrained QP of the identified active set exactly (to rounding).
+
+    Starts from `z > s` and repairs the set (adds violated constraints, drops negative
+    multipliers) for a few rounds. Returns `(x, y, z, active, ok)`; rows where no consistent
+    active set was found keep the interior-point answer (`ok` False)."""
+    B, n = q.shape
+    p, _m = b.shape[1], h.shape[1]
+    active = z > s
+    xo, yo, zo = x.copy(), y.copy(), np.where(active, np.maximum(z, 0.0), 0.0)
+    ok = np.zeros(B, dtype=bool)
+    todo = np.ones(B, dtype=bool)
+    feas = 1e-9 * scale
+    for _ in range(rounds):
+        i = np.nonzero(todo)[0]
+        if len(i) == 0:
+            break
+        K = kkt_matrix(Q[i], A[i], G[i], active[i])
+        rhs = np.concatenate([-q[i], b[i], np.where(active[i], h[i], 0.0)], axis=1)
+        w = _solve(K, rhs)
+        good = np.all(np.isfinite(w), axis=1)
+        xi, yi, zi = w[:, :n], w[:, n:n + p], w[:, n + p:]
+        viol = (_mv(G[i], xi) - h[i]) > feas[i, None]
+        neg = active[i] & (zi < -feas[i, None])
+        # the residual of the solve itself (a singular K gives a wrong w without failing)
+        res = _inf(_mv(K, np.where(np.isfinite(w), w, 0)) - rhs)
+        good &= res <= 1e-8 * scale[i] * (1.0 + _inf(np.where(np.isfinite(w), w, 0)))
+        fine = good & ~viol.any(axis=1) & ~neg.any(axis=1)
+        j = i[fine]
+        xo[j], yo[j], zo[j] = xi[fine], yi[fine], np.where(active[j], zi[fine], 0.0)
+        ok[j] = True
+        todo[j] = False
+        rep = i[good & ~fine]
+        if len(rep):
+            a = active[rep] | viol[good & ~fine]
+            a &= ~neg[good & ~fine]
+            if np.array_equal(a, active[rep]):
+                todo[rep] = False
+            active[rep] = a
+        todo[i[~good]] = False
+    return xo, yo, zo, active, ok
+
+
+def residuals(Q, q, A, b, G, h, x, y, z):
+    """(primal, dual, gap) residuals per row."""
+    rd = _inf(_mv(Q, x) + q + _mtv(A, y) + _mtv(G, z))
+    sl = h - _mv(G, x)
+    rp = np.maximum(_inf(_mv(A, x) - b), np.max(np.maximum(-sl, 0.0), axis=1) if sl.shape[1]
+                    else np.zeros(len(q)))
+    gap = _inf(z * sl)
+    return rp, rd, gap
+
+
+def closest_shift(A, b, G, h, *, tol: float, maxiter: int):
+    """The least-squares shift (u, t) making  Ax = b + u, Gx ≤ h + t  feasible:
+    min ½‖u‖² + ½‖t‖² over (x, u, t) (always feasible and bounded). Returns `(u, t)`."""
+    B, p, n = A.shape
+    m = G.shape[1]
+    N = n + p + m
+    Q1 = np.zeros((B, N, N))
+    idx = np.arange(n, N)
+    Q1[:, idx, idx] = 1.0
+    Q1[:, :n, :n] = 1e-10 * np.eye(n)  # x only fixes the shift; keep the steps defined
+    q1 = np.zeros((B, N))
+    A1 = np.concatenate([A, -np.eye(p)[None].repeat(B, 0), np.zeros((B, p, m))], axis=2)
+    G1 = np.concatenate([G, np.zeros((B, m, p)), -np.eye(m)[None].repeat(B, 0)], axis=2)
+    x1, *_ = ipm(Q1, q1, A1, b, G1, h, tol=tol, maxiter=maxiter)
+    return x1[:, n:n + p], x1[:, n + p:]
+
+
+def infeasibility(Q, q, A, b, G, h, *, tol: float, maxiter: int, scale):
+    """For problems the interior-point method did not solve: PRIMAL_INFEASIBLE where the
+    least-squares shift making them feasible is not zero, DUAL_INFEASIBLE where a feasible
+    problem has a direction d with Qd = 0, Ad = 0, Gd ≤ 0, qᵀd < 0 (searched in the box
+    |d| ≤ 1), else MAX_ITER. Returns `(status, shift_b, shift_h)`."""
+    B, n = q.shape
+    p, m = b.shape[1], h.shape[1]
+    u, t = closest_shift(A, b, G, h, tol=min(tol, 1e-10), maxiter=maxiter)
+    size = np.maximum(_inf(u), _inf(t))
+    status = np.full(B, MAX_ITER)
+    infeas = size > 1e-6 * scale
+    status[infeas] = PRIMAL_INFEASIBLE
+    rest = np.nonzero(~infeas)[0]
+    if len(rest):
+        # a descent direction of the recession cone: min qᵀd s.t. Qd = 0, Ad = 0, Gd ≤ 0, -1 ≤ d ≤ 1
+        r = rest
+        eye = np.eye(n)[None].repeat(len(r), 0)
+        A2 = np.concatenate([Q[r], A[r]], axis=1)
+        G2 = np.concatenate([G[r], eye, -eye], axis=1)
+        h2 = np.concatenate([np.zeros((len(r), m)), np.ones((len(r), 2 * n))], axis=1)
+        d, _, _, _, _, _, _ = ipm(1e-10 * eye, q[r], A2, np.zeros((len(r), n + p)), G2, h2,
+                                  tol=1e-10, maxiter=maxiter)
+        unb = np.sum(q[r] * d, axis=1) < -1e-6 * scale[r]
+        status[r[unb]] = DUAL_INFEASIBLE
+    return status, u, t
