@@ -51,8 +51,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `idf.conditions`, `idf.solvers`, `idf.deq`, `idf.backend`, `idf.qp` without an explicit import;
-    # none imports a framework.
+    # `idf.conditions`, `idf.solvers`, `idf.deq`, `idf.backend`, `idf.qp` without an explicit
+    # import; none imports a framework.
     # `idf.torch`, `idf.jax` (any registered backend's name): the backend package (and so the
     # framework), on first access only.
     import importlib

@@ -146,7 +146,11 @@ class Backend(abc.ABC):
         return xp.where(at, row[..., None, :], hist)
 
     def materialize(self, matvec: Callable[[Any], Any], b: Any) -> Any:
-        """The matrix $M$ with $M e_j$ = `matvec(e_j)`, batched like `b` (shape `(..., n, n)`)."""
+        """The matrix $M$ with $M e_j$ = `matvec(e_j)`, batched like `b` (shape `(..., n, n)`);
+        `matvec.materialize(b)` when the product carries one (`Derivatives.jacobian_x`)."""
+        given = getattr(matvec, "materialize", None)
+        if given is not None:
+            return given(b)
         xp = self.namespace(b)
         n = b.shape[-1]
         eye = xp.eye(n, dtype=b.dtype, device=_device(b))

@@ -479,7 +479,8 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     - `tangents`: a tuple with one tangent per argument (None or zeros for no perturbation).
     - `solve`: the linear solver for $A$ (default `Auto()`).
     - `tags`: structure of $A$, e.g. `{idf.symmetric}`.
-    - `derivatives`: optional `idf.Derivatives` with hand-written products (NumPy reference).
+    - `derivatives`: optional `idf.Derivatives` with hand-written products (NumPy reference;
+      its `jacobian_x`, when given, serves the dense linear solvers of every backend).
     - `on_failure`: "raise", "warn" or "nan" when the linear solve (or the kink probe) fails;
       None (default): `idf.config.on_failure`.
     - `backend`, `name`, `linearization`: the backend (default: found from the arrays), a name
@@ -519,11 +520,32 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     def rmatvec(u: Any) -> Any:
         return r.ravel(lin.AT(r.unravel(u)))
 
+    _given_matrix(bk, derivatives, x_star, args, matvec, rmatvec)
     x_error, a_norm = (at.x_error(solver, matvec, rmatvec, tags, r.ravel(x_star)) if collect
                        else (None, None))
     sol = _solve_checked(bk, lin, solver, matvec, rmatvec, -rhs, tags, on_failure, name, "jvp",
                          x_error, a_norm)
     return at.apply(r.unravel(sol), x_star)
+
+
+def _given_matrix(bk: Backend, derivatives: Any, x_star: Any, args: tuple, a_matvec: Any,
+                  at_matvec: Any) -> None:
+    """With `derivatives.jacobian_x`, let the dense solvers take $A$ (and $A^\\top$) from it
+    instead of building it from n products: `Backend.materialize` reads a product's
+    `materialize` attribute. Computed on first use, once for both orientations."""
+    jac = getattr(derivatives, "jacobian_x", None)
+    if jac is None:
+        return
+    cache: list[Any] = []
+
+    def matrix(transpose: bool) -> Any:
+        if not cache:
+            cache.append(jac(x_star, *args))
+        M = cache[0]
+        return bk.namespace(M).matrix_transpose(M) if transpose else M
+
+    a_matvec.materialize = lambda b: matrix(False)
+    at_matvec.materialize = lambda b: matrix(True)
 
 
 def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotangent: Any, *,
@@ -573,6 +595,8 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
 
     def rmatvec(v: Any) -> Any:
         return r.ravel(lin.A(r.unravel(v)))
+
+    _given_matrix(bk, derivatives, x_star, args, rmatvec, matvec)
 
     x_error, a_norm = (at.x_error(solver, rmatvec, matvec, tags, r.ravel(x_star)) if collect
                        else (None, None))

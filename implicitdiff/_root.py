@@ -32,12 +32,20 @@ class Derivatives:
     - `vjp_x(u, x, *args)`: $\\partial_x F^\\top u$, shaped like `x`.
     - `jvp_args(args_dot, x, *args)`: $\\partial_\\theta F\\, \\dot\\theta$, `args_dot` a tuple.
     - `vjp_args(u, x, *args)`: $\\partial_\\theta F^\\top u$, a tuple like `args`.
+    - `jacobian_x(x, *args)`: the matrix $\\partial_x F$ on the raveled `x` (its leaves in
+      tree order, each flattened after the `batch_dims` batch dimensions), shape
+      `(*batch, n, n)`. Unlike the products, **every** backend uses it, written with the
+      backend's namespace: the dense linear solvers (`Dense`, `Cholesky`) of a first-order
+      derivative take $A$ from it instead of building it from n products (for structured
+      conditions, such as `idf.qp`'s KKT condition, where that is much cheaper). It must
+      equal $\\partial_x F$: nothing checks it but the tests that should.
     """
 
     jvp_x: Callable[..., Any] | None = None
     vjp_x: Callable[..., Any] | None = None
     jvp_args: Callable[..., Any] | None = None
     vjp_args: Callable[..., Any] | None = None
+    jacobian_x: Callable[..., Any] | None = None
 
 
 def default_residual_tol(dtype_eps: float, *, floor: float = 0.0) -> float:

@@ -347,6 +347,9 @@ class JaxBackend(Backend):
         return False  # the solvers' loops are traced: nothing is known before they run
 
     def materialize(self, matvec: Callable, b: Any) -> Any:
+        given = getattr(matvec, "materialize", None)
+        if given is not None:  # `Derivatives.jacobian_x`
+            return given(b)
         n = b.shape[-1]
         # A data dependency on b (hence on x*) makes XLA factor this matrix after the forward
         # solve, never beside it: two batched LU factorizations running at once deadlock
@@ -398,10 +401,12 @@ class JaxBackend(Backend):
         # The tangent solve is a custom_linear_solve: reverse mode transposes it into a solve
         # with A^T (transpose_solve), higher order differentiates it again.
         def solve(mv: Callable, r: Any) -> Any:
-            return check(*solver.solve(mv, r, rmatvec=rmatvec, tags=tags, backend=self))
+            return check(*solver.solve(_given(mv, matvec), r, rmatvec=rmatvec, tags=tags,
+                                       backend=self))
 
         def transpose_solve(vm: Callable, r: Any) -> Any:
-            return check_transpose(*solver.solve(vm, r, rmatvec=matvec, tags=tags, backend=self))
+            return check_transpose(*solver.solve(_given(vm, rmatvec), r, rmatvec=matvec,
+                                                 tags=tags, backend=self))
 
         return lax.custom_linear_solve(matvec, b, solve, transpose_solve=transpose_solve,
                                        symmetric=symmetric in tags)
@@ -521,6 +526,20 @@ def _shape_key(dyn: Sequence[Any], rebuild: Callable[..., Any], options: dict) -
 
 def _is_arraylike(v: Any) -> bool:
     return hasattr(v, "shape") and hasattr(v, "dtype")
+
+
+def _given(mv: Callable, core_product: Any) -> Callable:
+    """`mv` (the product `lax.custom_linear_solve` hands its solve) carrying the matrix the
+    core's product was given (`Derivatives.jacobian_x`), if any."""
+    given = getattr(core_product, "materialize", None)
+    if given is None:
+        return mv
+
+    def product(v: Any) -> Any:
+        return mv(v)
+
+    product.materialize = given  # type: ignore[attr-defined]
+    return product
 
 
 def _external_solver(fn: ImplicitFunction, dyn: list[Any], rebuild: Callable, options: dict

@@ -408,6 +408,12 @@ class FastOperator(Operator):
         return out
 
 
+def _matrix_only(derivatives: Any) -> Any:
+    """The user's `Derivatives` when it gives `jacobian_x` (the one field autodiff backends
+    use), else None."""
+    return derivatives if getattr(derivatives, "jacobian_x", None) is not None else None
+
+
 class MatVec:
     """A product on raveled vectors, `(*batch, n) -> (*batch, n)`. When `several` is true it
     also takes `(m, *batch, n)` (m vectors at once), so `materialize` builds the matrix in one
@@ -421,6 +427,9 @@ class MatVec:
 
     def materialize(self, b: torch.Tensor) -> torch.Tensor | None:
         """The matrix `(*batch, n, n)` of this product, or None if it cannot batch."""
+        given = getattr(self.f, "materialize", None)
+        if given is not None:  # `Derivatives.jacobian_x`
+            return given(b)
         if not self.several:
             return None
         n = b.shape[-1]
@@ -645,7 +654,7 @@ class ImplicitFn(torch.autograd.Function):
                          problem.x_from(xbar), solve=fn.solve, tags=fn.tags,
                          on_failure=fn.on_failure, backend=problem.bk, name=fn.name,
                          linearization=lin, batch_dims=problem.batch_dims,
-                         kink_probe=fn.kink_probe)
+                         kink_probe=fn.kink_probe, derivatives=_matrix_only(fn.derivatives))
         return (None, *problem.tensor_cotangents(g), *none_opts)
 
     @staticmethod
@@ -664,7 +673,8 @@ class ImplicitFn(torch.autograd.Function):
                             problem.tangents_from(tangents[:n_th]), solve=fn.solve,
                             tags=fn.tags, on_failure=fn.on_failure, backend=problem.bk,
                             name=fn.name, linearization=Operator(problem, xs, ths),
-                            batch_dims=problem.batch_dims, kink_probe=fn.kink_probe)
+                            batch_dims=problem.batch_dims, kink_probe=fn.kink_probe,
+                            derivatives=_matrix_only(fn.derivatives))
         n_aux = len(problem.aux_pos)
         return (*core.tree_flatten(xdot)[0], *([None] * n_aux))
 

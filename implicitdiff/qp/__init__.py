@@ -12,10 +12,12 @@ This module imports no framework.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._array import device as _device
 from .._backend import Backend, convert_constants, get_backend
 from .._config import resolve_on_failure
 from .._errors import NonConvergenceError, StructureError
@@ -99,11 +101,30 @@ class QPSolution(NamedTuple):
 # ---- the optimality condition, written once -----------------------------------------------------
 
 def _mv(M: Any, v: Any) -> Any:
-    return (M @ v[..., None])[..., 0]
+    """$M v$ for `M` (..., r, c) and `v` (..., c), where `v` may carry extra leading
+    dimensions (many vectors at once, as when a backend builds the Jacobian column by
+    column): those are folded into one matrix product, never broadcast against `M` (which
+    would copy `M` once per vector)."""
+    k = M.ndim - 2
+    lead = v.ndim - 1 - k
+    if k == 0 or lead <= 0:
+        return (M @ v[..., None])[..., 0] if k else v @ _T(M)
+    xp = get_backend(v).namespace(v)
+    L = math.prod(v.shape[:lead])
+    rest = tuple(v.shape[lead:])
+    vs = xp.moveaxis(xp.reshape(v, (L, *rest)), 0, -1)          # (..., c, L)
+    out = M @ vs                                                  # (..., r, L)
+    out = xp.moveaxis(out, -1, 0)
+    return xp.reshape(out, (*v.shape[:lead], *out.shape[1:]))
+
+
+def _T(M: Any) -> Any:
+    return get_backend(M).namespace(M).matrix_transpose(M)
 
 
 def _mtv(M: Any, v: Any) -> Any:
-    return (v[..., None, :] @ M)[..., 0, :]
+    """$M^\\top v$, as `_mv`."""
+    return _mv(_T(M), v)
 
 
 def _qx(Q: Any, x: Any) -> Any:
@@ -111,26 +132,44 @@ def _qx(Q: Any, x: Any) -> Any:
     return (_mv(Q, x) + _mtv(Q, x)) / 2
 
 
+def _residuals(xp: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple:
+    x, y, z, _ = w
+    r1 = _qx(Q, x) + q + _mtv(A, y) + _mtv(G, z)
+    r2 = _mv(A, x) - b
+    r3 = xp.where(z > 0, _mv(G, x) - h, z)
+    return r1, r2, r3
+
+
 def kkt_condition(w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
     """The active-set KKT condition of the QP, $F(w, \\theta) = 0$ with
-    $w = (x, y, z, \\text{ok})$, in any framework:
+    $w = (x, y, z, \\text{ok})$, in any framework. With $s = \\text{ok}^2$ and
+    $c = (1 - \\text{ok})^2$:
 
-    - $\\tfrac12(Q + Q^\\top)x + q + A^\\top y + G^\\top z$, $Ax - b$;
-    - row $i$ of the inequalities: $(Gx - h)_i$ where $z_i > 0$ (active), else $z_i$;
-    - `ok` (one flag per sample, 1 solved, 0 failed) satisfies $\\text{ok} - \\text{ok}^2 = 0$;
-      a failed sample's condition is $w = 0$ (its derivative is zero, never NaN).
+    - $s\\,(\\tfrac12(Q + Q^\\top)x + q + A^\\top y + G^\\top z) + c\\,x$, $s\\,(Ax - b) + c\\,y$;
+    - row $i$ of the inequalities: $s\\,(Gx - h)_i + c\\,z_i$ where $z_i > 0$ (active), else
+      $z_i$;
+    - $\\text{ok} - \\text{ok}^2$: `ok` is 1 for a solved sample (its condition is the KKT
+      system) and 0 for a failed one (its condition is $w = 0$, so its derivative is zero,
+      never NaN).
 
     The active set is read from the sign of $z$, so $\\partial_w F$ is the KKT matrix of the
     equality-constrained QP of the active constraints: the derivative treats weakly active
     constraints (held at $z_i = 0$ by the forward solve) as inactive."""
     x, y, z, ok = w
-    bk = get_backend(x)
-    xp = bk.namespace(x)
-    r1 = _qx(Q, x) + q + _mtv(A, y) + _mtv(G, z)
-    r2 = _mv(A, x) - b
-    r3 = xp.where(z > 0, _mv(G, x) - h, z)
+    xp = get_backend(x).namespace(x)
+    r1, r2, r3 = _residuals(xp, w, Q, q, A, b, G, h)
+    s, c = (ok * ok)[..., None], ((1 - ok) * (1 - ok))[..., None]
+    return (s * r1 + c * x, s * r2 + c * y, s * r3 + c * z, ok - ok * ok)
+
+
+def _ok_column(xp: Any, w: Any, theta: tuple) -> tuple:
+    """$\\partial F / \\partial \\text{ok}$ of the three blocks:
+    $2\\,\\text{ok}\\,r - 2(1 - \\text{ok})\\,w$."""
+    x, y, z, ok = w
+    r1, r2, r3 = _residuals(xp, w, *theta)
     o = ok[..., None]
-    return (o * r1 + (1 - o) * x, o * r2 + (1 - o) * y, o * r3 + (1 - o) * z, ok - ok * ok)
+    return (2 * o * r1 - 2 * (1 - o) * x, 2 * o * r2 - 2 * (1 - o) * y,
+            2 * o * r3 - 2 * (1 - o) * z)
 
 
 def _sum_to(xp: Any, g: Any, shape: tuple) -> Any:
@@ -150,36 +189,32 @@ def _outer(u: Any, v: Any) -> Any:
 
 def _jvp_x(v: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
     dx, dy, dz, dok = v
-    x, y, z, ok = w
+    x, _, z, ok = w
     xp = get_backend(x).namespace(x)
-    o = ok[..., None]
-    r1 = _qx(Q, x) + q + _mtv(A, y) + _mtv(G, z)
-    r2 = _mv(A, x) - b
-    r3 = xp.where(z > 0, _mv(G, x) - h, z)
+    s, c = (ok * ok)[..., None], ((1 - ok) * (1 - ok))[..., None]
+    k1, k2, k3 = _ok_column(xp, w, (Q, q, A, b, G, h))
+    do = dok[..., None]
     d1 = _qx(Q, dx) + _mtv(A, dy) + _mtv(G, dz)
     d2 = _mv(A, dx)
     d3 = xp.where(z > 0, _mv(G, dx), dz)
-    do = dok[..., None]
-    return (o * d1 + (1 - o) * dx + do * (r1 - x), o * d2 + (1 - o) * dy + do * (r2 - y),
-            o * d3 + (1 - o) * dz + do * (r3 - z), dok - 2 * ok * dok)
+    return (s * d1 + c * dx + do * k1, s * d2 + c * dy + do * k2, s * d3 + c * dz + do * k3,
+            dok - 2 * ok * dok)
 
 
 def _vjp_x(u: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
     u1, u2, u3, u4 = u
-    x, y, z, ok = w
+    x, _, z, ok = w
     xp = get_backend(x).namespace(x)
-    o = ok[..., None]
+    s, c = (ok * ok)[..., None], ((1 - ok) * (1 - ok))[..., None]
     act = z > 0
-    a1, a2, a3 = o * u1, o * u2, o * u3
-    a3a = xp.where(act, a3, xp.zeros_like(a3))
-    gx = _qx(Q, a1) + _mtv(A, a2) + _mtv(G, a3a) + (1 - o) * u1
-    gy = _mv(A, a1) + (1 - o) * u2
-    gz = _mv(G, a1) + xp.where(act, xp.zeros_like(a3), a3) + (1 - o) * u3
-    r1 = _qx(Q, x) + q + _mtv(A, y) + _mtv(G, z)
-    r2 = _mv(A, x) - b
-    r3 = xp.where(act, _mv(G, x) - h, z)
-    gok = (xp.sum(u1 * (r1 - x), axis=-1) + xp.sum(u2 * (r2 - y), axis=-1)
-           + xp.sum(u3 * (r3 - z), axis=-1) + u4 * (1 - 2 * ok))
+    a1, a2, a3 = s * u1, s * u2, s * u3
+    zero = xp.zeros_like(a3)
+    gx = _qx(Q, a1) + _mtv(A, a2) + _mtv(G, xp.where(act, a3, zero)) + c * u1
+    gy = _mv(A, a1) + c * u2
+    gz = _mv(G, a1) + xp.where(act, zero, a3) + c * u3
+    k1, k2, k3 = _ok_column(xp, w, (Q, q, A, b, G, h))
+    gok = (xp.sum(u1 * k1, axis=-1) + xp.sum(u2 * k2, axis=-1) + xp.sum(u3 * k3, axis=-1)
+           + u4 * (1 - 2 * ok))
     return (gx, gy, gz, gok)
 
 
@@ -187,20 +222,20 @@ def _jvp_args(args_dot: tuple, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h
     dQ, dq, dA, db, dG, dh = args_dot
     x, y, z, ok = w
     xp = get_backend(x).namespace(x)
-    o = ok[..., None]
+    s = (ok * ok)[..., None]
     d1 = _qx(dQ, x) + dq + _mtv(dA, y) + _mtv(dG, z)
     d2 = _mv(dA, x) - db
     d3 = xp.where(z > 0, _mv(dG, x) - dh, xp.zeros_like(z))
-    return (o * d1, o * d2, o * d3, xp.zeros_like(ok))
+    return (s * d1, s * d2, s * d3, xp.zeros_like(ok))
 
 
 def _vjp_args(u: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple:
     u1, u2, u3, _ = u
     x, y, z, ok = w
     xp = get_backend(x).namespace(x)
-    o = ok[..., None]
-    a1, a2 = o * u1, o * u2
-    a3 = xp.where(z > 0, o * u3, xp.zeros_like(u3))
+    s = (ok * ok)[..., None]
+    a1, a2 = s * u1, s * u2
+    a3 = xp.where(z > 0, s * u3, xp.zeros_like(u3))
     gQ = _outer(a1, x)
     return (_sum_to(xp, (gQ + xp.matrix_transpose(gQ)) / 2, tuple(Q.shape)),
             _sum_to(xp, a1, tuple(q.shape)),
@@ -210,7 +245,43 @@ def _vjp_args(u: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) ->
             _sum_to(xp, -a3, tuple(h.shape)))
 
 
-_DERIVATIVES = Derivatives(jvp_x=_jvp_x, vjp_x=_vjp_x, jvp_args=_jvp_args, vjp_args=_vjp_args)
+def _jacobian_x(w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
+    """$\\partial_w F$ as one matrix on the raveled $w = (x, y, z, \\text{ok})$, per sample
+    (`Derivatives.jacobian_x`): the dense backward solve takes it instead of building it from
+    $n + p + m + 1$ products."""
+    x, y, z, ok = w
+    xp = get_backend(x).namespace(x)
+    batch = tuple(ok.shape)
+    n, p, m = int(x.shape[-1]), int(y.shape[-1]), int(z.shape[-1])
+    dev = _device(x)
+
+    def eye(k: int) -> Any:
+        return xp.eye(k, dtype=x.dtype, device=dev)
+
+    def zeros(r: int, c_: int) -> Any:
+        return xp.zeros((*batch, r, c_), dtype=x.dtype, device=dev)
+
+    def full(M: Any, r: int, c_: int) -> Any:
+        return xp.broadcast_to(M, (*batch, r, c_))
+
+    s, c = (ok * ok)[..., None, None], ((1 - ok) * (1 - ok))[..., None, None]
+    act = xp.astype(z > 0, x.dtype)
+    k1, k2, k3 = _ok_column(xp, w, (Q, q, A, b, G, h))
+    Qs = full((Q + xp.matrix_transpose(Q)) / 2, n, n)
+    At, Gt = full(xp.matrix_transpose(A), n, p), full(xp.matrix_transpose(G), n, m)
+    rows = [
+        [s * Qs + c * eye(n), s * At, s * Gt, k1[..., None]],
+        [s * full(A, p, n), c * eye(p) + zeros(p, p), zeros(p, m), k2[..., None]],
+        [s * act[..., None] * full(G, m, n), zeros(m, p),
+         eye(m) * (s[..., 0] * (1 - act) + c[..., 0])[..., None, :]
+         + zeros(m, m), k3[..., None]],
+        [zeros(1, n), zeros(1, p), zeros(1, m), (1 - 2 * ok)[..., None, None]],
+    ]
+    return xp.concat([xp.concat(r, axis=-1) for r in rows], axis=-2)
+
+
+_DERIVATIVES = Derivatives(jvp_x=_jvp_x, vjp_x=_vjp_x, jvp_args=_jvp_args, vjp_args=_vjp_args,
+                           jacobian_x=_jacobian_x)
 
 
 # ---- input checks -------------------------------------------------------------------------------
@@ -308,7 +379,7 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
     status = np.where(conv, SOLVED, MAX_ITER)
     xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale)
     # weakly active constraints: held inactive (z = 0), flagged
-    thr = 1e-7 * scale[:, None] * (1.0 + np.max(np.abs(zp), axis=1, keepdims=True))
+    thr = 1e-7 * scale[:, None] * (1.0 + np.max(np.abs(zp), axis=1, keepdims=True, initial=0.0))
     slack = h - (G @ xp_[..., None])[..., 0]
     weak = active & (zp <= thr)
     near = ~active & (slack <= 1e-7 * scale[:, None] * (1.0 + np.abs(h)))
@@ -358,10 +429,14 @@ def _failure(status: Any, batch: tuple) -> NonConvergenceError:
     st = np.asarray(status).reshape(batch)
     bad = np.argwhere(st != SOLVED) if batch else (np.zeros((1, 0), int) if st != SOLVED
                                                    else np.zeros((0, 0), int))
-    items = [(tuple(int(v) for v in ix), int(st[tuple(ix)])) for ix in bad[:10]]
-    where = "; ".join(f"{STATUS_NAMES[s]} at batch index {ix}" if batch else STATUS_NAMES[s]
-                      for ix, s in items)
-    more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+    groups: dict[int, list[str]] = {}
+    for ix in bad:
+        groups.setdefault(int(st[tuple(ix)]), []).append(str(tuple(int(v) for v in ix)))
+    where = "; ".join(
+        STATUS_NAMES[k] + (f" at batch index {', '.join(v[:8])}"
+                           + (f" and {len(v) - 8} more" if len(v) > 8 else "") if batch else "")
+        for k, v in sorted(groups.items()))
+    more = ""
     return NonConvergenceError(
         f"solve_qp: {len(bad)} of {max(st.size, 1)} QP(s) have no solution to differentiate: "
         f"{where}{more}. Check those problems' constraints (an infeasible one has no point "
@@ -529,8 +604,9 @@ def qp_function(*, tol: float | None = None, maxiter: int | None = None,
         bk = None if on_host else get_backend(*theta)
         th = theta if bk is None else tuple(bk.to_host(a) for a in theta)
         dtype = _np_dtype(q)
-        w, aux = _host_solve(*th, tol=tol_, maxiter=maxiter_,
-                             check_eps=float(np.finfo(dtype).eps))
+        with np.errstate(all="ignore"):  # failed samples overflow; the status says so
+            w, aux = _host_solve(*th, tol=tol_, maxiter=maxiter_,
+                                 check_eps=float(np.finfo(dtype).eps))
         specs = _specs(*th)
         w = tuple(np.asarray(a, dtype=dtype) for a in w)
         aux = {k: np.asarray(v, dtype=specs[1][k].dtype) for k, v in aux.items()}

@@ -88,10 +88,39 @@ def _solve(M: np.ndarray, r: np.ndarray) -> np.ndarray:
         return out
 
 
+def _factor(M: np.ndarray):
+    """`r -> M⁻¹ r` for a batch of matrices, factorized once: SciPy's batched LU where SciPy
+    (>= 1.15) is installed, else one `np.linalg.solve` per right-hand side."""
+    try:
+        import warnings
+
+        from scipy.linalg import lu_factor, lu_solve
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a singular sample: its solution is not finite
+            lu = lu_factor(M, check_finite=False)
+        if lu[0].shape != M.shape:
+            raise ValueError("no batch support")
+
+        def apply(r: np.ndarray) -> np.ndarray:
+            return lu_solve(lu, r[..., None], check_finite=False)[..., 0]
+
+        return apply
+    except (ImportError, ValueError, TypeError):
+        return lambda r: _solve(M, r)
+
+
 def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
     """Mehrotra predictor-corrector on a batch; each problem stops on its own.
 
-    Returns `(x, y, z, s, it, converged)`; non-converged rows hold their last iterate."""
+    Returns `(x, y, z, s, it, converged, scale)`; non-converged rows hold their last iterate
+    (infeasible and unbounded problems overflow on their way: that is expected, hence the
+    silenced floating-point warnings)."""
+    with np.errstate(all="ignore"):
+        return _ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
+
+
+def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
     B, n = q.shape
     p, m = b.shape[1], h.shape[1]
     scale = 1.0 + np.maximum.reduce([_inf(q), _inf(b), _inf(h),
@@ -137,9 +166,12 @@ def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
         M = KK[i].copy()
         M[:, :n, :n] = Qi + _gtdg(Gi, D) + reg[i, None, None] * eye_n
 
-        def direction(rc: np.ndarray, M=M, Gi=Gi, D=D, si=si, i=i, ri=ri, rd=rd, rp=rp):
+        solve_m = _factor(M)
+
+        def direction(rc: np.ndarray, solve_m=solve_m, Gi=Gi, D=D, si=si, i=i, ri=ri, rd=rd,
+                      rp=rp):
             r1 = -rd[i] - _mtv(Gi, D * ri[i] - rc / si)
-            d = _solve(M, np.concatenate([r1, -rp[i]], axis=1))
+            d = solve_m(np.concatenate([r1, -rp[i]], axis=1))
             dx, dy = d[:, :n], d[:, n:]
             dz = D * (ri[i] + _mv(Gi, dx)) - rc / si
             ds = -ri[i] - _mv(Gi, dx)
