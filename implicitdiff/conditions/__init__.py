@@ -19,7 +19,7 @@ against the array API and runs on NumPy, JAX and PyTorch. See `docs/conditions.m
 mathematics and for which conditions are exact and which need care at kinks.
 """
 
-from . import _conditions, _prox
+from . import _conditions, _cone, _prox
 from ._conditions import Condition as Condition
 from ._conditions import fixed_point as fixed_point
 from ._conditions import kkt as kkt
@@ -28,6 +28,10 @@ from ._conditions import mirror_descent as mirror_descent
 from ._conditions import projected_gradient as projected_gradient
 from ._conditions import proximal_gradient as proximal_gradient
 from ._conditions import stationarity as stationarity
+from ._cone import ConeProgram as ConeProgram
+from ._cone import Cones as Cones
+from ._cone import cone_program as cone_program
+from ._cone import projection_cone as projection_cone
 from ._prox import projection_affine as projection_affine
 from ._prox import projection_box as projection_box
 from ._prox import projection_l2_ball as projection_l2_ball
@@ -46,3 +50,4 @@ from ._prox import prox_simplex as prox_simplex
 __all__: list[str] = []
 __all__ += _conditions.__all__
 __all__ += _prox.__all__
+__all__ += _cone.__all__
