@@ -18,6 +18,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from . import qp as _qp
 from ._backend import _table, backend_named, backend_names
 from ._linear_solve import CG, GMRES, BiCGStab
 from ._root import ImplicitFunction, custom_fixed_point, custom_root
@@ -249,6 +250,25 @@ def _nonsymmetric_args() -> tuple:
     return theta, M
 
 
+# 5. A quadratic program (`idf.qp`): x* = argmin ½xᵀQx + qᵀx s.t. Ax = b, Gx ≤ h, solved by the
+#    built-in interior-point method; its condition is the active-set KKT system.
+
+def _qp_args() -> tuple:
+    rng = _rng()
+    n, p, m = 6, 2, 8
+    L = rng.standard_normal((n, n))
+    Q = L @ L.T / n + 0.5 * np.eye(n)
+    A = rng.standard_normal((p, n))
+    G = rng.standard_normal((m, n))
+    x_star = rng.standard_normal(n)
+    y_star = rng.standard_normal(p)
+    active = np.arange(m) < 3                      # three constraints active, five with slack
+    z_star = np.where(active, rng.uniform(0.5, 1.5, m), 0.0)
+    h = G @ x_star + np.where(active, 0.0, rng.uniform(0.5, 1.5, m))
+    q = -(Q @ x_star + A.T @ y_star + G.T @ z_star)
+    return Q, q, A, A @ x_star, G, h
+
+
 GALLERY: dict[str, Problem] = {
     p.name: p for p in [
         Problem("ridge", "ridge regression, closed form; CG backward (symmetric PD)",
@@ -259,6 +279,8 @@ GALLERY: dict[str, Problem] = {
                 stationary, _stationary_args),
         Problem("nonsymmetric", "Mx + 0.1 tanh(x) = θ, M non-symmetric, Newton; BiCGStab "
                 "backward", nonsymmetric, _nonsymmetric_args),
+        Problem("qp", "idf.qp: QP with 2 equalities, 3 of 8 inequalities active; "
+                "interior point, KKT backward (Dense)", _qp.qp_function(), _qp_args),
     ]
 }
 """The built-in problems by name."""

@@ -21,7 +21,7 @@ from ._backend import Backend, get_backend
 from ._config import resolve_on_failure
 from ._diagnostics import BackwardRecord, LinearSolveInfo, collecting
 from ._errors import ImplicitDiffError, LinearSolveError, SingularJacobianError, StructureError
-from ._linear_solve import AbstractLinearSolver, Auto
+from ._linear_solve import AbstractLinearSolver, Auto, Cholesky, Dense
 from ._tags import as_tags, symmetric
 
 # ---- raveling a pytree into one vector ---------------------------------------------------------
@@ -520,7 +520,7 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     def rmatvec(u: Any) -> Any:
         return r.ravel(lin.AT(r.unravel(u)))
 
-    _given_matrix(bk, derivatives, x_star, args, matvec, rmatvec)
+    _given_matrix(derivatives, solver, x_star, args, matvec, rmatvec)
     x_error, a_norm = (at.x_error(solver, matvec, rmatvec, tags, r.ravel(x_star)) if collect
                        else (None, None))
     sol = _solve_checked(bk, lin, solver, matvec, rmatvec, -rhs, tags, on_failure, name, "jvp",
@@ -528,24 +528,19 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
     return at.apply(r.unravel(sol), x_star)
 
 
-def _given_matrix(bk: Backend, derivatives: Any, x_star: Any, args: tuple, a_matvec: Any,
-                  at_matvec: Any) -> None:
-    """With `derivatives.jacobian_x`, let the dense solvers take $A$ (and $A^\\top$) from it
-    instead of building it from n products: `Backend.materialize` reads a product's
-    `materialize` attribute. Computed on first use, once for both orientations."""
+def _given_matrix(derivatives: Any, solver: AbstractLinearSolver, x_star: Any, args: tuple,
+                  a_matvec: Any, at_matvec: Any) -> None:
+    """With `derivatives.jacobian_x` and a dense solver, let the solver take $A$ (and
+    $A^\\top$) from it instead of building it from n products: `Backend.materialize` reads a
+    product's `materialize` attribute. Computed here, where `x_star` and `args` live (a
+    `torch.func` level)."""
     jac = getattr(derivatives, "jacobian_x", None)
-    if jac is None:
+    if jac is None or not isinstance(solver, (Dense, Cholesky)):
         return
-    cache: list[Any] = []
-
-    def matrix(transpose: bool) -> Any:
-        if not cache:
-            cache.append(jac(x_star, *args))
-        M = cache[0]
-        return bk.namespace(M).matrix_transpose(M) if transpose else M
-
-    a_matvec.materialize = lambda b: matrix(False)
-    at_matvec.materialize = lambda b: matrix(True)
+    M = jac(x_star, *args)
+    MT = get_backend(M).namespace(M).matrix_transpose(M)
+    a_matvec.materialize = lambda b: M
+    at_matvec.materialize = lambda b: MT
 
 
 def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotangent: Any, *,
@@ -596,7 +591,7 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     def rmatvec(v: Any) -> Any:
         return r.ravel(lin.A(r.unravel(v)))
 
-    _given_matrix(bk, derivatives, x_star, args, rmatvec, matvec)
+    _given_matrix(derivatives, solver, x_star, args, rmatvec, matvec)
 
     x_error, a_norm = (at.x_error(solver, rmatvec, matvec, tags, r.ravel(x_star)) if collect
                        else (None, None))

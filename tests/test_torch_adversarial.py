@@ -566,3 +566,26 @@ def test_solver_reading_an_unfound_vmapped_tensor_is_a_clear_error(data):
 
     with pytest.raises(idf.StructureError, match="argument"):
         torch.func.vmap(f)(Ws)
+
+
+def test_diagnostics_inside_func_vjp_with_a_nonlinear_condition():
+    # idf.diagnostics() asks for products with A inside the backward of torch.func.vjp; reverse
+    # mode twice (the transposed vjp) crossed torch.func levels there and crashed with an
+    # internal assert when F is nonlinear in x. Forward mode serves instead.
+    def F(w, a, M):
+        x, o = w
+        return (M @ x - a, o - o * o)
+
+    @idf.custom_root(F, solve=idf.Dense(), has_aux=True, kink_probe=False)
+    def solver(a, M):
+        return (torch.linalg.solve(M, a), torch.ones((), dtype=a.dtype)), {}
+
+    a = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    M = 2.0 * torch.eye(3, dtype=torch.float64)
+    with idf.diagnostics():
+        _, pullback = idf.vjp(lambda a, M: solver(a, M)[0], a, M)
+        ga, gM = pullback((torch.ones(3, dtype=torch.float64),
+                           torch.zeros((), dtype=torch.float64)))
+    # x = M⁻¹a = a/2: d(sum x)/da = 1/2, d(sum x)/dM = -(M⁻ᵀ1) xᵀ
+    torch.testing.assert_close(ga, torch.full((3,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(gM, -torch.full((3, 1), 0.5, dtype=torch.float64) * (a / 2)[None, :])

@@ -317,11 +317,22 @@ class Operator(Linearization):
         """$A v$ on x-shaped leaves."""
         if symmetric in self.p.tags:
             return self.AT_leaves(v)
+        vs = tuple(vi.to(xi.dtype) for vi, xi in zip(v, self.xs))
         if self._ax is None:
             r, f = self._vjp_x()
             zeros = tuple(_zeros_like(t) for t in r)
-            self._ax = func_vjp(lambda *c: f(c), *zeros)[1]
-        return list(self._ax(tuple(vi.to(xi.dtype) for vi, xi in zip(v, self.xs))))
+            try:
+                self._ax = func_vjp(lambda *c: f(c), *zeros)[1]
+            except RuntimeError as e:
+                # reverse mode twice fails where the products are asked for at another
+                # torch.func level than the linearization's (diagnostics inside idf.vjp of
+                # a condition nonlinear in x): forward mode then, which such F support
+                if "level" not in str(e):
+                    raise
+                ths = self.ths
+                self._ax = lambda t: torch.func.jvp(lambda *x: self.p.F_flat(x, ths),
+                                                    tuple(self.xs), t)[1]
+        return list(self._ax(vs))
 
     def _with(self, idx: Sequence[int], sub: Sequence[Any]) -> list[Any]:
         return _with(self.ths, idx, sub)

@@ -1,0 +1,106 @@
+"""The pieces of `idf.qp` the end-to-end tests (tests/test_qp.py) do not reach directly: the
+hand-written Jacobian of the KKT condition (`Derivatives.jacobian_x`, which every backend's dense
+solver uses) and the hand-written products of the NumPy reference, against autodiff."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import implicitdiff as idf
+import implicitdiff.qp as qpm
+
+torch = pytest.importorskip("torch")
+
+
+def _point(seed: int = 0, B: int = 3, n: int = 4, p: int = 2, m: int = 5):
+    rng = np.random.default_rng(seed)
+    T = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    theta = (T(rng.standard_normal((n, n))), T(rng.standard_normal((B, n))),
+             T(rng.standard_normal((B, p, n))), T(rng.standard_normal((B, p))),
+             T(rng.standard_normal((B, m, n))), T(rng.standard_normal((B, m))))
+    z = np.where(rng.random((B, m)) < 0.5, rng.uniform(0.1, 1.0, (B, m)), 0.0)
+    w = (T(rng.standard_normal((B, n))), T(rng.standard_normal((B, p))), T(z),
+         T(np.array([1.0, 0.0, 1.0])[:B]))
+    return w, theta
+
+
+def _flat(w, i):
+    return torch.cat([w[0][i], w[1][i], w[2][i], w[3][i][None]])
+
+
+def test_jacobian_x_is_the_autodiff_jacobian_of_the_condition():
+    # a solved sample, a failed one (ok = 0) and one with a non-symmetric shared Q
+    w, theta = _point()
+    J = qpm._jacobian_x(w, *theta)
+    n, p, m = w[0].shape[-1], w[1].shape[-1], w[2].shape[-1]
+    for i in range(w[3].shape[0]):
+        def F_i(flat, i=i):
+            ww = [t.clone() for t in w]
+            ww[0][i], ww[1][i], ww[2][i], ww[3][i] = (flat[:n], flat[n:n + p],
+                                                       flat[n + p:n + p + m], flat[-1])
+            return _flat(qpm.kkt_condition(tuple(ww), *theta), i)
+
+        J_ad = torch.autograd.functional.jacobian(F_i, _flat(w, i))
+        torch.testing.assert_close(J[i], J_ad, rtol=0, atol=1e-14)
+
+
+def test_hand_written_products_match_the_jacobian():
+    w, theta = _point(1)
+    J = qpm._jacobian_x(w, *theta)
+    rng = np.random.default_rng(5)
+    v = tuple(torch.tensor(rng.standard_normal(t.shape)) for t in w)
+    flat_v = torch.cat([v[0], v[1], v[2], v[3][:, None]], 1)
+    jv = qpm._jvp_x(v, w, *theta)
+    vj = qpm._vjp_x(v, w, *theta)
+    torch.testing.assert_close(torch.cat([jv[0], jv[1], jv[2], jv[3][:, None]], 1),
+                               (J @ flat_v[..., None])[..., 0], rtol=0, atol=1e-13)
+    torch.testing.assert_close(torch.cat([vj[0], vj[1], vj[2], vj[3][:, None]], 1),
+                               (J.mT @ flat_v[..., None])[..., 0], rtol=0, atol=1e-13)
+    # the products with the data: against autodiff of the condition in θ
+    u = tuple(torch.tensor(rng.standard_normal(t.shape)) for t in w)
+    th = tuple(t.clone().requires_grad_() for t in theta)
+    r = qpm.kkt_condition(w, *th)
+    g_ad = torch.autograd.grad(r[:3], th, u[:3])  # the ok row does not depend on θ
+    for a, b in zip(qpm._vjp_args(u, w, *theta), g_ad):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    dth = tuple(torch.tensor(rng.standard_normal(t.shape)) for t in theta)
+    _, jd = torch.func.jvp(lambda *t: qpm.kkt_condition(w, *t), theta, dth)
+    for a, b in zip(qpm._jvp_args(dth, w, *theta), jd):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_gradients_do_not_depend_on_the_given_matrix(monkeypatch):
+    # the same gradient with the Jacobian handed to Dense and with Dense building it from
+    # products: jacobian_x is only a shortcut
+    from implicitdiff import _gallery
+
+    args = [torch.tensor(a, requires_grad=True) for a in _gallery._qp_args()]
+    c = torch.linspace(-1, 1, args[1].shape[0], dtype=torch.float64)
+    g1 = torch.autograd.grad((c * idf.qp.solve_qp(*args)).sum(), args)
+    monkeypatch.setattr(qpm, "_DERIVATIVES",
+                        dataclasses.replace(qpm._DERIVATIVES, jacobian_x=None))
+    monkeypatch.setattr(qpm, "_FUNCTIONS", {})
+    g2 = torch.autograd.grad((c * idf.qp.solve_qp(*args)).sum(), args)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_matrix_reaches_the_dense_solver(monkeypatch):
+    calls = []
+    real = qpm._jacobian_x
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(qpm, "_DERIVATIVES",
+                        dataclasses.replace(qpm._DERIVATIVES, jacobian_x=spy))
+    monkeypatch.setattr(qpm, "_FUNCTIONS", {})
+    from implicitdiff import _gallery
+
+    args = [torch.tensor(a, requires_grad=True) for a in _gallery._qp_args()]
+    idf.qp.solve_qp(*args).sum().backward()
+    assert calls, "Dense built the KKT matrix from products instead of jacobian_x"
