@@ -156,6 +156,8 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
         ok = ((_inf(rd) <= tol * scale) & (_inf(rp) <= tol * scale) & (_inf(ri) <= tol * scale)
               & (mu <= tol * scale))
         done |= ok | ~np.isfinite(mu) | ~np.isfinite(_inf(rd))
+        # complementarity collapsed while the residuals stall: no further progress possible
+        done |= (mu < 1e-6 * tol * scale) & ~ok & (k > 0)
         if k == maxiter or done.all():
             break
         i = np.nonzero(~done)[0]
@@ -172,6 +174,10 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
                       rp=rp):
             r1 = -rd[i] - _mtv(Gi, D * ri[i] - rc / si)
             d = solve_m(np.concatenate([r1, -rp[i]], axis=1))
+            # one step of iterative refinement against the unregularized system (the
+            # regularization would otherwise stall the residuals at its own size)
+            corr = np.concatenate([d[:, :n], -d[:, n:]], axis=1) * reg[i, None]
+            d = d + solve_m(corr)
             dx, dy = d[:, :n], d[:, n:]
             dz = D * (ri[i] + _mv(Gi, dx)) - rc / si
             ds = -ri[i] - _mv(Gi, dx)
@@ -284,7 +290,7 @@ def closest_shift(A, b, G, h, *, tol: float, maxiter: int):
     q1 = np.zeros((B, N))
     A1 = np.concatenate([A, -np.eye(p)[None].repeat(B, 0), np.zeros((B, p, m))], axis=2)
     G1 = np.concatenate([G, np.zeros((B, m, p)), -np.eye(m)[None].repeat(B, 0)], axis=2)
-    x1, *_ = ipm(Q1, q1, A1, b, G1, h, tol=tol, maxiter=maxiter)
+    x1, *_ = ipm(Q1, q1, A1, b, G1, h, tol=max(tol, 1e-9), maxiter=maxiter)
     return x1[:, n:n + p], x1[:, n + p:]
 
 
