@@ -490,3 +490,78 @@ def test_projection_derivative_never_nan_at_repeated_eigenvalues():
     _, jv = torch.func.jvp(lambda v: idf.conditions.projection_cone(v, cones), (w2.detach(),),
                            (torch.ones_like(w2),))
     assert torch.isfinite(jv).all()
+
+
+def test_condition_products_agree():
+    """The hand-written products (`F.derivatives`) and `jacobian_x` are the Jacobian of F that
+    torch's autodiff takes, batched or not, with and without P; jvp/vjp pass the dot test."""
+    torch = pytest.importorskip("torch")
+    cones = idf.conditions.Cones(zero=2, nonnegative=3, second_order=(3, 4), psd=(3, 2))
+    F = idf.conditions.cone_program(cones)
+    d = F.derivatives
+    rng = np.random.default_rng(11)
+    n, m = 5, cones.size
+    for batch in ((), (2,)):
+        x = rng.normal(size=(*batch, n))
+        w = rng.normal(size=(*batch, m))
+        A, b, c = rng.normal(size=(m, n)), rng.normal(size=m), rng.normal(size=n)
+        P0 = rng.normal(size=(n, n))
+        for P in (None, P0 @ P0.T):
+            args = (A, b, c) if P is None else (A, b, c, P)
+            targs = tuple(torch.tensor(a) for a in args)
+
+            def flat(v, targs=targs):
+                return torch.cat(F((v[..., :n], v[..., n:]), *targs), -1)
+
+            zs = np.concatenate([x, w], -1).reshape(-1, n + m)
+            Jref = np.stack([torch.autograd.functional.jacobian(flat, torch.tensor(z)).numpy()
+                             for z in zs]).reshape(*batch, n + m, n + m)
+            np.testing.assert_allclose(d.jacobian_x((x, w), *args), Jref, atol=1e-13)
+            v = (rng.normal(size=x.shape), rng.normal(size=w.shape))
+            u = (rng.normal(size=x.shape), rng.normal(size=w.shape))
+            Jv = np.concatenate(d.jvp_x(v, (x, w), *args), -1)
+            np.testing.assert_allclose(
+                Jv, np.einsum("...ij,...j->...i", Jref, np.concatenate(v, -1)), atol=1e-12)
+            JTu = np.concatenate(d.vjp_x(u, (x, w), *args), -1)
+            np.testing.assert_allclose(
+                JTu, np.einsum("...ji,...j->...i", Jref, np.concatenate(u, -1)), atol=1e-12)
+            dargs = tuple(rng.normal(size=np.shape(a)) for a in args)
+            lhs = sum(float(np.sum(p * q)) for p, q in zip(d.jvp_args(dargs, (x, w), *args), u))
+            rhs = sum(float(np.sum(p * q)) for p, q in zip(d.vjp_args(u, (x, w), *args), dargs))
+            assert abs(lhs - rhs) <= 1e-11 * max(1.0, abs(lhs))
+
+
+def test_several_variables_attributes_and_scalars():
+    """Variables with attributes (nonneg, PSD), a scalar variable and a scalar parameter."""
+    torch = pytest.importorskip("torch")
+    x, t, Y = cp.Variable(3, nonneg=True), cp.Variable(), cp.Variable((2, 2), PSD=True)
+    q, s, M = cp.Parameter(3), cp.Parameter(), cp.Parameter((2, 2))
+    prob = cp.Problem(cp.Minimize(q @ x + 0.5 * cp.sum_squares(x) + t + cp.trace(M @ Y)
+                                  + cp.sum_squares(Y)), [t >= s, cp.sum(x) <= 2,
+                                                         cp.trace(Y) == 1])
+    layer = icp.Layer(prob, [q, s, M], [x, t, Y])
+    vals = (np.array([-0.5, 0.3, -0.2]), 0.3, np.array([[1.0, 0.2], [0.2, -0.5]]))
+    out = layer(*vals)
+    ref = cvxpy_solution(prob, [q, s, M], [x, t, Y], vals)
+    for o, r in zip(out, ref):
+        np.testing.assert_allclose(o, r, atol=1e-7)
+    ts = [torch.tensor(np.asarray(v, dtype=float), requires_grad=True) for v in vals]
+    o = layer(*ts)
+    gq, gs, _ = torch.autograd.grad(o[0].sum() + o[1] + o[2][0, 1], ts)
+    assert float(gs) == pytest.approx(1.0, abs=1e-9)  # t* = s
+    # x* = max(0, -q) here (the sum constraint inactive): d sum(x)/dq = -1 where x > 0
+    np.testing.assert_allclose(gq.numpy(), [-1.0, 0.0, -1.0], atol=1e-9)
+
+
+def test_inaccurate_solution_is_refused_without_polish():
+    """Without the Newton polish, an SDP solved to Clarabel's default tolerances leaves the
+    condition's residual near 1e-6 (interior-point SDP accuracy): the core's residual check
+    refuses it instead of returning a derivative accurate to the solver's tolerance only."""
+    prob, params, variables, vals, _, _ = setup("sdp")
+    loose = icp.Layer(prob, params, variables, refine=False, on_failure="raise",
+                      solver_args=dict(tol_gap_abs=1e-8, tol_gap_rel=1e-8, tol_feas=1e-8))
+    with pytest.raises(idf.NonConvergenceError, match="stopped far from the root"):
+        loose(*vals)
+    polished = icp.Layer(prob, params, variables,
+                         solver_args=dict(tol_gap_abs=1e-8, tol_gap_rel=1e-8, tol_feas=1e-8))
+    np.testing.assert_allclose(polished(*vals)[0], sdp_exact(vals)[0], atol=1e-12)

@@ -312,13 +312,16 @@ def _parts(cones: Cones, xp: Any, w0: Any) -> tuple[Any, Callable[[Any], Any]]:
     groups = [g for _, g in plan["soc"]] + [p[1] for p in plan["psd"]]
 
     def assemble(ps: list) -> Any:
+        cat = xp.concat(ps, axis=-1)
         if not groups:  # no second-order or PSD block: already in order
-            return xp.concat(ps, axis=-1)
-        return xp.take(xp.concat(ps, axis=-1), inv, axis=w0.ndim - 1)
+            return cat
+        return xp.take(cat, inv, axis=cat.ndim - 1)
 
     value = assemble(pieces)
 
     def jac(v: Any) -> Any:
+        if tuple(v.shape[:-1]) != tuple(w0.shape[:-1]):  # extra leading axes (columns of J)
+            v = v + xp.zeros((*w0.shape[:-1], 1), dtype=v.dtype, device=_device(v))
         ps = [v[..., :f], xp.where(pos, v[..., f:f + l], xp.zeros_like(v[..., f:f + l]))]
         for g, jc in zip(groups, jacs):
             ps.append(xp.reshape(jc(_take(xp, v, _const(xp, g, v))), (*v.shape[:-1], -1)))
@@ -487,7 +490,29 @@ def cone_program(cones: Cones) -> ConeProgram:
             out.append(_sum_to(xp, u1[..., :, None] * x[..., None, :], P))
         return tuple(out)
 
-    d = Derivatives(jvp_x=jvp_x, vjp_x=vjp_x, jvp_args=jvp_args, vjp_args=vjp_args)
+    def jacobian_x(z: Any, A: Any, b: Any, c: Any, P: Any = None) -> Any:
+        # [[P, Aᵀ D], [A, D - I]] on the raveled (x, w), D the chosen element of ∂Π_{K*}(w)
+        # (symmetric); every backend's dense linear solvers take A from here
+        x, w = _unpack(z)
+        xp = _ns(x, w, A)
+        n, m = x.shape[-1], w.shape[-1]
+        batch = tuple(w.shape[:-1])
+        _, jac = _parts(cones, xp, w)
+        eye = xp.eye(m, dtype=w.dtype, device=_device(w))
+        cols = jac(xp.reshape(eye, (m, *([1] * len(batch)), m)))  # (m, *batch, m): J e_i
+        D = xp.permute_dims(cols, (*range(1, len(batch) + 1), len(batch) + 1, 0))
+        A_ = A + xp.zeros((*batch, 1, 1), dtype=A.dtype, device=_device(A)) if batch else A
+        At = xp.matrix_transpose(A_)
+        top_left = (P if P is not None else
+                    xp.zeros((*batch, n, n), dtype=w.dtype, device=_device(w)))
+        if tuple(top_left.shape[:-2]) != batch:
+            top_left = top_left + xp.zeros((*batch, 1, 1), dtype=w.dtype, device=_device(w))
+        top = xp.concat([top_left, xp.matmul(At, D)], axis=-1)
+        bottom = xp.concat([A_, D - eye], axis=-1)
+        return xp.concat([top, bottom], axis=-2)
+
+    d = Derivatives(jvp_x=jvp_x, vjp_x=vjp_x, jvp_args=jvp_args, vjp_args=vjp_args,
+                    jacobian_x=jacobian_x)
     return ConeProgram(F, "cone_program", cones, d)
 
 
@@ -513,34 +538,28 @@ def _sum_to(xp: Any, g: Any, like: Any) -> Any:
     return g
 
 
-def newton_refine(cones: Cones, x: np.ndarray, w: np.ndarray, A: np.ndarray, b: np.ndarray,
+def newton_refine(F: ConeProgram, x: np.ndarray, w: np.ndarray, A: np.ndarray, b: np.ndarray,
                   c: np.ndarray, P: np.ndarray | None, *, steps: int = 8
                   ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Semismooth Newton on the condition (NumPy, one problem, dense): refines a conic solver's
-    answer (accurate to its tolerance) to the rounding level. A step is kept only where it
-    lowers $\\max|F|$. Returns `(x, w, max|F|)`."""
-    n, m = x.shape[0], w.shape[0]
+    """Semismooth Newton on the condition `F` (a `cone_program`; NumPy, one problem, dense
+    steps with `F.derivatives.jacobian_x`): refines a conic solver's answer, accurate to its
+    tolerance, to the rounding level. A step is kept only where it lowers $\\max|F|$.
+    Returns `(x, w, max|F|)`."""
+    n = x.shape[0]
+    args = (A, b, c) if P is None else (A, b, c, P)
+    jacobian_x = F.derivatives.jacobian_x
+    assert jacobian_x is not None
 
     def resid(x_: np.ndarray, w_: np.ndarray) -> np.ndarray:
-        y = _parts(cones, np, w_)[0]
-        r1 = c + A.T @ y + (P @ x_ if P is not None else 0.0)
-        return np.concatenate([r1, A @ x_ + y - w_ - b])
+        return np.concatenate(F((x_, w_), *args))
 
     r = resid(x, w)
     best = float(np.max(np.abs(r), initial=0.0))
     for _ in range(steps):
         if not np.isfinite(best) or best == 0.0:
             break
-        _, jac = _parts(cones, np, w)
-        D = jac(np.eye(m)).T if m else np.zeros((0, 0))
-        J = np.zeros((n + m, n + m))
-        if P is not None:
-            J[:n, :n] = P
-        J[:n, n:] = A.T @ D
-        J[n:, :n] = A
-        J[n:, n:] = D - np.eye(m)
         try:
-            step = np.linalg.solve(J, -r)
+            step = np.linalg.solve(jacobian_x((x, w), *args), -r)
         except np.linalg.LinAlgError:
             break
         if not np.all(np.isfinite(step)):

@@ -214,6 +214,10 @@ class Layer:
         n, m = int(pp.x.size), int(self.cones.size)
         self.n, self.m = n, m
         self._ntheta = int(pp.total_param_size) + 1
+        if m == 0 and name == "SCS":
+            raise StructureError(
+                "Layer: the problem has no constraints in CVXPY's conic form, which SCS does "
+                "not accept (it needs m > 0). Use solver='CLARABEL' (the default).")
 
         # parameters: where each sits in the parameter vector (CVXPY's column-major vec)
         self._param_cols = []
@@ -520,7 +524,7 @@ class Layer:
                 "on_failure='nan' to get NaN for such samples.")
         w = y - slack
         if self.refine and n + m <= self.refine_max:
-            x, w, _ = newton_refine(self.cones, x, w, A, b, c, P)
+            x, w, _ = newton_refine(self.condition, x, w, A, b, c, P)
         return x, w, None
 
     def _nan(self) -> np.ndarray:
