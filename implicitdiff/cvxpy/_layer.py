@@ -445,7 +445,7 @@ class Layer:
         def cvxpy_layer(A: Any, b: Any, c: Any, P: Any = None) -> Any:
             return self._host_solve(A, b, c, P, batch_dims)
 
-        cvxpy_layer.__name__ = f"cvxpy.Layer({self.solver_name})"
+        cvxpy_layer.__name__ = f"idf.cvxpy.Layer ({self.solver_name})"
         fn = custom_root(self.condition, solve=self._linear_solve,
                          residual_tol=self._residual_tol, on_failure=self._on_failure,
                          derivatives=self.condition.derivatives, result_shape=result_shape,
