@@ -104,3 +104,38 @@ def test_the_matrix_reaches_the_dense_solver(monkeypatch):
     args = [torch.tensor(a, requires_grad=True) for a in _gallery._qp_args()]
     idf.qp.solve_qp(*args).sum().backward()
     assert calls, "Dense built the KKT matrix from products instead of jacobian_x"
+
+
+@pytest.mark.parametrize("solver", ["osqp", "clarabel", "proxsuite"])
+def test_external_solvers_give_the_built_in_solution_and_gradient(solver):
+    pytest.importorskip(solver)
+    from implicitdiff import _gallery
+
+    args = _gallery._qp_args()
+    ref = idf.qp.solve_qp(*args, full_output=True)
+    sol = idf.qp.solve_qp(*args, solver=solver, full_output=True)
+    # polished on the same active set: equal to rounding, not to the solver's tolerance
+    np.testing.assert_allclose(sol.x, ref.x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sol.z, ref.z, rtol=0, atol=1e-12)
+    ta = [torch.tensor(a, requires_grad=True) for a in args]
+    g_ref = torch.autograd.grad(idf.qp.solve_qp(*ta).sum(), ta)
+    g = torch.autograd.grad(idf.qp.solve_qp(*ta, solver=solver).sum(), ta)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # an infeasible problem: the solver's own certificate, then on_failure
+    G = np.vstack([args[4], np.eye(6)[:1], -np.eye(6)[:1]])
+    h = np.concatenate([args[5], [-1.0, -1.0]])  # x0 <= -1 and x0 >= 1
+    bad = idf.qp.solve_qp(args[0], args[1], args[2], args[3], G, h, solver=solver,
+                          on_failure="nan", full_output=True)
+    assert int(bad.stats.status) == idf.qp.PRIMAL_INFEASIBLE
+    assert np.isnan(bad.x).all()
+
+
+def test_unknown_solver_and_closest_are_refused():
+    from implicitdiff import _gallery
+
+    args = _gallery._qp_args()
+    with pytest.raises(ValueError, match="solver"):
+        idf.qp.solve_qp(*args, solver="gurobi")
+    with pytest.raises(ValueError, match="closest"):
+        idf.qp.solve_qp(*args, infeasible="closest")

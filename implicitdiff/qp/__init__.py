@@ -24,8 +24,8 @@ from .._errors import NonConvergenceError, StructureError
 from .._linear_solve import AbstractLinearSolver, Dense
 from .._root import Derivatives, ImplicitFunction, custom_root
 from . import _ipm
+from ._external import EXTERNAL, solve_external
 from ._ipm import (
-    CLOSEST,
     DUAL_INFEASIBLE,
     MAX_ITER,
     PRIMAL_INFEASIBLE,
@@ -34,7 +34,6 @@ from ._ipm import (
 )
 
 __all__ = [
-    "CLOSEST",
     "DUAL_INFEASIBLE",
     "MAX_ITER",
     "PRIMAL_INFEASIBLE",
@@ -54,8 +53,7 @@ class QPStats(NamedTuple):
 
     - `iterations`: interior-point iterations.
     - `status`: `SOLVED` (0), `PRIMAL_INFEASIBLE` (1), `DUAL_INFEASIBLE` (2, unbounded),
-      `MAX_ITER` (3, not converged), `CLOSEST` (4, infeasible; the closest feasible problem was
-      solved, with `infeasible="closest"`). `STATUS_NAMES` maps them to words.
+      `MAX_ITER` (3, not converged). `STATUS_NAMES` maps them to words.
     - `primal_residual`: $\\max(|Ax - b|, (Gx - h)_+)$ at the returned x.
     - `dual_residual`: $\\max|Qx + q + A^\\top y + G^\\top z|$.
     - `gap`: $\\max|z \\circ (h - Gx)|$.
@@ -356,8 +354,8 @@ def _where(i: int, batch: tuple) -> str:
 # ---- the host solve -----------------------------------------------------------------------------
 
 def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, Gh: np.ndarray,
-                hh: np.ndarray, *, tol: float, maxiter: int, check_eps: float
-                ) -> tuple[tuple, dict]:
+                hh: np.ndarray, *, tol: float, maxiter: int, check_eps: float,
+                solver: str = "ipm") -> tuple[tuple, dict]:
     n, p, m, batch = _dims(Qh, qh, Ah, bh, Gh, hh)
     B = int(np.prod(batch)) if batch else 1
 
@@ -375,9 +373,20 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
         raise StructureError(f"solve_qp: the data hold NaN or infinity{_where(i, batch)}. "
                              "Check the inputs.")
     _check_Q(Q, batch, check_eps)
-    x, y, z, s, it, conv, scale = _ipm.ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
-    status = np.where(conv, SOLVED, MAX_ITER)
+    if solver == "ipm":
+        x, y, z, s, it, conv, scale = _ipm.ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
+        status = np.where(conv, SOLVED, MAX_ITER)
+    else:
+        x, y, z, s, it, status = solve_external(solver, Q, q, A, b, G, h, tol=tol,
+                                                maxiter=maxiter)
+        conv = status == SOLVED
+        scale = _ipm.data_scale(Q, q, A, b, G, h)
     xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale)
+    # the polished point is an exact KKT point (feasible, z >= 0, residual at rounding): the
+    # sample is solved, whatever the solver said about its own stopping test
+    rescued = pol & (status == MAX_ITER)
+    status = np.where(rescued, SOLVED, status)
+    conv = conv | rescued
     # weakly active constraints: held inactive (z = 0), flagged
     thr = 1e-7 * scale[:, None] * (1.0 + np.max(np.abs(zp), axis=1, keepdims=True, initial=0.0))
     slack = h - (G @ xp_[..., None])[..., 0]
@@ -391,8 +400,8 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
     y = np.where(use[:, None], np.where(pol[:, None], yp, y), 0.0)
     z = np.where(use[:, None], np.where(pol[:, None], zp, np.where(active, np.maximum(z, 0), 0)),
                  0.0)
-    if (~conv).any():
-        i = np.nonzero(~conv)[0]
+    if (status == MAX_ITER).any():  # not converged: infeasible, unbounded, or slow?
+        i = np.nonzero(status == MAX_ITER)[0]
         st, _, _ = _ipm.infeasibility(Q[i], q[i], A[i], b[i], G[i], h[i], tol=tol,
                                       maxiter=maxiter, scale=scale[i])
         status[i] = st
@@ -441,8 +450,8 @@ def _failure(status: Any, batch: tuple) -> NonConvergenceError:
         f"solve_qp: {len(bad)} of {max(st.size, 1)} QP(s) have no solution to differentiate: "
         f"{where}{more}. Check those problems' constraints (an infeasible one has no point "
         "satisfying Ax = b, Gx <= h; an unbounded one a direction d with Qd = 0, Ad = 0, "
-        "Gd <= 0, qᵀd < 0), raise maxiter for a slow one, pass infeasible='closest' to solve the "
-        "closest feasible problem, or on_failure='nan' to make only those samples NaN.")
+        "Gd <= 0, qᵀd < 0), raise maxiter for a slow one, or pass on_failure='nan' to make "
+        "only those samples NaN.")
 
 
 def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any = None, *,
@@ -471,14 +480,17 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
       `q`. NumPy, JAX or PyTorch arrays (NumPy arrays beside another framework's are its
       constants), float32 or float64: the solve runs in float64 on the host, the outputs have
       the inputs' dtype.
-    - `solver`: `"ipm"`, the built-in batched primal-dual interior-point method (Mehrotra
-      predictor-corrector; each sample stops on its own), polished on its active set.
+    - `solver`: `"ipm"` (default), the built-in batched primal-dual interior-point method
+      (Mehrotra predictor-corrector; each sample stops on its own); or an external solver
+      where installed, run on the host one sample at a time: `"osqp"`, `"clarabel"`,
+      `"proxsuite"` (ProxQP). Either way the answer is polished on its active set and
+      differentiated the same way.
     - `tol`: the interior-point stopping tolerance (relative to the data's size; default
       1e-9). The answer is then polished, so it is exact to rounding whatever `tol`, once the
       active set is identified.
     - `maxiter`: interior-point iterations per sample (default 100).
-    - `infeasible`: `"fail"` (default): an infeasible or unbounded sample is a failure, handled
-      by `on_failure`.
+    - `infeasible`: `"fail"` (the only value for now): an infeasible or unbounded sample is a
+      failure, handled by `on_failure`.
     - `on_failure`: `"raise"` (a `NonConvergenceError` naming the failed samples and why),
       `"warn"`, or `"nan"` (only the failed samples' outputs are NaN; the others keep exact
       values and gradients, and a failed sample adds nothing to the gradient of a shared
@@ -501,10 +513,16 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
 
     **Returns:** `x` (..., n), or `QPSolution` with `full_output=True`.
     """
-    if solver != "ipm":
-        raise ValueError(f"solve_qp: solver: expected 'ipm', got {solver!r}.")
-    if infeasible not in ("fail",):
-        raise ValueError(f"solve_qp: infeasible: expected 'fail', got {infeasible!r}.")
+    if solver != "ipm" and solver not in EXTERNAL:
+        raise ValueError(f"solve_qp: solver: expected 'ipm' or one of "
+                         f"{', '.join(map(repr, EXTERNAL))}, got {solver!r}.")
+    if infeasible != "fail":
+        raise ValueError(
+            f"solve_qp: infeasible: expected 'fail', got {infeasible!r}. (The closest feasible "
+            "problem, infeasible='closest', is not implemented yet: its feasible set has no "
+            "interior and its active constraints are dependent, so neither the forward solve nor "
+            "the derivative is well posed without a least-squares rule. Use on_failure='nan' to "
+            "drop infeasible samples.)")
     if (A is None) != (b is None):
         raise StructureError("solve_qp: A and b go together: got "
                              f"{'A' if b is None else 'b'} without "
@@ -532,8 +550,8 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
     if G is None:
         G, h = xp.zeros((0, n), dtype=q.dtype), xp.zeros((0,), dtype=q.dtype)
     n, _p, _m, batch = _check_inputs(bk, Q, q, A, b, G, h)
-    fn = qp_function(tol=tol, maxiter=maxiter, on_failure=on_failure, solve=solve,
-                     batch_dims=len(batch))
+    fn = qp_function(solver=solver, tol=tol, maxiter=maxiter, on_failure=on_failure,
+                     solve=solve, batch_dims=len(batch))
     (x, y, z, ok), aux = fn(Q, q, A, b, G, h)
     x, y, z = bk.handle_failure((x, y, z), ok > 0.5, on_failure,
                                 lambda st: _failure(st, batch), aux["status"])
@@ -564,7 +582,7 @@ def _specs(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple:
 _FUNCTIONS: dict = {}
 
 
-def qp_function(*, tol: float | None = None, maxiter: int | None = None,
+def qp_function(*, solver: str = "ipm", tol: float | None = None, maxiter: int | None = None,
                 on_failure: str | None = None, solve: AbstractLinearSolver | None = None,
                 batch_dims: int = 0) -> ImplicitFunction:
     """The `idf.custom_root` solver behind `solve_qp`, for `idf.vjp`, `idf.jvp` and
@@ -588,7 +606,7 @@ def qp_function(*, tol: float | None = None, maxiter: int | None = None,
     dQ, dq, dA, db, dG, dh = pullback((np.ones(2), np.zeros(0), np.zeros(1), np.array(0.0)))
     ```
     """
-    key = (tol, maxiter, on_failure, solve, batch_dims)
+    key = (solver, tol, maxiter, on_failure, solve, batch_dims)
     try:
         hit = _FUNCTIONS.get(key)
     except TypeError:  # an unhashable linear solver
@@ -606,7 +624,7 @@ def qp_function(*, tol: float | None = None, maxiter: int | None = None,
         dtype = _np_dtype(q)
         with np.errstate(all="ignore"):  # failed samples overflow; the status says so
             w, aux = _host_solve(*th, tol=tol_, maxiter=maxiter_,
-                                 check_eps=float(np.finfo(dtype).eps))
+                                 check_eps=float(np.finfo(dtype).eps), solver=solver)
         specs = _specs(*th)
         w = tuple(np.asarray(a, dtype=dtype) for a in w)
         aux = {k: np.asarray(v, dtype=specs[1][k].dtype) for k, v in aux.items()}

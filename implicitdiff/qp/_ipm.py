@@ -11,38 +11,15 @@ Ax = b) and z ≥ 0 (of Gx ≤ h):  Qx + q + Aᵀy + Gᵀz = 0,  z∘s = 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 SOLVED = 0
 PRIMAL_INFEASIBLE = 1
 DUAL_INFEASIBLE = 2
 MAX_ITER = 3
-CLOSEST = 4
 STATUS_NAMES = {SOLVED: "solved", PRIMAL_INFEASIBLE: "primal infeasible",
-                DUAL_INFEASIBLE: "dual infeasible (unbounded)", MAX_ITER: "not converged",
-                CLOSEST: "infeasible, closest feasible problem solved"}
+                DUAL_INFEASIBLE: "dual infeasible (unbounded)", MAX_ITER: "not converged"}
 
-_EPS = float(np.finfo(np.float64).eps)
-
-
-@dataclass
-class HostResult:
-    """What the host solve returns for a batch of `B` problems (NumPy, float64)."""
-
-    x: np.ndarray          # (B, n)
-    y: np.ndarray          # (B, p)
-    z: np.ndarray          # (B, m), 0 exactly on inactive constraints
-    status: np.ndarray     # (B,) int
-    iterations: np.ndarray  # (B,) int
-    primal_residual: np.ndarray  # (B,) max |Ax - b|, max (Gx - h)_+
-    dual_residual: np.ndarray    # (B,) max |Qx + q + Aᵀy + Gᵀz|
-    gap: np.ndarray        # (B,) max |z∘(h - Gx)|
-    active: np.ndarray     # (B, m) bool
-    degenerate: np.ndarray  # (B,) bool
-    h_used: np.ndarray | None = None  # (B, m): h + shift where infeasible="closest"
-    b_used: np.ndarray | None = None  # (B, p)
 
 
 def _mv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -120,12 +97,17 @@ def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
         return _ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
 
 
+def data_scale(Q, q, A, b, G, h) -> np.ndarray:
+    """1 + the largest entry of each sample's data: the scale of the tolerances."""
+    B = q.shape[0]
+    return 1.0 + np.maximum.reduce([_inf(q), _inf(b), _inf(h), _inf(Q.reshape(B, -1)),
+                                    _inf(A.reshape(B, -1)), _inf(G.reshape(B, -1))])
+
+
 def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
     B, n = q.shape
     p, m = b.shape[1], h.shape[1]
-    scale = 1.0 + np.maximum.reduce([_inf(q), _inf(b), _inf(h),
-                                     _inf(Q.reshape(B, -1)), _inf(A.reshape(B, -1)),
-                                     _inf(G.reshape(B, -1))])
+    scale = data_scale(Q, q, A, b, G, h)
     reg = 1e-9 * scale
     # start: the equality-constrained least-squares point of Q + GᵀG
     eye_n = np.eye(n)
@@ -158,6 +140,9 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
         done |= ok | ~np.isfinite(mu) | ~np.isfinite(_inf(rd))
         # complementarity collapsed while the residuals stall: no further progress possible
         done |= (mu < 1e-6 * tol * scale) & ~ok & (k > 0)
+        # diverging multipliers or iterate: the mark of an infeasible or unbounded problem
+        # (`infeasibility` then decides which)
+        done |= np.maximum.reduce([_inf(x), _inf(y), _inf(z)]) > 1e9 * scale
         if k == maxiter or done.all():
             break
         i = np.nonzero(~done)[0]
