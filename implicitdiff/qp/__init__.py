@@ -219,13 +219,24 @@ def _vjp_x(u: Any, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> An
 
 
 def _jvp_args(args_dot: tuple, w: Any, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
-    dQ, dq, dA, db, dG, dh = args_dot
+    dQ, dq, dA, db, dG, dh = args_dot  # None: no tangent for that input
     x, y, z, ok = w
     xp = get_backend(x).namespace(x)
     s = (ok * ok)[..., None]
-    d1 = _qx(dQ, x) + dq + _mtv(dA, y) + _mtv(dG, z)
-    d2 = _mv(dA, x) - db
-    d3 = xp.where(z > 0, _mv(dG, x) - dh, xp.zeros_like(z))
+    d1, d2, d3 = xp.zeros_like(x), xp.zeros_like(y), xp.zeros_like(z)
+    if dQ is not None:
+        d1 = d1 + _qx(dQ, x)
+    if dq is not None:
+        d1 = d1 + dq
+    if dA is not None:
+        d1, d2 = d1 + _mtv(dA, y), d2 + _mv(dA, x)
+    if db is not None:
+        d2 = d2 - db
+    if dG is not None:
+        d1, d3 = d1 + _mtv(dG, z), d3 + _mv(dG, x)
+    if dh is not None:
+        d3 = d3 - dh
+    d3 = xp.where(z > 0, d3, xp.zeros_like(z))
     return (s * d1, s * d2, s * d3, xp.zeros_like(ok))
 
 
