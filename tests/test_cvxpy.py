@@ -565,3 +565,23 @@ def test_inaccurate_solution_is_refused_without_polish():
     polished = icp.Layer(prob, params, variables,
                          solver_args=dict(tol_gap_abs=1e-8, tol_gap_rel=1e-8, tol_feas=1e-8))
     np.testing.assert_allclose(polished(*vals)[0], sdp_exact(vals)[0], atol=1e-12)
+
+
+def test_implicitdiff_check_takes_a_layer(capsys):
+    # `implicitdiff check` on a CVXPY layer: its cone-program solver and data at one sample
+    from implicitdiff.cli._check import _Case, run_check
+
+    n, m = 5, 3
+    x = cp.Variable(n)
+    q, G, h = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x) + q @ x), [G @ x <= h])
+    layer = icp.Layer(prob, parameters=[q, G, h], variables=[x])
+    rng = np.random.default_rng(3)
+    solver, args = layer.check_problem(rng.normal(size=n), rng.normal(size=(m, n)),
+                                       rng.uniform(0.1, 1.0, m))
+    rows = run_check([_Case("cvxpy-qp", solver, args)], ["numpy"])
+    assert {r.mode for r in rows} == {"jvp", "vjp"}
+    assert all(r.status == "ok" for r in rows), capsys.readouterr().out
+    with pytest.raises(idf.StructureError, match="one sample"):
+        layer.check_problem(rng.normal(size=(2, n)), rng.normal(size=(m, n)),
+                            rng.uniform(0.1, 1.0, m))

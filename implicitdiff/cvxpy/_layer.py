@@ -347,6 +347,25 @@ class Layer:
         x, _ = self._solve_data(bk, A, b, c, P, batched)
         return self._outputs(xp, x)
 
+    def check_problem(self, *values: Any) -> tuple[ImplicitFunction, tuple]:
+        """`(solver, args)` for `implicitdiff check`: the layer's decorated cone-program solver
+        and its data $(A, b, c[, P])$ at the parameter `values` (NumPy, one sample), so the
+        check compares the layer's derivatives across frameworks and with finite differences.
+        The parameters-to-data map in front of it is affine, differentiated by the framework.
+
+        ```python
+        def make():            # in problems.py; then: implicitdiff check problems:make
+            return layer.check_problem(q_value, G_value, h_value)
+        ```
+        """
+        _, xp, theta, batched = self._theta(tuple(np.asarray(v, dtype=np.float64)
+                                                  for v in values))
+        if batched:
+            raise StructureError("Layer.check_problem: expected the values of one sample, got a "
+                                 "batch. Pass one sample's parameter values.")
+        data = tuple(np.asarray(a) for a in self._data(xp, theta) if a is not None)
+        return self._implicit(0), data
+
     def _theta(self, values: tuple) -> tuple[Any, Any, Any, bool]:
         if len(values) != len(self.parameters):
             raise StructureError(
