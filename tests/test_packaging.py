@@ -4,7 +4,10 @@ subpackage (an editable install finds them anyway, so nothing else would notice)
 from __future__ import annotations
 
 import pathlib
-import tomllib
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

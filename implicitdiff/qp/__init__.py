@@ -400,13 +400,18 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
     rescued = pol & (status == MAX_ITER)
     status = np.where(rescued, SOLVED, status)
     conv = conv | rescued
-    # weakly active constraints: held inactive (z = 0), flagged
-    thr = 1e-7 * scale[:, None] * (1.0 + np.max(np.abs(zp), axis=1, keepdims=True, initial=0.0))
-    slack = h - (G @ xp_[..., None])[..., 0]
-    weak = active & (zp <= thr)
-    near = ~active & (slack <= 1e-7 * scale[:, None] * (1.0 + np.abs(h)))
+    # weakly active constraints (a zero multiplier): held inactive, flagged, and the point
+    # solved again without them so the condition holds exactly
+    weak, near = _ipm.weakly_active(Q, q, A, b, G, h, xp_, yp, zp, active)
     degenerate = (weak | near).any(axis=1) & conv
+    redo = np.nonzero(weak.any(axis=1) & pol)[0]
     active = active & ~weak
+    if len(redo):
+        xr, yr, zr, good = _ipm._solve_active(Q[redo], q[redo], A[redo], b[redo], G[redo],
+                                              h[redo], active[redo])
+        xp_[redo], yp[redo] = xr, yr
+        zp[redo] = np.maximum(zr, 0.0)
+        pol[redo] &= good
     zp = np.where(active, zp, 0.0)
     use = conv  # converged samples: the polished point (when the polish failed, the IPM's)
     x = np.where(use[:, None], np.where(pol[:, None], xp_, x), 0.0)

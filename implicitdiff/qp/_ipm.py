@@ -209,36 +209,56 @@ def kkt_matrix(Q, A, G, active):
     return K
 
 
-def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6):
+def _solve_active(Q, q, A, b, G, h, active):
+    """The KKT point of the equality-constrained QP of `active`, and whether the solve is
+    trustworthy (finite, and its residual at rounding relative to |K||w| + |rhs|)."""
+    n, p = q.shape[1], b.shape[1]
+    K = kkt_matrix(Q, A, G, active)
+    rhs = np.concatenate([-q, b, np.where(active, h, 0.0)], axis=1)
+    w = _solve(K, rhs)
+    good = np.all(np.isfinite(w), axis=1)
+    wf = np.where(np.isfinite(w), w, 0.0)
+    size = _inf(_mv(np.abs(K), np.abs(wf))) + _inf(rhs)
+    good &= _inf(_mv(K, wf) - rhs) <= 1e-8 * np.maximum(size, 1e-300)
+    return wf[:, :n], wf[:, n:n + p], wf[:, n + p:], good
+
+
+def row_scales(Q, q, A, G, h, x, y, z):
+    """Scale-invariant yardsticks: per inequality row, the size of its primal terms
+    ($|h_i| + \\|G_i\\|_\\infty \\|x\\|_\\infty$) and of its force in the stationarity
+    condition ($z_i \\|G_i\\|_\\infty$), and per sample the size of the stationarity terms."""
+    gn = np.max(np.abs(G), axis=2) if G.shape[2] else np.zeros(G.shape[:2])
+    primal = np.abs(h) + gn * _inf(x)[:, None]
+    force = np.abs(z) * gn
+    stat = np.maximum.reduce([_inf(_mv(Q, x)), _inf(q), _inf(_mtv(A, y)),
+                              np.max(force, axis=1, initial=0.0)])
+    return primal, force, np.maximum(stat, 1e-300)
+
+
+def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6, tol: float = 1e-9):
     """Solve the equality-constrained QP of the identified active set exactly (to rounding).
 
     Starts from `z > s` and repairs the set (adds violated constraints, drops negative
-    multipliers) for a few rounds. Returns `(x, y, z, active, ok)`; rows where no consistent
-    active set was found keep the interior-point answer (`ok` False)."""
-    B, n = q.shape
-    p, _m = b.shape[1], h.shape[1]
+    multipliers; both measured row by row, relative to the row's own terms, so the scaling of
+    a row does not matter) for a few rounds. Returns `(x, y, z, active, ok)`; rows where no
+    consistent active set was found keep the interior-point answer (`ok` False)."""
+    B = q.shape[0]
     active = z > s
     xo, yo, zo = x.copy(), y.copy(), np.where(active, np.maximum(z, 0.0), 0.0)
     ok = np.zeros(B, dtype=bool)
     todo = np.ones(B, dtype=bool)
-    feas = 1e-9 * scale
     for _ in range(rounds):
         i = np.nonzero(todo)[0]
         if len(i) == 0:
             break
-        K = kkt_matrix(Q[i], A[i], G[i], active[i])
-        rhs = np.concatenate([-q[i], b[i], np.where(active[i], h[i], 0.0)], axis=1)
-        w = _solve(K, rhs)
-        good = np.all(np.isfinite(w), axis=1)
-        xi, yi, zi = w[:, :n], w[:, n:n + p], w[:, n + p:]
-        viol = (_mv(G[i], xi) - h[i]) > feas[i, None]
-        neg = active[i] & (zi < -feas[i, None])
-        # the residual of the solve itself (a singular K gives a wrong w without failing)
-        res = _inf(_mv(K, np.where(np.isfinite(w), w, 0)) - rhs)
-        good &= res <= 1e-8 * scale[i] * (1.0 + _inf(np.where(np.isfinite(w), w, 0)))
+        xi, yi, zi, good = _solve_active(Q[i], q[i], A[i], b[i], G[i], h[i], active[i])
+        primal, force, stat = row_scales(Q[i], q[i], A[i], G[i], h[i], xi, yi, zi)
+        viol = (_mv(G[i], xi) - h[i]) > tol * primal
+        neg = active[i] & (zi < 0) & (force > tol * stat[:, None])
         fine = good & ~viol.any(axis=1) & ~neg.any(axis=1)
         j = i[fine]
-        xo[j], yo[j], zo[j] = xi[fine], yi[fine], np.where(active[j], zi[fine], 0.0)
+        xo[j], yo[j] = xi[fine], yi[fine]
+        zo[j] = np.where(active[j], np.maximum(zi[fine], 0.0), 0.0)
         ok[j] = True
         todo[j] = False
         rep = i[good & ~fine]
@@ -250,6 +270,16 @@ def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6):
             active[rep] = a
         todo[i[~good]] = False
     return xo, yo, zo, active, ok
+
+
+def weakly_active(Q, q, A, b, G, h, x, y, z, active, *, tol: float = 1e-9):
+    """Per row: active with a multiplier whose force $z_i\\|G_i\\|$ is at rounding level
+    against the stationarity terms (`weak`), and inactive with a slack at rounding level
+    against the row's terms (`near`)."""
+    primal, force, stat = row_scales(Q, q, A, G, h, x, y, z)
+    weak = active & (force <= tol * stat[:, None])
+    near = ~active & ((h - _mv(G, x)) <= tol * primal)
+    return weak, near
 
 
 def residuals(Q, q, A, b, G, h, x, y, z):
