@@ -6,6 +6,7 @@ answer on its active set and differentiates it as it does the built-in solver's.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -34,7 +35,7 @@ def _osqp(mod, Q, q, A, b, G, h, tol, maxiter):
     m_ = mod.OSQP()
     m_.setup(P=sp.csc_matrix(np.triu(Q)), q=q, A=sp.csc_matrix(np.vstack([A, G])),
              l=np.concatenate([b, np.full(len(h), -np.inf)]), u=np.concatenate([b, h]),
-             eps_abs=tol, eps_rel=tol, max_iter=max(maxiter, 4000) * 10, polish=True,
+             eps_abs=tol, eps_rel=tol, max_iter=max(maxiter, 4000) * 10, polish=False,
              verbose=False)
     r = m_.solve()
     status = {"solved": SOLVED, "primal infeasible": PRIMAL_INFEASIBLE,
@@ -85,7 +86,9 @@ def solve_external(name: str, Q, q, A, b, G, h, *, tol: float, maxiter: int):
     for k in range(B):
         try:
             out = _RUN[name](mod, Q[k], q[k], A[k], b[k], G[k], h[k], tol, maxiter)
-        except Exception:  # the solver's own failure: this sample is not solved
+        except Exception as e:  # the solver's own failure: this sample is not solved
+            warnings.warn(f"solve_qp: solver={name!r} failed on sample {k}: "
+                          f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
             continue
         x[k], y[k], z[k], status[k], its[k] = out
     bad = ~np.isfinite(x).all(1) | ~np.isfinite(y).all(1) | ~np.isfinite(z).all(1)
