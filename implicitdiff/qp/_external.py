@@ -35,7 +35,7 @@ def _osqp(mod, Q, q, A, b, G, h, tol, maxiter):
     m_ = mod.OSQP()
     m_.setup(P=sp.csc_matrix(np.triu(Q)), q=q, A=sp.csc_matrix(np.vstack([A, G])),
              l=np.concatenate([b, np.full(len(h), -np.inf)]), u=np.concatenate([b, h]),
-             eps_abs=tol, eps_rel=tol, max_iter=max(maxiter, 4000) * 10, polish=False,
+             eps_abs=tol, eps_rel=tol, max_iter=max(maxiter, 4000) * 10,
              verbose=False)
     r = m_.solve()
     status = {"solved": SOLVED, "primal infeasible": PRIMAL_INFEASIBLE,
