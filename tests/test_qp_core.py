@@ -5,6 +5,7 @@ solver uses) and the hand-written products of the NumPy reference, against autod
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -113,7 +114,10 @@ def test_external_solvers_give_the_built_in_solution_and_gradient(solver):
 
     args = _gallery._qp_args()
     ref = idf.qp.solve_qp(*args, full_output=True)
-    sol = idf.qp.solve_qp(*args, solver=solver, full_output=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the solver ran (no failure turned into a warning)
+        sol = idf.qp.solve_qp(*args, solver=solver, full_output=True)
+    assert int(sol.stats.iterations) > 0
     # polished on the same active set: equal to rounding, not to the solver's tolerance
     np.testing.assert_allclose(sol.x, ref.x, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sol.z, ref.z, rtol=0, atol=1e-12)

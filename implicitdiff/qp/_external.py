@@ -85,7 +85,10 @@ def solve_external(name: str, Q, q, A, b, G, h, *, tol: float, maxiter: int):
     status, its = np.full(B, MAX_ITER), np.zeros(B, dtype=np.int64)
     for k in range(B):
         try:
-            out = _RUN[name](mod, Q[k], q[k], A[k], b[k], G[k], h[k], tol, maxiter)
+            with warnings.catch_warnings():  # the solvers' own API deprecation notices
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", PendingDeprecationWarning)
+                out = _RUN[name](mod, Q[k], q[k], A[k], b[k], G[k], h[k], tol, maxiter)
         except Exception as e:  # the solver's own failure: this sample is not solved
             warnings.warn(f"solve_qp: solver={name!r} failed on sample {k}: "
                           f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
