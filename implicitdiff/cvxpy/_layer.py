@@ -200,7 +200,7 @@ class Layer:
         import cvxpy.settings as s
 
         pp = data[s.PARAM_PROB]
-        self._solver = chain.solver
+        self._solver: Any = getattr(chain, "solver", None)
         self._check_cones(pp.cone_dims, name)
         if getattr(pp, "lb_tensor", None) is not None or getattr(pp, "ub_tensor", None) is not None:
             raise UnsupportedConeError(

@@ -11,6 +11,9 @@ Ax = b) and z ≥ 0 (of Gx ≤ h):  Qx + q + Aᵀy + Gᵀz = 0,  z∘s = 0.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 
 SOLVED = 0
@@ -87,6 +90,22 @@ def _factor(M: np.ndarray):
         return lambda r: _solve(M, r)
 
 
+def _direction(solve_m: Any, G: Any, D: Any, s: Any, ri: Any, rd: Any, rp: Any, reg: Any,
+               n: int, rc: Any) -> tuple[Any, Any, Any, Any]:
+    """The Newton direction `(dx, dy, dz, ds)` of the interior-point step with complementarity
+    right-hand side `rc`, from the factorization `solve_m` of the reduced KKT matrix."""
+    r1 = -rd - _mtv(G, D * ri - rc / s)
+    d = solve_m(np.concatenate([r1, -rp], axis=1))
+    # one step of iterative refinement against the unregularized system (the regularization
+    # would otherwise stall the residuals at its own size)
+    corr = np.concatenate([d[:, :n], -d[:, n:]], axis=1) * reg[:, None]
+    d = d + solve_m(corr)
+    dx, dy = d[:, :n], d[:, n:]
+    dz = D * (ri + _mv(G, dx)) - rc / s
+    ds = -ri - _mv(G, dx)
+    return dx, dy, dz, ds
+
+
 def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
     """Mehrotra predictor-corrector on a batch; each problem stops on its own.
 
@@ -155,18 +174,8 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
 
         solve_m = _factor(M)
 
-        def direction(rc: np.ndarray, solve_m=solve_m, Gi=Gi, D=D, si=si, i=i, ri=ri, rd=rd,
-                      rp=rp):
-            r1 = -rd[i] - _mtv(Gi, D * ri[i] - rc / si)
-            d = solve_m(np.concatenate([r1, -rp[i]], axis=1))
-            # one step of iterative refinement against the unregularized system (the
-            # regularization would otherwise stall the residuals at its own size)
-            corr = np.concatenate([d[:, :n], -d[:, n:]], axis=1) * reg[i, None]
-            d = d + solve_m(corr)
-            dx, dy = d[:, :n], d[:, n:]
-            dz = D * (ri[i] + _mv(Gi, dx)) - rc / si
-            ds = -ri[i] - _mv(Gi, dx)
-            return dx, dy, dz, ds
+        direction = functools.partial(_direction, solve_m, Gi, D, si, ri[i], rd[i], rp[i],
+                                      reg[i], n)
 
         dx, dy, dz, ds = direction(si * zi)
         if m:
