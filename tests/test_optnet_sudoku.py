@@ -163,14 +163,23 @@ def _true_rules() -> np.ndarray:
     return np.array(rows)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "solve_qp at an integral vertex, where the active constraints (48 bounds and 40 equations "
-    "on 64 variables) are linearly dependent: the polish fails and the interior-point answer "
-    "fails the residual check. Remove this mark when solve_qp handles dependent active sets."))
 def test_true_rules_solve_every_puzzle():
-    """With A the rules and z0 uniform (b = 1), the QP's solution is the puzzle's solution: the
-    relaxation is exact on these puzzles (what training should reach)."""
+    """With A the rules and z0 uniform (b = 1), every puzzle's QP solves (its tight constraints
+    are linearly dependent at the integral vertices: basic multipliers, flagged degenerate), and
+    the solution's argmax is the puzzle's solution (what training should reach); the gradient
+    with respect to the rules is finite."""
+    torch = pytest.importorskip("torch")
     A = _true_rules()
     P, S = ex.make_puzzles(20, np.random.default_rng(0), ex.all_grids())
-    x = idf.qp.solve_qp(ex._Q, -P, A=A, b=A @ np.full(64, 0.25), G=ex._G, h=ex._H)
-    np.testing.assert_allclose(x, S, atol=1e-9)
+    sol = idf.qp.solve_qp(ex._Q, -P, A=A, b=A @ np.full(64, 0.25), G=ex._G, h=ex._H,
+                          full_output=True)
+    assert (np.asarray(sol.stats.status) == idf.qp.SOLVED).all()
+    assert np.asarray(sol.stats.degenerate).any()
+    assert np.max(np.asarray(sol.stats.dual_residual)) < 1e-10
+    assert ex.solved(np.asarray(sol.x), S).all()
+    At = torch.tensor(A, requires_grad=True)
+    x = idf.qp.solve_qp(torch.tensor(ex._Q), -torch.tensor(P), A=At,
+                        b=At @ torch.full((64,), 0.25, dtype=torch.float64),
+                        G=torch.tensor(ex._G), h=torch.tensor(ex._H))
+    (x * torch.tensor(S)).sum().backward()
+    assert At.grad is not None and torch.isfinite(At.grad).all()

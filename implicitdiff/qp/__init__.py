@@ -395,6 +395,18 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
         conv = status == SOLVED
         scale = _ipm.data_scale(Q, q, A, b, G, h)
     xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale)
+    # where the polish found no consistent active set, the interior point stopped too early to
+    # tell (a multiplier and its slack both still ~sqrt(tol)): solve those again, tighter
+    again = np.nonzero(~pol & (status != PRIMAL_INFEASIBLE) & (status != DUAL_INFEASIBLE))[0]
+    if len(again) and solver == "ipm" and tol > 1e-13:
+        sub = (Q[again], q[again], A[again], b[again], G[again], h[again])
+        x2, y2, z2, s2, it2, _, scale2 = _ipm.ipm(*sub, tol=1e-13, maxiter=maxiter)
+        xq, yq, zq, act2, pol2 = _ipm.polish(*sub, x2, y2, z2, s2, scale2)
+        fix = again[pol2]
+        x[fix], y[fix], z[fix], s[fix] = x2[pol2], y2[pol2], z2[pol2], s2[pol2]
+        xp_[fix], yp[fix], zp[fix], active[fix], pol[fix] = (xq[pol2], yq[pol2], zq[pol2],
+                                                             act2[pol2], True)
+        it[again] += it2
     # the polished point is an exact KKT point (feasible, z >= 0, residual at rounding): the
     # sample is solved, whatever the solver said about its own stopping test
     rescued = pol & (status == MAX_ITER)
@@ -524,10 +536,14 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
     differences). At a degenerate point (a constraint active with a zero multiplier, flagged by
     `stats.degenerate`) the derivative is the element of the generalized Jacobian that treats
     the weakly active constraints as inactive (their multipliers held at zero): the one-sided
-    derivative in the directions that move $x^*$ off the constraint. Where the active
-    constraints' rows (with $A$'s) are linearly dependent, or $Q$ is singular on their null
-    space, the multipliers or $x^*$ are not unique: the derivative raises
-    `SingularJacobianError`.
+    derivative in the directions that move $x^*$ off the constraint. Where the tight
+    constraints' rows are linearly dependent (a degenerate vertex: more constraints tight than
+    their rank, as at the integral vertices OptNet's Sudoku reaches) the multipliers are not
+    unique: the forward solve takes basic ones (non-negative least squares on the stationarity
+    condition, whose support is linearly independent), the other tight constraints are weakly
+    active, and the same rule applies (flagged in `stats.degenerate`). Where $x^*$ itself is not
+    unique ($Q$ singular on the feasible directions) or $A$'s rows are dependent, the
+    derivative raises `SingularJacobianError`.
 
     **Returns:** `x` (..., n), or `QPSolution` with `full_output=True`.
     """

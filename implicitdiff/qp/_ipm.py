@@ -278,7 +278,54 @@ def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6, tol: float =
                 todo[rep] = False
             active[rep] = a
         todo[i[~good]] = False
+    # Linearly dependent active constraints (a degenerate vertex: more constraints active than
+    # their rank, as at every integral vertex of a polytope): the active-set KKT matrix is
+    # singular and the multipliers are not unique. Take basic ones: non-negative multipliers of
+    # the nearly tight constraints by NNLS on the stationarity condition (with A's range
+    # projected out), whose support is linearly independent; the other tight constraints are
+    # then weakly active (zero multiplier). x* is the same point.
+    for k in np.nonzero(~ok)[0]:
+        basic = _basic_active(Q[k], q[k], A[k], G[k], h[k], x[k], z[k], s[k], tol)
+        if basic is None:
+            continue
+        xi, yi, zi, good = _solve_active(Q[k:k + 1], q[k:k + 1], A[k:k + 1], b[k:k + 1],
+                                         G[k:k + 1], h[k:k + 1], basic[None])
+        primal, force, stat = row_scales(Q[k:k + 1], q[k:k + 1], A[k:k + 1], G[k:k + 1],
+                                         h[k:k + 1], xi, yi, zi)
+        viol = (_mv(G[k:k + 1], xi) - h[k:k + 1]) > tol * primal
+        neg = basic[None] & (zi < 0) & (force > tol * stat[:, None])
+        if good[0] and not viol.any() and not neg.any():
+            xo[k], yo[k] = xi[0], yi[0]
+            zo[k] = np.where(basic, np.maximum(zi[0], 0.0), 0.0)
+            active[k], ok[k] = basic, True
     return xo, yo, zo, active, ok
+
+
+def _basic_active(Q, q, A, G, h, x, z, s, tol):
+    """The support of basic multipliers (one sample; see `polish`), or None without SciPy."""
+    try:
+        from scipy.optimize import nnls
+    except ImportError:
+        return None
+    gn = np.max(np.abs(G), axis=1) if G.shape[1] else np.zeros(G.shape[0])
+    primal = np.abs(h) + gn * np.max(np.abs(x), initial=0.0)
+    # candidates: the constraints the interior point holds active, or nearly tight at x
+    cand = np.nonzero((z > s) | (s <= np.sqrt(tol) * np.maximum(primal, 1e-300)))[0]
+    if len(cand) == 0:
+        return None
+    r = Q @ x + q
+    if A.shape[0]:
+        # project out range(Aᵀ) (least squares: A may be rank-deficient)
+        P = np.eye(len(r)) - np.linalg.pinv(A) @ A
+    else:
+        P = np.eye(len(r))
+    try:
+        zs, _ = nnls(P @ G[cand].T, -P @ r, maxiter=50 * len(cand) + 100)
+    except (RuntimeError, ValueError):
+        return None
+    keep = np.zeros(G.shape[0], dtype=bool)
+    keep[cand[zs > 1e-12 * (1.0 + zs.max(initial=0.0))]] = True
+    return keep
 
 
 def weakly_active(Q, q, A, b, G, h, x, y, z, active, *, tol: float = 1e-9):
