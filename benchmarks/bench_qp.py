@@ -3,9 +3,16 @@ qpax and proxsuite's QPLayer: forward and forward + backward time, gradient erro
 construction time and memory against solver iterations.
 
     bash benchmarks/install_qp_peers.sh            # the peers (qpth needs a patched sdist)
-    python benchmarks/bench_qp.py                  # n = 10, 50, 100, 200; float64 and float32
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/bench_qp.py
+                                                   # n = 10, 50, 100, 200; float64 and float32
+                                                   # (about 12 minutes on 2 cores)
     python benchmarks/bench_qp.py --quick          # smoke run: n = 10, 50, few repeats
     python benchmarks/bench_qp.py --n 100 --dtype float64
+    python benchmarks/bench_qp.py --profile 100    # where implicitdiff's torch time goes
+
+Single-threaded BLAS and torch (the variables above, read at import) are what docs/benchmarks.md
+reports: on a shared 2-core machine, spinning OpenMP/BLAS threads made multi-threaded timings
+swing 10-50x between rounds.
 
 The problems. A batch of `--batch` (32) random dense QPs per size n,
 
@@ -53,7 +60,8 @@ The contenders, all with forward tolerance 1e-6 where they take one (`TOL`):
   gradient is that of a smoothed problem. Its default ("explicit") backend's ∂L/∂G scales the
   λ d_xᵀ term by λ twice (`qpax/explicit/diff_qp.py`, `optnet_derivatives`: `diag(lam) @ (...
   + outer(lam, dz))`; upstream pull request kevin-tracy/qpax#21, open), so a second row runs
-  `backend="i"` (the implicit backend, which that pull request calls correct).
+  `backend="i"` (the implicit backend, which that pull request calls correct), up to n = 50 only
+  (it took 14 s forward and 30 s forward + backward per call at n = 100).
 - proxsuite 0.8.0 QPLayer: `proxsuite.torch.qplayer.QPFunction(eps=1e-6)(Q, q, A, b, G, l, h)`
   with l = −1e20 (proxsuite takes two-sided inequalities); defaults otherwise (maxIter=1000,
   eps_backward=1e-4, serial over the batch). Its backward builds the gradients in torch's default
