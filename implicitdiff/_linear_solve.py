@@ -287,7 +287,7 @@ def _direct(bk: Any, xp: Any, solver: Any, factor_solve: Callable[[Any, Any], An
 
     r, c = _equilibrate(xp, F, symmetric)
     Fe = r[..., :, None] * F * c[..., None, :]
-    Me = r[..., :, None] * M * c[..., None, :]
+    Me = Fe if F is M else r[..., :, None] * M * c[..., None, :]
 
     def mul_e(v: Any) -> Any:
         return (Me @ v[..., None])[..., 0]
