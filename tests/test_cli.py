@@ -42,7 +42,9 @@ def test_check_gallery_every_installed_backend(capsys):
         assert float(err_fd) < 1e-8, key
         if key[1] == "numpy":
             assert err_ref == "(ref)"
-            assert float(residual) < 1e-12 and int(iterations) > 0
+            assert float(residual) < 1e-12
+            # the Krylov backward solves iterate; qp's is a dense solve (0 iterations)
+            assert int(iterations) > 0 or key[0] == "qp", key
         else:
             assert float(err_ref) < 1e-10, key
     assert f"all {len(expected)} checks passed." in out
@@ -173,8 +175,13 @@ def test_check_list_and_help(capsys):
 def test_gallery_make_args(problem):
     args = problem.make_args("numpy")
     x = problem.solver(*args)
-    assert x.dtype.name == "float64"
-    assert float(abs(problem.solver.F(x, *args)).max()) < 1e-12
+    if problem.solver.has_aux:  # qp: ((x, y, z, ok), stats)
+        x = x[0]
+    leaves = x if isinstance(x, tuple) else (x,)
+    assert all(leaf.dtype.name == "float64" for leaf in leaves)
+    r = problem.solver.F(x, *args)
+    assert max(float(abs(leaf).max(initial=0.0)) for leaf in
+               (r if isinstance(r, tuple) else (r,))) < 1e-12
     args32 = problem.make_args(__import__("numpy"), "float32")
     assert all(a.dtype.name == "float32" for a in args32)
 
