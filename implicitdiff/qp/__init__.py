@@ -531,19 +531,19 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
 
     **Derivatives** with respect to every input, by the implicit function theorem on the
     active-set KKT condition (`kkt_condition`): reverse, forward and higher order in every
-    framework, under `jit`, `vmap`, `torch.func` like any `idf.custom_root` solver; NumPy
-    inputs through `idf.vjp`, `idf.jvp`, `idf.jacobian` (exact hand-written products, no finite
-    differences). At a degenerate point (a constraint active with a zero multiplier, flagged by
-    `stats.degenerate`) the derivative is the element of the generalized Jacobian that treats
-    the weakly active constraints as inactive (their multipliers held at zero): the one-sided
-    derivative in the directions that move $x^*$ off the constraint. Where the tight
-    constraints' rows are linearly dependent (a degenerate vertex: more constraints tight than
-    their rank, as at the integral vertices OptNet's Sudoku reaches) the multipliers are not
-    unique: the forward solve takes basic ones (non-negative least squares on the stationarity
-    condition, whose support is linearly independent), the other tight constraints are weakly
-    active, and the same rule applies (flagged in `stats.degenerate`). Where $x^*$ itself is not
-    unique ($Q$ singular on the feasible directions) or $A$'s rows are dependent, the
-    derivative raises `SingularJacobianError`.
+    framework, under `jit`, `vmap`, `torch.func` like any `idf.custom_root` solver; NumPy inputs
+    through `idf.vjp`, `idf.jvp`, `idf.jacobian` of `qp_function()` (exact hand-written
+    products, no finite differences). At a degenerate point (a constraint active with a zero
+    multiplier, flagged by `stats.degenerate`) the derivative is the element of the generalized
+    Jacobian that treats the weakly active constraints as inactive (their multipliers held at
+    zero): the one-sided derivative in the directions that move $x^*$ off the constraint. Where
+    the tight constraints' rows are linearly dependent (a degenerate vertex: more constraints
+    tight than their rank, as at the integral vertices OptNet's Sudoku reaches) the multipliers
+    are not unique: the forward solve takes basic ones (non-negative least squares on the
+    stationarity condition, whose support is linearly independent), the other tight constraints
+    are weakly active, and the same rule applies (flagged in `stats.degenerate`). Where $x^*$
+    itself is not unique ($Q$ singular on the feasible directions) or $A$'s rows are dependent,
+    the derivative raises `SingularJacobianError`.
 
     **Returns:** `x` (..., n), or `QPSolution` with `full_output=True`.
     """
