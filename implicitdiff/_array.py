@@ -58,3 +58,28 @@ def zero_int(xp: Any, like: Any) -> Any:
     Made from `like` rather than with `device=`: arrays must not mix devices (array-api-strict
     checks it), and a sharded JAX array's device is a sharding that a scalar cannot take."""
     return xp.sum(xp.zeros_like(like, dtype=xp.int32), dtype=xp.int32)
+
+
+class ArraySpec:
+    """Shape and NumPy dtype of one array a host function returns: what
+    `Backend.callback_result_shape` turns into its framework's shape descriptions (JAX's
+    `ShapeDtypeStruct`) before a host solve runs under a transform."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: tuple, dtype: Any):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+
+
+def numpy_dtype(x: Any) -> np.dtype:
+    """The NumPy dtype of a framework array's dtype (a framework's own dtype object, such as
+    `torch.float32`, by its name); float64 for an object without a dtype."""
+    dt = getattr(x, "dtype", None)
+    if dt is None:
+        return np.dtype(np.float64)
+    try:
+        return np.dtype(dt)
+    except TypeError:
+        return np.dtype(str(dt).rpartition(".")[2])
+

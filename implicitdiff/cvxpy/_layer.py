@@ -23,13 +23,13 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from .._array import ArraySpec
 from .._backend import get_backend, is_host_array
 from .._config import resolve_on_failure
 from .._errors import ImplicitDiffError, NonConvergenceError, StructureError
 from .._linear_solve import AbstractLinearSolver, Auto
 from .._root import ImplicitFunction, custom_root
 from ..conditions._cone import Cones, cone_program, newton_refine
-from ..scipy._run import ArraySpec
 
 __all__ = ["Layer", "UnsupportedConeError"]
 

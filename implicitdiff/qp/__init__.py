@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._array import ArraySpec, numpy_dtype
 from .._array import device as _device
 from .._backend import Backend, convert_constants, get_backend
 from .._config import resolve_on_failure
@@ -447,23 +448,6 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
     return w, aux
 
 
-class _Spec:
-    """Shape and NumPy dtype of one output leaf (for `Backend.callback_result_shape`)."""
-
-    __slots__ = ("dtype", "shape")
-
-    def __init__(self, shape: tuple, dtype: Any):
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(dtype)
-
-
-def _np_dtype(x: Any) -> np.dtype:
-    try:
-        return np.dtype(x.dtype)
-    except TypeError:  # a framework's own dtype object (torch.float32): by name
-        return np.dtype(str(x.dtype).rpartition(".")[2])
-
-
 def _failure(status: Any, batch: tuple) -> NonConvergenceError:
     st = np.asarray(status).reshape(batch)
     bad = np.argwhere(st != SOLVED) if batch else (np.zeros((1, 0), int) if st != SOLVED
@@ -628,13 +612,13 @@ def _dims(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple[int, int, int
 
 def _specs(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple:
     n, p, m, batch = _dims(Q, q, A, b, G, h)
-    dt = _np_dtype(q)
-    return ((_Spec((*batch, n), dt), _Spec((*batch, p), dt), _Spec((*batch, m), dt),
-             _Spec(batch, dt)),
-            {"iterations": _Spec(batch, np.int32), "status": _Spec(batch, np.int32),
-             "primal_residual": _Spec(batch, dt), "dual_residual": _Spec(batch, dt),
-             "gap": _Spec(batch, dt), "active": _Spec((*batch, m), np.bool_),
-             "degenerate": _Spec(batch, np.bool_)})
+    dt = numpy_dtype(q)
+    return ((ArraySpec((*batch, n), dt), ArraySpec((*batch, p), dt), ArraySpec((*batch, m), dt),
+             ArraySpec(batch, dt)),
+            {"iterations": ArraySpec(batch, np.int32), "status": ArraySpec(batch, np.int32),
+             "primal_residual": ArraySpec(batch, dt), "dual_residual": ArraySpec(batch, dt),
+             "gap": ArraySpec(batch, dt), "active": ArraySpec((*batch, m), np.bool_),
+             "degenerate": ArraySpec(batch, np.bool_)})
 
 
 _FUNCTIONS: dict = {}
@@ -679,7 +663,7 @@ def qp_function(*, solver: str = "ipm", tol: float | None = None, maxiter: int |
         on_host = all(isinstance(a, np.ndarray) for a in theta)
         bk = None if on_host else get_backend(*theta)
         th = theta if bk is None else tuple(bk.to_host(a) for a in theta)
-        dtype = _np_dtype(q)
+        dtype = numpy_dtype(q)
         with np.errstate(all="ignore"), _one_blas_thread():  # failures overflow; status says
             w, aux = _host_solve(*th, tol=tol_, maxiter=maxiter_,
                                  check_eps=float(np.finfo(dtype).eps), solver=solver)

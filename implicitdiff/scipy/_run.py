@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .._array import ArraySpec as ArraySpec
+from .._array import numpy_dtype
 from .._backend import Backend, is_host_array
 from .._errors import NonConvergenceError, StructureError
 from .._linear_solve import AbstractLinearSolver
@@ -304,23 +306,6 @@ def _tree_map_np_spec(x: Any, spec: Any) -> Any:
     return type(spec)(_tree_map_np_spec(a, s) for a, s in zip(x, spec))
 
 
-class ArraySpec:
-    """Shape and NumPy dtype of one leaf of `x` (a pytree leaf, not a tuple)."""
-
-    __slots__ = ("dtype", "shape")
-
-    def __init__(self, shape: tuple, dtype: Any):
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = np.dtype(dtype)
-
-
 def spec_of(x: Any) -> ArraySpec:
     """`ArraySpec` of a framework array (its dtype's name read as a NumPy dtype)."""
-    dt = getattr(x, "dtype", None)
-    if dt is None:
-        return ArraySpec(tuple(x.shape), np.float64)
-    try:
-        np_dt = np.dtype(dt)
-    except TypeError:  # a framework's own dtype object (torch.float32): by name
-        np_dt = np.dtype(str(dt).rpartition(".")[2])
-    return ArraySpec(tuple(x.shape), np_dt)
+    return ArraySpec(tuple(x.shape), numpy_dtype(x))
