@@ -7,6 +7,8 @@ backends, and the validation of `on_failure`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -83,3 +85,27 @@ def numpy_dtype(x: Any) -> np.dtype:
     except TypeError:
         return np.dtype(str(dt).rpartition(".")[2])
 
+
+_CONTROLLER: list = []
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """One BLAS thread for the block, where threadpoolctl is installed (scikit-learn brings it):
+    for the small and batched matrices of `idf.qp`'s host solve and of the command line's
+    problems, where a multithreaded BLAS only synchronizes (beside PyTorch's threads on a busy
+    2-core machine, `np.linalg.solve` of 32 125×125 systems took 10-300 ms instead of 3 ms; the
+    NumPy reference of `implicitdiff check` ran ten times slower)."""
+    if not _CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _CONTROLLER.append(ThreadpoolController())
+        except ImportError:
+            _CONTROLLER.append(None)
+    ctl = _CONTROLLER[0]
+    if ctl is None:
+        yield
+        return
+    with ctl.limit(limits=1, user_api="blas"):
+        yield

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from .. import _gallery
+from .._array import one_blas_thread
 from .._backend import backend_named
 from .._diagnostics import diagnostics
 from .._root import ImplicitFunction
@@ -27,7 +28,6 @@ from ._common import (
     _is_floating_np,
     _leaves,
     _numpy_args,
-    _one_blas_thread,
     _rebuild,
     _reference,
     _select_backends,
@@ -363,7 +363,7 @@ def run_check(problems: Sequence[str | _Case] = (), frameworks: Sequence[str] = 
         print(_line(_row_cells(row), first), file=out, flush=True)
 
     rows: list[Row] = []
-    with _float64(frameworks), _one_blas_thread():
+    with _float64(frameworks), one_blas_thread():
         for case in cases:
             rows += check_problem(case, frameworks, rtol=rtol, ref_rtol=ref_rtol, seed=seed,
                                   emit=emit)

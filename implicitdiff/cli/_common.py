@@ -84,22 +84,6 @@ def _float64(frameworks: Sequence[str]) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """One BLAS thread for the block, when threadpoolctl is installed (scikit-learn brings it).
-
-    The problems here are tiny (n ≤ 64), where a multithreaded BLAS only adds synchronization; on
-    a busy machine it made the NumPy reference ten times slower.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
 def to_numpy(a: Any) -> np.ndarray:
     """A NumPy copy of an array of any registered framework (`Backend.to_host`)."""
     bk = find_backend(a)

@@ -15,12 +15,13 @@ import array_api_compat
 import numpy as np
 
 from .. import _gallery
+from .._array import one_blas_thread
 from .._backend import backend_named
 from .._linear_solve import Cholesky
 from .._root import custom_root
 from .._tags import positive_definite, symmetric
 from .._transforms import vjp as idf_vjp
-from ._common import _float64, _one_blas_thread, _select_backends
+from ._common import _float64, _select_backends
 
 # Ridge regression on the training data, in terms of its Gram matrix G = XᵀX/m and c = Xᵀy/m:
 # w*(λ) = argmin ½wᵀGw − cᵀw + ½λ‖w‖², whose optimality condition is F = (G + λI)w − c = 0. The
@@ -182,7 +183,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     print(file=out)
     print(f"{'step':>5}" + "".join(f"  {fw + ' λ':>11}  {'val loss':>10}" for fw in frameworks),
           file=out, flush=True)
-    with _float64(frameworks), _one_blas_thread():
+    with _float64(frameworks), one_blas_thread():
         runs = [DemoRun(fw, make_hypergradient(fw, data), math.log(ns.lam0), ns.lr)
                 for fw in frameworks]
         for k in range(ns.steps + 1):

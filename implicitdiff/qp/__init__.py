@@ -12,14 +12,12 @@ This module imports no framework.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._array import ArraySpec, numpy_dtype
+from .._array import ArraySpec, numpy_dtype, one_blas_thread
 from .._array import device as _device
 from .._backend import Backend, convert_constants, get_backend
 from .._config import resolve_on_failure
@@ -578,30 +576,6 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
     return QPSolution(x, y, z, QPStats(**aux))
 
 
-_CONTROLLER: list = []
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """One BLAS thread during the host solve, where threadpoolctl is installed: its matrices are
-    small and batched, where a multithreaded BLAS only synchronizes (beside PyTorch's threads
-    on a busy 2-core machine, `np.linalg.solve` of 32 125×125 systems took 10-300 ms instead of
-    3 ms)."""
-    if not _CONTROLLER:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            _CONTROLLER.append(ThreadpoolController())
-        except ImportError:
-            _CONTROLLER.append(None)
-    ctl = _CONTROLLER[0]
-    if ctl is None:
-        yield
-        return
-    with ctl.limit(limits=1, user_api="blas"):
-        yield
-
-
 def _dims(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple[int, int, int, tuple]:
     n, p, m = int(q.shape[-1]), int(A.shape[-2]), int(G.shape[-2])
     batch = tuple(np.broadcast_shapes(tuple(Q.shape)[:-2], tuple(q.shape)[:-1],
@@ -664,7 +638,7 @@ def qp_function(*, solver: str = "ipm", tol: float | None = None, maxiter: int |
         bk = None if on_host else get_backend(*theta)
         th = theta if bk is None else tuple(bk.to_host(a) for a in theta)
         dtype = numpy_dtype(q)
-        with np.errstate(all="ignore"), _one_blas_thread():  # failures overflow; status says
+        with np.errstate(all="ignore"), one_blas_thread():  # failures overflow; status says
             w, aux = _host_solve(*th, tol=tol_, maxiter=maxiter_,
                                  check_eps=float(np.finfo(dtype).eps), solver=solver)
         specs = _specs(*th)
