@@ -483,6 +483,17 @@ def bench_config(n: int, dtype: str, batch: int, repeats: int, budget: float, se
 
 # ---- construction time and memory ---------------------------------------------------------------
 
+def _construction_time(layer_class: Any, n: int, p: int, m: int) -> str:
+    """Median of 3 (and the first) times to build the cvxpy problem and `layer_class` on it."""
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        prob, params, vars_ = cvxpy_problem(n, p, m)
+        layer_class(prob, parameters=params, variables=vars_)
+        ts.append(time.perf_counter() - t)
+    return f"{statistics.median(ts):.3f} (first {ts[0]:.3f})"
+
+
 def bench_construction(n: int = 100) -> list[list[str]]:
     """Seconds to build a layer for the n = 100 problem shape (problem building included)."""
     p, m = n // 4, n
@@ -494,24 +505,12 @@ def bench_construction(n: int = 100) -> list[list[str]]:
             rows.append([name, f"not importable: {err}"])
             continue
         mod = __import__(f"cvxpylayers.{kind}", fromlist=["CvxpyLayer"])
-        ts = []
-        for _ in range(3):
-            t = time.perf_counter()
-            prob, params, vars_ = cvxpy_problem(n, p, m)
-            mod.CvxpyLayer(prob, parameters=params, variables=vars_)
-            ts.append(time.perf_counter() - t)
-        rows.append([name, f"{statistics.median(ts):.3f} (first {ts[0]:.3f})"])
+        rows.append([name, _construction_time(mod.CvxpyLayer, n, p, m)])
     name = "implicitdiff `idf.cvxpy.Layer`"
     try:
         import implicitdiff.cvxpy as icvx
 
-        ts = []
-        for _ in range(3):
-            t = time.perf_counter()
-            prob, params, vars_ = cvxpy_problem(n, p, m)
-            icvx.Layer(prob, parameters=params, variables=vars_)
-            ts.append(time.perf_counter() - t)
-        rows.append([name, f"{statistics.median(ts):.3f} (first {ts[0]:.3f})"])
+        rows.append([name, _construction_time(icvx.Layer, n, p, m)])
     except ImportError as e:
         rows.append([name, f"not available yet ({_short(e)})"])
     except Exception as e:
