@@ -120,6 +120,38 @@ class Backend(abc.ABC):
             state = body(state)
         return state
 
+    def bounded_while_loop(self, cond: Callable[[Any], Any],
+                           body: Callable[[Any], tuple[Any, Any]], init: Any,
+                           max_steps: int) -> tuple[Any, Any]:
+        """`while cond(state)` (at most `max_steps` times): `state, out = body(state)`, with the
+        framework's autodiff recording every iteration (reverse mode included: unlike
+        `while_loop`, JAX can differentiate it, as a `lax.scan` of `max_steps` iterations that
+        skip their work once `cond` is false).
+
+        **Returns:** `(state, outs)`: `outs` is None when `body` returns None as `out` or the
+        loop ran no iteration; else the `out`s (pytrees of arrays) stacked on a new leading
+        axis, one row per iteration run (eager backends) or `max_steps` rows, zeros after the
+        loop stopped (JAX). This default is a Python loop."""
+        state, outs = init, []
+        for _ in range(max_steps):
+            if not bool(cond(state)):
+                break
+            state, out = body(state)
+            outs.append(out)
+        if not outs or outs[0] is None:
+            return state, None
+        leaves = [self.tree_flatten(o)[0] for o in outs]
+        treedef = self.tree_flatten(outs[0])[1]
+        xp = self.namespace(leaves[0][0])
+        return state, self.tree_unflatten(
+            treedef, [xp.stack([row[i] for row in leaves]) for i in range(len(leaves[0]))])
+
+    def stop_gradient(self, x: Any) -> Any:
+        """The array `x` as a constant of the framework's autodiff (`lax.stop_gradient`,
+        `Tensor.detach`): derivatives do not flow through the result. Default: `x` (no
+        autodiff)."""
+        return x
+
     def known_all(self, mask: Any) -> bool:
         """Whether every entry of the boolean array `mask` is known, now, to be true.
 

@@ -343,6 +343,24 @@ class JaxBackend(Backend):
     def while_loop(self, cond: Callable, body: Callable, init: Any) -> Any:
         return lax.while_loop(cond, body, init)
 
+    def bounded_while_loop(self, cond: Callable, body: Callable, init: Any,
+                           max_steps: int) -> tuple[Any, Any]:
+        # A scan of max_steps iterations (reverse-mode differentiable, unlike lax.while_loop),
+        # each a lax.cond that skips the body once cond is false: a finished loop costs a
+        # predicate per remaining iteration (under vmap the cond is a select: both run).
+        out_shape = jax.eval_shape(lambda s: body(s)[1], init)
+
+        def skip(s: Any) -> tuple[Any, Any]:
+            return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape)
+
+        def step(s: Any, _: Any) -> tuple[Any, Any]:
+            return lax.cond(cond(s), body, skip, s)
+
+        return lax.scan(step, init, None, length=max_steps)
+
+    def stop_gradient(self, x: Any) -> Any:
+        return lax.stop_gradient(x)
+
     def known_all(self, mask: Any) -> bool:
         return False  # the solvers' loops are traced: nothing is known before they run
 

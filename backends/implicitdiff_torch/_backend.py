@@ -163,6 +163,9 @@ class TorchBackend(Backend):
             _namespace = _Namespace(base)
         return _namespace
 
+    def stop_gradient(self, x: Any) -> Any:
+        return x.detach() if isinstance(x, torch.Tensor) else x
+
     def known_all(self, mask: Any) -> bool:
         # On an accelerator, looking is a host synchronization that stalls the queue of kernels;
         # the masked selects it would save are cheap there. Only CPU tensors look.

@@ -1,0 +1,549 @@
+"""`odeint`: explicit Runge–Kutta methods with per-sample adaptive steps, written once against the
+array API, for NumPy, JAX and PyTorch.
+
+The state is `y` of shape `(..., d)`: the leading axes index independent samples, each with its
+own time, step size, accepted/rejected steps and status. Every loop iteration attempts one step
+for every sample still running (`dt = 0` for the others, which leaves them unchanged); a sample's
+step is clipped to its next output time, so each output time is hit by a step, never
+interpolated. The error control is the mixed relative/absolute RMS norm of torchdiffeq and
+diffrax with Hairer's PI step-size controller. The loop is the backend's `bounded_while_loop`,
+so `grad="direct"` differentiates through the accepted steps in every framework (under JAX a
+`lax.scan` of `max_steps` iterations, since `lax.while_loop` cannot be reverse-differentiated).
+
+The step-size controller, the error estimate and the output times are constants for the
+derivative (`Backend.stop_gradient`): `"direct"` gives the exact derivative of the discrete
+solution on the step schedule it took, which is also what a replay of that schedule
+(`make_step` and `StepSchedule`, for checkpointing) reproduces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .._array import device as _device
+from .._backend import Backend, convert_constants, get_backend
+from .._config import resolve_on_failure
+from .._errors import NonConvergenceError, StructureError
+from ._tableaus import ButcherTableau, tableau
+
+SUCCESS = 0
+"""Status: every output time reached."""
+MAX_STEPS = 1
+"""Status: `max_steps` steps (accepted and rejected) attempted before the last output time."""
+DT_UNDERFLOW = 2
+"""Status: the step size fell below the resolution of the time (a blow-up or stiffness)."""
+NONFINITE = 3
+"""Status: `f` returned NaN or inf (or the state overflowed) at every step size tried."""
+STATUS_NAMES = {SUCCESS: "success", MAX_STEPS: "max_steps", DT_UNDERFLOW: "dt_underflow",
+                NONFINITE: "nonfinite"}
+"""The status codes of `ODEStats.status` by name."""
+
+GRAD_MODES = ("direct", "checkpoint", "backsolve")
+
+# Hairer's PI controller (Hairer, Nørsett & Wanner, Solving ODEs I, IV.2; DOPRI5's defaults)
+_SAFETY, _BETA, _MIN_FACTOR, _MAX_FACTOR, _ERR_FLOOR = 0.9, 0.04, 0.2, 10.0, 1e-4
+
+
+class ODEFailureError(NonConvergenceError):
+    """`odeint` stopped before the last output time for at least one sample (`on_failure=
+    "raise"`): `max_steps` reached, step-size underflow, or NaN/inf in the state.
+
+    Carries `sample` (the index of the first failed sample in the batch, `()` unbatched),
+    `t` (the time that sample reached), `status` (its name in `STATUS_NAMES`) and `failed`
+    (how many samples failed). A subclass of `NonConvergenceError`.
+    """
+
+    def __init__(self, message: str, *, sample: tuple = (), t: float = float("nan"),
+                 status: str = "", failed: int = 0):
+        super().__init__(message)
+        self.sample = sample
+        self.t = t
+        self.status = status
+        self.failed = failed
+
+
+class ODEStats(NamedTuple):
+    """What `odeint` did, per sample: arrays of the input's framework with the batch shape
+    `y0.shape[:-1]` (`()` unbatched), never differentiated. The same fields in every framework.
+
+    - `accepted`: accepted steps (int32).
+    - `rejected`: rejected steps (int32): error too large, or NaN/inf in the trial step.
+    - `nfe`: evaluations of `f` this sample needed (int32): the first stage, the initial
+      step-size selection (1, adaptive methods with `dt0=None`), and the new stages of every
+      attempted step (6 for the FSAL methods dopri5 and tsit5, 4 for rk4, 1 for euler).
+    - `status`: `SUCCESS` (0), `MAX_STEPS` (1), `DT_UNDERFLOW` (2) or `NONFINITE` (3) (int32).
+    - `t_final`: the time the sample reached (the last output time on success).
+    """
+
+    accepted: Any
+    rejected: Any
+    nfe: Any
+    status: Any
+    t_final: Any
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for a logger: mean/max accepted steps, mean rejected steps, mean/max NFE,
+        the fraction of samples that succeeded. Concrete arrays only (not under `jit`)."""
+        import numpy as np
+
+        acc, rej, nfe = (_host(a) for a in (self.accepted, self.rejected, self.nfe))
+        return {"steps_mean": float(np.mean(acc)), "steps_max": int(np.max(acc)),
+                "rejected_mean": float(np.mean(rej)), "nfe_mean": float(np.mean(nfe)),
+                "nfe_max": int(np.max(nfe)),
+                "success_frac": float(np.mean(_host(self.status) == SUCCESS))}
+
+
+class ODESolution(NamedTuple):
+    """`odeint(..., full_output=True)`: the solution `ys`, shape `(len(ts), *y0.shape)`, and
+    the per-sample `ODEStats`."""
+
+    ys: Any
+    stats: ODEStats
+
+
+class StepSchedule(NamedTuple):
+    """The steps `integrate(..., record=True)` took, for replaying them exactly (checkpointing).
+
+    Row `i` is loop iteration `i` for the whole batch: every sample attempted one step there,
+    and `dt[i]` is zero for the samples that did not take (accept) one, so replaying
+    `y = step(t[i], dt[i], y, args)` (see `make_step`) for `i = 0, 1, …` reproduces the forward
+    states bit for bit (a zero step returns `y` unchanged).
+
+    - `t`: `(N, ..., 1)` the start time of each sample's step.
+    - `dt`: `(N, ..., 1)` its length, 0 where the sample stood still.
+    - `out_step`: `(..., T)` int32: output `j` is the state after replaying rows
+      `0..out_step[..., j]` (`-1` for `j = 0`: `y0`).
+
+    `N` is the number of loop iterations run (eager backends) or `max_steps` (JAX, whose rows
+    after the loop stopped are zeros: steps of length 0).
+    """
+
+    t: Any
+    dt: Any
+    out_step: Any
+
+
+class Integration(NamedTuple):
+    """What `integrate` returns: `ys` batch first, `(..., T, d)`; the `ODEStats`; the
+    `StepSchedule` (None unless `record=True`); `ts`, the output times as `integrate` used
+    them (`y0`'s dtype and device, a constant of the autodiff)."""
+
+    ys: Any
+    stats: ODEStats
+    schedule: StepSchedule | None
+    ts: Any
+
+
+def _host(a: Any) -> Any:
+    """A NumPy copy of a framework array (detached, on the host), for `summary()`."""
+    import numpy as np
+
+    for attr in ("detach", "cpu"):
+        if hasattr(a, attr):
+            a = getattr(a, attr)()
+    return np.asarray(a)
+
+
+# ---- one Runge–Kutta step ----------------------------------------------------------------------
+
+def _combo(coeffs: tuple[float, ...], ks: list[Any]) -> Any:
+    """$\\sum_j c_j k_j$ over the nonzero coefficients; None when all are zero."""
+    acc = None
+    for c, k in zip(coeffs, ks):
+        if c == 0:
+            continue
+        term = k if c == 1 else c * k
+        acc = term if acc is None else acc + term
+    return acc
+
+
+def _rk_step(tab: ButcherTableau, fun: Callable[[Any, Any], Any], t: Any, dt: Any, y: Any,
+             k1: Any) -> tuple[Any, Any, Any]:
+    """One step of `tab` from `(t, y)` with length `dt` (shape `(..., 1)`) and first stage
+    `k1 = fun(t, y)`: `(y_next, k_last, err)`. For an FSAL method `k_last = fun(t + dt,
+    y_next)` (the next step's `k1`), else None; `err` the embedded error estimate, None for a
+    fixed-step method."""
+    ks = [k1]
+    y_next = None
+    for i in range(1, tab.stages):
+        inc = _combo(tab.a[i], ks)
+        yi = y if inc is None else y + dt * inc
+        if tab.fsal and i == tab.stages - 1:
+            y_next = yi  # the last stage is evaluated at the solution (a_s = b)
+        ti = t + dt if tab.c[i] == 1 else t + tab.c[i] * dt
+        ks.append(fun(ti, yi))
+    if y_next is None:
+        inc = _combo(tab.b, ks)
+        y_next = y if inc is None else y + dt * inc
+    err = None
+    if tab.b_error is not None:
+        e = _combo(tab.b_error, ks)
+        err = dt * e if e is not None else 0 * y
+    return y_next, (ks[-1] if tab.fsal else None), err
+
+
+def _caller(f: Callable[..., Any], args: tuple, batched: bool) -> Callable[[Any, Any], Any]:
+    """`(t, y) -> f(t, y, *args)` with `t` of shape `(..., 1)` handed to `f` as is (batched)
+    or as a 0-d array (unbatched `y` of shape `(d,)`)."""
+    if batched:
+        return lambda t, y: f(t, y, *args)
+    return lambda t, y: f(t[0], y, *args)
+
+
+def make_step(f: Callable[..., Any], method: str | ButcherTableau = "tsit5"
+              ) -> Callable[[Any, Any, Any, tuple], Any]:
+    """The pure step function of `method` for the vector field `f`: `step(t, dt, y, args)
+    -> y_next`, one Runge–Kutta step from `(t, y)` of length `dt`, every stage evaluated
+    (`f(t, y, *args)` included: for FSAL methods this is the forward pass's reused last stage,
+    so a replay is bit-for-bit the forward step).
+
+    Shapes as in `StepSchedule`: `y` `(..., d)`, `t` and `dt` `(..., 1)` per sample (for an
+    unbatched `y` of shape `(d,)`: shape `(1,)`), and `dt = 0` returns `y` unchanged. This is
+    the hook checkpointing replays the recorded schedule with.
+    """
+    tab = tableau(method)
+
+    def step(t: Any, dt: Any, y: Any, args: tuple) -> Any:
+        fun = _caller(f, tuple(args), getattr(y, "ndim", 1) > 1)
+        return _rk_step(tab, fun, t, dt, y, fun(t, y))[0]
+
+    return step
+
+
+# ---- the integrator ----------------------------------------------------------------------------
+
+def _check_options(tab: ButcherTableau, rtol: Any, atol: Any, dt0: Any, max_steps: Any) -> None:
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"odeint: expected {name} a number >= 0, got {v!r}.")
+    if tab.adaptive and not (rtol > 0 or atol > 0):
+        raise ValueError("odeint: expected rtol > 0 or atol > 0 for an adaptive method, got "
+                         "both 0.")
+    if dt0 is not None and (isinstance(dt0, bool) or not isinstance(dt0, (int, float))
+                            or not dt0 > 0):
+        raise ValueError(f"odeint: expected dt0 a number > 0 or None, got {dt0!r}.")
+    if not tab.adaptive and dt0 is None:
+        raise ValueError(
+            f"odeint: method {tab.name!r} takes fixed steps and needs their length: pass dt0= "
+            "(steps of dt0, each clipped to the next output time), or choose an adaptive "
+            "method ('tsit5', 'dopri5')."
+        )
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"odeint: expected max_steps a positive int, got {max_steps!r}.")
+
+
+def _prepare(bk: Backend, y0: Any, ts: Any, args: tuple) -> tuple[Any, Any, Any]:
+    """`y0` and `ts` (as `y0`'s dtype, on its device, a constant of the autodiff), checked."""
+    y0, ts = convert_constants(bk, (y0, ts), y0, args)
+    if not hasattr(y0, "dtype") or getattr(y0, "ndim", 0) < 1:
+        raise StructureError(
+            "odeint: expected y0 an array of shape (d,) or (..., d) (samples first, the state "
+            f"last), got {type(y0).__name__} of shape {tuple(getattr(y0, 'shape', ()))}. "
+            "Reshape the state to (..., d)."
+        )
+    xp = bk.namespace(y0)
+    if not xp.isdtype(y0.dtype, "real floating"):
+        raise StructureError(f"odeint: expected a real floating y0, got dtype {y0.dtype}. "
+                             "Cast it to float32 or float64.")
+    if not hasattr(ts, "dtype"):
+        import numpy as np
+
+        ts = np.asarray(ts, dtype=np.float64)
+        ts = xp.asarray(bk.from_host(ts, like=y0) if not bk.owns(ts) else ts)
+    if getattr(ts, "ndim", 0) != 1 or ts.shape[0] < 1:
+        raise StructureError(
+            "odeint: expected ts a 1-d array of output times (the first is the initial time), "
+            f"got shape {tuple(getattr(ts, 'shape', ()))}."
+        )
+    ts = bk.stop_gradient(xp.asarray(xp.astype(ts, y0.dtype), device=_device(y0)))
+    if ts.shape[0] > 1 and not bk.is_traced(ts):
+        d = ts[1:] - ts[:-1]
+        if not bool(xp.all(d > 0) | xp.all(d < 0)):
+            raise ValueError(
+                f"odeint: expected ts strictly increasing or strictly decreasing (in y0's dtype "
+                f"{y0.dtype}), got {int(ts.shape[0])} times that are not. Sort the times and "
+                "drop duplicates."
+            )
+    return xp, y0, ts
+
+
+def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
+              method: str | ButcherTableau = "tsit5", rtol: float = 1e-6, atol: float = 1e-6,
+              dt0: float | None = None, max_steps: int = 4096,
+              record: bool = False) -> Integration:
+    """The integrator behind `odeint`, without its failure policy: `ys` batch first
+    (`(..., T, d)`, NaN at the outputs a failed sample never reached), the `ODEStats`, and
+    with `record=True` the `StepSchedule` for an exact replay. Arguments as in `odeint`."""
+    tab = tableau(method)
+    _check_options(tab, rtol, atol, dt0, max_steps)
+    bk = get_backend(y0, ts, args)
+    xp, y0, ts = _prepare(bk, y0, ts, args)
+    dtype, dev = y0.dtype, _device(y0)
+    batch = tuple(y0.shape[:-1])
+    T = int(ts.shape[0])
+    fun = _caller(f, tuple(args), len(batch) > 0)
+    i32 = xp.int32
+
+    def full(value: Any, dt: Any = dtype) -> Any:
+        return xp.full((*batch, 1), value, dtype=dt, device=dev)
+
+    t0 = full(0.0) + ts[0]
+    k1 = fun(t0, y0)
+    if tuple(getattr(k1, "shape", ())) != tuple(y0.shape) or getattr(k1, "dtype", None) != dtype:
+        raise StructureError(
+            f"odeint: expected f(t, y, *args) to return an array shaped like y "
+            f"{tuple(y0.shape)} with dtype {dtype}, got shape "
+            f"{tuple(getattr(k1, 'shape', ()))} and dtype {getattr(k1, 'dtype', None)}. f must "
+            "map (..., d) to (..., d) row by row."
+        )
+    zeros_i = full(0, i32)
+    ys0 = xp.full((*batch, T, y0.shape[-1]), float("nan"), dtype=dtype, device=dev)
+    at_t = xp.reshape(xp.arange(T, dtype=i32, device=dev), (T,))
+    ys0 = xp.where(xp.reshape(at_t == 0, (T, 1)), y0[..., None, :], ys0)
+    if T == 1:
+        stats = ODEStats(zeros_i[..., 0], zeros_i[..., 0], zeros_i[..., 0] + 1,
+                         zeros_i[..., 0], t0[..., 0])
+        sched = StepSchedule(xp.zeros((0, *batch, 1), dtype=dtype, device=dev),
+                             xp.zeros((0, *batch, 1), dtype=dtype, device=dev),
+                             full(-1, i32)) if record else None
+        return Integration(ys0, stats, sched, ts)
+
+    eps = float(xp.finfo(dtype).eps)
+    tiny = float(xp.finfo(dtype).smallest_normal)
+    direction = xp.where(ts[-1] > ts[0], xp.ones_like(ts[0]), -xp.ones_like(ts[0]))
+    q = tab.error_order + 1
+    expo = 1.0 / q - 0.75 * _BETA
+
+    def rms(a: Any) -> Any:
+        return xp.sqrt(xp.mean(a * a, axis=-1, keepdims=True))
+
+    def finite(a: Any) -> Any:  # per row, (..., d) -> (..., 1)
+        return xp.isfinite(xp.sum(a * 0, axis=-1, keepdims=True))
+
+    nfe0 = 1
+    y0d, k1d = bk.stop_gradient(y0), bk.stop_gradient(k1)
+    if dt0 is not None:
+        dt_init = direction * float(dt0) + full(0.0)
+    else:
+        # Hairer, Nørsett & Wanner, Solving ODEs I, II.4: the initial step, per sample
+        sc = atol + rtol * xp.abs(y0d)
+        d0, d1 = rms(y0d / sc), rms(k1d / sc)
+        small = (d0 < 1e-5) | (d1 < 1e-5)
+        h0 = xp.where(small, full(1e-6), 0.01 * d0 / xp.where(small, xp.ones_like(d1), d1))
+        y1 = y0d + direction * h0 * k1d
+        f1 = bk.stop_gradient(fun(t0 + direction * h0, y1))
+        d2 = rms((f1 - k1d) / sc) / h0
+        dm = xp.maximum(d1, d2)
+        h1 = xp.where(dm <= 1e-15, xp.maximum(full(1e-6), h0 * 1e-3),
+                      (0.01 / xp.where(dm <= 1e-15, xp.ones_like(dm), dm)) ** (1.0 / tab.order))
+        h = xp.minimum(100 * h0, h1)
+        dt_init = direction * xp.where(xp.isfinite(h), h, full(1e-6))
+        nfe0 = 2
+    ok0 = finite(y0d) & finite(k1d)
+    state = dict(
+        k=xp.zeros((), dtype=i32, device=dev), t=t0, dt=dt_init, y=y0,
+        idx=full(1, i32), ys=ys0, acc=zeros_i, rej=zeros_i, nfe=zeros_i + nfe0,
+        status=xp.where(ok0, zeros_i, zeros_i + NONFINITE), active=ok0,
+        prev=full(_ERR_FLOOR), bad=~ok0,
+    )
+    if tab.fsal:
+        state["k1"] = k1
+    if record:
+        state["out_step"] = xp.full((*batch, T), -1, dtype=i32, device=dev)
+    new_evals = tab.stages - 1 if tab.fsal else tab.stages
+
+    def cond(s: dict) -> Any:
+        return xp.any(s["active"])
+
+    def body(s: dict) -> tuple[dict, Any]:
+        active, t, y, dtp, idx = s["active"], s["t"], s["y"], s["dt"], s["idx"]
+        t_out = xp.reshape(xp.take(ts, xp.reshape(xp.minimum(idx, T - 1), (-1,)), axis=0),
+                           idx.shape)
+        rem = t_out - t
+        hit = xp.abs(rem) <= xp.abs(dtp) * (1 + 64 * eps)
+        dt = xp.where(active, xp.where(hit, rem, dtp), xp.zeros_like(dtp))
+        k1 = s["k1"] if tab.fsal else fun(t, y)
+        y_new, k_last, err = _rk_step(tab, fun, t, dt, y, k1)
+        ynd = bk.stop_gradient(y_new)
+        fin = finite(ynd)
+        if err is not None:
+            scale = atol + rtol * xp.maximum(xp.abs(bk.stop_gradient(y)), xp.abs(ynd))
+            errn = rms(bk.stop_gradient(err) / scale)
+            fin = fin & xp.isfinite(errn)
+            good = fin & (errn <= 1)
+        else:
+            errn = None
+            good = fin
+        accept = active & good
+        t_new = xp.where(accept, t + dt, t)
+        wrote = accept & hit
+        sel = (at_t == idx) & wrote  # (..., T)
+        out = dict(s)
+        out["k"] = s["k"] + 1
+        out["t"] = t_new
+        out["y"] = xp.where(accept, y_new, y)
+        if tab.fsal:
+            out["k1"] = xp.where(accept, k_last, k1)
+        out["ys"] = xp.where(sel[..., None], y_new[..., None, :], s["ys"])
+        if record:
+            out["out_step"] = xp.where(sel, s["k"] + xp.zeros_like(s["out_step"]),
+                                       s["out_step"])
+        idx = idx + xp.astype(wrote, i32)
+        out["idx"] = idx
+        one_i = xp.astype(active, i32)
+        out["nfe"] = s["nfe"] + new_evals * one_i
+        out["acc"] = s["acc"] + xp.astype(accept, i32)
+        out["rej"] = s["rej"] + xp.astype(active & ~good, i32)
+        still = active & (idx < T)
+        status = s["status"]
+        if errn is not None:
+            e = xp.where(fin, xp.maximum(errn, full(1e-10)), xp.ones_like(errn))
+            grow = xp.clip(_SAFETY * e ** (-expo) * s["prev"] ** _BETA, _MIN_FACTOR, _MAX_FACTOR)
+            shrink = xp.where(fin, xp.maximum(full(_MIN_FACTOR), _SAFETY * e ** (-expo)),
+                              full(_MIN_FACTOR))
+            adt, adtp = xp.abs(dt), xp.abs(dtp)
+            # a step clipped to an output time does not shrink the next one
+            mag_acc = xp.where(hit, xp.maximum(adt * grow, adtp * xp.minimum(grow, full(1.0))),
+                               adt * grow)
+            mag = xp.where(accept, mag_acc, xp.where(active, adt * shrink, adtp))
+            new_dt = direction * mag
+            out["prev"] = xp.where(accept, xp.maximum(errn, full(_ERR_FLOOR)), s["prev"])
+            bad = xp.where(active, ~fin, s["bad"])
+            out["bad"] = bad
+            t_next_out = xp.reshape(
+                xp.take(ts, xp.reshape(xp.minimum(idx, T - 1), (-1,)), axis=0), idx.shape)
+            min_dt = 16 * eps * xp.maximum(xp.maximum(xp.abs(t_new), xp.abs(t_next_out)),
+                                           full(tiny))
+            under = still & (mag < min_dt)
+            status = xp.where(under, xp.where(bad, full(NONFINITE, i32), full(DT_UNDERFLOW, i32)),
+                              status)
+            still = still & ~under
+        else:
+            new_dt = dtp
+            blown = active & ~fin
+            status = xp.where(blown, full(NONFINITE, i32), status)
+            still = still & ~blown
+        out["dt"] = new_dt
+        over = still & (out["acc"] + out["rej"] >= max_steps)
+        out["status"] = xp.where(over, full(MAX_STEPS, i32), status)
+        out["active"] = still & ~over
+        rec = (t, xp.where(accept, dt, xp.zeros_like(dt))) if record else None
+        return out, rec
+
+    s, outs = bk.bounded_while_loop(cond, body, state, max_steps)
+    status = xp.where(s["active"], full(MAX_STEPS, i32), s["status"])
+    stats = ODEStats(s["acc"][..., 0], s["rej"][..., 0], s["nfe"][..., 0], status[..., 0],
+                     s["t"][..., 0])
+    sched = None
+    if record:
+        if outs is None:
+            empty = xp.zeros((0, *batch, 1), dtype=dtype, device=dev)
+            outs = (empty, empty)
+        sched = StepSchedule(outs[0], outs[1], s["out_step"])
+    return Integration(s["ys"], stats, sched, ts)
+
+
+def _make_error(max_steps: int) -> Callable[..., ODEFailureError]:
+    def make(status: Any, t_final: Any, t_start: Any, t_end: Any) -> ODEFailureError:
+        import numpy as np
+
+        t_start, t_end = float(np.asarray(t_start)), float(np.asarray(t_end))
+        status, t_final = np.asarray(status), np.asarray(t_final, dtype=np.float64)
+        bad = np.argwhere(status != SUCCESS)
+        where: tuple[int, ...] = tuple(int(i) for i in bad[0]) if bad.size else ()
+        code = int(status[where]) if bad.size or status.ndim == 0 else SUCCESS
+        t = float(t_final[where])
+        n_failed = int(np.sum(status != SUCCESS))
+        label = str(where) if len(where) != 1 else str(where[0])
+        who = (f"sample {label} (of {status.size} in the batch; {n_failed} failed)"
+               if status.ndim else "the solve")
+        reason, fix = {
+            MAX_STEPS: (
+                f"max_steps = {max_steps} steps (accepted and rejected) were not enough",
+                "Raise max_steps, loosen rtol/atol, or shorten the time span; many rejected "
+                "steps (ODEStats.rejected) mean a stiff problem, too hard for an explicit "
+                "method."),
+            DT_UNDERFLOW: (
+                "the step size fell below the resolution of t",
+                "The solution probably blows up near this time (a finite-time singularity) or "
+                "the problem is too stiff for an explicit method: check f and the time span, "
+                "or loosen rtol/atol."),
+            NONFINITE: (
+                "f returned NaN or inf (or the state overflowed) at every step size tried",
+                "Check f at this time and state (NaN inputs or parameters, log or sqrt of a "
+                "negative number, overflow), or stop before this time."),
+        }.get(code, ("it failed", ""))
+        return ODEFailureError(
+            f"odeint: {who} stopped at t = {t:.6g} of [{t_start:.6g}, {t_end:.6g}]: {reason} "
+            f"(status {STATUS_NAMES.get(code, code)!r}). {fix} on_failure='nan' returns NaN "
+            "for the failed samples only.",
+            sample=where, t=t, status=STATUS_NAMES.get(code, str(code)), failed=n_failed,
+        )
+
+    return make
+
+
+def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
+           method: str | ButcherTableau = "tsit5", rtol: float = 1e-6, atol: float = 1e-6,
+           dt0: float | None = None, max_steps: int = 4096, grad: str = "direct",
+           on_failure: str | None = None, full_output: bool = False) -> Any:
+    """Solve $y' = f(t, y, \\theta)$, $y(t_0) = y_0$, at the output times `ts`, by an explicit
+    Runge–Kutta method with per-sample adaptive steps.
+
+    Each sample (the leading axes of `y0`) has its own time, step size, accepted and rejected
+    steps: a sample's result is the same alone or in a batch. Steps are clipped to the next
+    output time, so every output is the end of a step (no interpolation). Adaptive methods
+    accept a step when the RMS over the state of $\\mathrm{err}_i / (\\mathrm{atol} +
+    \\mathrm{rtol}\\max(|y_i|, |y^{\\text{next}}_i|))$ is at most 1, with Hairer's PI
+    step-size controller.
+
+    **Arguments:**
+
+    - `f`: the vector field, `f(t, y, *args) -> dy/dt` shaped like `y`, row by row (sample `i`
+      of the output depends on sample `i` of `y` only). `t` broadcasts against `y`: shape
+      `(..., 1)` (one time per sample) for a batched `y`, a 0-d array for `y` of shape `(d,)`.
+    - `y0`: the initial state, `(d,)` or `(..., d)` (samples first), real floating.
+    - `ts`: the output times, a 1-d array (or sequence), strictly increasing or decreasing;
+      `ts[0]` is the initial time. Not differentiated.
+    - `args`: positional, passed to `f`; the differentiated parameters $\\theta$.
+    - `method`: `"tsit5"` (default) or `"dopri5"` (adaptive, 5th order with a 4th-order error
+      estimate), `"rk4"` or `"euler"` (fixed steps of `dt0`), or a `ButcherTableau`.
+    - `rtol`, `atol`: (keyword) the relative and absolute tolerances (default `1e-6`).
+    - `dt0`: (keyword) the first step size (adaptive methods; default: Hairer's automatic
+      choice, per sample), or the step size of a fixed-step method (required there: steps of
+      `dt0`, each clipped to the next output time).
+    - `max_steps`: (keyword) the most steps, accepted and rejected, per sample (default 4096).
+      Under JAX the loop is a `lax.scan` of `max_steps` iterations (skipped once every sample
+      is done), and reverse mode stores every one of them: keep it near what the problem needs.
+    - `grad`: (keyword) how derivatives are taken: `"direct"` (the framework's autodiff through
+      the accepted steps; the step-size controller is a constant, so this is the exact
+      derivative of the discrete solution). `"checkpoint"` and `"backsolve"` are not available
+      yet.
+    - `on_failure`: (keyword) what a sample that stopped early does (`max_steps` reached,
+      step-size underflow, NaN/inf): `"raise"` an `ODEFailureError` naming the sample and the
+      time it reached, `"warn"`, or `"nan"` (that sample's outputs are NaN; the others are
+      kept). Default: `idf.config.on_failure`.
+    - `full_output`: (keyword) return an `ODESolution(ys, stats)` with per-sample `ODEStats`.
+
+    **Returns:** `ys` of shape `(len(ts), *y0.shape)`, time first (`ys[0]` is `y0`); an
+    `ODESolution` with `full_output=True`.
+    """
+    if grad not in GRAD_MODES:
+        raise ValueError(f"odeint: expected grad one of {GRAD_MODES}, got {grad!r}.")
+    if grad != "direct":
+        raise ValueError(
+            f"odeint: grad={grad!r} is not available yet; use grad='direct' (autodiff through "
+            "the solver's steps)."
+        )
+    on_failure = resolve_on_failure(on_failure, "odeint")
+    res = integrate(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
+                    max_steps=max_steps)
+    bk = get_backend(res.ys)
+    xp = bk.namespace(res.ys)
+    ok = res.stats.status == SUCCESS
+    ys = bk.handle_failure(res.ys, ok, on_failure, _make_error(max_steps), res.stats.status,
+                           res.stats.t_final, res.ts[0], res.ts[-1])
+    nb = ys.ndim - 2
+    ys = xp.permute_dims(ys, (nb, *range(nb), nb + 1))
+    return ODESolution(ys, res.stats) if full_output else ys
