@@ -143,3 +143,67 @@ def test_unknown_solver_and_closest_are_refused():
         idf.qp.solve_qp(*args, solver="gurobi")
     with pytest.raises(ValueError, match="closest"):
         idf.qp.solve_qp(*args, infeasible="closest")
+
+
+def _dense_active_solve(Q, q, A, b, G, h, active):
+    """The oracle: the active-set KKT system with the active rows of G only, one sample at a
+    time by `np.linalg.solve`."""
+    out = []
+    for k in range(q.shape[0]):
+        S = np.nonzero(active[k])[0]
+        n, p = q.shape[1], b.shape[1]
+        C = np.concatenate([A[k], G[k][S]])
+        K = np.block([[Q[k], C.T], [C, np.zeros((len(C), len(C)))]])
+        w = np.linalg.solve(K, np.concatenate([-q[k], b[k], h[k][S]]))
+        z = np.zeros(G.shape[1])
+        z[S] = w[n + p:]
+        out.append((w[:n], w[n:n + p], z))
+    return [np.stack(a) for a in zip(*out)]
+
+
+@pytest.mark.parametrize("p", [0, 3])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_active_kkt_schur_solve_is_the_kkt_solution(p, reuse):
+    # the polish's reduced solve (null space of A, Schur complement on the active rows, one
+    # refinement step) against the whole system solved densely, active sets of different sizes
+    from implicitdiff.qp import _ipm
+
+    rng = np.random.default_rng(3)
+    B, n, m = 4, 9, 12
+    L = rng.standard_normal((B, n, n))
+    Q = L @ np.swapaxes(L, 1, 2) / n + 0.1 * np.eye(n)
+    q, A = rng.standard_normal((B, n)), rng.standard_normal((B, p, n))
+    b = rng.standard_normal((B, p))
+    G, h = rng.standard_normal((B, m, n)), rng.standard_normal((B, m))
+    active = np.zeros((B, m), dtype=bool)  # 0, 2, 4 and 6 active rows (at most n - p)
+    for k, size in enumerate((0, 2, 4, 6)):
+        active[k, rng.choice(m, size, replace=False)] = True
+    basis: dict = {}
+    if reuse and p:
+        _ipm.ipm(Q, q, A, b, G, h, tol=1e-8, maxiter=50, keep=basis)
+        assert set(basis) == {"Y", "Z", "Rp", "Qz", "Gz"}
+    fast = _ipm.ActiveKKT(Q, q, A, b, G, h, basis)
+    assert fast.ok
+    x, y, z, good = fast.solve(np.arange(B), active)
+    xr, yr, zr = _dense_active_solve(Q, q, A, b, G, h, active)
+    assert good.all()
+    for got, ref in ((x, xr), (y, yr), (z, zr)):
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
+    # a subset of the samples gives the same rows
+    x2, _, z2, _ = fast.solve(np.array([1, 3]), active[[1, 3]])
+    np.testing.assert_allclose(x2, x[[1, 3]], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(z2, z[[1, 3]], rtol=1e-13, atol=1e-13)
+
+
+def test_active_kkt_declines_what_it_cannot_solve():
+    # Q only semidefinite on the null space of A, or A rank-deficient: the full KKT solve serves
+    from implicitdiff.qp import _ipm
+
+    rng = np.random.default_rng(4)
+    B, n, m = 2, 5, 4
+    G, h = rng.standard_normal((B, m, n)), rng.standard_normal((B, m))
+    q = rng.standard_normal((B, n))
+    A = rng.standard_normal((B, 2, n))
+    assert not _ipm.ActiveKKT(np.zeros((B, n, n)), q, A, np.zeros((B, 2)), G, h).ok  # an LP
+    A[:, 1] = 2 * A[:, 0]
+    assert not _ipm.ActiveKKT(np.eye(n)[None].repeat(B, 0), q, A, np.zeros((B, 2)), G, h).ok

@@ -386,14 +386,17 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
                              "Check the inputs.")
     _check_Q(Q, batch, check_eps)
     if solver == "ipm":
-        x, y, z, s, it, conv, scale = _ipm.ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
+        basis: dict = {}
+        x, y, z, s, it, conv, scale = _ipm.ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter,
+                                               keep=basis)
         status = np.where(conv, SOLVED, MAX_ITER)
     else:
         x, y, z, s, it, status = solve_external(solver, Q, q, A, b, G, h, tol=tol,
                                                 maxiter=maxiter)
         conv = status == SOLVED
         scale = _ipm.data_scale(Q, q, A, b, G, h)
-    xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale)
+        basis = {}
+    xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale, basis=basis)
     # where the polish found no consistent active set, the interior point stopped too early to
     # tell (a multiplier and its slack both still ~sqrt(tol)): solve those again, tighter
     again = np.nonzero(~pol & (status != PRIMAL_INFEASIBLE) & (status != DUAL_INFEASIBLE))[0]

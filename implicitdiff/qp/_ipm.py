@@ -92,21 +92,22 @@ def _direction(solve_m: Any, G: Any, D: Any, s: Any, ri: Any, rd: Any, rp: Any, 
     return dx, dy, dz, ds
 
 
-def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
+def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int, keep: dict | None = None):
     """Mehrotra predictor-corrector on a batch; each problem stops on its own.
 
     Returns `(x, y, z, s, it, converged, scale)`; non-converged rows hold their last iterate
     (infeasible and unbounded problems overflow on their way: that is expected, hence the
-    silenced floating-point warnings)."""
+    silenced floating-point warnings). `keep`: a dict that receives the null-space basis when
+    that path ran (for `ActiveKKT`)."""
     with np.errstate(all="ignore"):
         if 0 < A.shape[1] < A.shape[2]:
-            reduced = _ipm_null_space(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
+            reduced = _ipm_null_space(Q, q, A, b, G, h, tol=tol, maxiter=maxiter, keep=keep)
             if reduced is not None:
                 return reduced
         return _ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
 
 
-def _ipm_null_space(Q, q, A, b, G, h, *, tol: float, maxiter: int):
+def _ipm_null_space(Q, q, A, b, G, h, *, tol: float, maxiter: int, keep: dict | None = None):
     """The interior point on the null space of A: with $A^\\top = [Y\\ Z] R$ (QR),
     $x = x_0 + Zv$, $Ax_0 = b$, the equality constraints vanish and each Newton system has
     $n - p$ unknowns instead of $n + p$ (about $((n+p)/(n-p))^3$ times less work). None where
@@ -125,6 +126,8 @@ def _ipm_null_space(Q, q, A, b, G, h, *, tol: float, maxiter: int):
     qz = _mv(Zt, _mv(Q, x0) + q)
     Gz = G @ Z
     hz = h - _mv(G, x0)
+    if keep is not None:
+        keep.update(Y=Y, Z=Z, Rp=Rp, Qz=Qz, Gz=Gz)
     none = np.zeros((B, 0, n - p)), np.zeros((B, 0))
     v, _, z, s, it, conv, _ = _ipm(Qz, qz, *none, Gz, hz, tol=tol, maxiter=maxiter)
     x = x0 + _mv(Z, v)
@@ -249,6 +252,123 @@ def _solve_active(Q, q, A, b, G, h, active):
     return wf[:, :n], wf[:, n:n + p], wf[:, n + p:], good
 
 
+class ActiveKKT:
+    """Repeated solves of the active-set KKT system of one batch, for the polish's rounds.
+
+    With $A^\\top = Y R$ (QR; $Z$ spans the null space of A), $Q_Z = Z^\\top Q Z = LL^\\top$
+    (Cholesky) and $W = L^{-1} (GZ)^\\top$, the system
+    $[[Q, A^\\top, G_S^\\top], [A, 0, 0], [G_S, 0, 0]]\\,(x, y, z_S) = (f, g, k_S)$ reduces to the
+    Schur complement $(W^\\top W)_{SS} z_S = \\ldots$ on the active rows: the O(n³) work is done
+    once per batch (and the interior point's null-space basis is reused), and each active set
+    costs one |S| × |S| solve instead of an LU of the whole (n + p + m) system per round. One
+    step of iterative refinement against the original system brings the answer to rounding.
+    `ok` is False where this does not apply (Q not positive definite on the null space of A, A
+    rank-deficient, no constraint rows): `_solve_active` serves those batches."""
+
+    def __init__(self, Q, q, A, b, G, h, basis: dict | None = None):
+        n, p = q.shape[1], b.shape[1]
+        self.data = (Q, q, A, b, G, h)
+        self.ok = False
+        self.Y = self.Z = self.Rinv = None
+        if G.shape[1] == 0 or p >= n:
+            return
+        try:
+            if p and basis:  # the interior point's null-space basis, for this very batch
+                self.Y, self.Z = basis["Y"], basis["Z"]
+                self.Rinv = np.linalg.inv(basis["Rp"])
+                Qz, Gz = basis["Qz"], basis["Gz"]
+            elif p:
+                Qf, R = np.linalg.qr(np.swapaxes(A, 1, 2), mode="complete")
+                Rp = R[:, :p, :]
+                d = np.abs(np.diagonal(Rp, axis1=1, axis2=2))
+                if not np.all(d.min(axis=1) > 1e-10 * np.maximum(d.max(axis=1), 1e-300)):
+                    return
+                self.Y, self.Z = Qf[:, :, :p], Qf[:, :, p:]
+                self.Rinv = np.linalg.inv(Rp)
+                Qz = np.swapaxes(self.Z, 1, 2) @ Q @ self.Z
+                Gz = G @ self.Z
+            else:
+                Qz, Gz = Q, G
+            L = np.linalg.cholesky(Qz)
+            self.Linv = np.linalg.inv(L)
+        except np.linalg.LinAlgError:
+            return
+        if not np.all(np.isfinite(self.Linv)):
+            return
+        self.p = p
+        self.W = self.Linv @ np.swapaxes(Gz, 1, 2)  # (B, n - p, m)
+        self.S = np.swapaxes(self.W, 1, 2) @ self.W  # (B, m, m)
+        self.absQ, self.absA, self.absG = np.abs(Q), np.abs(A), np.abs(G)
+        self.ok = True
+
+    def _take(self, a, i):
+        return a if len(i) == a.shape[0] else a[i]  # `i` is sorted and unique: all = no copy
+
+    def _raw(self, i, act, f, g, k):
+        """One solve of the system for samples `i` with active mask `act` (rows off the
+        active set: z_i = 0)."""
+        Q, _, _, _, G, _ = self.data
+        Qi, Gi = self._take(Q, i), self._take(G, i)
+        Y, Z, Rinv = (self._take(a, i) if self.p else None for a in (self.Y, self.Z, self.Rinv))
+        if Y is not None and Z is not None and Rinv is not None:
+            x0 = _mv(Y, _mtv(Rinv, g))  # A x0 = g  (A = Rpᵀ Yᵀ)
+            fz = _mtv(Z, f - _mv(Qi, x0))
+        else:
+            x0, fz = np.zeros_like(f), f
+        kz = np.where(act, k - _mv(Gi, x0), 0.0)
+        Linv, W = self._take(self.Linv, i), self._take(self.W, i)
+        c = _mv(Linv, fz)
+        # the Schur system on the active rows only: each sample's active rows first, padded to
+        # the batch's largest active set with identity rows
+        z = np.zeros_like(kz)
+        k_max = int(act.sum(axis=1).max(initial=0))
+        if k_max:
+            order = np.argsort(~act, axis=1, kind="stable")[:, :k_max]
+            a = np.take_along_axis(act, order, 1).astype(np.float64)
+            S = self._take(self.S, i)
+            S = np.take_along_axis(np.take_along_axis(S, order[:, :, None], 1),
+                                   order[:, None, :], 2) * (a[:, :, None] * a[:, None, :])
+            S[:, np.arange(k_max), np.arange(k_max)] += 1.0 - a
+            rhs = np.take_along_axis(_mtv(W, c) - kz, order, 1) * a
+            np.put_along_axis(z, order, _solve(S, rhs) * a, 1)
+        v = _mtv(Linv, c - _mv(W, z))
+        if Y is not None and Z is not None and Rinv is not None:
+            x = x0 + _mv(Z, v)
+            y = _mv(Rinv, _mtv(Y, f - _mv(Qi, x) - _mtv(Gi, z)))
+        else:
+            x, y = v, np.zeros((len(i), 0))
+        return x, y, z
+
+    def solve(self, i, active):
+        """`_solve_active` for samples `i`: `(x, y, z, good)`."""
+        Q, q, A, b, G, h = (self._take(a, i) for a in self.data)
+        f, g, k = -q, b, np.where(active, h, 0.0)
+        x, y, z = self._raw(i, active, f, g, k)
+        # one step of iterative refinement against the original system
+        r1, r2, r3 = self._residual(Q, A, G, active, x, y, z, f, g, k)
+        dx, dy, dz = self._raw(i, active, r1, r2, r3)
+        x, y, z = x + dx, y + dy, z + dz
+        r1, r2, r3 = self._residual(Q, A, G, active, x, y, z, f, g, k)
+        fin = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1) & np.isfinite(z).all(axis=1)
+        x, y, z = (np.where(np.isfinite(a), a, 0.0) for a in (x, y, z))
+        za = np.abs(z)
+        aQ, aA, aG = (self._take(a, i) for a in (self.absQ, self.absA, self.absG))
+        size = np.maximum.reduce([
+            _inf(_mv(aQ, np.abs(x)) + _mtv(aA, np.abs(y)) + _mtv(aG, za)),
+            _inf(_mv(aA, np.abs(x))), _inf(np.where(active, _mv(aG, np.abs(x)), za))])
+        size = size + np.maximum.reduce([_inf(f), _inf(g), _inf(k)])
+        res = np.maximum.reduce([_inf(r1), _inf(r2), _inf(r3)])
+        good = fin & (res <= 1e-8 * np.maximum(size, 1e-300))
+        return x, y, z, good
+
+    @staticmethod
+    def _residual(Q, A, G, active, x, y, z, f, g, k):
+        r1 = f - (_mv(Q, x) + _mtv(A, y) + _mtv(G, z))
+        r2 = g - _mv(A, x)
+        r3 = np.where(active, k - _mv(G, x), -z)
+        return r1, r2, r3
+
+
 def row_scales(Q, q, A, G, h, x, y, z):
     """Scale-invariant yardsticks: per inequality row, the size of its primal terms
     ($|h_i| + \\|G_i\\|_\\infty \\|x\\|_\\infty$) and of its force in the stationarity
@@ -261,23 +381,29 @@ def row_scales(Q, q, A, G, h, x, y, z):
     return primal, force, np.maximum(stat, 1e-300)
 
 
-def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6, tol: float = 1e-9):
+def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6, tol: float = 1e-9,
+           basis: dict | None = None):
     """Solve the equality-constrained QP of the identified active set exactly (to rounding).
 
     Starts from `z > s` and repairs the set (adds violated constraints, drops negative
     multipliers; both measured row by row, relative to the row's own terms, so the scaling of
     a row does not matter) for a few rounds. Returns `(x, y, z, active, ok)`; rows where no
-    consistent active set was found keep the interior-point answer (`ok` False)."""
+    consistent active set was found keep the interior-point answer (`ok` False). `basis`:
+    `ipm`'s `keep` for this batch (saves refactoring A)."""
     B = q.shape[0]
     active = z > s
     xo, yo, zo = x.copy(), y.copy(), np.where(active, np.maximum(z, 0.0), 0.0)
     ok = np.zeros(B, dtype=bool)
     todo = np.ones(B, dtype=bool)
+    fast = ActiveKKT(Q, q, A, b, G, h, basis)
     for _ in range(rounds):
         i = np.nonzero(todo)[0]
         if len(i) == 0:
             break
-        xi, yi, zi, good = _solve_active(Q[i], q[i], A[i], b[i], G[i], h[i], active[i])
+        if fast.ok:
+            xi, yi, zi, good = fast.solve(i, active[i])
+        else:
+            xi, yi, zi, good = _solve_active(Q[i], q[i], A[i], b[i], G[i], h[i], active[i])
         primal, force, stat = row_scales(Q[i], q[i], A[i], G[i], h[i], xi, yi, zi)
         viol = (_mv(G[i], xi) - h[i]) > tol * primal
         neg = active[i] & (zi < 0) & (force > tol * stat[:, None])
