@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, overload
@@ -345,18 +346,35 @@ class JaxBackend(Backend):
 
     def bounded_while_loop(self, cond: Callable, body: Callable, init: Any,
                            max_steps: int) -> tuple[Any, Any]:
-        # A scan of max_steps iterations (reverse-mode differentiable, unlike lax.while_loop),
-        # each a lax.cond that skips the body once cond is false: a finished loop costs a
-        # predicate per remaining iteration (under vmap the cond is a select: both run).
+        # Scans (reverse-mode differentiable, unlike lax.while_loop) of lax.conds that skip the
+        # body once cond is false, nested two deep (about sqrt(max_steps) each): a finished loop
+        # costs one predicate per remaining outer iteration, not per remaining step. (Under
+        # vmap a cond is a select: both branches run.)
+        inner = max(1, math.isqrt(max_steps - 1) + 1)
+        outer = -(-max_steps // inner)
         out_shape = jax.eval_shape(lambda s: body(s)[1], init)
 
-        def skip(s: Any) -> tuple[Any, Any]:
-            return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape)
+        def zeros(shape: Any, lead: tuple = ()) -> Any:
+            return jax.tree_util.tree_map(lambda a: jnp.zeros(lead + a.shape, a.dtype), shape)
 
-        def step(s: Any, _: Any) -> tuple[Any, Any]:
-            return lax.cond(cond(s), body, skip, s)
+        def step(carry: Any, i: Any) -> tuple[Any, Any]:
+            s, base = carry
+            s, out = lax.cond(cond(s) & (base + i < max_steps), body,
+                              lambda s: (s, zeros(out_shape)), s)
+            return (s, base), out
 
-        return lax.scan(step, init, None, length=max_steps)
+        def chunk(s: Any, j: Any) -> tuple[Any, Any]:
+            def run(s: Any) -> tuple[Any, Any]:
+                (s, _), outs = lax.scan(step, (s, j * inner), jnp.arange(inner))
+                return s, outs
+
+            return lax.cond(cond(s) & (j * inner < max_steps), run,
+                            lambda s: (s, zeros(out_shape, (inner,))), s)
+
+        state, outs = lax.scan(chunk, init, jnp.arange(outer))
+        outs = jax.tree_util.tree_map(
+            lambda a: a.reshape((outer * inner, *a.shape[2:]))[:max_steps], outs)
+        return state, outs
 
     def stop_gradient(self, x: Any) -> Any:
         return lax.stop_gradient(x)
