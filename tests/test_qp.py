@@ -782,12 +782,130 @@ def test_on_failure_default_from_config_and_warn():
         qp.solve_qp(*args, on_failure="warn")
 
 
-def test_infeasible_closest_refused():
-    """infeasible="closest" (in the spec) is not implemented: refused with the reason, not
-    silently ignored."""
-    _, args, _ = _infeasible_batch(B=8, every=4)
-    with pytest.raises(ValueError, match=r"closest.*not implemented"):
-        qp.solve_qp(*args, infeasible="closest")
+def _robust_infeasible(seed=0, n=3):
+    """An infeasible QP whose infeasibility survives any small perturbation: x ≤ 0 row-wise
+    and Σx ≥ 1 (perturbed), with one equality row and two far, loose rows. The loosened rows
+    and the equality pin x completely (full column rank), so the closest feasible problem's
+    solution is the least-squares point of the shifted constraints whatever Q and q are."""
+    rng = np.random.default_rng(seed)
+    L = rng.standard_normal((n, n))
+    Q = L @ L.T / n + 0.5 * np.eye(n)
+    q = rng.standard_normal(n)
+    A, b = rng.standard_normal((1, n)), rng.standard_normal(1)
+    G = np.vstack([np.eye(n), -np.ones((1, n)), rng.standard_normal((2, n))])
+    G[: n + 1] += 0.1 * rng.standard_normal((n + 1, n))
+    h = np.concatenate([np.zeros(n), [-1.0], [50.0, 50.0]])
+    return Q, q, A, b, G, h
+
+
+def _least_squares_point(A, b, G, h):
+    """The oracle (SciPy, no code shared with idf.qp): the minimizer of
+    ‖Ax − b‖² + ‖(Gx − h)₊‖², unique here."""
+    from scipy.optimize import least_squares
+
+    r = lambda x: np.concatenate([A @ x - b, np.maximum(G @ x - h, 0.0)])  # noqa: E731
+    x0 = np.linalg.lstsq(np.vstack([A, G]), np.concatenate([b, h]), rcond=None)[0]
+    x = least_squares(r, x0, xtol=1e-15, ftol=1e-15, gtol=1e-15, method="lm").x
+    # to rounding: the least-squares solution on the rows the minimizer violates
+    V = G @ x - h > 1e-9
+    return np.linalg.lstsq(np.vstack([A, G[V]]), np.concatenate([b, h[V]]), rcond=None)[0]
+
+
+@pytest.mark.parametrize("fw", FWS)
+def test_closest_feasible_problem_value(fw):
+    fw_module(fw)
+    Q, q, A, b, G, h = _robust_infeasible()
+    ref = _least_squares_point(A, b, G, h)
+    sol = solve(fw, (Q, q, A, b, G, h), infeasible="closest", full_output=True)
+    assert int(np.asarray(sol.stats.status)) == qp.CLOSEST
+    np.testing.assert_allclose(to_np(sol.x), ref, rtol=1e-9, atol=1e-9)
+    assert list(np.asarray(sol.stats.violated)) == [True] * 4 + [False] * 2
+    # without the option the same problem fails
+    with pytest.raises(idf.NonConvergenceError, match="primal infeasible"):
+        solve(fw, (Q, q, A, b, G, h), on_failure="raise")
+
+
+@pytest.mark.parametrize("fw", ["jax", "torch"])
+def test_closest_feasible_problem_gradient(fw):
+    # the whole map θ ↦ x*(closest problem), shift included, against central finite differences
+    # of the independent least-squares oracle in a random direction of (A, b, G, h), and zero
+    # in (Q, q) (the loosened rows pin x)
+    fw_module(fw)
+    Q, q, A, b, G, h = _robust_infeasible(seed=1)
+    rng = np.random.default_rng(2)
+    dA, db, dG, dh = (rng.standard_normal(a.shape) for a in (A, b, G, h))
+    c = rng.standard_normal(Q.shape[0])
+    ref = central_fd(lambda *t: c @ _least_squares_point(*t), (A, b, G, h), (dA, db, dG, dh),
+                     h=1e-5)
+    g = fw_grad(fw, (Q, q, A, b, G, h), c, np.zeros(1), np.zeros(len(h)), infeasible="closest")
+    got = sum(float(np.sum(gi * di)) for gi, di in zip(g[2:], (dA, db, dG, dh)))
+    assert abs(got - float(ref)) <= 1e-8 * max(1.0, abs(float(ref))), (got, float(ref))
+    assert np.abs(g[0]).max() < 1e-9 and np.abs(g[1]).max() < 1e-9
+
+
+def _pair_closed_form(Q, q, A, b, h, g):
+    """An equality row and the contradictory pair gᵀx ≤ h₀, −gᵀx ≤ h₁ (h₀ + h₁ < 0): the
+    least-squares shift splits the gap, so the closest problem is the QP with the equalities
+    Ax = b, gᵀx = (h₀ − h₁)/2, solved densely."""
+    n = len(q)
+    C = np.vstack([A, g[None]])
+    d = np.concatenate([b, [(h[0] - h[1]) / 2]])
+    K = np.block([[Q, C.T], [C, np.zeros((len(C), len(C)))]])
+    return np.linalg.solve(K, np.concatenate([-q, d]))[:n]
+
+
+@pytest.mark.parametrize("fw", ["jax", "torch"])
+def test_closest_pair_through_the_objective(fw):
+    # here the shifted problem leaves x free along the pair's face, so Q and q matter: value and
+    # gradient in (Q, q, A, b, h) against the closed form (G is held: a contradictory pair of
+    # parallel rows is infeasible only while they stay parallel, so no derivative in G exists)
+    fw_module(fw)
+    rng = np.random.default_rng(5)
+    n = 4
+    L = rng.standard_normal((n, n))
+    Q, q = L @ L.T / n + 0.5 * np.eye(n), rng.standard_normal(n)
+    A, b, g = rng.standard_normal((1, n)), rng.standard_normal(1), rng.standard_normal(n)
+    G = np.vstack([g, -g, rng.standard_normal((2, n))])
+    h = np.array([-0.5, -0.7, 50.0, 50.0])
+    ref = _pair_closed_form(Q, q, A, b, h, g)
+    sol = solve(fw, (Q, q, A, b, G, h), infeasible="closest", full_output=True)
+    assert int(np.asarray(sol.stats.status)) == qp.CLOSEST
+    np.testing.assert_allclose(to_np(sol.x), ref, rtol=1e-9, atol=1e-10)
+    c = rng.standard_normal(n)
+    dQ, dq, dA, db, dh = (rng.standard_normal(a.shape) for a in (Q, q, A, b, h))
+    dQ = dQ + dQ.T
+    ref_d = central_fd(lambda Q_, q_, A_, b_, h_: c @ _pair_closed_form(Q_, q_, A_, b_, h_, g),
+                       (Q, q, A, b, h), (dQ, dq, dA, db, dh), h=1e-5)
+    gr = fw_grad(fw, (Q, q, A, b, G, h), c, np.zeros(1), np.zeros(len(h)),
+                 infeasible="closest")
+    got = sum(float(np.sum(gi * di)) for gi, di in zip([gr[0], gr[1], gr[2], gr[3], gr[5]],
+                                                        (dQ, dq, dA, db, dh)))
+    assert abs(got - float(ref_d)) <= 1e-8 * max(1.0, abs(float(ref_d))), (got, float(ref_d))
+
+
+@pytest.mark.parametrize("fw", ["numpy", "torch"])
+def test_closest_in_a_batch_leaves_feasible_samples_alone(fw):
+    fw_module(fw)
+    _, args, bad = _infeasible_batch(B=16, every=4)
+    sol = solve(fw, args, infeasible="closest", full_output=True, on_failure="raise")
+    plain = solve(fw, args, full_output=True, on_failure="nan")
+    status = np.asarray(sol.stats.status)
+    assert np.all(status[bad] == qp.CLOSEST) and np.all(status[~bad] == qp.SOLVED)
+    x, xp_ = to_np(sol.x), to_np(plain.x)
+    np.testing.assert_array_equal(x[~bad], xp_[~bad])
+    # the infeasible samples' pair x0 <= -1, -x0 <= -1 is split: x0 = 0 on the shifted face
+    np.testing.assert_allclose(x[bad][:, 0], 0.0, atol=1e-9)
+    assert "closest" in sol.stats.summary()
+
+
+def test_closest_refuses_unbounded_and_unknown_values():
+    with pytest.raises(ValueError, match="'fail' or 'closest'"):
+        qp.solve_qp(np.eye(2), np.ones(2), infeasible="nearest")
+    # an unbounded problem is not infeasible: it still fails
+    Q = np.zeros((2, 2))
+    with pytest.raises(idf.NonConvergenceError, match="unbounded"):
+        qp.solve_qp(Q, np.ones(2), G=-np.eye(2)[:1], h=np.zeros(1), infeasible="closest",
+                    on_failure="raise")
 
 
 def _unbounded_batch():

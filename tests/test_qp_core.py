@@ -135,14 +135,12 @@ def test_external_solvers_give_the_built_in_solution_and_gradient(solver):
     assert np.isnan(bad.x).all()
 
 
-def test_unknown_solver_and_closest_are_refused():
+def test_unknown_solver_is_refused():
     from implicitdiff import _gallery
 
     args = _gallery._qp_args()
     with pytest.raises(ValueError, match="solver"):
         idf.qp.solve_qp(*args, solver="gurobi")
-    with pytest.raises(ValueError, match="closest"):
-        idf.qp.solve_qp(*args, infeasible="closest")
 
 
 def _dense_active_solve(Q, q, A, b, G, h, active):

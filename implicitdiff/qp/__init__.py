@@ -27,6 +27,7 @@ from .._root import Derivatives, ImplicitFunction, custom_root
 from . import _ipm
 from ._external import EXTERNAL, solve_external
 from ._ipm import (
+    CLOSEST,
     DUAL_INFEASIBLE,
     MAX_ITER,
     PRIMAL_INFEASIBLE,
@@ -35,6 +36,7 @@ from ._ipm import (
 )
 
 __all__ = [
+    "CLOSEST",
     "DUAL_INFEASIBLE",
     "MAX_ITER",
     "PRIMAL_INFEASIBLE",
@@ -54,13 +56,17 @@ class QPStats(NamedTuple):
 
     - `iterations`: interior-point iterations.
     - `status`: `SOLVED` (0), `PRIMAL_INFEASIBLE` (1), `DUAL_INFEASIBLE` (2, unbounded),
-      `MAX_ITER` (3, not converged). `STATUS_NAMES` maps them to words.
+      `MAX_ITER` (3, not converged), `CLOSEST` (4: infeasible, and with
+      `infeasible="closest"` its closest feasible problem solved). `STATUS_NAMES` maps them to
+      words.
     - `primal_residual`: $\\max(|Ax - b|, (Gx - h)_+)$ at the returned x.
     - `dual_residual`: $\\max|Qx + q + A^\\top y + G^\\top z|$.
     - `gap`: $\\max|z \\circ (h - Gx)|$.
     - `active`: shape `(..., m)`, the inequality constraints the derivative holds active.
     - `degenerate`: some constraint is weakly active (active with a zero multiplier): the
       derivative there is the one documented in `solve_qp`.
+    - `violated`: shape `(..., m)`; for a primal infeasible sample, the inequality rows that
+      the least-squares shift to its closest feasible problem loosens (all False otherwise).
     """
 
     iterations: Any
@@ -70,6 +76,7 @@ class QPStats(NamedTuple):
     gap: Any
     active: Any
     degenerate: Any
+    violated: Any
 
     def summary(self) -> str:
         """A one-paragraph account: how many samples per status, iterations, residuals."""
@@ -438,6 +445,11 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
                                       maxiter=maxiter, scale=scale[i])
         status[i] = st
     rp, rd, gap = _ipm.residuals(Q, q, A, b, G, h, x, y, z)
+    violated = np.zeros((B, m), dtype=bool)
+    inf = np.nonzero(status == PRIMAL_INFEASIBLE)[0]
+    if len(inf):  # what the closest feasible problem shifts (for infeasible="closest")
+        violated[inf], _ = _ipm.closest_rows(A[inf], b[inf], G[inf], h[inf], tol=tol,
+                                             maxiter=maxiter, scale=scale[inf])
     ok = (status == SOLVED).astype(np.float64)
     w = (x.reshape((*batch, n)), y.reshape((*batch, p)), z.reshape((*batch, m)),
          ok.reshape(batch))
@@ -445,14 +457,15 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
            "status": status.reshape(batch).astype(np.int32),
            "primal_residual": rp.reshape(batch), "dual_residual": rd.reshape(batch),
            "gap": gap.reshape(batch), "active": (active & conv[:, None]).reshape((*batch, m)),
-           "degenerate": degenerate.reshape(batch)}
+           "degenerate": degenerate.reshape(batch), "violated": violated.reshape((*batch, m))}
     return w, aux
 
 
 def _failure(status: Any, batch: tuple) -> NonConvergenceError:
     st = np.asarray(status).reshape(batch)
-    bad = np.argwhere(st != SOLVED) if batch else (np.zeros((1, 0), int) if st != SOLVED
-                                                   else np.zeros((0, 0), int))
+    failed = (st != SOLVED) & (st != CLOSEST)
+    bad = np.argwhere(failed) if batch else (np.zeros((1, 0), int) if failed
+                                             else np.zeros((0, 0), int))
     groups: dict[int, list[str]] = {}
     for ix in bad:
         groups.setdefault(int(st[tuple(ix)]), []).append(str(tuple(int(v) for v in ix)))
@@ -504,8 +517,13 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
       1e-9). The answer is then polished, so it is exact to rounding whatever `tol`, once the
       active set is identified.
     - `maxiter`: interior-point iterations per sample (default 100).
-    - `infeasible`: `"fail"` (the only value for now): an infeasible or unbounded sample is a
-      failure, handled by `on_failure`.
+    - `infeasible`: `"fail"` (default): an infeasible or unbounded sample is a failure,
+      handled by `on_failure`. `"closest"`: a primal infeasible sample is replaced by its
+      closest feasible problem, the one with the least-squares shift of $(b, h)$ (the
+      projection of $(b, h)$ onto the data that admit a feasible point, as ProxSuite's QPLayer
+      does), which is solved and differentiated, the shift included (exact where the set of
+      loosened rows, `stats.violated`, and the rank of the tight rows are locally constant);
+      its `stats.status` is `CLOSEST`. Unbounded samples still fail.
     - `on_failure`: `"raise"` (a `NonConvergenceError` naming the failed samples and why),
       `"warn"`, or `"nan"` (only the failed samples' outputs are NaN; the others keep exact
       values and gradients, and a failed sample adds nothing to the gradient of a shared
@@ -535,13 +553,9 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
     if solver != "ipm" and solver not in EXTERNAL:
         raise ValueError(f"solve_qp: solver: expected 'ipm' or one of "
                          f"{', '.join(map(repr, EXTERNAL))}, got {solver!r}.")
-    if infeasible != "fail":
-        raise ValueError(
-            f"solve_qp: infeasible: expected 'fail', got {infeasible!r}. (The closest feasible "
-            "problem, infeasible='closest', is not implemented yet: its feasible set has no "
-            "interior and its active constraints are dependent, so neither the forward solve nor "
-            "the derivative is well posed without a least-squares rule. Use on_failure='nan' to "
-            "drop infeasible samples.)")
+    if infeasible not in ("fail", "closest"):
+        raise ValueError(f"solve_qp: infeasible: expected 'fail' or 'closest', got "
+                         f"{infeasible!r}.")
     if (A is None) != (b is None):
         raise StructureError("solve_qp: A and b go together: got "
                              f"{'A' if b is None else 'b'} without "
@@ -572,11 +586,62 @@ def solve_qp(Q: Any, q: Any, A: Any = None, b: Any = None, G: Any = None, h: Any
     fn = qp_function(solver=solver, tol=tol, maxiter=maxiter, on_failure=on_failure,
                      solve=solve, batch_dims=len(batch))
     (x, y, z, ok), aux = fn(Q, q, A, b, G, h)
+    if infeasible == "closest":
+        (x, y, z, ok), aux = _closest(bk, fn, (Q, q, A, b, G, h), batch, aux, (x, y, z, ok))
     x, y, z = bk.handle_failure((x, y, z), ok > 0.5, on_failure,
                                 lambda st: _failure(st, batch), aux["status"])
     if not full_output:
         return x
     return QPSolution(x, y, z, QPStats(**aux))
+
+
+def _closest(bk: Backend, fn: ImplicitFunction, theta: tuple, batch: tuple, aux: dict,
+             w: tuple) -> tuple[tuple, dict]:
+    """`infeasible="closest"`: solve the primal infeasible samples' closest feasible problems.
+
+    The closest feasible data are the projection of $(b, h)$ onto
+    $\\{(Ax, Gx + \\sigma): \\sigma \\ge 0\\}$: with the rows V it loosens (found on the host,
+    `stats.violated`), $C = [A; G_V]$ and $d = [b; h_V]$, the projection is $C C^+ d$ (and $h$
+    unchanged off V). It is computed here in the framework's operations, so the derivative of
+    the shift with respect to A, b, G, h is exact wherever V and the rank of C are locally
+    constant; the shifted problem is then solved and differentiated like any other. The
+    shifted problem's tight rows are dependent (its feasible set has no interior there): the
+    forward solve takes basic multipliers and, since the shifted data stay consistent under
+    perturbation, the derivative is that of the composed map."""
+    Q, q, A, b, G, h = theta
+    xp = bk.namespace(q)
+    st = aux["status"]
+    traced = bk.is_traced((st, q))
+    if not traced and not np.any(np.asarray(st) == PRIMAL_INFEASIBLE):
+        return w, aux
+    n, p, m = int(q.shape[-1]), int(A.shape[-2]), int(G.shape[-2])
+    if traced:
+        V = xp.astype(aux["violated"], q.dtype)
+        shifted = xp.astype(st == PRIMAL_INFEASIBLE, q.dtype)
+    else:
+        dt = numpy_dtype(q)
+        V, shifted = bk.from_host((np.asarray(aux["violated"], dtype=dt),
+                                   np.asarray(np.asarray(st) == PRIMAL_INFEASIBLE, dtype=dt)),
+                                  like=q)
+    Ab = xp.broadcast_to(A, (*batch, p, n))
+    C = xp.concat([Ab, V[..., None] * xp.broadcast_to(G, (*batch, m, n))], axis=-2)
+    d = xp.concat([xp.broadcast_to(b, (*batch, p)), V * xp.broadcast_to(h, (*batch, m))],
+                  axis=-1)
+    proj = _mv(C, _mv(xp.linalg.pinv(C), d))
+    shift = shifted[..., None] * (proj - d)  # zero off V (those rows of C and d are zero)
+    b2, h2 = b + shift[..., :p], h + shift[..., p:]
+    w2, aux2 = fn(Q, q, A, b2, G, h2)
+    aux2 = dict(aux2)
+    st2 = aux2["status"]
+    if traced:
+        closest = (st == PRIMAL_INFEASIBLE) & (st2 == SOLVED)
+        aux2["status"] = xp.where(closest, xp.full_like(st2, CLOSEST), st2)
+    else:
+        st2 = np.asarray(st2)
+        aux2["status"] = np.where((np.asarray(st) == PRIMAL_INFEASIBLE) & (st2 == SOLVED),
+                                  CLOSEST, st2).astype(st2.dtype)
+    aux2["violated"] = aux["violated"]
+    return w2, aux2
 
 
 def _dims(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple[int, int, int, tuple]:
@@ -595,7 +660,8 @@ def _specs(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> tuple:
             {"iterations": ArraySpec(batch, np.int32), "status": ArraySpec(batch, np.int32),
              "primal_residual": ArraySpec(batch, dt), "dual_residual": ArraySpec(batch, dt),
              "gap": ArraySpec(batch, dt), "active": ArraySpec((*batch, m), np.bool_),
-             "degenerate": ArraySpec(batch, np.bool_)})
+             "degenerate": ArraySpec(batch, np.bool_),
+             "violated": ArraySpec((*batch, m), np.bool_)})
 
 
 _FUNCTIONS: dict = {}

@@ -20,8 +20,10 @@ SOLVED = 0
 PRIMAL_INFEASIBLE = 1
 DUAL_INFEASIBLE = 2
 MAX_ITER = 3
+CLOSEST = 4
 STATUS_NAMES = {SOLVED: "solved", PRIMAL_INFEASIBLE: "primal infeasible",
-                DUAL_INFEASIBLE: "dual infeasible (unbounded)", MAX_ITER: "not converged"}
+                DUAL_INFEASIBLE: "dual infeasible (unbounded)", MAX_ITER: "not converged",
+                CLOSEST: "infeasible, closest feasible problem solved"}
 
 
 
@@ -493,7 +495,7 @@ def residuals(Q, q, A, b, G, h, x, y, z):
 
 def closest_shift(A, b, G, h, *, tol: float, maxiter: int):
     """The least-squares shift (u, t) making  Ax = b + u, Gx ≤ h + t  feasible:
-    min ½‖u‖² + ½‖t‖² over (x, u, t) (always feasible and bounded). Returns `(u, t)`."""
+    min ½‖u‖² + ½‖t‖² over (x, u, t) (always feasible and bounded). Returns `(u, t, x)`."""
     B, p, n = A.shape
     m = G.shape[1]
     N = n + p + m
@@ -505,7 +507,7 @@ def closest_shift(A, b, G, h, *, tol: float, maxiter: int):
     A1 = np.concatenate([A, -np.eye(p)[None].repeat(B, 0), np.zeros((B, p, m))], axis=2)
     G1 = np.concatenate([G, np.zeros((B, m, p)), -np.eye(m)[None].repeat(B, 0)], axis=2)
     x1, *_ = ipm(Q1, q1, A1, b, G1, h, tol=max(tol, 1e-9), maxiter=maxiter)
-    return x1[:, n:n + p], x1[:, n + p:]
+    return x1[:, n:n + p], x1[:, n + p:], x1[:, :n]
 
 
 def infeasibility(Q, q, A, b, G, h, *, tol: float, maxiter: int, scale):
@@ -515,7 +517,7 @@ def infeasibility(Q, q, A, b, G, h, *, tol: float, maxiter: int, scale):
     |d| ≤ 1), else MAX_ITER. Returns `(status, shift_b, shift_h)`."""
     B, n = q.shape
     p, m = b.shape[1], h.shape[1]
-    u, t = closest_shift(A, b, G, h, tol=min(tol, 1e-10), maxiter=maxiter)
+    u, t, _ = closest_shift(A, b, G, h, tol=min(tol, 1e-10), maxiter=maxiter)
     size = np.maximum(_inf(u), _inf(t))
     status = np.full(B, MAX_ITER)
     infeas = size > 1e-6 * scale
@@ -533,3 +535,35 @@ def infeasibility(Q, q, A, b, G, h, *, tol: float, maxiter: int, scale):
         unb = np.sum(q[r] * d, axis=1) < -1e-6 * scale[r]
         status[r[unb]] = DUAL_INFEASIBLE
     return status, u, t
+
+
+def closest_rows(A, b, G, h, *, tol: float, maxiter: int, scale, rounds: int = 8):
+    """For primal infeasible problems: the inequality rows V that the least-squares shift
+    (`closest_shift`) loosens, exactly. With $C = [A; G_V]$, $d = [b; h_V]$ and $\\hat x$ a
+    least-squares solution of $Cx = d$, the shift is $C\\hat x - d$; V is right when that
+    shift is $\\ge 0$ on V and $G\\hat x \\le h$ off V (the optimality conditions of the
+    projection of (b, h) onto $\\{(Ax, Gx + \\sigma): \\sigma \\ge 0\\}$). Starts from the
+    interior point's shift and repairs V for a few rounds (adds violated rows, drops rows whose
+    shift is negative). Returns `(V, ok)`; `ok` False where no consistent V was found."""
+    B = G.shape[0]
+    _, t, x = closest_shift(A, b, G, h, tol=min(tol, 1e-10), maxiter=maxiter)
+    V = t > 1e-8 * scale[:, None]
+    ok = np.zeros(B, dtype=bool)
+    for k in range(B):
+        v = V[k]
+        for _ in range(rounds):
+            C = np.concatenate([A[k], G[k][v]])
+            d = np.concatenate([b[k], h[k][v]])
+            # the least-squares solution of C x = d nearest the interior point's x (they are
+            # not unique; the rows off V must hold at one of them)
+            xh = x[k] + (np.linalg.lstsq(C, d - C @ x[k], rcond=None)[0] if len(C) else 0.0)
+            sl = G[k] @ xh - h[k]  # the shift on V; the violation off V
+            tiny = 1e-9 * scale[k]
+            viol = ~v & (sl > tiny)
+            neg = v & (sl < -tiny)
+            if not viol.any() and not neg.any():
+                ok[k] = True
+                break
+            v = (v | viol) & ~neg
+        V[k] = v
+    return V & ok[:, None], ok
