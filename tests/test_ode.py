@@ -265,16 +265,24 @@ def test_per_sample_batch_independence():
             assert getattr(sol.stats, field)[i] == getattr(alone.stats, field)[0]
 
 
-def test_per_sample_batch_independence_torch():
-    torch = pytest.importorskip("torch")
-    k = torch.logspace(0, 3, 64, dtype=torch.float64)[:, None]
-    y0 = torch.ones(64, 2, dtype=torch.float64)
-    ts = torch.linspace(0, 1, 3, dtype=torch.float64)
-    sol = ode.odeint(stiff_mix, y0, ts, k, full_output=True)
+@pytest.mark.parametrize("name", ["jax", "torch"])
+def test_per_sample_batch_independence_frameworks(name):
+    fw = Framework(name)
+    k = np.logspace(0, 3, 64)[::-1, None].copy()
+    y0 = np.ones((64, 2))
+    ts = np.linspace(0, 1, 3)
+    if name == "jax":
+        run = fw.jax.jit(lambda y, kk: ode.odeint(stiff_mix, y, fw.asarray(ts), kk,
+                                                  max_steps=512, full_output=True))
+    else:
+        def run(y, kk):
+            return ode.odeint(stiff_mix, y, fw.asarray(ts), kk, full_output=True)
+    sol = to_np(run(fw.asarray(y0), fw.asarray(k)))
     for i in (0, 40, 63):
-        alone = ode.odeint(stiff_mix, y0[i:i + 1], ts, k[i:i + 1], full_output=True)
-        torch.testing.assert_close(sol.ys[:, i], alone.ys[:, 0], rtol=1e-12, atol=1e-14)
-        assert int(sol.stats.accepted[i]) == int(alone.stats.accepted[0])
+        alone = to_np(run(fw.asarray(y0[i:i + 1]), fw.asarray(k[i:i + 1])))
+        np.testing.assert_allclose(sol.ys[:, i], alone.ys[:, 0], rtol=1e-12, atol=1e-14)
+        assert sol.stats.accepted[i] == alone.stats.accepted[0]
+    assert sol.stats.accepted[0] > 5 * sol.stats.accepted[63]
 
 
 def test_output_times_hit_and_nfe_honest():
