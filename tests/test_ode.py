@@ -422,6 +422,8 @@ def test_schedule_replays_forward_exactly():
         np.testing.assert_array_equal(got, res.ys[:, j])  # bit for bit
     # accepted steps per sample = rows with a nonzero step
     np.testing.assert_array_equal((sched.dt[..., 0] != 0).sum(0), res.stats.accepted)
+    assert int(sched.iterations) == sched.t.shape[0] == int(
+        (res.stats.accepted + res.stats.rejected).max())
 
 
 def test_schedule_jax_rows():
@@ -435,6 +437,9 @@ def test_schedule_jax_rows():
                                   res.stats.accepted)
     np.testing.assert_allclose(np.sum(np.asarray(res.schedule.dt), axis=0)[:, 0], 1.0,
                                rtol=1e-14)
+    n = int(res.schedule.iterations)
+    assert n == int(np.max(res.stats.accepted + res.stats.rejected)) < 64
+    assert not np.any(np.asarray(res.schedule.dt)[n:])
 
 
 # ---- failures, per sample -----------------------------------------------------------------------

@@ -114,6 +114,8 @@ class StepSchedule(NamedTuple):
     - `dt`: `(N, ..., 1)` its length, 0 where the sample stood still.
     - `out_step`: `(..., T)` int32: output `j` is the state after replaying rows
       `0..out_step[..., j]` (`-1` for `j = 0`: `y0`).
+    - `iterations`: a 0-d int32 array, the number of loop iterations run (the rows after it
+      are steps of length 0 for every sample).
 
     `N` is the number of loop iterations run (eager backends) or `max_steps` (JAX, whose rows
     after the loop stopped are zeros: steps of length 0).
@@ -122,6 +124,7 @@ class StepSchedule(NamedTuple):
     t: Any
     dt: Any
     out_step: Any
+    iterations: Any
 
 
 class Integration(NamedTuple):
@@ -306,7 +309,8 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
                          zeros_i[..., 0], t0[..., 0])
         sched = StepSchedule(xp.zeros((0, *batch, 1), dtype=dtype, device=dev),
                              xp.zeros((0, *batch, 1), dtype=dtype, device=dev),
-                             full(-1, i32)) if record else None
+                             full(-1, i32), xp.zeros((), dtype=i32, device=dev)) \
+            if record else None
         return Integration(ys0, stats, sched, ts)
 
     eps = float(xp.finfo(dtype).eps)
@@ -440,7 +444,7 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
         if outs is None:
             empty = xp.zeros((0, *batch, 1), dtype=dtype, device=dev)
             outs = (empty, empty)
-        sched = StepSchedule(outs[0], outs[1], s["out_step"])
+        sched = StepSchedule(outs[0], outs[1], s["out_step"], s["k"])
     return Integration(s["ys"], stats, sched, ts)
 
 
