@@ -318,21 +318,27 @@ def test_jax_direct_gradients_decay():
         return jnp.sum(ode.odeint(decay, y0, ts, k, rtol=1e-11, atol=1e-12, max_steps=400)[-1])
 
     k = jnp.array([[0.3], [1.0], [4.0]])
-    gk, gy = jax.jit(jax.grad(loss, argnums=(0, 1)))(k, y0)
+    v = jnp.array([[1.0], [-2.0], [0.5]])
+
+    @jax.jit  # one program (one compilation): reverse, forward, forward over reverse
+    def derivatives(k, y0):
+        gk, gy = jax.grad(loss, argnums=(0, 1))(k, y0)
+        jv = jax.jvp(lambda q: loss(q, y0), (k,), (v,))[1]
+        hv = jax.jvp(jax.grad(lambda q: loss(q, y0)), (k,), (v,))[1]
+        return gk, gy, jv, hv
+
+    gk, gy, jv, hv = derivatives(k, y0)
     e = np.exp(-np.asarray(k) * T_END)
     np.testing.assert_allclose(gk, -T_END * np.asarray(y0) * e, rtol=1e-8)
     np.testing.assert_allclose(gy, e, rtol=1e-8)
-    # forward mode, the dot-product test against reverse mode, vmap
-    v = jnp.array([[1.0], [-2.0], [0.5]])
-    _, jv = jax.jit(lambda kk: jax.jvp(lambda q: loss(q, y0), (kk,), (v,)))(k)
+    # forward mode: the dot-product test against reverse mode
     np.testing.assert_allclose(jv, jnp.sum(gk * v), rtol=1e-10)
+    # second order, forward over reverse: d²y/dk² = T² y0 e^{-kT} (the Hessian is diagonal)
+    np.testing.assert_allclose(hv, T_END ** 2 * np.asarray(y0) * e * np.asarray(v), rtol=1e-6)
     batched = jax.jit(jax.vmap(lambda kk: loss(kk, y0)))(jnp.stack([k, 2 * k]))
     np.testing.assert_allclose(batched, [np.sum(np.asarray(y0) * np.exp(-c * np.asarray(k)
                                                                         * T_END))
                                          for c in (1, 2)], rtol=1e-9)
-    # second order, forward over reverse: d²y/dk² = T² y0 e^{-kT} (the Hessian is diagonal)
-    hv = jax.jit(lambda kk: jax.jvp(jax.grad(lambda q: loss(q, y0)), (kk,), (v,))[1])(k)
-    np.testing.assert_allclose(hv, T_END ** 2 * np.asarray(y0) * e * np.asarray(v), rtol=1e-6)
 
 
 def test_torch_direct_gradients_decay():
