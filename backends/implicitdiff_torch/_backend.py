@@ -166,6 +166,15 @@ class TorchBackend(Backend):
     def stop_gradient(self, x: Any) -> Any:
         return x.detach() if isinstance(x, torch.Tensor) else x
 
+    def bounded_while_loop(self, cond: Callable[[Any], Any],
+                           body: Callable[[Any], tuple[Any, Any]], init: Any,
+                           max_steps: int) -> tuple[Any, Any]:
+        # Under torch.func.vmap the predicate is batched: the loop runs while it holds for any
+        # element, looked at below the transforms (a body whose finished elements stand still,
+        # as odeint's, then gives each element its own result).
+        return super().bounded_while_loop(
+            lambda s: torch.any(_host_side.physical(cond(s))), body, init, max_steps)
+
     def known_all(self, mask: Any) -> bool:
         # On an accelerator, looking is a host synchronization that stalls the queue of kernels;
         # the masked selects it would save are cheap there. Only CPU tensors look.
