@@ -167,6 +167,7 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
     z = np.ones((B, m))
     it = np.zeros(B, dtype=np.int64)
     done = np.zeros(B, dtype=bool)
+    diag_n = np.arange(n)
     KK = np.zeros((B, n + p, n + p))
     KK[:, :n, n:] = np.swapaxes(A, 1, 2)
     KK[:, n:, :n] = A
@@ -188,11 +189,18 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
             break
         i = np.nonzero(~done)[0]
         it[i] += 1
-        Qi, _Ai, Gi = Q[i], A[i], G[i]
+        every = len(i) == B  # no copies of the matrices while every sample runs
+        Qi, Gi = (Q, G) if every else (Q[i], G[i])
         si, zi = s[i], z[i]
         D = zi / si
-        M = KK[i].copy()
-        M[:, :n, :n] = Qi + _gtdg(Gi, D) + reg[i, None, None] * eye_n
+        H = _gtdg(Gi, D)
+        H += Qi
+        H[:, diag_n, diag_n] += reg[i, None]
+        if p:
+            M = KK[i]  # a copy (fancy indexing)
+            M[:, :n, :n] = H
+        else:
+            M = H
 
         solve_m = _factor(M)
 
