@@ -288,8 +288,15 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
     fun = _caller(f, tuple(args), len(batch) > 0)
     i32 = xp.int32
 
+    made: dict = {}
+
     def full(value: Any, dt: Any = dtype) -> Any:
-        return xp.full((*batch, 1), value, dtype=dt, device=dev)
+        # a constant of shape (..., 1), made once per call (the loop body reuses it; the
+        # arrays are never written into)
+        key = (value, str(dt))
+        if key not in made:
+            made[key] = xp.full((*batch, 1), value, dtype=dt, device=dev)
+        return made[key]
 
     t0 = full(0.0) + ts[0]
     k1 = fun(t0, y0)
