@@ -216,6 +216,11 @@ def make_step(f: Callable[..., Any], method: str | ButcherTableau = "tsit5"
 
 # ---- the integrator ----------------------------------------------------------------------------
 
+def tiny_of(xp: Any, dtype: Any) -> float:
+    """The smallest normal number of `dtype`."""
+    return float(xp.finfo(dtype).smallest_normal)
+
+
 def _check_options(tab: ButcherTableau, rtol: Any, atol: Any, dt0: Any, max_steps: Any) -> None:
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
@@ -291,12 +296,17 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
     made: dict = {}
 
     def full(value: Any, dt: Any = dtype) -> Any:
-        # a constant of shape (..., 1), made once per call (the loop body reuses it; the
-        # arrays are never written into)
-        key = (value, str(dt))
-        if key not in made:
-            made[key] = xp.full((*batch, 1), value, dtype=dt, device=dev)
-        return made[key]
+        # a constant of shape (..., 1); those of the loop body are made once, before the loop
+        # (`const`), never inside a trace of it
+        return xp.full((*batch, 1), value, dtype=dt, device=dev)
+
+    def const(value: Any, dt: Any = dtype) -> Any:
+        return made[(value, str(dt))]
+
+    tiny = tiny_of(xp, dtype)
+    for value, dt in ((1e-10, dtype), (_MIN_FACTOR, dtype), (1.0, dtype), (_ERR_FLOOR, dtype),
+                      (tiny, dtype), (NONFINITE, i32), (DT_UNDERFLOW, i32), (MAX_STEPS, i32)):
+        made[(value, str(dt))] = full(value, dt)
 
     t0 = full(0.0) + ts[0]
     k1 = fun(t0, y0)
@@ -321,7 +331,6 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
         return Integration(ys0, stats, sched, ts)
 
     eps = float(xp.finfo(dtype).eps)
-    tiny = float(xp.finfo(dtype).smallest_normal)
     direction = xp.where(ts[-1] > ts[0], xp.ones_like(ts[0]), -xp.ones_like(ts[0]))
     q = tab.error_order + 1
     expo = 1.0 / q - 0.75 * _BETA
@@ -409,35 +418,35 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
         still = active & (idx < T)
         status = s["status"]
         if errn is not None:
-            e = xp.where(fin, xp.maximum(errn, full(1e-10)), xp.ones_like(errn))
+            e = xp.where(fin, xp.maximum(errn, const(1e-10)), xp.ones_like(errn))
             grow = xp.clip(_SAFETY * e ** (-expo) * s["prev"] ** _BETA, _MIN_FACTOR, _MAX_FACTOR)
-            shrink = xp.where(fin, xp.maximum(full(_MIN_FACTOR), _SAFETY * e ** (-expo)),
-                              full(_MIN_FACTOR))
+            shrink = xp.where(fin, xp.maximum(const(_MIN_FACTOR), _SAFETY * e ** (-expo)),
+                              const(_MIN_FACTOR))
             adt, adtp = xp.abs(dt), xp.abs(dtp)
             # a step clipped to an output time does not shrink the next one
-            mag_acc = xp.where(hit, xp.maximum(adt * grow, adtp * xp.minimum(grow, full(1.0))),
+            mag_acc = xp.where(hit, xp.maximum(adt * grow, adtp * xp.minimum(grow, const(1.0))),
                                adt * grow)
             mag = xp.where(accept, mag_acc, xp.where(active, adt * shrink, adtp))
             new_dt = direction * mag
-            out["prev"] = xp.where(accept, xp.maximum(errn, full(_ERR_FLOOR)), s["prev"])
+            out["prev"] = xp.where(accept, xp.maximum(errn, const(_ERR_FLOOR)), s["prev"])
             bad = xp.where(active, ~fin, s["bad"])
             out["bad"] = bad
             t_next_out = xp.reshape(
                 xp.take(ts, xp.reshape(xp.minimum(idx, T - 1), (-1,)), axis=0), idx.shape)
             min_dt = 16 * eps * xp.maximum(xp.maximum(xp.abs(t_new), xp.abs(t_next_out)),
-                                           full(tiny))
+                                           const(tiny))
             under = still & (mag < min_dt)
-            status = xp.where(under, xp.where(bad, full(NONFINITE, i32), full(DT_UNDERFLOW, i32)),
-                              status)
+            status = xp.where(under, xp.where(bad, const(NONFINITE, i32),
+                                              const(DT_UNDERFLOW, i32)), status)
             still = still & ~under
         else:
             new_dt = dtp
             blown = active & ~fin
-            status = xp.where(blown, full(NONFINITE, i32), status)
+            status = xp.where(blown, const(NONFINITE, i32), status)
             still = still & ~blown
         out["dt"] = new_dt
         over = still & (out["acc"] + out["rej"] >= max_steps)
-        out["status"] = xp.where(over, full(MAX_STEPS, i32), status)
+        out["status"] = xp.where(over, const(MAX_STEPS, i32), status)
         out["active"] = still & ~over
         rec = (t, xp.where(accept, dt, xp.zeros_like(dt))) if record else None
         return out, rec
