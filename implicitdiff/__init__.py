@@ -51,13 +51,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `idf.conditions`, `idf.solvers`, `idf.deq`, `idf.backend`, `idf.qp`, `idf.cvxpy` without
-    # an explicit import; none imports a framework (`idf.cvxpy` imports CVXPY).
+    # `idf.conditions`, `idf.solvers`, `idf.deq`, `idf.backend`, `idf.qp`, `idf.cvxpy`,
+    # `idf.ode` without an explicit import; none imports a framework (`idf.cvxpy` imports
+    # CVXPY).
     # `idf.torch`, `idf.jax` (any registered backend's name): the backend package (and so the
     # framework), on first access only.
     import importlib
 
-    if name in ("conditions", "solvers", "deq", "backend", "qp", "cvxpy"):
+    if name in ("conditions", "solvers", "deq", "backend", "qp", "cvxpy", "ode"):
         return importlib.import_module("." + name, __name__)
     if not name.startswith("_"):
         from ._backend import backend_module

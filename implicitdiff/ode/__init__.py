@@ -3,7 +3,8 @@ with per-sample adaptive steps, per-sample statistics and a per-sample failure p
 
 `grad="direct"` differentiates through the solver's accepted steps with the framework's own
 autodiff. `make_step` and `integrate(..., record=True)` (a `StepSchedule`) replay the forward
-steps exactly, for checkpointed gradients.
+steps exactly, for checkpointed gradients. `steady_state` is the $t \\to \\infty$ limit,
+differentiated by the implicit function theorem.
 """
 
 from ._solver import DT_UNDERFLOW as DT_UNDERFLOW
@@ -19,6 +20,7 @@ from ._solver import StepSchedule as StepSchedule
 from ._solver import integrate as integrate
 from ._solver import make_step as make_step
 from ._solver import odeint as odeint
+from ._steady import steady_state as steady_state
 from ._tableaus import DOPRI5 as DOPRI5
 from ._tableaus import EULER as EULER
 from ._tableaus import RK4 as RK4
@@ -30,4 +32,5 @@ __all__ = [
     "DOPRI5", "DT_UNDERFLOW", "EULER", "MAX_STEPS", "NONFINITE", "RK4", "STATUS_NAMES",
     "SUCCESS", "TABLEAUS", "TSIT5", "ButcherTableau", "Integration", "ODEFailureError",
     "ODESolution", "ODEStats", "StepSchedule", "integrate", "make_step", "odeint",
+    "steady_state",
 ]
