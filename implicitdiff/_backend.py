@@ -254,6 +254,40 @@ class Backend(abc.ABC):
         """Jacobian of `f` in argument `argnums` (see `implicitdiff.jacobian`)."""
         raise NotImplementedError(f"backend {self.name!r} does not implement jacobian")
 
+    def custom_vjp(self, fwd: Callable[..., tuple[Any, Any]],
+                   bwd: Callable[[tuple, Any, Any], tuple], primals: tuple, *,
+                   unsupported: Callable[[str], ImplicitDiffError]) -> Any:
+        """Call a function whose reverse-mode derivative is written by hand, registered where
+        this framework's autodiff finds it (`torch.autograd.Function`, `jax.custom_vjp`): how
+        the core's layers that are not implicit (`idf.ode.checkpointed`) register their rule.
+
+        **Arguments:**
+
+        - `fwd`: `fwd(*primals) -> (out, residuals)`: the output (a pytree of this
+          framework's arrays) and what `bwd` needs (a list of pytrees of arrays). Run without
+          recording a tape.
+        - `bwd`: `bwd(primals, residuals, out_bar) -> cotangents`: one cotangent per primal,
+          a pytree like it, or None (no gradient; also None at leaves). The `residuals` list
+          may be consumed (popped) by `bwd`: eager backends hand over their only reference,
+          so what `bwd` pops is freed as it goes; `bwd` must then recompute what it lacks on
+          a second call.
+        - `primals`: a tuple of pytrees; array leaves are differentiated, other leaves are
+          passed through as they are.
+        - `unsupported`: (keyword) `unsupported(kind)` is the error to raise when a
+          derivative the rule does not give is asked for (`kind` "forward" for forward mode,
+          "second" for a derivative of `bwd`), where the framework lets the backend tell.
+
+        **Returns:** `out`. This default (no autodiff, the NumPy reference) calls `fwd` and
+        drops the residuals."""
+        return fwd(*primals)[0]
+
+    def loop_vjp(self, f: Callable[..., Any], primals: tuple) -> tuple[Any, Any]:
+        """`vjp(f, primals, None)` for one iteration of a loop the core runs itself (one step
+        of `idf.ode.checkpointed`'s backward pass, thousands of times): the same result;
+        backends may take a cheaper path when no transform records the call (PyTorch:
+        `torch.autograd.grad` instead of `torch.func.vjp`). Default: `vjp`."""
+        return self.vjp(f, primals, None)
+
     # ---- autodiff of user functions (the conditions catalogue) --------------------------------
     def grad(self, f: Callable[..., Any], x: Any, args: tuple, *, who: str = "grad") -> Any:
         """$\\nabla_x f(x, *args)$ for a scalar-valued `f`, shaped like `x` (a pytree).

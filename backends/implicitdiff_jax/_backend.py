@@ -473,6 +473,39 @@ class JaxBackend(Backend):
         jac = jax.jacfwd if in_size <= out_size else jax.jacrev
         return jac(f, argnums=argnums)(*primals)
 
+    def custom_vjp(self, fwd, bwd, primals, *, unsupported):
+        # jax.custom_vjp over the dynamic leaves (arrays, Python floats); ints and other static
+        # leaves are closed over. The primals travel to bwd as residuals. Forward mode through a
+        # custom_vjp is JAX's own TypeError ("can't apply forward-mode autodiff (jvp) to a
+        # custom_vjp function"); second order differentiates bwd itself (JAX traces it).
+        dyn, rebuild = _split_static(tuple(primals))
+        dyn = [jnp.asarray(d) if isinstance(d, (np.ndarray, np.generic)) else d for d in dyn]
+
+        @jax.custom_vjp
+        def f(*d: Any) -> Any:
+            return fwd(*rebuild(d))[0]
+
+        def f_fwd(*d: Any) -> tuple[Any, Any]:
+            out, res = fwd(*rebuild(d))
+            return out, (d, res)
+
+        def f_bwd(saved: Any, out_bar: Any) -> tuple:
+            d, res = saved
+            cts = bwd(rebuild(d), list(res), out_bar)
+            full: list[Any] = []
+            for p, c in zip(primals, cts):
+                n = len(jax.tree_util.tree_leaves(p))
+                got = [None] * n if c is None else \
+                    jax.tree_util.tree_leaves(c, is_leaf=lambda x: x is None)
+                full.extend(got if len(got) == n else [None] * n)
+            leaves = jax.tree_util.tree_leaves(tuple(primals))
+            dyn_ct = [c for leaf, c in zip(leaves, full) if _is_dynamic(leaf)]
+            return tuple(_float0_zeros_like(x) if c is None else
+                         jnp.asarray(c, dtype=jnp.result_type(x)) for x, c in zip(d, dyn_ct))
+
+        f.defvjp(f_fwd, f_bwd)
+        return f(*dyn)
+
     # ---- autodiff of user functions, host arrays (see implicitdiff.Backend) ------------------
     autodiff = True
 

@@ -305,6 +305,42 @@ class TorchBackend(Backend):
         g = (lambda *p: f(*p)[0]) if has_aux else f
         return torch.func.jacrev(g, argnums=argnums % len(primals))(*primals)
 
+    def custom_vjp(self, fwd, bwd, primals, *, unsupported):
+        leaves, treedef = core.tree_flatten(tuple(primals))
+        idx = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        spec = _VjpSpec(fwd, bwd, leaves, treedef, idx, unsupported)
+        outs = _CustomVjp.apply(spec, *[leaves[i] for i in idx])
+        return core.tree_unflatten(spec.out_def, list(outs[:spec.n_out]))
+
+    def loop_vjp(self, f, primals):
+        if differentiable_context():  # a transform or a recorded graph: torch.func's vjp
+            return self.vjp(f, primals, None)
+        leaves, treedef = core.tree_flatten(tuple(primals))
+        idx = [j for j, leaf in enumerate(leaves) if _float_tensor(leaf)]
+        full = list(leaves)
+        with torch.enable_grad():
+            sub = [leaves[j].detach().requires_grad_() for j in idx]
+            for j, s_ in zip(idx, sub):
+                full[j] = s_
+            out = f(*core.tree_unflatten(treedef, full))
+
+        def vjp_fn(cotangent: Any) -> tuple:
+            outs = core.tree_flatten(out)[0]
+            cts = core.tree_flatten(cotangent)[0]
+            pairs = [(o, c) for o, c in zip(outs, cts)
+                     if isinstance(o, torch.Tensor) and o.requires_grad and c is not None]
+            grads: Sequence[Any] = [None] * len(sub)
+            if pairs and sub:
+                grads = torch.autograd.grad([o for o, _ in pairs], sub, [c for _, c in pairs],
+                                            allow_unused=True)
+            res: list[Any] = [None] * len(leaves)
+            for j, g, s_ in zip(idx, grads, sub):
+                res[j] = torch.zeros_like(s_) if g is None else g
+            return tuple(core.tree_unflatten(treedef, res))
+
+        return core.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out), \
+            vjp_fn
+
     # ---- autodiff of user functions, host arrays (see implicitdiff.Backend) ------------------
     autodiff = True
 
@@ -367,6 +403,113 @@ def _as_tangent(t: Any, p: torch.Tensor) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t.to(dtype=p.dtype, device=p.device)
     return torch.full_like(p, float(t))
+
+
+class _VjpSpec:
+    """One `TorchBackend.custom_vjp` call: the core's `fwd`/`bwd`, where the tensors sit among
+    the primals' leaves, and the structures of the output and residuals (set by `forward`)."""
+
+    def __init__(self, fwd: Callable[..., Any], bwd: Callable[..., Any], leaves: list,
+                 treedef: Any, idx: list[int], unsupported: Callable[[str], Exception]):
+        self.fwd, self.bwd, self.leaves, self.treedef = fwd, bwd, leaves, treedef
+        self.idx, self.unsupported = idx, unsupported
+        self.out_def: Any = None
+        self.res_def: Any = None
+        self.n_out = 0
+        self.out_meta: list[tuple] = []
+
+    def primals(self, tensors: Sequence[torch.Tensor]) -> tuple:
+        full = list(self.leaves)
+        for i, t in zip(self.idx, tensors):
+            full[i] = t
+        return tuple(core.tree_unflatten(self.treedef, full))
+
+    def cotangents(self, cts: tuple) -> list[Any]:
+        """The cotangents `bwd` returned (one pytree or None per primal, None at leaves), as
+        one entry per tensor input."""
+        flat: list[Any] = []
+        for p, ct in zip(core.tree_unflatten(self.treedef, list(range(len(self.leaves)))),
+                         cts):
+            n = core.tree_flatten(p)[1].num_leaves
+            got = [None] * n if ct is None else _leaves_with_none(ct)
+            flat.extend(got if len(got) == n else [None] * n)
+        return [flat[i] for i in self.idx]
+
+
+def _leaves_with_none(tree: Any) -> list[Any]:
+    if tree is None:
+        return [None]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for t in tree for leaf in _leaves_with_none(t)]
+    if isinstance(tree, dict):
+        return [leaf for k in sorted(tree) for leaf in _leaves_with_none(tree[k])]
+    return [tree]
+
+
+class _CustomVjp(torch.autograd.Function):
+    """`TorchBackend.custom_vjp`: the forward runs the core's `fwd` untraced and returns the
+    residuals as extra, non-differentiable outputs, kept on `ctx` as the list `bwd` consumes
+    (so the states it pops are freed during the backward pass)."""
+
+    @staticmethod
+    def forward(spec: _VjpSpec, *tensors: torch.Tensor) -> tuple:  # pyright: ignore[reportIncompatibleMethodOverride]
+        out, res = spec.fwd(*spec.primals(tensors))
+        out_leaves, spec.out_def = core.tree_flatten(out)
+        res_leaves, spec.res_def = core.tree_flatten(res)
+        spec.n_out = len(out_leaves)
+        spec.out_meta = [(t.shape, t.dtype, t.device) for t in out_leaves]
+        return (*out_leaves, *res_leaves)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        spec = inputs[0]
+        ctx.spec = spec
+        ctx.save_for_backward(*inputs[1:])
+        res = output[spec.n_out:]
+        if res:
+            ctx.mark_non_differentiable(*res)
+        ctx.residuals = core.tree_unflatten(spec.res_def, list(res))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:  # pyright: ignore[reportIncompatibleMethodOverride]
+        spec: _VjpSpec = ctx.spec
+        out_bar = [torch.zeros(s, dtype=d, device=dev) if g is None else g
+                   for g, (s, d, dev) in zip(grads[:spec.n_out], spec.out_meta)]
+        cts = spec.bwd(spec.primals(ctx.saved_tensors), ctx.residuals,
+                       core.tree_unflatten(spec.out_def, out_bar))
+        flat = spec.cotangents(tuple(cts))
+        if torch.is_grad_enabled():  # create_graph, or a torch.func transform: not twice
+            live = [i for i, g in enumerate(flat) if isinstance(g, torch.Tensor)]
+            wrapped = _NoSecondOrder.apply(spec, *[flat[i] for i in live])
+            for i, g in zip(live, wrapped):
+                flat[i] = g
+        return (None, *flat)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise ctx.spec.unsupported("forward")
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """The identity on the cotangents `_CustomVjp.backward` returns while a graph is recorded
+    (`create_graph=True`, `torch.func.grad`): differentiating them raises the core's error
+    instead of giving a silently wrong second derivative."""
+
+    @staticmethod
+    def forward(spec: _VjpSpec, *gs: torch.Tensor) -> tuple:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return tuple(g.view_as(g) for g in gs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.spec = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:  # pyright: ignore[reportIncompatibleMethodOverride]
+        raise ctx.spec.unsupported("second")
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise ctx.spec.unsupported("second")
 
 
 backend = TorchBackend()
