@@ -352,6 +352,29 @@ def test_jax_gradient_equals_backprop(n):
             assert _rel(g_, w_) <= 1e-12
 
 
+def _jax_temp_states(n: int, mode: str) -> float:
+    def step(k, y, args):
+        ha, = args
+        return y + ha * jnp.sin(y)
+
+    y0, ha = jnp.ones((32, 3)), jnp.asarray(0.01)
+    if mode == "checkpoint":
+        loss = lambda y, a: jnp.sum(C.checkpointed(step, y, n, (a,)))  # noqa: E731
+    else:
+        loss = lambda y, a: jnp.sum(jax.lax.fori_loop(  # noqa: E731
+            0, n, lambda k, z: step(k, z, (a,)), y))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(y0, ha).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / (y0.size * y0.dtype.itemsize)
+
+
+def test_jax_compiled_memory_grows_logarithmically():
+    # XLA's own memory analysis of the compiled gradient (temporaries, in states)
+    small, large = _jax_temp_states(100, "checkpoint"), _jax_temp_states(10_000, "checkpoint")
+    assert large <= 2 * small, (small, large)
+    direct_small, direct_large = _jax_temp_states(100, "direct"), _jax_temp_states(1000, "direct")
+    assert direct_large >= 5 * direct_small and direct_small >= 2 * small
+
+
 def test_jax_forward_mode_is_a_clear_error():
     y0, p, _, sched = _jax_problem(5)
     with pytest.raises(TypeError, match="forward-mode"):
