@@ -375,6 +375,28 @@ def test_jax_compiled_memory_grows_logarithmically():
     assert direct_large >= 5 * direct_small and direct_small >= 2 * small
 
 
+def test_jax_hessian_forward_over_reverse():
+    # jax.hessian (jacfwd of jacrev) differentiates the rule's forward and backward loops in
+    # forward mode: exact. Reverse over reverse meets lax.while_loop: JAX's own ValueError.
+    y0, p, cot, sched = _jax_problem(20, seed=1)
+
+    def loss(fn, a):
+        return jnp.sum(cot * fn(y0, {"a": a, "w": p["w"]}))
+
+    ckpt = lambda y, q: C.checkpointed(_jax_step, y, sched, (q,))  # noqa: E731
+
+    def unrolled(y, q):
+        for k in range(20):
+            y = _jax_step((sched[0][k], sched[1][k]), y, (q,))
+        return y
+
+    got = jax.hessian(functools.partial(loss, ckpt))(p["a"])
+    want = jax.hessian(functools.partial(loss, unrolled))(p["a"])
+    assert _rel(got, want) <= 1e-12
+    with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+        jax.grad(jax.grad(functools.partial(loss, ckpt)))(p["a"])
+
+
 def test_jax_forward_mode_is_a_clear_error():
     y0, p, _, sched = _jax_problem(5)
     with pytest.raises(TypeError, match="forward-mode"):

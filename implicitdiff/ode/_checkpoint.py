@@ -523,10 +523,14 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     (`CheckpointStats.peak_live`), plus $y_0$ and one working state.
 
     Registered with the framework of the arrays (`Backend.custom_vjp`): PyTorch autograd
-    (`backward`, `torch.autograd.grad`; `torch.func.grad`/`vjp` too), `jax.grad`/`jax.vjp`
-    (under `jit` as well). Forward mode and second order raise `DerivativeNotSupportedError`
-    under PyTorch; JAX raises its own `TypeError` for `jax.jvp` of a `custom_vjp`. On NumPy
-    arrays it only computes $y_N$; use `checkpointed_vjp` with `step_vjp=` for the reverse mode.
+    (`backward`, `torch.autograd.grad`, `retain_graph`; `torch.func.grad`/`vjp` too) and
+    `jax.grad`/`jax.vjp` (`jit` and `vmap` as well: the forward and backward passes are one
+    loop each, traced once whatever $N$). Forward mode and second order raise
+    `DerivativeNotSupportedError` under PyTorch. Under JAX, `jax.hessian` (forward over
+    reverse) is exact (JAX differentiates both loops in forward mode), `jax.jvp` raises JAX's
+    own `TypeError` (forward mode through a `custom_vjp`) and reverse over reverse JAX's
+    `ValueError` (reverse mode through `lax.while_loop`). On NumPy arrays it only computes
+    $y_N$; `checkpointed_vjp` with `step_vjp=` is the reverse mode there.
 
     **Arguments:**
 
