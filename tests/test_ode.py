@@ -561,7 +561,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="dt0"):
         ode.odeint(decay, y0, ts, 1.0, method="rk4")
     with pytest.raises(ValueError, match="checkpoint"):
-        ode.odeint(decay, y0, ts, 1.0, grad="checkpoint")
+        ode.odeint(decay, y0, ts, 1.0, grad="adjoint")
     with pytest.raises(ValueError, match="method"):
         ode.odeint(decay, y0, ts, 1.0, method="rk45")
     with pytest.raises(ValueError, match="strictly"):
