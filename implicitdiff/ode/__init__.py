@@ -7,6 +7,9 @@ steps exactly, for checkpointed gradients. `steady_state` is the $t \\to \\infty
 differentiated by the implicit function theorem.
 """
 
+from ._backsolve import AdjointStats as AdjointStats
+from ._backsolve import BacksolveUnsupportedError as BacksolveUnsupportedError
+from ._backsolve import wrap_solver as wrap_solver
 from ._solver import DT_UNDERFLOW as DT_UNDERFLOW
 from ._solver import MAX_STEPS as MAX_STEPS
 from ._solver import NONFINITE as NONFINITE
@@ -30,7 +33,7 @@ from ._tableaus import ButcherTableau as ButcherTableau
 
 __all__ = [
     "DOPRI5", "DT_UNDERFLOW", "EULER", "MAX_STEPS", "NONFINITE", "RK4", "STATUS_NAMES",
-    "SUCCESS", "TABLEAUS", "TSIT5", "ButcherTableau", "Integration", "ODEFailureError",
-    "ODESolution", "ODEStats", "StepSchedule", "integrate", "make_step", "odeint",
-    "steady_state",
+    "SUCCESS", "TABLEAUS", "TSIT5", "AdjointStats", "BacksolveUnsupportedError",
+    "ButcherTableau", "Integration", "ODEFailureError", "ODESolution", "ODEStats",
+    "StepSchedule", "integrate", "make_step", "odeint", "steady_state", "wrap_solver",
 ]

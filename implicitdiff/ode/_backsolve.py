@@ -27,7 +27,7 @@ from typing import Any
 
 from .._backend import Backend, get_backend
 from .._config import resolve_on_failure
-from .._errors import ImplicitDiffError
+from .._errors import ImplicitDiffError, StructureError
 from ._solver import (
     SUCCESS,
     ODEFailureError,
@@ -86,13 +86,99 @@ def _drift_error(drift_tol: float) -> Callable[..., ODEFailureError]:
     return make
 
 
+class _BuiltIn:
+    """The built-in integrator (`integrate`): per-sample steps forward, statistics, seminorm."""
+
+    def __init__(self, opts: dict):
+        self.opts = opts
+        self.max_steps = opts["max_steps"]
+        self.rtol, self.atol = opts["rtol"], opts["atol"]
+
+    def forward(self, bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any,
+                args: tuple, on_failure: str) -> tuple[Any, tuple | None]:
+        res = integrate(f, y0, ts, args, **self.opts)
+        ok = res.stats.status == SUCCESS
+        ys = bk.handle_failure(res.ys, ok, on_failure, _make_error(self.max_steps),
+                               res.stats.status, res.stats.t_final, res.ts[0], res.ts[-1])
+        nb = ys.ndim - 2
+        return xp.permute_dims(ys, (nb, *range(nb), nb + 1)), tuple(res.stats)
+
+    def segment(self, aug: Callable[..., Any], s0: Any, seg: Any,
+                norm: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
+        res = integrate(aug, s0, seg, (), error_norm=norm, **self.opts)
+        return res.ys[-1], res.stats.status == SUCCESS, res.stats
+
+
+class _External:
+    """A user's solver `solve(f, y0, ts, args) -> ys` (time first), forward and backward; with
+    `host`, called with NumPy arrays (SciPy's `solve_ivp`, a C library), `f` converting."""
+
+    def __init__(self, solve: Callable[..., Any], host: bool, rtol: float, atol: float,
+                 name: str):
+        self.solve, self.host, self.rtol, self.atol, self.name = solve, host, rtol, atol, name
+
+    def _call(self, bk: Backend, fun: Callable[..., Any], y0: Any, ts: Any,
+              args: tuple) -> Any:
+        if not self.host:
+            return self.solve(fun, y0, ts, args)
+        if bk.is_traced((y0, ts, args)):
+            raise StructureError(
+                f"{self.name}: a host solver (host=True) was called inside a traced function "
+                "(jax.jit, vmap, grad of a jitted function): its NumPy calls need concrete "
+                "values. Call it eagerly, or wrap a JAX solver (diffrax) with host=False.")
+
+        def fun_host(t: Any, y: Any, *a: Any) -> Any:
+            out = fun(bk.from_host(t, like=y0), bk.from_host(y, like=y0), *args)
+            return bk.to_host(bk.stop_gradient(out))
+
+        ys = self.solve(fun_host, bk.to_host(y0), bk.to_host(ts), ())
+        return bk.from_host(ys, like=y0)
+
+    def forward(self, bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any,
+                args: tuple, on_failure: str) -> tuple[Any, tuple | None]:
+        ys = self._call(bk, f, y0, ts, args)
+        want = (int(ts.shape[0]), *y0.shape)
+        if tuple(ys.shape) != want:
+            raise StructureError(f"{self.name}: expected the solver to return ys of shape "
+                                 f"(len(ts), *y0.shape) = {want} (time first), got "
+                                 f"{tuple(ys.shape)}.")
+        ok = xp.all(xp.isfinite(ys), axis=(0, ys.ndim - 1)) if ys.ndim > 2 else \
+            xp.all(xp.isfinite(ys))
+        ys = bk.handle_failure(ys, ok, on_failure, _external_error(self.name), ok)
+        return ys, None
+
+    def segment(self, aug: Callable[..., Any], s0: Any, seg: Any,
+                norm: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
+        bk = get_backend(s0)
+        xp = bk.namespace(s0)
+        end = self._call(bk, aug, s0, seg, ())[-1]
+        return end, xp.all(xp.isfinite(end)), None
+
+
+def _external_error(name: str) -> Callable[..., ODEFailureError]:
+    def make(ok: Any) -> ODEFailureError:
+        import numpy as np
+
+        o = np.asarray(ok)
+        bad = np.flatnonzero(~o.reshape(-1))
+        sample = tuple(int(v) for v in np.unravel_index(int(bad[0]), o.shape)) \
+            if o.shape and len(bad) else ()
+        return ODEFailureError(f"{name}: the solver returned NaN or inf for {len(bad)} "
+                               f"sample(s), first at batch index {sample}. Check the solver's "
+                               "status and tolerances.", sample=sample, status="nonfinite",
+                               failed=len(bad))
+    return make
+
+
 def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: Any,
               rtol: float, atol: float, dt0: float | None, max_steps: int,
               on_failure: str | None, full_output: bool, seminorm: bool = True,
-              drift_tol: float = 100.0, stats: AdjointStats | None = None) -> Any:
+              drift_tol: float = 100.0, stats: AdjointStats | None = None,
+              integrator: Any = None) -> Any:
     """`odeint` with `grad="backsolve"` (see the module docstring); arguments as `odeint`'s,
     and `seminorm` (the backward step-size control measures $y$ and $a$ only, not the
-    parameter integral $g$), `drift_tol`, `stats` (an `AdjointStats` to fill in)."""
+    parameter integral $g$), `drift_tol`, `stats` (an `AdjointStats` to fill in),
+    `integrator` (default the built-in one; `wrap_solver` passes the user's)."""
     on_failure = resolve_on_failure(on_failure, "odeint")
     bk = get_backend(y0, ts, args)
     xp, y0, ts = _prepare(bk, y0, ts, args)
@@ -101,7 +187,8 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
     T = int(ts.shape[0])
     leaves, treedef = bk.tree_flatten(tuple(args))
     diff = [i for i, leaf in enumerate(leaves) if hasattr(leaf, "dtype") and bk.is_float(leaf)]
-    opts = dict(method=method, rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps)
+    integ = integrator if integrator is not None else _BuiltIn(
+        dict(method=method, rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps))
 
     def rebuild(theta: tuple) -> tuple:
         full = list(leaves)
@@ -110,15 +197,10 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
         return tuple(bk.tree_unflatten(treedef, full))
 
     def fwd(y0_: Any, theta: tuple) -> tuple[Any, list]:
-        res = integrate(f, y0_, ts, rebuild(theta), **opts)
-        ok = res.stats.status == SUCCESS
-        ys = bk.handle_failure(res.ys, ok, on_failure, _make_error(max_steps),
-                               res.stats.status, res.stats.t_final, res.ts[0], res.ts[-1])
-        nb = ys.ndim - 2
-        ys_t = xp.permute_dims(ys, (nb, *range(nb), nb + 1))  # time first
+        ys_t, st = integ.forward(bk, xp, f, y0_, ts, rebuild(theta), on_failure)
         # the residual is a copy: an output that is also a residual would be marked
         # non-differentiable by an autograd.Function
-        return (ys_t, tuple(res.stats)), [xp.asarray(ys_t, copy=True)]
+        return (ys_t, st), [xp.asarray(ys_t, copy=True)]
 
     def bwd(primals: tuple, saved: list, out_bar: Any) -> tuple:
         _, theta = primals
@@ -126,18 +208,20 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
         ybar = out_bar[0]
         if ybar is None:
             ybar = xp.zeros_like(ys_t)
-        a0bar, gbar = _adjoint(bk, xp, f, ts, ys_t, ybar, theta, rebuild, batch, d, T, opts,
+        a0bar, gbar = _adjoint(bk, xp, f, ts, ys_t, ybar, theta, rebuild, batch, d, T, integ,
                                seminorm, drift_tol, on_failure, stats)
         return (a0bar, tuple(gbar))
 
     theta0 = tuple(leaves[i] for i in diff)
     ys, st = bk.custom_vjp(fwd, bwd, (y0, theta0), unsupported=_unsupported)
-    return ODESolution(ys, ODEStats(*st)) if full_output else ys
+    if not full_output or st is None:
+        return ys
+    return ODESolution(ys, ODEStats(*st))
 
 
 def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, ybar: Any,
              theta: tuple, rebuild: Callable[[tuple], tuple], batch: tuple, d: int, T: int,
-             opts: dict, seminorm: bool, drift_tol: float, on_failure: str,
+             integ: Any, seminorm: bool, drift_tol: float, on_failure: str,
              stats: AdjointStats | None) -> tuple[Any, list]:
     """The backward pass: the augmented state $(y, a, g)$ of the whole batch as one vector
     (one step size for the batch: the adjoint of the batch is one ODE), from $t_{T-1}$ to
@@ -159,7 +243,7 @@ def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, yb
 
     counter = [0]
 
-    def aug(t: Any, s: Any) -> Any:
+    def aug(t: Any, s: Any, *_: Any) -> Any:
         counter[0] += 1
         y = xp.reshape(s[:n], (*batch, d))
         a = xp.reshape(s[n:2 * n], (*batch, d))
@@ -191,23 +275,20 @@ def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, yb
     a = ybar[T - 1]
     g = xp.zeros((P,), dtype=dtype)
     y = ys_t[T - 1]
-    eopts = dict(opts)
     for k in range(T - 1, 0, -1):
         s0 = xp.concat([xp.reshape(y, (-1,)), xp.reshape(a, (-1,)), g])
-        seg = xp.stack([ts[k], ts[k - 1]])
-        res = integrate(aug, s0, seg, (), error_norm=norm, **eopts)
-        end = res.ys[-1]  # the state at ts[k - 1]
-        ok_solve = res.stats.status == SUCCESS
+        end, ok_solve, st = integ.segment(aug, s0, xp.stack([ts[k], ts[k - 1]]), norm)
         y_rec = xp.reshape(end[:n], (*batch, d))
         a = xp.reshape(end[n:2 * n], (*batch, d))
         g = end[2 * n:]
         y_fwd = ys_t[k - 1]
-        scale = opts["atol"] + opts["rtol"] * xp.abs(y_fwd)
+        scale = integ.atol + integ.rtol * xp.abs(y_fwd)
         drift = xp.max(xp.abs(y_rec - y_fwd) / scale, axis=-1)
         drift = xp.where(ok_solve, drift, xp.full_like(drift, float("inf")))
-        if stats is not None and not bk.is_traced(res.stats.nfe):
-            stats.accepted += int(res.stats.accepted)
-            stats.rejected += int(res.stats.rejected)
+        if stats is not None and not bk.is_traced(drift):
+            if st is not None:
+                stats.accepted += int(st.accepted)
+                stats.rejected += int(st.rejected)
             stats.max_drift = max(stats.max_drift, float(xp.max(drift)))
         fine = drift <= drift_tol
         a, g = _refuse(bk, xp, a, g, fine, on_failure, _drift_error(drift_tol), drift,
@@ -217,6 +298,58 @@ def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, yb
     if stats is not None:
         stats.nfe_backward += counter[0]
     return a, unpack_theta(g)
+
+
+def wrap_solver(solve: Callable[..., Any], *, rtol: float = 1e-6, atol: float = 1e-6,
+                host: bool = False, drift_tol: float = 100.0,
+                name: str = "wrap_solver") -> Callable[..., Any]:
+    """Any ODE solver as a differentiable `odeint`, its gradient the continuous adjoint run
+    through the same solver backwards in time.
+
+    ```python
+    import numpy as np
+    from scipy.integrate import solve_ivp
+    from implicitdiff import ode
+
+    def scipy_solve(f, y0, ts, args):       # host arrays in, ys (len(ts), *y0.shape) out
+        sol = solve_ivp(lambda t, y: f(t, y.reshape(y0.shape), *args).ravel(),
+                        (ts[0], ts[-1]), y0.ravel(), t_eval=ts, rtol=1e-10, atol=1e-10)
+        return sol.y.T.reshape((len(ts), *y0.shape))
+
+    odeint_scipy = ode.wrap_solver(scipy_solve, rtol=1e-10, atol=1e-10, host=True)
+    ys = odeint_scipy(lambda t, y, k: -k * y, np.ones(2), np.array([0.0, 1.0]), 0.5)
+    np.testing.assert_allclose(ys[-1], np.exp(-0.5), rtol=1e-8)
+    ```
+
+    **Arguments:**
+
+    - `solve`: `solve(f, y0, ts, args) -> ys`, with `f(t, y, *args)`, `ys` of shape
+      `(len(ts), *y0.shape)` (time first, `ys[0] = y0`). The forward pass calls it with the
+      user's `f` and `y0`; the backward pass with the augmented adjoint system, a 1-d state
+      $(y, a, g)$ (the batch flattened into it), from each output time to the one before it
+      (`ts` decreasing), so it must integrate backwards in time too.
+    - `rtol`, `atol`: the tolerances `solve` works to; the reconstruction check measures the
+      drift in these units (`drift_tol`, as in `odeint(grad="backsolve")`).
+    - `host`: `solve` takes NumPy arrays (SciPy, a C library): the state, the times and `f`'s
+      values are converted (PyTorch, and JAX outside `jit`).
+    - `name`: used in error messages.
+
+    **Returns:** `odeint_like(f, y0, ts, *args, on_failure=None) -> ys`, differentiable in
+    `y0` and `args` in reverse mode (PyTorch autograd, `jax.grad`): the same continuous adjoint
+    as `grad="backsolve"`, without the seminorm (the external solver measures its own error)
+    and with the same check of the reconstructed trajectory. A sample with NaN or inf in its
+    solution is a failure (`on_failure`).
+    """
+    integ = _External(solve, host, rtol, atol, name)
+
+    def odeint_like(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
+                    on_failure: str | None = None) -> Any:
+        return backsolve(f, y0, ts, tuple(args), method=None, rtol=rtol, atol=atol, dt0=None,
+                         max_steps=0, on_failure=on_failure, full_output=False,
+                         seminorm=False, drift_tol=drift_tol, integrator=integ)
+
+    odeint_like.__name__ = name
+    return odeint_like
 
 
 def _refuse(bk: Backend, xp: Any, a: Any, g: Any, fine: Any, on_failure: str,
