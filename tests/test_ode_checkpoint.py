@@ -171,6 +171,27 @@ def test_torch_batch_with_per_sample_step_sizes():
     assert _rel(g_i, got[0][i:i + 1]) <= 1e-13
 
 
+@pytest.mark.parametrize("taken", [0, 1, 9, 17, 30])
+def test_torch_n_steps_skips_the_rows_after_it(taken):
+    # the rows after n_steps hold NaN: never evaluated, forward or backward
+    n = 30
+    t = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+    dt = (t[1:] - t[:-1]).clone()
+    dt[taken:] = float("nan")
+    y0, p, cot = _torch_problem(9)
+    yN = C.checkpointed(_torch_rk4, y0, (t[:-1], dt), (p,), n_steps=torch.tensor(taken))
+    got = torch.autograd.grad((yN * cot).sum(), (y0, p["a"], p["w"]), allow_unused=True)
+    ref = _torch_unrolled(_torch_rk4, y0, (t[:-1], dt), (p,), taken)
+    want = torch.autograd.grad((ref * cot).sum(), (y0, p["a"], p["w"]), allow_unused=True)
+    for g_, w_ in zip(got, want):
+        if w_ is None:  # no step taken: no dependence on the parameters
+            assert g_ is None or not bool(g_.any())
+        else:
+            assert _rel(g_, w_) <= 1e-12
+    with pytest.raises(idf.StructureError, match="n_steps"):
+        C.checkpointed(_torch_rk4, y0, (t[:-1], dt), (p,), n_steps=n + 1)
+
+
 def test_torch_pytree_state_and_retain_graph():
     def step(k, y, args):
         (pos, vel), (a,) = y, args
@@ -342,13 +363,15 @@ def test_jax_gradient_equals_backprop(n):
         body = lambda k, z: _jax_step((sched[0][k], sched[1][k]), z, (q,))  # noqa: E731
         return jnp.sum(cot * jax.lax.fori_loop(0, n, body, y))
 
-    got = jax.grad(loss, argnums=(0, 1))(y0, p)
+    # compiled (the forward and backward passes are one loop each, traced once whatever n),
+    # and for one n eagerly
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(y0, p)
     want = jax.jit(jax.grad(loss_unrolled, argnums=(0, 1)))(y0, p)
     for g_, w_ in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert _rel(g_, w_) <= 1e-12
-    if n in (7, 1000):  # compiled: one loop, traced once, whatever n
-        got_jit = jax.jit(jax.grad(loss, argnums=(0, 1)))(y0, p)
-        for g_, w_ in zip(jax.tree_util.tree_leaves(got_jit), jax.tree_util.tree_leaves(want)):
+    if n == 7:
+        got_eager = jax.grad(loss, argnums=(0, 1))(y0, p)
+        for g_, w_ in zip(jax.tree_util.tree_leaves(got_eager), jax.tree_util.tree_leaves(want)):
             assert _rel(g_, w_) <= 1e-12
 
 
@@ -375,6 +398,27 @@ def test_jax_compiled_memory_grows_logarithmically():
     assert direct_large >= 5 * direct_small and direct_small >= 2 * small
 
 
+def test_jax_n_steps_traced_under_jit():
+    # an adaptive solver's accepted steps: a traced count within a fixed number of rows
+    n = 40
+    y0, p, cot, (t, dt) = _jax_problem(n, seed=2)
+
+    def loss(y, q, taken):
+        dt_ = jnp.where(jnp.arange(n) < taken, dt, jnp.nan)  # rows after it: never stepped
+        return jnp.sum(cot * C.checkpointed(_jax_step, y, (t, dt_), (q,), n_steps=taken))
+
+    def loss_unrolled(y, q, taken):
+        body = lambda k, z: _jax_step((t[k], dt[k]), z, (q,))  # noqa: E731
+        return jnp.sum(cot * jax.lax.fori_loop(0, taken, body, y))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    for taken in (0, 13, 40):
+        got = grad(y0, p, jnp.asarray(taken))
+        want = jax.grad(loss_unrolled, argnums=(0, 1))(y0, p, taken)
+        for g_, w_ in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            assert (not np.any(w_) and not np.any(g_)) or _rel(g_, w_) <= 1e-12
+
+
 def test_jax_hessian_forward_over_reverse():
     # jax.hessian (jacfwd of jacrev) differentiates the rule's forward and backward loops in
     # forward mode: exact. Reverse over reverse meets lax.while_loop: JAX's own ValueError.
@@ -386,12 +430,11 @@ def test_jax_hessian_forward_over_reverse():
     ckpt = lambda y, q: C.checkpointed(_jax_step, y, sched, (q,))  # noqa: E731
 
     def unrolled(y, q):
-        for k in range(20):
-            y = _jax_step((sched[0][k], sched[1][k]), y, (q,))
-        return y
+        body = lambda k, z: _jax_step((sched[0][k], sched[1][k]), z, (q,))  # noqa: E731
+        return jax.lax.fori_loop(0, 20, body, y)  # static bounds: a scan, differentiable
 
-    got = jax.hessian(functools.partial(loss, ckpt))(p["a"])
-    want = jax.hessian(functools.partial(loss, unrolled))(p["a"])
+    got = jax.jit(jax.hessian(functools.partial(loss, ckpt)))(p["a"])
+    want = jax.jit(jax.hessian(functools.partial(loss, unrolled)))(p["a"])
     assert _rel(got, want) <= 1e-12
     with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
         jax.grad(jax.grad(functools.partial(loss, ckpt)))(p["a"])

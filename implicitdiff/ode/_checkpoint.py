@@ -250,8 +250,9 @@ class _Sweep:
     def __init__(self, bk: Backend, step: Callable[..., Any], plan: Plan, y_def: Any,
                  y_meta: list[tuple], args_leaves: list[Any], args_def: Any, diff: list[int],
                  theta: Sequence[Any], sched: Any, step_vjp: Callable[..., Any] | None,
-                 stats: CheckpointStats, name: str):
+                 stats: CheckpointStats, name: str, n_eff: Any = None):
         self.bk, self.step, self.plan, self.name = bk, step, plan, name
+        self.n_eff = plan.n if n_eff is None else n_eff  # steps taken: an int or a traced int
         self.y_def, self.y_meta = y_def, y_meta
         self.args_leaves, self.args_def, self.diff = args_leaves, args_def, diff
         self.theta, self.sched, self.step_vjp, self.stats = tuple(theta), sched, step_vjp, stats
@@ -350,17 +351,25 @@ class _Sweep:
                                           xp.reshape(mask, (1,)), False))
         return out
 
+    _TABLES = ("k", "base", "start", "ev_begin", "ev_end", "ev_pos", "ev_slot")
+
+    def make_tables(self, like: Any) -> None:
+        """The plan's tables as integer arrays, for loops whose counters are traced (a backend
+        with its own `while_loop`: JAX). Made before the loops, never inside a trace of one
+        (an array made in one loop's trace and cached would leak into the next)."""
+        if self._tables or type(self.bk).while_loop is Backend.while_loop:
+            return  # Python loops: Python ints index the plan's lists
+        xp = self.bk.namespace(like)
+        for name in self._TABLES:
+            self._tables[name] = xp.asarray([*getattr(self.plan, name), -1])
+
     def table(self, name: str, i: Any) -> Any:
-        """Entry `i` of one of the plan's tables: a Python int for a Python index (eager
-        loops), else an entry of the table as an array (traced loops)."""
-        values: list[int] = getattr(self.plan, name)
+        """Entry `i` of one of the plan's tables (-1 past its end): a Python int for a Python
+        index (eager loops), else an entry of the table's array (traced loops)."""
         if isinstance(i, int):
+            values: list[int] = getattr(self.plan, name)
             return values[i] if i < len(values) else -1
-        arr = self._tables.get(name)
-        if arr is None:
-            xp = self.bk.namespace(i)
-            arr = self._tables[name] = xp.asarray([*values, -1], dtype=i.dtype)
-        return arr[i]
+        return self._tables[name][i]
 
     # ---- the loops ------------------------------------------------------------------------------
     def _advance_cond(self, state: tuple) -> Any:
@@ -392,11 +401,27 @@ class _Sweep:
         self.stats.forward_steps += plan.n
         self.stats.stored += len(plan.spine)
         self.stats.peak_live = max(self.stats.peak_live, len(plan.spine))
-        yN, buf = self.advance(0, plan.n, y0, self.new_buffer(y0), 0, plan.fwd_events)
+        self.make_tables(y0[0])
+        yN, buf = self.advance(0, self.n_eff, y0, self.new_buffer(y0), 0, plan.fwd_events)
         return yN, [tuple(buf)]
 
     def _macro_cond(self, state: tuple) -> Any:
         return state[0] < self.plan.n
+
+    def _skip_cond(self, state: tuple) -> Any:
+        return state[0] < self.plan.n - self.n_eff
+
+    def _skip_body(self, state: tuple) -> tuple:
+        # a macro of a step not taken (k >= n_eff): no vjp, but the stores it makes at steps
+        # before n_eff are made (later macros start from them); the advance stops at n_eff
+        j, buf = state
+        k = self.table("k", j)
+        end = min(k, self.n_eff) if isinstance(k, int) and isinstance(self.n_eff, int) else \
+            self.bk.namespace(k).minimum(k, self.n_eff)
+        y = self.read(buf, self.table("base", j))
+        _, buf = self.advance(self.table("start", j), end, y, buf, self.table("ev_begin", j),
+                              self.table("ev_end", j))
+        return j + 1, tuple(buf)
 
     def _macro_body(self, state: tuple) -> tuple:
         j, ybar, tbar, buf = state
@@ -413,18 +438,23 @@ class _Sweep:
         list: a second call, which finds it empty, runs the forward pass again, since the
         first one overwrote the buffer's slots)."""
         plan, stats = self.plan, self.stats
+        self.make_tables(y0[0])
         if saved:
             buf = saved.pop()
         else:
-            buf = self.advance(0, plan.n, y0, self.new_buffer(y0), 0, plan.fwd_events)[1]
+            buf = self.advance(0, self.n_eff, y0, self.new_buffer(y0), 0, plan.fwd_events)[1]
             stats.recomputed_steps += plan.n
         stats.backward_passes += 1
         stats.recomputed_steps += plan.recomputed
         stats.vjp_steps += plan.n
         stats.peak_live = max(stats.peak_live, plan.peak_live)
         tbar = tuple(self.bk.namespace(t).zeros_like(t) for t in self.theta)
+        # the macros of the steps not taken (k >= n_eff, the first ones) only store; then the
+        # macros with a vjp
+        if not (isinstance(self.n_eff, int) and self.n_eff == plan.n):
+            buf = self.bk.while_loop(self._skip_cond, self._skip_body, (0, tuple(buf)))[1]
         out = self.bk.while_loop(self._macro_cond, self._macro_body,
-                                 (0, tuple(ybar), tbar, tuple(buf)))
+                                 (plan.n - self.n_eff, tuple(ybar), tbar, tuple(buf)))
         return tuple(out[1]), tuple(out[2])
 
 
@@ -460,12 +490,30 @@ def _align(ct: Any, template: Any, out: list[Any]) -> None:
 
 # ---- the public functions -----------------------------------------------------------------------
 
+def _steps_taken(n_steps: Any, n: int, name: str) -> Any:
+    """`n_steps` as a Python int where its value is known (checked to be in [0, N]), or the
+    traced integer array itself (under `jax.jit`); N when None."""
+    if n_steps is None:
+        return n
+    if isinstance(n_steps, bool) or not (isinstance(n_steps, int) or hasattr(n_steps, "dtype")):
+        raise StructureError(f"{name}: n_steps: expected an int or a 0-d integer array, got "
+                             f"{type(n_steps).__name__}.")
+    try:
+        value = int(n_steps)
+    except TypeError:  # a traced array (JAX under jit): its value comes at run time
+        return n_steps
+    if not 0 <= value <= n:
+        raise StructureError(f"{name}: n_steps: expected 0 <= n_steps <= N = {n} (the rows of "
+                             f"the schedule stepped), got {value}.")
+    return value
+
+
 class _Problem:
     """What both sweeps share: the step, the structures, the split of `args`."""
 
     def __init__(self, bk: Backend, step: Callable[..., Any], y0: Any, schedule: Any,
                  args: tuple, checkpoints: int | None, step_vjp: Callable[..., Any] | None,
-                 stats: CheckpointStats | None, name: str):
+                 stats: CheckpointStats | None, name: str, n_steps: Any = None):
         if not callable(step):
             raise StructureError(f"{name}: expected step a function (s_k, y, args) -> y_next, "
                                  f"got {type(step).__name__}.")
@@ -494,11 +542,12 @@ class _Problem:
         self.diff = [i for i, a in enumerate(self.args_leaves)
                      if hasattr(a, "dtype") and bk.is_float(a)]
         self.plan = Plan(self.n, self.c)
+        self.n_eff = _steps_taken(n_steps, self.n, name)
 
-    def sweep(self, theta: Sequence[Any], sched: Any) -> _Sweep:
+    def sweep(self, theta: Sequence[Any], sched: Any, n_eff: Any = None) -> _Sweep:
         return _Sweep(self.bk, self.step, self.plan, self.y_def, self.y_meta,
                       self.args_leaves, self.args_def, self.diff, theta, sched, self.step_vjp,
-                      self.stats, self.name)
+                      self.stats, self.name, self.n_eff if n_eff is None else n_eff)
 
     def args_cotangent(self, tbar: Sequence[Any] | None) -> tuple:
         leaves: list[Any] = [None] * len(self.args_leaves)
@@ -508,8 +557,8 @@ class _Problem:
 
 
 def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple = (), *,
-                 checkpoints: int | None = None, stats: CheckpointStats | None = None,
-                 name: str = "checkpointed") -> Any:
+                 checkpoints: int | None = None, n_steps: Any = None,
+                 stats: CheckpointStats | None = None, name: str = "checkpointed") -> Any:
     """$y_N$ after `N` steps $y_{k+1}$ = `step(s_k, y_k, args)`, differentiable in `y0` and
     `args` with the exact gradient of these steps (backpropagation through them, to rounding),
     in $O(c)$ memory: binomial checkpointing (revolve).
@@ -546,15 +595,21 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     - `checkpoints`: (keyword) the number of checkpoint slots $c \\ge 0$; `None` is
       $\\lceil\\log_2 N\\rceil$. `0` keeps only $y_0$ and recomputes $N(N-1)/2$ steps; $N-1$ or
       more stores every state.
+    - `n_steps`: (keyword) the number of leading rows of `schedule` to step (an int or a 0-d
+      integer array, traced under `jax.jit`: an adaptive solver's accepted steps within
+      `max_steps` rows); the other rows are skipped, as steps that leave $y$ unchanged (the
+      replay of zero-length steps), and cost nothing. The schedule's layout is that of $N$
+      rows. Default: all $N$.
     - `stats`: (keyword) a `CheckpointStats` to fill in (counts of the forward and backward
-      passes).
+      passes; the counts of the plan for all $N$ rows).
     - `name`: (keyword) the name used in error messages.
 
-    **Returns:** $y_N$, shaped like `y0`.
+    **Returns:** $y_N$ (the state after `n_steps` steps), shaped like `y0`.
     """
     bk = get_backend(y0, args, schedule if not isinstance(schedule, int) else None)
-    prob = _Problem(bk, step, y0, schedule, tuple(args), checkpoints, None, stats, name)
-    if prob.n == 0:
+    prob = _Problem(bk, step, y0, schedule, tuple(args), checkpoints, None, stats, name,
+                    n_steps)
+    if prob.n == 0 or (isinstance(prob.n_eff, int) and prob.n_eff == 0):
         return y0
     theta = [prob.args_leaves[i] for i in prob.diff]
     int_sched = isinstance(schedule, int)
@@ -563,22 +618,26 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     def as_sched(s: Sequence[Any]) -> Any:
         return schedule if int_sched else bk.tree_unflatten(sched_def, list(s))
 
-    def fwd(y0_: tuple, theta_: tuple, sched_: tuple) -> tuple[tuple, list]:
-        return prob.sweep(theta_, as_sched(sched_)).forward(tuple(y0_))
+    # a traced n_steps travels as an input (no gradient), like the schedule
+    traced = () if isinstance(prob.n_eff, int) else (prob.n_eff,)
+
+    def fwd(y0_: tuple, theta_: tuple, sched_: tuple, n_: tuple) -> tuple[tuple, list]:
+        return prob.sweep(theta_, as_sched(sched_), *n_).forward(tuple(y0_))
 
     def bwd(primals: tuple, saved: list, ybar: tuple) -> tuple:
-        y0_, theta_, sched_ = primals
-        y0bar, tbar = prob.sweep(theta_, as_sched(sched_)).backward(
+        y0_, theta_, sched_, n_ = primals
+        y0bar, tbar = prob.sweep(theta_, as_sched(sched_), *n_).backward(
             tuple(y0_), saved, tuple(ybar))
-        return (tuple(y0bar), tuple(tbar), None)
+        return (tuple(y0bar), tuple(tbar), None, None)
 
-    yN = bk.custom_vjp(fwd, bwd, (prob.y0, tuple(theta), tuple(sched_leaves)),
+    yN = bk.custom_vjp(fwd, bwd, (prob.y0, tuple(theta), tuple(sched_leaves), traced),
                        unsupported=_unsupported(name))
     return bk.tree_unflatten(prob.y_def, list(yN))
 
 
 def checkpointed_vjp(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple = (), *,
-                     checkpoints: int | None = None, step_vjp: Callable[..., Any] | None = None,
+                     checkpoints: int | None = None, n_steps: Any = None,
+                     step_vjp: Callable[..., Any] | None = None,
                      stats: CheckpointStats | None = None, name: str = "checkpointed_vjp"
                      ) -> tuple[Any, Callable[[Any], tuple[Any, tuple]]]:
     """`checkpointed` as an explicit reverse-mode transform: `(y_N, vjp_fn)`, with
@@ -601,7 +660,8 @@ def checkpointed_vjp(step: Callable[..., Any], y0: Any, schedule: Any, args: tup
             f"{name}: expected step_vjp= (a hand-written vjp of one step) for arrays of the "
             f"backend {bk.name!r}, which has no automatic differentiation; got none. Pass "
             "step_vjp=(s_k, y, args, y_next_bar) -> (y_bar, args_bar).")
-    prob = _Problem(bk, step, y0, schedule, tuple(args), checkpoints, step_vjp, stats, name)
+    prob = _Problem(bk, step, y0, schedule, tuple(args), checkpoints, step_vjp, stats, name,
+                    n_steps)
     # not recorded by the framework's autodiff (PyTorch records under grad mode otherwise)
     theta = [bk.stop_gradient(prob.args_leaves[i]) for i in prob.diff]
     y0_ = tuple(bk.stop_gradient(leaf) for leaf in prob.y0)
