@@ -194,3 +194,24 @@ def test_wrap_solver_framework_solver_and_its_drift_check():
                 on_failure="raise")
     with pytest.raises(ode.ODEFailureError, match="drifted"):
         torch.autograd.grad(ys[-1].sum(), stiff)
+
+
+def test_fallback_to_checkpointing_gives_the_exact_gradient():
+    # the reverse-time-unstable problem again: with fallback="checkpoint" the drift is caught
+    # and the gradient is the exact one of the discrete solution (grad="direct" to rounding)
+    k = torch.tensor([[40.0], [1.0]], dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    c = torch.tensor([[[0.0], [0.0]], [[1.0], [2.0]], [[-1.0], [0.5]]], dtype=torch.float64)
+    st = AdjointStats()
+    ys = backsolve(lambda t, y, k: -k * y, y0, ts, (k,), method="tsit5", rtol=1e-6, atol=1e-6,
+                   dt0=None, max_steps=4096, on_failure="raise", full_output=False,
+                   fallback="checkpoint", stats=st)
+    got = torch.autograd.grad((c * ys).sum(), (k, y0))
+    ref_ys = ode.odeint(lambda t, y, k: -k * y, y0, ts, k)
+    ref = torch.autograd.grad((c * ref_ys).sum(), (k, y0))
+    assert st.fallbacks == 1
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="backsolve' only"):
+        ode.odeint(lambda t, y, k: -k * y, y0, ts, k, fallback="checkpoint")

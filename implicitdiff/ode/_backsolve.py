@@ -35,6 +35,7 @@ from ._solver import (
     ODEStats,
     _make_error,
     _prepare,
+    checkpoint_vjp,
     integrate,
 )
 
@@ -56,13 +57,15 @@ def _unsupported(kind: str) -> ImplicitDiffError:
 class AdjointStats:
     """What the backward passes of `grad="backsolve"` did (filled in eagerly: PyTorch, and JAX
     outside `jit`): `nfe_backward` (evaluations of the augmented right-hand side, each one
-    evaluation of f and one vjp), `accepted`/`rejected` backward steps, and `max_drift`, the
-    largest reconstruction drift seen (units of the tolerance)."""
+    evaluation of f and one vjp), `accepted`/`rejected` backward steps, `max_drift`, the
+    largest reconstruction drift seen (units of the tolerance), and `fallbacks`, the backward
+    passes redone by checkpointing (`fallback="checkpoint"`)."""
 
     nfe_backward: int = 0
     accepted: int = 0
     rejected: int = 0
     max_drift: float = 0.0
+    fallbacks: int = 0
 
 
 def _drift_error(drift_tol: float) -> Callable[..., ODEFailureError]:
@@ -174,11 +177,13 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
               rtol: float, atol: float, dt0: float | None, max_steps: int,
               on_failure: str | None, full_output: bool, seminorm: bool = True,
               drift_tol: float = 100.0, stats: AdjointStats | None = None,
-              integrator: Any = None) -> Any:
+              integrator: Any = None, fallback: str | None = None) -> Any:
     """`odeint` with `grad="backsolve"` (see the module docstring); arguments as `odeint`'s,
     and `seminorm` (the backward step-size control measures $y$ and $a$ only, not the
     parameter integral $g$), `drift_tol`, `stats` (an `AdjointStats` to fill in),
-    `integrator` (default the built-in one; `wrap_solver` passes the user's)."""
+    `integrator` (default the built-in one; `wrap_solver` passes the user's), `fallback`
+    (`"checkpoint"`: where the reconstruction drifts, the gradient is taken again by
+    `grad="checkpoint"`, eagerly; built-in integrator only)."""
     on_failure = resolve_on_failure(on_failure, "odeint")
     bk = get_backend(y0, ts, args)
     xp, y0, ts = _prepare(bk, y0, ts, args)
@@ -189,6 +194,13 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
     diff = [i for i, leaf in enumerate(leaves) if hasattr(leaf, "dtype") and bk.is_float(leaf)]
     integ = integrator if integrator is not None else _BuiltIn(
         dict(method=method, rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps))
+    if fallback not in (None, "checkpoint"):
+        raise ValueError(f"odeint: fallback: expected None or 'checkpoint', got {fallback!r}.")
+    if fallback is not None and (not isinstance(integ, _BuiltIn) or bk.is_traced((y0, args))):
+        raise StructureError(
+            "odeint: fallback='checkpoint' decides eagerly, after the backward pass, whether "
+            "to take the gradient again: it needs the built-in integrator and concrete values "
+            "(not jax.jit or wrap_solver). Use grad='checkpoint' directly there.")
 
     def rebuild(theta: tuple) -> tuple:
         full = list(leaves)
@@ -208,8 +220,20 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
         ybar = out_bar[0]
         if ybar is None:
             ybar = xp.zeros_like(ys_t)
-        a0bar, gbar = _adjoint(bk, xp, f, ts, ys_t, ybar, theta, rebuild, batch, d, T, integ,
-                               seminorm, drift_tol, on_failure, stats)
+        a0bar, gbar, drifted = _adjoint(bk, xp, f, ts, ys_t, ybar, theta, rebuild, batch, d,
+                                        T, integ, seminorm, drift_tol,
+                                        on_failure if fallback is None else "nan", stats)
+        if fallback is not None and bool(drifted):
+            # the exact gradient of the discrete forward solution instead, replayed from the
+            # inputs (eager: `drifted` is a value here)
+            y0bar, args_bar = checkpoint_vjp(f, primals[0], ts, rebuild(theta), ybar,
+                                             integ.opts)
+            flat = bk.tree_flatten(tuple(args_bar))[0] if args_bar else []
+            gfull = [flat[i] if i < len(flat) else None for i in diff]
+            if stats is not None:
+                stats.fallbacks += 1
+            return (y0bar, tuple(xp.zeros_like(t) if g_ is None else g_
+                                 for g_, t in zip(gfull, theta)))
         return (a0bar, tuple(gbar))
 
     theta0 = tuple(leaves[i] for i in diff)
@@ -222,9 +246,10 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
 def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, ybar: Any,
              theta: tuple, rebuild: Callable[[tuple], tuple], batch: tuple, d: int, T: int,
              integ: Any, seminorm: bool, drift_tol: float, on_failure: str,
-             stats: AdjointStats | None) -> tuple[Any, list]:
-    """The backward pass: the augmented state $(y, a, g)$ of the whole batch as one vector
-    (one step size for the batch: the adjoint of the batch is one ODE), from $t_{T-1}$ to
+             stats: AdjointStats | None) -> tuple[Any, list, Any]:
+    """The backward pass, and whether the reconstruction drifted anywhere: the augmented
+    state $(y, a, g)$ of the whole batch as one vector (one step size for the batch: the
+    adjoint of the batch is one ODE), from $t_{T-1}$ to
     $t_0$ segment by segment, $a$ jumping by $\\bar y_k$ and $y$ reset to the forward's stored
     state at each output time (after the drift check)."""
     nb = math.prod(batch)
@@ -275,6 +300,7 @@ def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, yb
     a = ybar[T - 1]
     g = xp.zeros((P,), dtype=dtype)
     y = ys_t[T - 1]
+    drifted = xp.asarray(False)
     for k in range(T - 1, 0, -1):
         s0 = xp.concat([xp.reshape(y, (-1,)), xp.reshape(a, (-1,)), g])
         end, ok_solve, st = integ.segment(aug, s0, xp.stack([ts[k], ts[k - 1]]), norm)
@@ -291,13 +317,14 @@ def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, yb
                 stats.rejected += int(st.rejected)
             stats.max_drift = max(stats.max_drift, float(xp.max(drift)))
         fine = drift <= drift_tol
+        drifted = drifted | ~xp.all(fine)
         a, g = _refuse(bk, xp, a, g, fine, on_failure, _drift_error(drift_tol), drift,
                        xp.zeros_like(drift) + ts[k - 1])
         a = a + ybar[k - 1]
         y = y_fwd
     if stats is not None:
         stats.nfe_backward += counter[0]
-    return a, unpack_theta(g)
+    return a, unpack_theta(g), drifted
 
 
 def wrap_solver(solve: Callable[..., Any], *, rtol: float = 1e-6, atol: float = 1e-6,

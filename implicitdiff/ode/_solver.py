@@ -470,22 +470,27 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
     return Integration(s["ys"], stats, sched, ts)
 
 
-def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: Any,
-                       rtol: float, atol: float, dt0: float | None, max_steps: int,
-                       on_failure: str, full_output: bool) -> Any:
-    """`grad="checkpoint"`: the forward pass once without a tape (recording its step schedule),
-    then the same steps replayed by `checkpointed` (binomial checkpointing), whose gradient is
-    exactly that of `"direct"`. The replayed state carries the output buffer: step k writes
-    its result into the outputs it produces (`StepSchedule.out_step`)."""
-    from ._checkpoint import checkpointed
+class _Replay(NamedTuple):
+    """The forward pass's steps as a replayable map (see `_replay`)."""
 
-    bk = get_backend(y0, ts, args)
-    xp, y0, ts = _prepare(bk, y0, ts, args)
+    res: Integration
+    step: Callable[..., Any]
+    state0: tuple
+    schedule: tuple
+    n_rows: int
+    reached: Any
+
+
+def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args: tuple,
+            opts: dict) -> _Replay:
+    """Run the forward pass once without a tape, recording its step schedule, and build the
+    map that replays it: `step(s_k, (y, ys), args)` for the rows `s_k = (t, dt, k)` of the
+    schedule, the state carrying the output buffer `ys` (batch first) into which step k writes
+    the outputs it produces (`StepSchedule.out_step`)."""
     leaves, treedef = bk.tree_flatten(tuple(args))
     consts = bk.tree_unflatten(treedef, [bk.stop_gradient(v) if hasattr(v, "dtype") else v
                                          for v in leaves])
-    res = integrate(f, bk.stop_gradient(y0), ts, tuple(consts), method=method, rtol=rtol,
-                    atol=atol, dt0=dt0, max_steps=max_steps, record=True)
+    res = integrate(f, bk.stop_gradient(y0), ts, tuple(consts), record=True, **opts)
     sched = res.schedule
     assert sched is not None
     T = int(ts.shape[0])
@@ -496,29 +501,65 @@ def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, 
     ys0 = xp.where(xp.reshape(at_t == 0, (T, 1)), y0[..., None, :],
                    xp.zeros((*y0.shape[:-1], T, y0.shape[-1]), dtype=y0.dtype, device=dev))
     out_step = sched.out_step
-    step = make_step(f, method)
+    one_step = make_step(f, opts["method"])
 
-    def step_ck(s_k: tuple, state: tuple, a: tuple) -> tuple:
+    def step(s_k: tuple, state: tuple, a: tuple) -> tuple:
         t, dt, k = s_k
         y, ys = state
-        y_next = step(t, dt, y, a)
+        y_next = one_step(t, dt, y, a)
         hit = xp.reshape(out_step == k, (*out_step.shape, 1))
         return (y_next, xp.where(hit, y_next[..., None, :], ys))
 
-    if n_rows:
-        _, ys = checkpointed(step_ck, (y0, ys0),
-                             (sched.t, sched.dt, xp.arange(n_rows, dtype=i32, device=dev)),
-                             tuple(args), name="odeint(grad='checkpoint')")
+    rows = (sched.t, sched.dt, xp.arange(n_rows, dtype=i32, device=dev))
+    return _Replay(res, step, (y0, ys0), rows, n_rows, (out_step >= 0) | (at_t == 0))
+
+
+def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: Any,
+                       rtol: float, atol: float, dt0: float | None, max_steps: int,
+                       on_failure: str, full_output: bool) -> Any:
+    """`grad="checkpoint"`: the forward pass once without a tape (recording its step schedule),
+    then the same steps replayed by `checkpointed` (binomial checkpointing), whose gradient is
+    exactly that of `"direct"`."""
+    from ._checkpoint import checkpointed
+
+    bk = get_backend(y0, ts, args)
+    xp, y0, ts = _prepare(bk, y0, ts, args)
+    rp = _replay(bk, xp, f, y0, ts, args, dict(method=method, rtol=rtol, atol=atol, dt0=dt0,
+                                                max_steps=max_steps))
+    if rp.n_rows:
+        _, ys = checkpointed(rp.step, rp.state0, rp.schedule, tuple(args),
+                             name="odeint(grad='checkpoint')")
     else:
-        ys = ys0
-    reached = (out_step >= 0) | (at_t == 0)
-    ys = xp.where(reached[..., None], ys, xp.full_like(ys, float("nan")))
+        ys = rp.state0[1]
+    ys = xp.where(rp.reached[..., None], ys, xp.full_like(ys, float("nan")))
+    res = rp.res
     ok = res.stats.status == SUCCESS
     ys = bk.handle_failure(ys, ok, on_failure, _make_error(max_steps), res.stats.status,
                            res.stats.t_final, res.ts[0], res.ts[-1])
     nb = ys.ndim - 2
     ys = xp.permute_dims(ys, (nb, *range(nb), nb + 1))
     return ODESolution(ys, res.stats) if full_output else ys
+
+
+def checkpoint_vjp(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, ybar: Any,
+                   opts: dict) -> tuple[Any, tuple]:
+    """The `grad="checkpoint"` gradient as an explicit pullback, for eager use (the backsolve
+    adjoint's fallback): `(y0_bar, args_bar)` for the cotangent `ybar` of the time-first
+    outputs. `args_bar` is a tuple like `args` (None where no gradient)."""
+    from ._checkpoint import checkpointed_vjp
+
+    bk = get_backend(y0, ts, args)
+    xp, y0, ts = _prepare(bk, y0, ts, args)
+    rp = _replay(bk, xp, f, y0, ts, args, opts)
+    nb = ybar.ndim - 2
+    ybar_b = xp.permute_dims(ybar, (*range(1, nb + 1), 0, nb + 1))  # batch first
+    ybar_b = xp.where(rp.reached[..., None], ybar_b, xp.zeros_like(ybar_b))
+    if not rp.n_rows:
+        return ybar_b[..., 0, :], tuple(None for _ in args)
+    _, vjp_fn = checkpointed_vjp(rp.step, rp.state0, rp.schedule, tuple(args),
+                                 name="odeint(grad='backsolve') fallback")
+    (y_bar, ys_bar), args_bar = vjp_fn((xp.zeros_like(y0), ybar_b))
+    return y_bar + ys_bar[..., 0, :], args_bar
 
 
 def _make_error(max_steps: int) -> Callable[..., ODEFailureError]:
@@ -564,7 +605,8 @@ def _make_error(max_steps: int) -> Callable[..., ODEFailureError]:
 def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
            method: str | ButcherTableau = "tsit5", rtol: float = 1e-6, atol: float = 1e-6,
            dt0: float | None = None, max_steps: int = 4096, grad: str = "direct",
-           on_failure: str | None = None, full_output: bool = False) -> Any:
+           on_failure: str | None = None, full_output: bool = False,
+           fallback: str | None = None) -> Any:
     """Solve $y' = f(t, y, \\theta)$, $y(t_0) = y_0$, at the output times `ts`, by an explicit
     Runge–Kutta method with per-sample adaptive steps.
 
@@ -609,6 +651,9 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
       time it reached, `"warn"`, or `"nan"` (that sample's outputs are NaN; the others are
       kept). Default: `idf.config.on_failure`.
     - `full_output`: (keyword) return an `ODESolution(ys, stats)` with per-sample `ODEStats`.
+    - `fallback`: (keyword, `grad="backsolve"` only) `"checkpoint"`: where the backward
+      reconstruction drifts, take the gradient again with `grad="checkpoint"` (exact) instead
+      of failing; eager calls only (PyTorch, JAX outside `jit`).
 
     **Returns:** `ys` of shape `(len(ts), *y0.shape)`, time first (`ys[0]` is `y0`); an
     `ODESolution` with `full_output=True`.
@@ -619,7 +664,11 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
         from ._backsolve import backsolve
 
         return backsolve(f, y0, ts, tuple(args), method=method, rtol=rtol, atol=atol, dt0=dt0,
-                         max_steps=max_steps, on_failure=on_failure, full_output=full_output)
+                         max_steps=max_steps, on_failure=on_failure, full_output=full_output,
+                         fallback=fallback)
+    if fallback is not None:
+        raise ValueError(f"odeint: fallback= applies to grad='backsolve' only, got grad="
+                         f"{grad!r}.")
     on_failure = resolve_on_failure(on_failure, "odeint")
     if grad == "checkpoint":
         return _odeint_checkpoint(f, y0, ts, tuple(args), method=method, rtol=rtol, atol=atol,
