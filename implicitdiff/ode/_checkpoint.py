@@ -134,16 +134,17 @@ def reverse_cost(n: int, checkpoints: int) -> int:
 @dataclass
 class CheckpointStats:
     """What `checkpointed` did, filled in as it runs (the forward pass when it is called, the
-    backward pass when the framework runs it). Under `jax.jit` the counts are taken once, at
-    trace time; the schedule is static, so they are the counts of every run.
+    backward pass when the framework runs it). The counts are those of the schedule (`Plan`)
+    for all $N$ rows, whatever `n_steps`; under `jax.jit` they are taken once, at trace time
+    (the schedule is static: they are the counts of every run).
 
     - `steps`: $N$. `checkpoints`: the number of checkpoint slots $c$.
     - `forward_steps`: step evaluations of the forward pass ($N$).
     - `stored`: states the forward pass stored (at most $c$).
     - `recomputed_steps`: step evaluations of the backward passes outside the one-step vjps.
     - `vjp_steps`: one-step vjps ($N$ per backward pass).
-    - `peak_live`: the most checkpoint states held at once, forward and backward ($y_0$, the
-      input, and the one working state not counted): at most $c$.
+    - `peak_live`: the most checkpoint slots in use at once, forward and backward ($y_0$'s
+      slot and the working state not counted): at most $c$.
     - `backward_passes`: backward passes run.
     """
 
