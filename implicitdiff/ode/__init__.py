@@ -10,6 +10,10 @@ differentiated by the implicit function theorem.
 from ._backsolve import AdjointStats as AdjointStats
 from ._backsolve import BacksolveUnsupportedError as BacksolveUnsupportedError
 from ._backsolve import wrap_solver as wrap_solver
+from ._checkpoint import CheckpointStats as CheckpointStats
+from ._checkpoint import DerivativeNotSupportedError as DerivativeNotSupportedError
+from ._checkpoint import checkpointed as checkpointed
+from ._checkpoint import checkpointed_vjp as checkpointed_vjp
 from ._solver import DT_UNDERFLOW as DT_UNDERFLOW
 from ._solver import MAX_STEPS as MAX_STEPS
 from ._solver import NONFINITE as NONFINITE
@@ -34,6 +38,7 @@ from ._tableaus import ButcherTableau as ButcherTableau
 __all__ = [
     "DOPRI5", "DT_UNDERFLOW", "EULER", "MAX_STEPS", "NONFINITE", "RK4", "STATUS_NAMES",
     "SUCCESS", "TABLEAUS", "TSIT5", "AdjointStats", "BacksolveUnsupportedError",
-    "ButcherTableau", "Integration", "ODEFailureError", "ODESolution", "ODEStats",
-    "StepSchedule", "integrate", "make_step", "odeint", "steady_state", "wrap_solver",
+    "ButcherTableau", "CheckpointStats", "DerivativeNotSupportedError", "Integration",
+    "ODEFailureError", "ODESolution", "ODEStats", "StepSchedule", "checkpointed",
+    "checkpointed_vjp", "integrate", "make_step", "odeint", "steady_state", "wrap_solver",
 ]

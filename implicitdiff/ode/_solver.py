@@ -479,6 +479,7 @@ class _Replay(NamedTuple):
     schedule: tuple
     n_rows: int
     reached: Any
+    iterations: Any
 
 
 def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args: tuple,
@@ -511,7 +512,8 @@ def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args:
         return (y_next, xp.where(hit, y_next[..., None, :], ys))
 
     rows = (sched.t, sched.dt, xp.arange(n_rows, dtype=i32, device=dev))
-    return _Replay(res, step, (y0, ys0), rows, n_rows, (out_step >= 0) | (at_t == 0))
+    return _Replay(res, step, (y0, ys0), rows, n_rows, (out_step >= 0) | (at_t == 0),
+                   sched.iterations)
 
 
 def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: Any,
@@ -527,8 +529,10 @@ def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, 
     rp = _replay(bk, xp, f, y0, ts, args, dict(method=method, rtol=rtol, atol=atol, dt0=dt0,
                                                 max_steps=max_steps))
     if rp.n_rows:
+        # `n_steps`: under JAX the schedule has `max_steps` rows, those after the loop stopped
+        # are never replayed
         _, ys = checkpointed(rp.step, rp.state0, rp.schedule, tuple(args),
-                             name="odeint(grad='checkpoint')")
+                             n_steps=rp.iterations, name="odeint(grad='checkpoint')")
     else:
         ys = rp.state0[1]
     ys = xp.where(rp.reached[..., None], ys, xp.full_like(ys, float("nan")))
@@ -557,6 +561,7 @@ def checkpoint_vjp(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, ybar: A
     if not rp.n_rows:
         return ybar_b[..., 0, :], tuple(None for _ in args)
     _, vjp_fn = checkpointed_vjp(rp.step, rp.state0, rp.schedule, tuple(args),
+                                 n_steps=rp.iterations,
                                  name="odeint(grad='backsolve') fallback")
     (y_bar, ys_bar), args_bar = vjp_fn((xp.zeros_like(y0), ybar_b))
     return y_bar + ys_bar[..., 0, :], args_bar
