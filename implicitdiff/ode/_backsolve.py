@@ -277,7 +277,7 @@ def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, yb
         def field(y_: Any, *th: Any) -> Any:
             return f(tb, y_, *rebuild(th))
 
-        out, vjp_fn = bk.vjp(field, (y, *theta), None)
+        out, vjp_fn = bk.loop_vjp(field, (y, *theta))
         cts = vjp_fn(a)
         ay = cts[0]
         parts = [xp.reshape(out, (-1,)), -xp.reshape(ay, (-1,))]
