@@ -812,6 +812,22 @@ def config_table(c: dict[str, Any]) -> str:
                   "NFE/sample", "memory (KiB)", "y(1) err", "grad err", "notes"], rows)
 
 
+def _git_state() -> str:
+    """The checkout's commit, and whether implicitdiff/ or backends/ have local changes (the ODE
+    modes change quickly: a table says which code it measured)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "implicitdiff", "backends"],
+                               cwd=root, check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {head}" + (", with local changes to the library" if dirty.strip() else "")
+
+
 def environment() -> str:
     def ver(mod: str) -> str:
         try:
@@ -820,7 +836,7 @@ def environment() -> str:
             return "not installed"
 
     pk = ("torch", "jax", "numpy", "torchdiffeq", "torchode", "diffrax", "equinox")
-    return (f"implicitdiff {idf.__version__}; {', '.join(f'{p} {ver(p)}' for p in pk)}; Python "
+    return (f"implicitdiff {idf.__version__} ({_git_state()}); {', '.join(f'{p} {ver(p)}' for p in pk)}; Python "
             f"{platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
             f"torch threads {torch.get_num_threads()}, "
             f"{', '.join(f'{k}={os.environ[k]}' for k in THREAD_VARS if k in os.environ)}, "
