@@ -611,7 +611,8 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
            method: str | ButcherTableau = "tsit5", rtol: float = 1e-6, atol: float = 1e-6,
            dt0: float | None = None, max_steps: int = 4096, grad: str = "direct",
            on_failure: str | None = None, full_output: bool = False,
-           fallback: str | None = None) -> Any:
+           fallback: str | None = None, seminorm: bool = True,
+           adjoint_stats: Any = None) -> Any:
     """Solve $y' = f(t, y, \\theta)$, $y(t_0) = y_0$, at the output times `ts`, by an explicit
     Runge–Kutta method with per-sample adaptive steps.
 
@@ -659,6 +660,11 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
     - `fallback`: (keyword, `grad="backsolve"` only) `"checkpoint"`: where the backward
       reconstruction drifts, take the gradient again with `grad="checkpoint"` (exact) instead
       of failing; eager calls only (PyTorch, JAX outside `jit`).
+    - `seminorm`: (keyword, `grad="backsolve"` only) the backward step-size control leaves
+      out the parameter integral (default True; False measures every part, torchdiffeq's
+      mixed norm).
+    - `adjoint_stats`: (keyword, `grad="backsolve"` only) an `ode.AdjointStats` the backward
+      passes fill in (evaluations, steps, largest drift, fallbacks; eager calls).
 
     **Returns:** `ys` of shape `(len(ts), *y0.shape)`, time first (`ys[0]` is `y0`); an
     `ODESolution` with `full_output=True`.
@@ -670,10 +676,12 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
 
         return backsolve(f, y0, ts, tuple(args), method=method, rtol=rtol, atol=atol, dt0=dt0,
                          max_steps=max_steps, on_failure=on_failure, full_output=full_output,
-                         fallback=fallback)
-    if fallback is not None:
-        raise ValueError(f"odeint: fallback= applies to grad='backsolve' only, got grad="
-                         f"{grad!r}.")
+                         fallback=fallback, seminorm=seminorm, stats=adjoint_stats)
+    for name, given in (("fallback", fallback is not None), ("seminorm", seminorm is not True),
+                        ("adjoint_stats", adjoint_stats is not None)):
+        if given:
+            raise ValueError(f"odeint: {name}= applies to grad='backsolve' only, got grad="
+                             f"{grad!r}.")
     on_failure = resolve_on_failure(on_failure, "odeint")
     if grad == "checkpoint":
         return _odeint_checkpoint(f, y0, ts, tuple(args), method=method, rtol=rtol, atol=atol,
