@@ -33,7 +33,7 @@ from ._solver import (
     ODEFailureError,
     ODESolution,
     ODEStats,
-    _make_error,
+    _finish,
     _prepare,
     checkpoint_vjp,
     integrate,
@@ -100,11 +100,7 @@ class _BuiltIn:
     def forward(self, bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any,
                 args: tuple, on_failure: str) -> tuple[Any, tuple | None]:
         res = integrate(f, y0, ts, args, **self.opts)
-        ok = res.stats.status == SUCCESS
-        ys = bk.handle_failure(res.ys, ok, on_failure, _make_error(self.max_steps),
-                               res.stats.status, res.stats.t_final, res.ts[0], res.ts[-1])
-        nb = ys.ndim - 2
-        return xp.permute_dims(ys, (nb, *range(nb), nb + 1)), tuple(res.stats)
+        return _finish(bk, res.ys, res, on_failure, self.max_steps), tuple(res.stats)
 
     def segment(self, aug: Callable[..., Any], s0: Any, seg: Any,
                 norm: Callable[[Any], Any]) -> tuple[Any, Any, Any]:

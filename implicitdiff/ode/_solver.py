@@ -536,13 +536,8 @@ def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, 
     else:
         ys = rp.state0[1]
     ys = xp.where(rp.reached[..., None], ys, xp.full_like(ys, float("nan")))
-    res = rp.res
-    ok = res.stats.status == SUCCESS
-    ys = bk.handle_failure(ys, ok, on_failure, _make_error(max_steps), res.stats.status,
-                           res.stats.t_final, res.ts[0], res.ts[-1])
-    nb = ys.ndim - 2
-    ys = xp.permute_dims(ys, (nb, *range(nb), nb + 1))
-    return ODESolution(ys, res.stats) if full_output else ys
+    ys = _finish(bk, ys, rp.res, on_failure, max_steps)
+    return ODESolution(ys, rp.res.stats) if full_output else ys
 
 
 def checkpoint_vjp(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, ybar: Any,
@@ -565,6 +560,15 @@ def checkpoint_vjp(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, ybar: A
                                  name="odeint(grad='backsolve') fallback")
     (y_bar, ys_bar), args_bar = vjp_fn((xp.zeros_like(y0), ybar_b))
     return y_bar + ys_bar[..., 0, :], args_bar
+
+
+def _finish(bk: Backend, ys: Any, res: Integration, on_failure: str, max_steps: int) -> Any:
+    """The outputs `ys` (batch first, `(..., T, d)`) after the failure policy, time first."""
+    xp = bk.namespace(ys)
+    ys = bk.handle_failure(ys, res.stats.status == SUCCESS, on_failure, _make_error(max_steps),
+                           res.stats.status, res.stats.t_final, res.ts[0], res.ts[-1])
+    nb = ys.ndim - 2
+    return xp.permute_dims(ys, (nb, *range(nb), nb + 1))
 
 
 def _make_error(max_steps: int) -> Callable[..., ODEFailureError]:
@@ -689,11 +693,5 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
                                   full_output=full_output)
     res = integrate(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
                     max_steps=max_steps)
-    bk = get_backend(res.ys)
-    xp = bk.namespace(res.ys)
-    ok = res.stats.status == SUCCESS
-    ys = bk.handle_failure(res.ys, ok, on_failure, _make_error(max_steps), res.stats.status,
-                           res.stats.t_final, res.ts[0], res.ts[-1])
-    nb = ys.ndim - 2
-    ys = xp.permute_dims(ys, (nb, *range(nb), nb + 1))
+    ys = _finish(get_backend(res.ys), res.ys, res, on_failure, max_steps)
     return ODESolution(ys, res.stats) if full_output else ys

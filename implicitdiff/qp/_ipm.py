@@ -109,6 +109,19 @@ def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int, keep: dict | None = None)
         return _ipm(Q, q, A, b, G, h, tol=tol, maxiter=maxiter)
 
 
+def null_space_basis(A):
+    """`(Y, Z, Rp)` with $A^\\top = [Y\\ Z] [R_p; 0]$ (complete QR, batched): Y spans the row
+    space of A, Z its null space. None where some sample's A is rank-deficient (a diagonal of
+    $R_p$ below 1e-10 of its largest)."""
+    p = A.shape[1]
+    Qf, R = np.linalg.qr(np.swapaxes(A, 1, 2), mode="complete")
+    Rp = R[:, :p, :]
+    d = np.abs(np.diagonal(Rp, axis1=1, axis2=2))
+    if not np.all(d.min(axis=1) > 1e-10 * np.maximum(d.max(axis=1), 1e-300)):
+        return None
+    return Qf[:, :, :p], Qf[:, :, p:], Rp
+
+
 def _ipm_null_space(Q, q, A, b, G, h, *, tol: float, maxiter: int, keep: dict | None = None):
     """The interior point on the null space of A: with $A^\\top = [Y\\ Z] R$ (QR),
     $x = x_0 + Zv$, $Ax_0 = b$, the equality constraints vanish and each Newton system has
@@ -116,12 +129,10 @@ def _ipm_null_space(Q, q, A, b, G, h, *, tol: float, maxiter: int, keep: dict | 
     some sample's A is rank-deficient (then the full system serves the whole batch); the polish
     that follows works on the original problem, so nothing downstream depends on this path."""
     B, p, n = A.shape
-    Qf, R = np.linalg.qr(np.swapaxes(A, 1, 2), mode="complete")
-    Rp = R[:, :p, :]
-    d = np.abs(np.diagonal(Rp, axis1=1, axis2=2))
-    if not np.all(d.min(axis=1) > 1e-10 * np.maximum(d.max(axis=1), 1e-300)):
+    basis = null_space_basis(A)
+    if basis is None:
         return None
-    Y, Z = Qf[:, :, :p], Qf[:, :, p:]
+    Y, Z, Rp = basis
     Zt = np.swapaxes(Z, 1, 2)
     x0 = _mv(Y, _solve(np.swapaxes(Rp, 1, 2), b))
     Qz = Zt @ Q @ Z
@@ -288,12 +299,10 @@ class ActiveKKT:
                 self.Rinv = np.linalg.inv(basis["Rp"])
                 Qz, Gz = basis["Qz"], basis["Gz"]
             elif p:
-                Qf, R = np.linalg.qr(np.swapaxes(A, 1, 2), mode="complete")
-                Rp = R[:, :p, :]
-                d = np.abs(np.diagonal(Rp, axis1=1, axis2=2))
-                if not np.all(d.min(axis=1) > 1e-10 * np.maximum(d.max(axis=1), 1e-300)):
+                own = null_space_basis(A)
+                if own is None:
                     return
-                self.Y, self.Z = Qf[:, :, :p], Qf[:, :, p:]
+                self.Y, self.Z, Rp = own
                 self.Rinv = np.linalg.inv(Rp)
                 Qz = np.swapaxes(self.Z, 1, 2) @ Q @ self.Z
                 Gz = G @ self.Z
