@@ -33,7 +33,8 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+         *sorted((ROOT / "docs" / "tutorial").glob("*.md"))]
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```python\s*$")
 _SKIP = re.compile(r"^\s*<!--\s*doc-test:\s*skip\s*\((?P<reason>.+)\)\s*-->\s*$")
@@ -198,3 +199,23 @@ def test_extract_skip_comment_and_indent(tmp_path: Path) -> None:
     a, b = extract(md, "page.md")
     assert (a.line, a.skip, a.code) == (3, "needs a GPU", "import cupy\n")
     assert (b.line, b.skip, b.code) == (9, None, "x = 1\n\ny = x\n")
+
+
+TUTORIAL = ROOT / "docs" / "tutorial"
+CHAPTERS = sorted(p for p in TUTORIAL.glob("[0-9][0-9]-*.md"))
+
+
+@pytest.mark.parametrize("page", CHAPTERS, ids=[p.name for p in CHAPTERS])
+def test_tutorial_chapter_in_both_frameworks(page: Path) -> None:
+    """Issue 14: each chapter shows its models in JAX and PyTorch tabs, and its figures are made
+    by a script the docs build runs (docs/hooks.py), never committed by hand."""
+    text = page.read_text(encoding="utf-8")
+    jax_tabs = re.findall(r'^=== "JAX"\s*$', text, flags=re.M)
+    torch_tabs = re.findall(r'^=== "PyTorch"\s*$', text, flags=re.M)
+    assert jax_tabs and len(jax_tabs) == len(torch_tabs), (
+        f"{page.name}: {len(jax_tabs)} JAX tabs, {len(torch_tabs)} PyTorch tabs")
+    assert [b for b in BLOCKS if b.page == f"docs/tutorial/{page.name}"], f"{page.name}: no code"
+    scripts = "\n".join(p.read_text(encoding="utf-8")
+                        for p in (TUTORIAL / "figures").glob("*.py"))
+    for name in re.findall(r"\(img/([\w.-]+\.png)\)", text):
+        assert name in scripts, f"{page.name}: img/{name} is made by no docs/tutorial/figures script"
