@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The tutorial's long trainings read this and run a reduced configuration here, as their pages say.
+os.environ.setdefault("IMPLICITDIFF_TUTORIAL_QUICK", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
