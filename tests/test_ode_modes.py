@@ -66,3 +66,35 @@ def test_checkpoint_keeps_the_failure_policy():
     assert torch.isnan(ys[:, 1]).all() and torch.isfinite(ys[:, 0]).all()
     with pytest.raises(ode.ODEFailureError):
         ode.odeint(lambda t, y, k: -k * y, y0, ts, k, grad="checkpoint", on_failure="raise")
+
+
+def test_checkpoint_replay_that_does_not_retrace_is_loud():
+    # A vector field that is not a pure function (here: different after its first pass) would
+    # make the replay take other steps than the forward pass: the samples whose replay did not
+    # reach the first pass's outputs fail with status REPLAY_MISMATCH (raise, or NaN for those
+    # samples only), never a silently different trajectory.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("implicitdiff_torch")
+    import implicitdiff as idf
+
+    calls = {"n": 0, "first": None}
+
+    def stiffer_later(t, y, k):
+        calls["n"] += 1
+        scale = 1.0 if calls["first"] is None or calls["n"] <= calls["first"] else 40.0
+        return -scale * k * y
+
+    k = torch.tensor([[1.0], [1.0]], dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ode.odeint(lambda t, y, k: -k * y, y0, ts, k, grad="direct")  # the pure field is fine
+    res = ode.integrate(stiffer_later, y0, ts, (k.detach(),))
+    calls["first"] = int(res.stats.nfe.max())  # evaluations of one forward pass
+    calls["n"] = 0
+    with pytest.raises(ode.ODEFailureError, match="replay_mismatch"):
+        ode.odeint(stiffer_later, y0, ts, k, grad="checkpoint")
+    calls["n"] = 0
+    with idf.config.override(on_failure="nan"):
+        sol = ode.odeint(stiffer_later, y0, ts, k, grad="checkpoint", full_output=True)
+    assert (sol.stats.status == ode.REPLAY_MISMATCH).all()
+    assert torch.isnan(sol.ys[-1]).all()

@@ -35,8 +35,10 @@ DT_UNDERFLOW = 2
 """Status: the step size fell below the resolution of the time (a blow-up or stiffness)."""
 NONFINITE = 3
 """Status: `f` returned NaN or inf (or the state overflowed) at every step size tried."""
+REPLAY_MISMATCH = 4
+"""Status (`grad="checkpoint"` only): the replay of the forward pass did not retrace it."""
 STATUS_NAMES = {SUCCESS: "success", MAX_STEPS: "max_steps", DT_UNDERFLOW: "dt_underflow",
-                NONFINITE: "nonfinite"}
+                NONFINITE: "nonfinite", REPLAY_MISMATCH: "replay_mismatch"}
 """The status codes of `ODEStats.status` by name."""
 
 GRAD_MODES = ("direct", "checkpoint", "backsolve")
@@ -72,7 +74,8 @@ class ODEStats(NamedTuple):
     - `nfe`: evaluations of `f` this sample needed (int32): the first stage, the initial
       step-size selection (1, adaptive methods with `dt0=None`), and the new stages of every
       attempted step (6 for the FSAL methods dopri5 and tsit5, 4 for rk4, 1 for euler).
-    - `status`: `SUCCESS` (0), `MAX_STEPS` (1), `DT_UNDERFLOW` (2) or `NONFINITE` (3) (int32).
+    - `status`: `SUCCESS` (0), `MAX_STEPS` (1), `DT_UNDERFLOW` (2), `NONFINITE` (3) or, with
+      `grad="checkpoint"`, `REPLAY_MISMATCH` (4) (int32).
     - `t_final`: the time the sample reached (the last output time on success).
     """
 
@@ -276,6 +279,23 @@ def _prepare(bk: Backend, y0: Any, ts: Any, args: tuple) -> tuple[Any, Any, Any]
     return xp, y0, ts
 
 
+class _Loop(NamedTuple):
+    """The integrator as a loop (see `_setup`): `state` the initial loop state (a dict),
+    `cond(s)`, `body(s, fun) -> (s_next, rec)` (one loop iteration with the vector field `fun`,
+    `rec` the schedule row with `record=True`), `fun` the field with the given `args`, and
+    `finish(s, outs) -> Integration`."""
+
+    bk: Backend
+    xp: Any
+    state: dict
+    cond: Callable[[dict], Any]
+    body: Callable[..., tuple]  # (s, fun, lean=False)
+    fun: Callable[[Any, Any], Any]
+    finish: Callable[[dict, Any], Integration]
+    batched: bool
+    adaptive: bool
+
+
 def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
               method: str | ButcherTableau = "tsit5", rtol: float = 1e-6, atol: float = 1e-6,
               dt0: float | None = None, max_steps: int = 4096,
@@ -287,6 +307,23 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
     `error_norm`: the norm of the scaled error estimate, `(..., d) -> (..., 1)` (default the
     RMS over the state; the adjoint passes a seminorm that leaves its parameter integrals
     unmeasured)."""
+    loop = _setup(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
+                  max_steps=max_steps, record=record, error_norm=error_norm)
+    if isinstance(loop, Integration):
+        return loop
+    fun = loop.fun
+    s, outs = loop.bk.bounded_while_loop(loop.cond, lambda st: loop.body(st, fun), loop.state,
+                                         max_steps)
+    return loop.finish(s, outs)
+
+
+def _setup(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *,
+           method: str | ButcherTableau, rtol: float, atol: float, dt0: float | None,
+           max_steps: int, record: bool = False,
+           error_norm: Callable[[Any], Any] | None = None) -> _Loop | Integration:
+    """`integrate`'s loop, before it runs: the initial state (the first stage `f(t0, y0)` and
+    the initial step size computed), the loop body and the summary of its final state; or the
+    `Integration` itself when there is nothing to integrate (one output time)."""
     tab = tableau(method)
     _check_options(tab, rtol, atol, dt0, max_steps)
     bk = get_backend(y0, ts, args)
@@ -382,7 +419,9 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
     def cond(s: dict) -> Any:
         return xp.any(s["active"])
 
-    def body(s: dict) -> tuple[dict, Any]:
+    def body(s: dict, fun: Callable[[Any, Any], Any], lean: bool = False) -> tuple[dict, Any]:
+        # lean: a replay's iteration, which keeps only what decides the steps (the attempts
+        # in `acc`), not the counts and status that only report
         active, t, y, dtp, idx = s["active"], s["t"], s["y"], s["dt"], s["idx"]
         t_out = xp.reshape(xp.take(ts, xp.reshape(xp.minimum(idx, T - 1), (-1,)), axis=0),
                            idx.shape)
@@ -418,9 +457,12 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
         idx = idx + xp.astype(wrote, i32)
         out["idx"] = idx
         one_i = xp.astype(active, i32)
-        out["nfe"] = s["nfe"] + new_evals * one_i
-        out["acc"] = s["acc"] + xp.astype(accept, i32)
-        out["rej"] = s["rej"] + xp.astype(active & ~good, i32)
+        if lean:
+            out["acc"] = s["acc"] + one_i
+        else:
+            out["nfe"] = s["nfe"] + new_evals * one_i
+            out["acc"] = s["acc"] + xp.astype(accept, i32)
+            out["rej"] = s["rej"] + xp.astype(active & ~good, i32)
         still = active & (idx < T)
         status = s["status"]
         if errn is not None:
@@ -435,109 +477,150 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
             mag = xp.where(accept, mag_acc, xp.where(active, adt * shrink, adtp))
             new_dt = direction * mag
             out["prev"] = xp.where(accept, xp.maximum(errn, const(_ERR_FLOOR)), s["prev"])
-            bad = xp.where(active, ~fin, s["bad"])
-            out["bad"] = bad
             t_next_out = xp.reshape(
                 xp.take(ts, xp.reshape(xp.minimum(idx, T - 1), (-1,)), axis=0), idx.shape)
             min_dt = 16 * eps * xp.maximum(xp.maximum(xp.abs(t_new), xp.abs(t_next_out)),
                                            const(tiny))
             under = still & (mag < min_dt)
-            status = xp.where(under, xp.where(bad, const(NONFINITE, i32),
-                                              const(DT_UNDERFLOW, i32)), status)
+            if not lean:
+                bad = xp.where(active, ~fin, s["bad"])
+                out["bad"] = bad
+                status = xp.where(under, xp.where(bad, const(NONFINITE, i32),
+                                                  const(DT_UNDERFLOW, i32)), status)
             still = still & ~under
         else:
             new_dt = dtp
             blown = active & ~fin
-            status = xp.where(blown, const(NONFINITE, i32), status)
+            if not lean:
+                status = xp.where(blown, const(NONFINITE, i32), status)
             still = still & ~blown
         out["dt"] = new_dt
-        over = still & (out["acc"] + out["rej"] >= max_steps)
-        out["status"] = xp.where(over, const(MAX_STEPS, i32), status)
+        over = still & ((out["acc"] if lean else out["acc"] + out["rej"]) >= max_steps)
+        if not lean:
+            out["status"] = xp.where(over, const(MAX_STEPS, i32), status)
         out["active"] = still & ~over
         rec = (t, xp.where(accept, dt, xp.zeros_like(dt))) if record else None
         return out, rec
 
-    s, outs = bk.bounded_while_loop(cond, body, state, max_steps)
-    status = xp.where(s["active"], full(MAX_STEPS, i32), s["status"])
-    stats = ODEStats(s["acc"][..., 0], s["rej"][..., 0], s["nfe"][..., 0], status[..., 0],
-                     s["t"][..., 0])
-    sched = None
-    if record:
-        if outs is None:
-            empty = xp.zeros((0, *batch, 1), dtype=dtype, device=dev)
-            outs = (empty, empty)
-        sched = StepSchedule(outs[0], outs[1], s["out_step"], s["k"])
-    return Integration(s["ys"], stats, sched, ts)
+    def finish(s: dict, outs: Any) -> Integration:
+        status = xp.where(s["active"], full(MAX_STEPS, i32), s["status"])
+        stats = ODEStats(s["acc"][..., 0], s["rej"][..., 0], s["nfe"][..., 0], status[..., 0],
+                         s["t"][..., 0])
+        sched = None
+        if record:
+            if outs is None:
+                empty = xp.zeros((0, *batch, 1), dtype=dtype, device=dev)
+                outs = (empty, empty)
+            sched = StepSchedule(outs[0], outs[1], s["out_step"], s["k"])
+        return Integration(s["ys"], stats, sched, ts)
+
+    return _Loop(bk, xp, state, cond, body, fun, finish, len(batch) > 0,
+                 tab.b_error is not None)
 
 
 class _Replay(NamedTuple):
-    """The forward pass's steps as a replayable map (see `_replay`)."""
+    """The forward pass as a replayable map (see `_replay`)."""
 
-    res: Integration
-    step: Callable[..., Any]
-    state0: tuple
-    schedule: tuple
-    n_rows: int
-    reached: Any
-    iterations: Any
+    res: Integration            # the first pass's (no tape) outputs and statistics
+    step: Callable[..., Any]    # (k, state, args) -> state: one loop iteration
+    state0: tuple               # the initial loop state, floating leaves (live y0, first stage)
+    n_rows: int                 # loop iterations to plan for (max_steps when traced)
+    iterations: Any             # the loop iterations the first pass ran
+    outputs: Callable[[tuple], tuple]  # final state -> (ys batch first, output index reached)
+    index: Any                  # the first pass's output index reached, per sample
 
 
 def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args: tuple,
-            opts: dict) -> _Replay:
-    """Run the forward pass once without a tape, recording its step schedule, and build the
-    map that replays it: `step(s_k, (y, ys), args)` for the rows `s_k = (t, dt, k)` of the
-    schedule, the state carrying the output buffer `ys` (batch first) into which step k writes
-    the outputs it produces (`StepSchedule.out_step`)."""
+            opts: dict) -> _Replay | None:
+    """Run the integrator once without a tape, and build the map that replays its loop
+    iterations from the solver's state: the state (time, step size, the controller's last
+    error, the next output index, whether the sample still runs, its attempts so far, `y`,
+    the FSAL stage and the output buffer `ys`) as floating arrays, one iteration of the
+    integrator's own loop body (`_setup`) as the step. The controller's decisions are
+    recomputed, not stored, so nothing grows with the number of steps beyond the
+    checkpointed states. None when there is nothing to integrate (one output time)."""
+    loop = _setup(f, y0, ts, tuple(args), record=False, **opts)
+    if isinstance(loop, Integration):
+        return None
     leaves, treedef = bk.tree_flatten(tuple(args))
     consts = bk.tree_unflatten(treedef, [bk.stop_gradient(v) if hasattr(v, "dtype") else v
                                          for v in leaves])
-    res = integrate(f, bk.stop_gradient(y0), ts, tuple(consts), record=True, **opts)
-    sched = res.schedule
-    assert sched is not None
-    T = int(ts.shape[0])
-    n_rows = int(sched.t.shape[0])
-    i32 = xp.int32
-    dev = _device(y0)
-    at_t = xp.arange(T, dtype=i32, device=dev)
-    ys0 = xp.where(xp.reshape(at_t == 0, (T, 1)), y0[..., None, :],
-                   xp.zeros((*y0.shape[:-1], T, y0.shape[-1]), dtype=y0.dtype, device=dev))
-    out_step = sched.out_step
-    one_step = make_step(f, opts["method"])
+    fun1 = _caller(f, tuple(consts), loop.batched)
+    first = {k: bk.stop_gradient(v) for k, v in loop.state.items()}
+    s1, _ = bk.bounded_while_loop(loop.cond, lambda st: loop.body(st, fun1), first,
+                                  opts["max_steps"])
+    res = loop.finish(s1, None)
+    n_rows = opts["max_steps"] if bk.is_traced(s1["k"]) else int(s1["k"])
 
-    def step(s_k: tuple, state: tuple, a: tuple) -> tuple:
-        t, dt, k = s_k
-        y, ys = state
-        y_next = one_step(t, dt, y, a)
-        hit = xp.reshape(out_step == k, (*out_step.shape, 1))
-        return (y_next, xp.where(hit, y_next[..., None, :], ys))
+    i32, dtype = xp.int32, y0.dtype
+    # a fixed-step method keeps its step size and error memory: constants, not state
+    varying = ("t", "dt", "y", "ys", "prev", "k1") if loop.adaptive else ("t", "y", "ys", "k1")
+    keys = [k for k in varying if k in loop.state]
+    fixed = {k: first[k] for k in ("dt", "prev") if k not in keys}
+    zero_i = xp.zeros_like(loop.state["acc"])  # made here, outside every loop's trace
+    no = zero_i > 0
+    k0 = loop.state["k"]
 
-    rows = (sched.t, sched.dt, xp.arange(n_rows, dtype=i32, device=dev))
-    return _Replay(res, step, (y0, ys0), rows, n_rows, (out_step >= 0) | (at_t == 0),
-                   sched.iterations)
+    def encode(s: dict) -> tuple:  # `acc`: the attempts (a lean iteration counts them there)
+        return (*(s[k] for k in keys), xp.astype(s["idx"], dtype),
+                xp.astype(s["active"], dtype), xp.astype(s["acc"] + s["rej"], dtype))
+
+    def decode(x: tuple) -> dict:
+        s = dict(zip(keys, x[:len(keys)]), **fixed)
+        for k in ("t", "dt", "prev"):  # the controller's: constants of the derivative, as in
+            s[k] = bk.stop_gradient(s[k])  # "direct" (no cotangent computed through them)
+        idx, active, tries = x[len(keys):]
+        # the counts and status only report; `acc + rej` (the attempts) bounds the loop
+        s.update(k=k0, idx=xp.astype(idx, i32), active=active > 0.5,
+                 acc=xp.astype(tries, i32), rej=zero_i, nfe=zero_i, status=zero_i, bad=no)
+        return s
+
+    def step(k: Any, state: tuple, a: tuple) -> tuple:
+        return encode(loop.body(decode(state), _caller(f, tuple(a), loop.batched), True)[0])
+
+    def outputs(state: tuple) -> tuple:
+        s = decode(state)
+        return s["ys"], s["idx"]
+
+    return _Replay(res, step, encode(loop.state), n_rows, s1["k"], outputs, s1["idx"])
+
+
+def _replayed(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args: tuple,
+              opts: dict, name: str) -> tuple[Any, Integration]:
+    """`grad="checkpoint"`'s outputs (batch first, before the failure policy) and the first
+    pass's `Integration`: the forward pass once without a tape, then its loop iterations
+    replayed by `checkpointed` (binomial checkpointing of the solver's state), whose gradient
+    is exactly that of `"direct"`. A sample whose replay did not reach the outputs the first
+    pass reached (a vector field that is not a pure function of its inputs, or two compiled
+    passes that rounded differently) gets status `REPLAY_MISMATCH`: a failure for the policy,
+    never a silently different trajectory."""
+    from ._checkpoint import checkpointed
+
+    rp = _replay(bk, xp, f, y0, ts, args, opts)
+    if rp is None:
+        res = integrate(f, y0, ts, args, **opts)
+        return res.ys, res
+    final = checkpointed(rp.step, rp.state0, rp.n_rows, tuple(args), n_steps=rp.iterations,
+                         name=name) if rp.n_rows else rp.state0
+    ys, index = rp.outputs(final)
+    same = index == rp.index
+    stats = rp.res.stats._replace(status=xp.where(same[..., 0], rp.res.stats.status,
+                                                  xp.full_like(rp.res.stats.status,
+                                                               REPLAY_MISMATCH)))
+    return ys, rp.res._replace(stats=stats)
 
 
 def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: Any,
                        rtol: float, atol: float, dt0: float | None, max_steps: int,
                        on_failure: str, full_output: bool) -> Any:
-    """`grad="checkpoint"`: the forward pass once without a tape (recording its step schedule),
-    then the same steps replayed by `checkpointed` (binomial checkpointing), whose gradient is
-    exactly that of `"direct"`."""
-    from ._checkpoint import checkpointed
-
+    """`grad="checkpoint"` (see `_replayed`), after the failure policy, time first."""
     bk = get_backend(y0, ts, args)
     xp, y0, ts = _prepare(bk, y0, ts, args)
-    rp = _replay(bk, xp, f, y0, ts, args, dict(method=method, rtol=rtol, atol=atol, dt0=dt0,
-                                                max_steps=max_steps))
-    if rp.n_rows:
-        # `n_steps`: under JAX the schedule has `max_steps` rows, those after the loop stopped
-        # are never replayed
-        _, ys = checkpointed(rp.step, rp.state0, rp.schedule, tuple(args),
-                             n_steps=rp.iterations, name="odeint(grad='checkpoint')")
-    else:
-        ys = rp.state0[1]
-    ys = xp.where(rp.reached[..., None], ys, xp.full_like(ys, float("nan")))
-    ys = _finish(bk, ys, rp.res, on_failure, max_steps)
-    return ODESolution(ys, rp.res.stats) if full_output else ys
+    ys, res = _replayed(bk, xp, f, y0, ts, args, dict(method=method, rtol=rtol, atol=atol,
+                                                      dt0=dt0, max_steps=max_steps),
+                        "odeint(grad='checkpoint')")
+    ys = _finish(bk, ys, res, on_failure, max_steps)
+    return ODESolution(ys, res.stats) if full_output else ys
 
 
 def checkpoint_vjp(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, ybar: Any,
@@ -545,21 +628,19 @@ def checkpoint_vjp(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, ybar: A
     """The `grad="checkpoint"` gradient as an explicit pullback, for eager use (the backsolve
     adjoint's fallback): `(y0_bar, args_bar)` for the cotangent `ybar` of the time-first
     outputs. `args_bar` is a tuple like `args` (None where no gradient)."""
-    from ._checkpoint import checkpointed_vjp
-
     bk = get_backend(y0, ts, args)
     xp, y0, ts = _prepare(bk, y0, ts, args)
-    rp = _replay(bk, xp, f, y0, ts, args, opts)
     nb = ybar.ndim - 2
     ybar_b = xp.permute_dims(ybar, (*range(1, nb + 1), 0, nb + 1))  # batch first
-    ybar_b = xp.where(rp.reached[..., None], ybar_b, xp.zeros_like(ybar_b))
-    if not rp.n_rows:
-        return ybar_b[..., 0, :], tuple(None for _ in args)
-    _, vjp_fn = checkpointed_vjp(rp.step, rp.state0, rp.schedule, tuple(args),
-                                 n_steps=rp.iterations,
-                                 name="odeint(grad='backsolve') fallback")
-    (y_bar, ys_bar), args_bar = vjp_fn((xp.zeros_like(y0), ybar_b))
-    return y_bar + ys_bar[..., 0, :], args_bar
+
+    def outputs(y0_: Any, *a: Any) -> Any:
+        ys, _ = _replayed(bk, xp, f, y0_, ts, a, opts, "odeint(grad='backsolve') fallback")
+        return ys
+
+    ys, vjp_fn = bk.vjp(outputs, (y0, *args), None)
+    # the outputs not reached are NaN and have no gradient
+    bars = vjp_fn(xp.where(xp.isnan(ys), xp.zeros_like(ybar_b), ybar_b))
+    return bars[0], tuple(bars[1:])
 
 
 def _finish(bk: Backend, ys: Any, res: Integration, on_failure: str, max_steps: int) -> Any:
@@ -600,6 +681,12 @@ def _make_error(max_steps: int) -> Callable[..., ODEFailureError]:
                 "f returned NaN or inf (or the state overflowed) at every step size tried",
                 "Check f at this time and state (NaN inputs or parameters, log or sqrt of a "
                 "negative number, overflow), or stop before this time."),
+            REPLAY_MISMATCH: (
+                "grad='checkpoint' replayed the forward pass and did not retrace it (f is not "
+                "a pure function of (t, y, *args), or two compiled passes rounded differently "
+                "and the step-size controller decided otherwise)",
+                "Make f deterministic (no state kept between calls, no randomness), or use "
+                "grad='direct' or grad='backsolve'."),
         }.get(code, ("it failed", ""))
         return ODEFailureError(
             f"odeint: {who} stopped at t = {t:.6g} of [{t_start:.6g}, {t_end:.6g}]: {reason} "
