@@ -133,6 +133,12 @@ def test_forward_mode_is_refused():
         torch.func.jvp(lambda k: ode.odeint(lambda t, y, k: -k * y, y0, ts, k,
                                             grad="backsolve"), (k,), (torch.ones_like(k),))
     assert issubclass(BacksolveUnsupportedError, idf.ImplicitDiffError)
+    # one refusal for every gradient mode that has no forward mode
+    assert issubclass(BacksolveUnsupportedError, ode.DerivativeNotSupportedError)
+    for grad in ("backsolve", "checkpoint"):
+        with pytest.raises(ode.DerivativeNotSupportedError, match="grad='direct'|direct"):
+            torch.func.jvp(lambda k, g=grad: ode.odeint(lambda t, y, k: -k * y, y0, ts, k,
+                                                        grad=g), (k,), (torch.ones_like(k),))
 
 
 def _decay_oracle(k, y0, ts, c):

@@ -28,6 +28,7 @@ from typing import Any
 from .._backend import Backend, get_backend
 from .._config import resolve_on_failure
 from .._errors import ImplicitDiffError, StructureError
+from ._checkpoint import DerivativeNotSupportedError
 from ._solver import (
     SUCCESS,
     ODEFailureError,
@@ -40,9 +41,11 @@ from ._solver import (
 )
 
 
-class BacksolveUnsupportedError(ImplicitDiffError, NotImplementedError):
+class BacksolveUnsupportedError(DerivativeNotSupportedError):
     """A derivative `grad="backsolve"` does not give (forward mode, second order): the
-    adjoint is a reverse-mode rule. Use `grad="direct"` for those."""
+    adjoint is a reverse-mode rule. Use `grad="direct"` for those. A
+    `DerivativeNotSupportedError`, like the same refusal of `grad="checkpoint"`: one
+    `except` catches both."""
 
 
 def _unsupported(kind: str) -> ImplicitDiffError:
