@@ -6,7 +6,10 @@ installed framework (`_demo.py`); `_main.py` holds the argument parser and `main
 what both need of the frameworks. Frameworks are imported only when a subcommand needs them.
 """
 
+from ._check import CheckReport as CheckReport
+from ._check import Constant as Constant
 from ._check import Row as Row
+from ._check import check as check
 from ._check import check_problem as check_problem
 from ._check import load_problem as load_problem
 from ._check import run_check as run_check

@@ -26,8 +26,17 @@ Problems. Each PROBLEM is either the name of a gallery problem (see --list) or M
 
   Arguments may be pytrees (tuples, lists, dicts). Floating arrays and Python floats are
   converted to float64 in each framework (floats become 0-d arrays) and perturbed; integer,
-  boolean and other leaves are passed through unchanged and get no derivative. The solver must
-  run on each backend checked (restrict them with --backends numpy).
+  boolean and other leaves are passed through unchanged and get no derivative. Data that must
+  stay fixed (a graph, the data a CVXPY problem was built with) is wrapped in
+  implicitdiff.cli.Constant(...) or left out of --argnums. The solver must run on each backend
+  checked (restrict them with --backends numpy). Host solvers (implicitdiff.scipy.wrap_solver,
+  SciPy drop-ins via implicitdiff.scipy.implicit_function) need no result_shape: each backend's
+  solver is called once with the example arguments first.
+
+Rows. Each row compares one backend's jvp or vjp with finite differences (err vs FD) and with
+  the NumPy reference (err vs ref; "ref bad" where the reference itself fails against finite
+  differences or raised, and is then not counted). The status says what a row fails against:
+  "FAIL vs FD", "FAIL vs ref", "FAIL vs FD+ref"; ERROR: the computation raised.
 
 Example module:
 
@@ -90,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--ref-rtol", type=_positive_float, default=1e-8,
                        help="tolerance of the relative error vs the NumPy reference "
                             "(default 1e-8)")
+    check.add_argument("--step", type=_positive_float, default=1e-3,
+                       help="finite-difference step along the random direction, relative to "
+                            "each argument's size (default 1e-3)")
+    check.add_argument("--argnums", metavar="LIST",
+                       help="comma-separated positions of the solver's positional arguments to "
+                            "perturb, e.g. 0,2 (default: every floating argument; the others are "
+                            "held fixed, as are arguments wrapped in "
+                            "implicitdiff.cli.Constant)")
     check.add_argument("--seed", type=int, default=0,
                        help="seed of the random directions (default 0)")
     check.add_argument("--list", action="store_true", help="list the gallery problems and exit")
