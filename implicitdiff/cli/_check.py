@@ -151,7 +151,11 @@ def _x_only(fn: ImplicitFunction) -> ImplicitFunction:
     new.solver, new.has_aux = solver, False
     spec: Any = fn.result_shape
     if callable(spec):
-        new.result_shape = lambda *a: spec(*a)[0]
+        def x_shape(*a: Any) -> Any:
+            out: Any = spec(*a)
+            return out[0]
+
+        new.result_shape = x_shape
     elif isinstance(spec, (tuple, list)) and len(spec) == 2:
         new.result_shape = spec[0]
     return new
