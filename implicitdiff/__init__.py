@@ -49,6 +49,52 @@ from ._transforms import vjp as vjp
 
 __version__ = "0.1.0"
 
+# The public names of the package (not the lazy submodules `conditions`, `solvers`, `deq`,
+# `backend`, `qp`, `cvxpy`, `ode`: `from implicitdiff import *` must not import CVXPY).
+__all__ = [
+    "CG",
+    "GMRES",
+    "MINRES",
+    "AbstractLinearSolver",
+    "Auto",
+    "Backend",
+    "BackendNotFoundError",
+    "BackwardRecord",
+    "BiCGStab",
+    "Cholesky",
+    "Dense",
+    "DerivativeAccuracyWarning",
+    "Derivatives",
+    "Diagnostics",
+    "ForwardRecord",
+    "ImplicitDiffError",
+    "ImplicitFunction",
+    "LinearSolveError",
+    "LinearSolveInfo",
+    "Linearization",
+    "NeumannSolve",
+    "NonConvergenceError",
+    "NormalCG",
+    "Richardson",
+    "SingularJacobianError",
+    "StructureError",
+    "Tag",
+    "config",
+    "custom_fixed_point",
+    "custom_root",
+    "diagnostics",
+    "get_backend",
+    "implicit_jvp",
+    "implicit_vjp",
+    "jacobian",
+    "jvp",
+    "list_backends",
+    "positive_definite",
+    "register_backend",
+    "symmetric",
+    "vjp",
+]
+
 
 def __getattr__(name: str):
     # `idf.conditions`, `idf.solvers`, `idf.deq`, `idf.backend`, `idf.qp`, `idf.cvxpy`,

@@ -16,3 +16,9 @@ from ._backend import backend as backend
 
 DerivativeAccuracyWarning = _ReferenceLinearization.accuracy_warning
 """The warning of a derivative that central differences served (a `UserWarning`)."""
+
+__all__ = [
+    "ArrayApiStrictBackend",
+    "DerivativeAccuracyWarning",
+    "backend",
+]

@@ -12,6 +12,17 @@ from ._deq import DEQStats as DEQStats
 from ._deq import NeumannSolve as NeumannSolve
 from ._deq import deq as deq
 
+# `DEQ` is public too but needs equinox (optional): left out so that `import *` never needs it.
+__all__ = [
+    "DEQStats",
+    "JaxBackend",
+    "JaxLinearization",
+    "NeumannSolve",
+    "backend",
+    "catching",
+    "deq",
+]
+
 if TYPE_CHECKING:  # `DEQ` needs equinox, an optional dependency: imported on first use
     from ._deq_module import DEQ as DEQ
 

@@ -14,3 +14,10 @@ from ._backend import backend as backend
 
 DerivativeAccuracyWarning = NumpyLinearization.accuracy_warning
 """The warning of a derivative that central differences served (a `UserWarning`)."""
+
+__all__ = [
+    "DerivativeAccuracyWarning",
+    "NumpyBackend",
+    "NumpyLinearization",
+    "backend",
+]

@@ -23,3 +23,23 @@ from ._demo import make_hypergradient as make_hypergradient
 from ._demo import ridge_fit as ridge_fit
 from ._main import build_parser as build_parser
 from ._main import main as main
+
+__all__ = [
+    "FRAMEWORKS",
+    "CheckReport",
+    "Constant",
+    "DemoRun",
+    "Row",
+    "backend_status",
+    "build_parser",
+    "check",
+    "check_problem",
+    "installed_backends",
+    "load_data",
+    "load_problem",
+    "main",
+    "make_hypergradient",
+    "ridge_fit",
+    "run_check",
+    "to_numpy",
+]
