@@ -18,7 +18,9 @@ import numpy as np
 from .. import _gallery
 from .._backend import _BUILTINS, Backend, _table, backend_named, find_backend, get_backend
 
-FRAMEWORKS = tuple(_BUILTINS)  # the built-in backends (NumPy first), run by default when installed
+FRAMEWORKS = tuple(_BUILTINS)
+"""The names of the built-in backends, NumPy first: the frameworks the command runs by default
+where installed (`installed_backends`)."""
 
 
 def backend_status(name: str) -> str | None:
