@@ -14,11 +14,17 @@ final values in the legend.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+# One XLA thread, as PyTorch gets one below: these problems are too small to gain from more,
+# and on a shared CPU spinning threads only slow everyone down (a build may set its own flags).
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1")
 
 EPOCHS, HIDDEN = 6, 64
 

@@ -11,10 +11,16 @@ residual of 1e-10 in each framework; the figure plots the `trace` (the residual
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+# One XLA thread, as PyTorch gets one below: these problems are too small to gain from more,
+# and on a shared CPU spinning threads only slow everyone down (a build may set its own flags).
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1")
 
 HIDDEN, D_IN, BATCH = 64, 16, 32
 OPTIONS = {"tol": 1e-10, "maxiter": 300}
@@ -60,6 +66,7 @@ def traces_torch(W, U, b, x) -> dict[str, np.ndarray]:
 
     from implicitdiff import solvers
 
+    torch.set_num_threads(1)
     W, U, b, x = (torch.tensor(a) for a in (W, U, b, x))
 
     def f(z, x):
