@@ -156,7 +156,13 @@ def test_check_bad_arguments(user_module, capsys):
     assert _cli.main([]) == 2
     with pytest.raises(SystemExit):
         _cli.main(["check", "--rtol", "-1"])
+    with pytest.raises(SystemExit):
+        _cli.main(["check", "--step", "0"])
     capsys.readouterr()
+    assert _cli.main(["check", "ridge", "--argnums", "0,x"]) == 2
+    assert _cli.main(["check", "ridge", "--argnums", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--argnums" in err and "argnums: expected positions" in err
 
 
 def test_check_list_and_help(capsys):
