@@ -256,7 +256,8 @@ class Backend(abc.ABC):
 
     def custom_vjp(self, fwd: Callable[..., tuple[Any, Any]],
                    bwd: Callable[[tuple, Any, Any], tuple], primals: tuple, *,
-                   unsupported: Callable[[str], ImplicitDiffError]) -> Any:
+                   unsupported: Callable[[str], ImplicitDiffError],
+                   jvp: Callable[[tuple, tuple], Any] | None = None) -> Any:
         """Call a function whose reverse-mode derivative is written by hand, registered where
         this framework's autodiff finds it (`torch.autograd.Function`, `jax.custom_vjp`): how
         the core's layers that are not implicit (`idf.ode.checkpointed`) register their rule.
@@ -276,6 +277,11 @@ class Backend(abc.ABC):
         - `unsupported`: (keyword) `unsupported(kind)` is the error to raise when a
           derivative the rule does not give is asked for (`kind` "forward" for forward mode,
           "second" for a derivative of `bwd`), where the framework lets the backend tell.
+        - `jvp`: (keyword) the forward mode, where the framework lets a reverse-mode rule have
+          one (PyTorch's `autograd.Function.jvp`; not JAX, whose `custom_vjp` has none):
+          `jvp(primals, tangents) -> out_tangent`, the tangents shaped like the primals
+          (zeros where none was given), the result a pytree like `out`. None: forward mode
+          raises `unsupported("forward")`.
 
         **Returns:** `out`. This default (no autodiff, the NumPy reference) calls `fwd` and
         drops the residuals."""

@@ -125,20 +125,36 @@ def test_seminorm_saves_backward_evaluations():
         assert float((a - b).norm() / b.norm()) < 1e-4
 
 
-def test_forward_mode_is_refused():
-    k = torch.tensor([[0.7]], dtype=torch.float64)
-    y0 = torch.ones(1, 1, dtype=torch.float64)
-    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    with pytest.raises(BacksolveUnsupportedError, match="grad='direct'"):
-        torch.func.jvp(lambda k: ode.odeint(lambda t, y, k: -k * y, y0, ts, k,
-                                            grad="backsolve"), (k,), (torch.ones_like(k),))
-    assert issubclass(BacksolveUnsupportedError, idf.ImplicitDiffError)
-    # one refusal for every gradient mode that has no forward mode
-    assert issubclass(BacksolveUnsupportedError, ode.DerivativeNotSupportedError)
+def test_forward_mode_is_forward_sensitivities():
+    # forward mode of grad='backsolve' (and 'checkpoint'): the forward solve's own forward-mode
+    # derivative, equal to grad='direct''s; refused, naming the fix, where it cannot be given
+    import torch.autograd.forward_ad as fwAD
+
+    k = torch.tensor([[0.7], [1.3]], dtype=torch.float64)
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    v = torch.tensor([[1.0], [-2.0]], dtype=torch.float64)
+
+    def solve(k, grad):
+        return ode.odeint(lambda t, y, k: -k * y, y0, ts, k, grad=grad, rtol=1e-9, atol=1e-9)
+
+    _, want = torch.func.jvp(lambda k: solve(k, "direct"), (k,), (v,))
+    exact = -ts[:, None, None] * torch.exp(-k * ts[:, None, None]) * v  # d/dk e^{-kt} v
+    assert float((want - exact).abs().max()) < 1e-7
     for grad in ("backsolve", "checkpoint"):
-        with pytest.raises(ode.DerivativeNotSupportedError, match="grad='direct'|direct"):
-            torch.func.jvp(lambda k, g=grad: ode.odeint(lambda t, y, k: -k * y, y0, ts, k,
-                                                        grad=g), (k,), (torch.ones_like(k),))
+        _, jv = torch.func.jvp(lambda k, g=grad: solve(k, g), (k,), (v,))
+        torch.testing.assert_close(jv, want, rtol=1e-13, atol=1e-15)
+        with fwAD.dual_level(), pytest.raises(ode.DerivativeNotSupportedError,
+                                              match=r"torch\.func\.jvp"):
+            solve(fwAD.make_dual(k, v), grad)
+    assert issubclass(BacksolveUnsupportedError, idf.ImplicitDiffError)
+    # one refusal for every gradient mode
+    assert issubclass(BacksolveUnsupportedError, ode.DerivativeNotSupportedError)
+    # second order through the adjoint: refused
+    kk = k.clone().requires_grad_()
+    (g,) = torch.autograd.grad(solve(kk, "backsolve").sum(), kk, create_graph=True)
+    with pytest.raises(BacksolveUnsupportedError, match="second-order"):
+        g.sum().backward()
 
 
 def _decay_oracle(k, y0, ts, c):
@@ -166,6 +182,10 @@ def test_wrap_solver_scipy_on_the_host():
     rk, ry0 = _decay_oracle(k.detach().numpy(), y0.detach().numpy(), ts.numpy(), c.numpy())
     np.testing.assert_allclose(gk.numpy(), rk, rtol=1e-8)
     np.testing.assert_allclose(gy0.numpy(), ry0, rtol=1e-8)
+    # forward mode cannot pass through NumPy calls: refused, naming the fix
+    with pytest.raises(BacksolveUnsupportedError, match="host=False"):
+        torch.func.jvp(lambda kk: solver(lambda t, y, k: -k * y, y0.detach(), ts, kk),
+                       (k.detach(),), (torch.ones_like(k),))
 
 
 def test_wrap_solver_framework_solver_and_its_drift_check():
@@ -194,6 +214,11 @@ def test_wrap_solver_framework_solver_and_its_drift_check():
     rk, ry0 = _decay_oracle(k.detach().numpy(), y0.detach().numpy(), ts.numpy(), c.numpy())
     np.testing.assert_allclose(gk.numpy(), rk, rtol=1e-7)
     np.testing.assert_allclose(gy0.numpy(), ry0, rtol=1e-7)
+    # forward mode: the wrapped solver's own forward-mode derivative, against the closed form
+    _, jv = torch.func.jvp(lambda kk: solver(lambda t, y, k: -k * y, y0.detach(), ts, kk),
+                           (k.detach(),), (torch.ones_like(k),))
+    exact = -ts[-1] * torch.exp(-k.detach() * ts[-1]) * y0.detach()
+    torch.testing.assert_close(jv[-1], exact, rtol=1e-7, atol=1e-10)
     # the same solver on a reverse-time-unstable problem: refused, as with the built-in one
     stiff = torch.tensor([[40.0]], dtype=torch.float64, requires_grad=True)
     ys = solver(lambda t, y, k: -k * y, torch.ones(1, 1, dtype=torch.float64), ts, stiff,

@@ -234,7 +234,7 @@ def test_torch_func_grad_and_the_explicit_vjp():
         assert _rel(g_, w_) <= 1e-12
 
 
-def test_torch_second_order_and_forward_mode_raise():
+def test_torch_second_order_raises_forward_mode_is_given():
     y0, p, _ = _torch_problem(5)
     yN = C.checkpointed(_torch_euler, y0, 10, (p,))
     (ga,) = torch.autograd.grad(yN.sum(), p["a"], create_graph=True)  # first order: fine
@@ -249,8 +249,18 @@ def test_torch_second_order_and_forward_mode_raise():
     a0 = p["a"].detach()
     with pytest.raises(C.DerivativeNotSupportedError, match="second-order"):
         torch.func.grad(torch.func.grad(loss))(a0)
-    with pytest.raises(C.DerivativeNotSupportedError, match="forward-mode"):
-        torch.func.jvp(loss, (a0,), (torch.ones_like(a0),))
+    # forward mode (torch.func.jvp) is given: the steps' own forward mode, against
+    # backpropagation through the unrolled steps (the dot-product test, one direction)
+    _, jv = torch.func.jvp(loss, (a0,), (torch.ones_like(a0),))
+    a1 = a0.clone().requires_grad_()
+    (g_unrolled,) = torch.autograd.grad(
+        _torch_unrolled(_torch_euler, y0.detach(), 10, ({"a": a1, "w": p["w"]},), 10).sum(), a1)
+    assert _rel(jv.detach(), g_unrolled) <= 1e-12
+    # dual tensors of torch.autograd.forward_ad: refused, naming torch.func.jvp
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(C.DerivativeNotSupportedError, match=r"torch\.func\.jvp"):
+        loss(fwAD.make_dual(a0, torch.ones_like(a0)))
 
 
 def test_bad_input_raises():

@@ -473,11 +473,12 @@ class JaxBackend(Backend):
         jac = jax.jacfwd if in_size <= out_size else jax.jacrev
         return jac(f, argnums=argnums)(*primals)
 
-    def custom_vjp(self, fwd, bwd, primals, *, unsupported):
+    def custom_vjp(self, fwd, bwd, primals, *, unsupported, jvp=None):
         # jax.custom_vjp over the dynamic leaves (arrays, Python floats); ints and other static
         # leaves are closed over. The primals travel to bwd as residuals. Forward mode through a
         # custom_vjp is JAX's own TypeError ("can't apply forward-mode autodiff (jvp) to a
-        # custom_vjp function"); second order differentiates bwd itself (JAX traces it).
+        # custom_vjp function"), `jvp` cannot be registered beside it; second order
+        # differentiates bwd itself (JAX traces it).
         dyn, rebuild = _split_static(tuple(primals))
         dyn = [jnp.asarray(d) if isinstance(d, (np.ndarray, np.generic)) else d for d in dyn]
 

@@ -305,10 +305,10 @@ class TorchBackend(Backend):
         g = (lambda *p: f(*p)[0]) if has_aux else f
         return torch.func.jacrev(g, argnums=argnums % len(primals))(*primals)
 
-    def custom_vjp(self, fwd, bwd, primals, *, unsupported):
+    def custom_vjp(self, fwd, bwd, primals, *, unsupported, jvp=None):
         leaves, treedef = core.tree_flatten(tuple(primals))
         idx = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        spec = _VjpSpec(fwd, bwd, leaves, treedef, idx, unsupported)
+        spec = _VjpSpec(fwd, bwd, leaves, treedef, idx, unsupported, jvp)
         outs = _CustomVjp.apply(spec, *[leaves[i] for i in idx])
         return core.tree_unflatten(spec.out_def, list(outs[:spec.n_out]))
 
@@ -405,18 +405,32 @@ def _as_tangent(t: Any, p: torch.Tensor) -> torch.Tensor:
     return torch.full_like(p, float(t))
 
 
+def _in_forward_ad() -> bool:
+    """Inside a `torch.autograd.forward_ad.dual_level` and no `torch.func` transform. An
+    `autograd.Function`'s forward-mode rule called there for dual tensors cannot run forward
+    mode itself (it does not nest: `torch.func.jvp` refuses, and dual tensors made inside the
+    rule silently carry no tangent), so a rule that needs it refuses."""
+    import torch.autograd.forward_ad as fwAD
+    from torch._C import _functorch as _ft  # pyright: ignore
+
+    return (getattr(fwAD, "_current_level", -1) >= 0
+            and _ft.get_dynamic_layer_stack_depth() == 0)
+
+
 class _VjpSpec:
     """One `TorchBackend.custom_vjp` call: the core's `fwd`/`bwd`, where the tensors sit among
     the primals' leaves, and the structures of the output and residuals (set by `forward`)."""
 
     def __init__(self, fwd: Callable[..., Any], bwd: Callable[..., Any], leaves: list,
-                 treedef: Any, idx: list[int], unsupported: Callable[[str], Exception]):
+                 treedef: Any, idx: list[int], unsupported: Callable[[str], Exception],
+                 jvp: Callable[[tuple, tuple], Any] | None = None):
         self.fwd, self.bwd, self.leaves, self.treedef = fwd, bwd, leaves, treedef
-        self.idx, self.unsupported = idx, unsupported
+        self.idx, self.unsupported, self.jvp = idx, unsupported, jvp
         self.out_def: Any = None
         self.res_def: Any = None
         self.n_out = 0
         self.out_meta: list[tuple] = []
+        self.res_meta: list[tuple] = []
 
     def primals(self, tensors: Sequence[torch.Tensor]) -> tuple:
         full = list(self.leaves)
@@ -458,6 +472,7 @@ class _CustomVjp(torch.autograd.Function):
         res_leaves, spec.res_def = core.tree_flatten(res)
         spec.n_out = len(out_leaves)
         spec.out_meta = [(t.shape, t.dtype, t.device) for t in out_leaves]
+        spec.res_meta = [(t.shape, t.dtype, t.device) for t in res_leaves]
         return (*out_leaves, *res_leaves)
 
     @staticmethod
@@ -465,6 +480,8 @@ class _CustomVjp(torch.autograd.Function):
         spec = inputs[0]
         ctx.spec = spec
         ctx.save_for_backward(*inputs[1:])
+        if spec.jvp is not None:
+            ctx.save_for_forward(*inputs[1:])
         res = output[spec.n_out:]
         if res:
             ctx.mark_non_differentiable(*res)
@@ -487,7 +504,18 @@ class _CustomVjp(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise ctx.spec.unsupported("forward")
+        spec: _VjpSpec = ctx.spec
+        if spec.jvp is None:
+            raise spec.unsupported("forward")
+        if _in_forward_ad():
+            raise spec.unsupported("forward_ad")
+        saved = ctx.saved_tensors
+        dots = [torch.zeros_like(p) if t is None else t for p, t in zip(saved, tangents[1:])]
+        out_dot = core.tree_flatten(spec.jvp(spec.primals(saved), spec.primals(dots)))[0]
+        # integer outputs (counts) and the residuals: not differentiable
+        out_dot = [t if d.is_floating_point else None
+                   for t, (_, d, _) in zip(out_dot, spec.out_meta)]
+        return (*out_dot, *[None] * len(spec.res_meta))
 
 
 class _NoSecondOrder(torch.autograd.Function):

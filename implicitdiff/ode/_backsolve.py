@@ -42,18 +42,29 @@ from ._solver import (
 
 
 class BacksolveUnsupportedError(DerivativeNotSupportedError):
-    """A derivative `grad="backsolve"` does not give (forward mode, second order): the
-    adjoint is a reverse-mode rule. Use `grad="direct"` for those. A
+    """A derivative `grad="backsolve"` does not give: second order (the adjoint is a
+    reverse-mode rule), forward mode through a host solver or through PyTorch's
+    `forward_ad` dual tensors (`torch.func.jvp` gives it). Use `grad="direct"` there. A
     `DerivativeNotSupportedError`, like the same refusal of `grad="checkpoint"`: one
     `except` catches both."""
 
 
 def _unsupported(kind: str) -> ImplicitDiffError:
-    what = "forward-mode" if kind == "forward" else "second-order"
+    if kind == "forward_ad":
+        return BacksolveUnsupportedError(
+            "odeint(grad='backsolve'): forward mode through torch.autograd.forward_ad dual "
+            "tensors is not given (its rule runs forward mode through the forward solve "
+            "itself, which does not nest inside a dual level). Use torch.func.jvp (or "
+            "torch.func.jacfwd), which gives it, or grad='direct'.")
+    if kind == "forward":
+        return BacksolveUnsupportedError(
+            "odeint(grad='backsolve'): a forward-mode derivative was asked for through a host "
+            "solver (wrap_solver(..., host=True)), whose NumPy calls carry no tangents. Wrap "
+            "a framework solver (host=False), or use grad='direct'.")
     return BacksolveUnsupportedError(
-        f"odeint(grad='backsolve'): a {what} derivative was asked for, but the continuous "
-        "adjoint is a reverse-mode rule (its backward pass is a solve, not differentiable "
-        "again here). Use grad='direct' for forward mode and higher derivatives.")
+        "odeint(grad='backsolve'): a second-order derivative was asked for, but the "
+        "continuous adjoint is a reverse-mode rule (its backward pass is a solve, not "
+        "differentiable again here). Use grad='direct' for higher derivatives.")
 
 
 @dataclass
@@ -235,8 +246,21 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
                                  for g_, t in zip(gfull, theta)))
         return (a0bar, tuple(gbar))
 
+    def jvp(primals: tuple, tangents: tuple) -> Any:
+        # forward mode: forward sensitivities, the forward-mode derivative of the forward
+        # solve itself (no adjoint, nothing stored)
+        def run(y0_: Any, theta: tuple) -> Any:
+            ys_t, st = integ.forward(bk, xp, f, y0_, ts, rebuild(theta), on_failure)
+            return ys_t if st is None else (ys_t, st)  # an external solver has no stats
+
+        dot = bk.jvp(run, (primals[0], tuple(primals[1])),
+                     (tangents[0], tuple(tangents[1])))[1]
+        return dot if isinstance(dot, tuple) else (dot, None)
+
     theta0 = tuple(leaves[i] for i in diff)
-    ys, st = bk.custom_vjp(fwd, bwd, (y0, theta0), unsupported=_unsupported)
+    host = isinstance(integ, _External) and integ.host
+    ys, st = bk.custom_vjp(fwd, bwd, (y0, theta0), unsupported=_unsupported,
+                           jvp=None if host else jvp)
     if not full_output or st is None:
         return ys
     return ODESolution(ys, ODEStats(*st))

@@ -52,6 +52,12 @@ def _unsupported(name: str) -> Callable[[str], ImplicitDiffError]:
     """The error a backend raises when asked for a derivative `checkpointed` does not give."""
 
     def make(kind: str) -> ImplicitDiffError:
+        if kind == "forward_ad":
+            return DerivativeNotSupportedError(
+                f"{name}: forward mode through torch.autograd.forward_ad dual tensors is not "
+                "given: the forward-mode rule runs forward mode through the steps itself, "
+                "which does not nest inside a dual level. Use torch.func.jvp (or "
+                "torch.func.jacfwd), which gives it, or odeint's grad='direct'.")
         if kind == "forward":
             what, why = ("forward-mode derivative (jvp)",
                          "its derivative is a hand-written reverse-mode rule (custom vjp)")
@@ -396,6 +402,13 @@ class _Sweep:
                                  (p, end, tuple(y), tuple(buf), e, e_end))
         return tuple(out[2]), list(out[3])
 
+    def run(self, y: tuple) -> tuple:
+        """$y_N$ from $y_0$ by the steps alone, storing nothing (the forward mode's pass; the
+        number of steps a Python int)."""
+        for k in range(int(self.n_eff)):
+            y = self.phi(k, y, self.theta)
+        return tuple(y)
+
     def forward(self, y0: tuple) -> tuple[tuple, list[Any]]:
         """$y_N$, and the buffer with $y_0$ and the states at `spine(N, c)`."""
         plan = self.plan
@@ -575,8 +588,9 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     Registered with the framework of the arrays (`Backend.custom_vjp`): PyTorch autograd
     (`backward`, `torch.autograd.grad`, `retain_graph`; `torch.func.grad`/`vjp` too) and
     `jax.grad`/`jax.vjp` (`jit` and `vmap` as well: the forward and backward passes are one
-    loop each, traced once whatever $N$). Forward mode and second order raise
-    `DerivativeNotSupportedError` under PyTorch. Under JAX, `jax.hessian` (forward over
+    loop each, traced once whatever $N$). Forward mode under PyTorch (`torch.func.jvp`) runs
+    the steps' own forward mode (no checkpoints needed); second order and
+    `torch.autograd.forward_ad` dual tensors raise `DerivativeNotSupportedError`. Under JAX, `jax.hessian` (forward over
     reverse) is exact (JAX differentiates both loops in forward mode), `jax.jvp` raises JAX's
     own `TypeError` (forward mode through a `custom_vjp`) and reverse over reverse JAX's
     `ValueError` (reverse mode through `lax.while_loop`). On NumPy arrays it only computes
@@ -631,8 +645,19 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
             tuple(y0_), saved, tuple(ybar))
         return (tuple(y0bar), tuple(tbar), None, None)
 
+    def jvp(primals: tuple, tangents: tuple) -> tuple:
+        # forward mode needs no checkpoints: the steps' own forward-mode derivative, one step
+        # at a time (memory that of one step, whatever N)
+        y0_, theta_, sched_, n_ = primals
+
+        def steps(y: tuple, th: tuple) -> tuple:
+            return prob.sweep(th, as_sched(sched_), *n_).run(tuple(y))
+
+        return bk.jvp(steps, (tuple(y0_), tuple(theta_)),
+                      (tuple(tangents[0]), tuple(tangents[1])))[1]
+
     yN = bk.custom_vjp(fwd, bwd, (prob.y0, tuple(theta), tuple(sched_leaves), traced),
-                       unsupported=_unsupported(name))
+                       unsupported=_unsupported(name), jvp=jvp)
     return bk.tree_unflatten(prob.y_def, list(yN))
 
 

@@ -736,13 +736,16 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
       the accepted steps; the step-size controller is a constant, so this is the exact
       derivative of the discrete solution). `"backsolve"`: the continuous adjoint (Chen et
       al. 2018), integrated backwards in time by the same method and tolerances with seminorm
-      error control, memory independent of the number of steps; reverse mode only
-      (`BacksolveUnsupportedError` for forward mode and second order), and a backward
+      error control, memory independent of the number of steps; forward mode (PyTorch's
+      `torch.func.jvp`) through the forward solve's own forward mode, second order refused
+      (`BacksolveUnsupportedError`), and a backward
       reconstruction of `y` that drifts from the forward trajectory (a flow unstable backwards
       in time) is a failure handled by `on_failure`, never a silently wrong gradient.
       `"checkpoint"`: the exact derivative of the discrete solution (equal to `"direct"` to
       rounding) with binomial checkpointing (`checkpointed`): the forward pass records no tape,
-      the backward pass replays the steps from $O(\\log N)$ stored states; reverse mode only.
+      the backward pass replays the integrator's loop (steps and step-size decisions) from
+      $O(\\log N)$ stored solver states, nothing stored per step; forward mode (PyTorch's
+      `torch.func.jvp`) through the steps' own forward mode, second order refused.
     - `on_failure`: (keyword) what a sample that stopped early does (`max_steps` reached,
       step-size underflow, NaN/inf): `"raise"` an `ODEFailureError` naming the sample and the
       time it reached, `"warn"`, or `"nan"` (that sample's outputs are NaN; the others are
