@@ -549,3 +549,39 @@ def test_check_not_a_decorated_solver(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(TypeError, match="is not a decorated solver"):
         _cli.check(idf_plain.plain, np.ones(3), backends="numpy")
+
+
+TORCH_ONLY = textwrap.dedent('''
+    import numpy as np
+    import torch
+    import implicitdiff as idf
+
+
+    def F(x, theta):
+        return x + 0.5 * torch.tanh(x) - theta
+
+
+    @idf.custom_root(F)
+    def solve(theta):                     # torch operations only: it cannot run on NumPy arrays
+        x = torch.zeros_like(theta)
+        for _ in range(60):
+            x = x - F(x, theta) / (1 + 0.5 / torch.cosh(x) ** 2)
+        return x
+
+
+    solve_args = (np.linspace(-1.0, 1.0, 3),)
+''')
+
+
+def test_check_framework_only_solver(tmp_path, monkeypatch, capsys):
+    # a solver that runs only on PyTorch: the finite differences are taken with torch tensors,
+    # the NumPy reference is not compared ("ref bad"), and the rows pass
+    pytest.importorskip("torch")
+    if "torch" not in BACKENDS:
+        pytest.skip("the torch backend is not usable")
+    mod = _module(tmp_path, monkeypatch, "idf_torch_only", TORCH_ONLY)
+    code, rows, out = _run(["check", f"{mod}:solve", "--backends", "torch"], capsys)
+    assert code == 0, out
+    for mode in ("jvp", "vjp"):
+        row = rows[f"{mod}:solve", "torch", mode]
+        assert row[-1] == "ok" and row[1] == "ref bad" and float(row[0]) < 1e-9, out
