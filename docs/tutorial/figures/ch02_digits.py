@@ -4,9 +4,8 @@
 
 The models and the training of the chapter's last section, run in full (6 epochs): scikit-learn's
 digits split 75/25 (stratified, seed 0) and standardized; a linear encoder, one equilibrium layer
-z* = tanh(0.9 W z* / ||W||_2 + u) of width 64 (Anderson, m = 5, relative tolerance 1e-4, at
-most 40 iterations; exact implicit backward; in JAX with on_failure="nan", checked by
-the loss being finite) and a linear head; Adam (learning rate 5e-3),
+z* = tanh(0.9 W z* / ||W||_F + u) of width 64 (Anderson, m = 5, relative tolerance 1e-4, at
+most 40 iterations; exact implicit backward) and a linear head; Adam (learning rate 5e-3),
 batches of 64, float32. The test accuracy after each epoch is measured and plotted, with the
 final values in the legend.
 """
@@ -63,10 +62,9 @@ def train_jax(X_train, X_test, y_train, y_test) -> list[float]:
 
     def logits_and_stats(p, images):
         u = images @ p["enc_W"].T + p["enc_b"]
-        W = 0.9 * p["W"] / jnp.linalg.norm(p["W"], 2)
+        W = 0.9 * p["W"] / jnp.linalg.norm(p["W"])
         z, stats = deq(Partial(digit_cell, W), u, solver="anderson",
-                       solver_options={"m": 5, "tol": 1e-4, "maxiter": 40},
-                       on_failure="nan")
+                       solver_options={"m": 5, "tol": 1e-4, "maxiter": 40})
         return z @ p["head_W"].T + p["head_b"], stats
 
     def cross_entropy(p, images, labels):
@@ -100,9 +98,7 @@ def train_jax(X_train, X_test, y_train, y_test) -> list[float]:
         perm = order.permutation(len(Xtr))
         for i in range(0, len(Xtr) - 63, 64):
             idx = perm[i:i + 64]
-            p, adam, value, _ = train_step(p, adam, Xtr[idx], ytr[idx])
-            if not np.isfinite(float(value)):
-                raise RuntimeError("a sample's fixed point was not found (NaN loss)")
+            p, adam, _, _ = train_step(p, adam, Xtr[idx], ytr[idx])
         accuracies.append(float(np.mean(np.asarray(predict(p, Xte)) == y_test)))
     return accuracies
 
@@ -110,7 +106,6 @@ def train_jax(X_train, X_test, y_train, y_test) -> list[float]:
 def train_torch(X_train, X_test, y_train, y_test) -> list[float]:
     import torch
     from torch import nn
-    from torch.nn.utils.parametrizations import spectral_norm
 
     from implicitdiff_torch import DEQ
 
@@ -119,10 +114,11 @@ def train_torch(X_train, X_test, y_train, y_test) -> list[float]:
     class DigitCell(nn.Module):
         def __init__(self, hidden):
             super().__init__()
-            self.W = spectral_norm(nn.Linear(hidden, hidden, bias=False))
+            self.W = nn.Linear(hidden, hidden, bias=False)
 
         def forward(self, z, u):
-            return torch.tanh(0.9 * self.W(z) + u)
+            W = self.W.weight
+            return torch.tanh(0.9 * z @ (W / W.norm()).T + u)
 
     class DEQClassifier(nn.Module):
         def __init__(self, hidden=HIDDEN):
