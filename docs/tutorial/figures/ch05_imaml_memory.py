@@ -17,6 +17,7 @@ the relative error of each against the implicit one. Every number is measured by
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ch05_imaml import (  # noqa: E402
+from ch05_imaml import (
     P,
     gd_step,
     imaml_loss,
@@ -98,6 +99,9 @@ def main(out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "ch05_imaml_memory.png", dpi=110)
     print(f"implicit: {mem_implicit:.2f} MiB")
+    # what the chapter says of this run
+    assert mem_u[-1] > 10 * mem_implicit and all(b > 2 * a for a, b in itertools.pairwise(mem_u))
+    assert max(mem_f) < mem_implicit and err_u[-1] < 1e-7 and min(err_f) > 0.3
     for k, mu, eu, mf, ef in zip(KS, mem_u, err_u, mem_f, err_f):
         print(f"k={k:5d}  unrolled {mu:7.2f} MiB err {eu:.1e}   first order {mf:5.2f} MiB err {ef:.1e}")
 
