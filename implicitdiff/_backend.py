@@ -27,6 +27,8 @@ _BUILTINS: dict[str, tuple[str, str]] = {
     "torch": ("torch", "implicitdiff_torch:backend"),
 }
 ENTRY_POINT_GROUP = "implicitdiff.backends"
+"""The entry-point group under which third-party packages register a `Backend` (see
+`register_backend`)."""
 
 _lock = threading.Lock()
 _table: dict[str, tuple[str, str | Backend]] = dict(_BUILTINS)

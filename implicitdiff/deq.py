@@ -128,6 +128,8 @@ class JFB:
 
 
 BackwardMode = IFT | Neumann | Phantom | JFB
+"""The type of a DEQ backward mode: `IFT`, `Neumann`, `Phantom` or `JFB` (what `backward=`
+accepts, besides the modes' names)."""
 _MODES = (IFT, Neumann, Phantom, JFB)
 _NAMED: dict[str, Callable[[], Any]] = {"ift": IFT, "exact": IFT, "neumann": Neumann,
                                         "phantom": Phantom, "jfb": JFB}

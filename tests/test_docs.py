@@ -220,4 +220,5 @@ def test_tutorial_chapter_in_both_frameworks(page: Path) -> None:
     scripts = "\n".join(p.read_text(encoding="utf-8")
                         for p in (TUTORIAL / "figures").glob("*.py"))
     for name in re.findall(r"\(img/([\w.-]+\.png)\)", text):
-        assert name in scripts, f"{page.name}: img/{name} is made by no docs/tutorial/figures script"
+        assert name in scripts, (
+            f"{page.name}: img/{name} is made by no docs/tutorial/figures script")

@@ -62,3 +62,5 @@ class ArrayApiStrictBackend(ReferenceBackend):
 
 
 backend = ArrayApiStrictBackend()
+"""The backend instance for array API (`array_api_strict`) arrays, registered with
+implicitdiff."""

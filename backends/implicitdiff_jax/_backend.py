@@ -770,3 +770,4 @@ def _call(bk: JaxBackend, fn: ImplicitFunction, args: tuple, options: dict) -> A
 
 
 backend = JaxBackend()
+"""The backend instance for JAX arrays, registered with implicitdiff."""

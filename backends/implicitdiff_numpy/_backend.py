@@ -68,3 +68,4 @@ class NumpyBackend(ReferenceBackend):
 
 
 backend = NumpyBackend()
+"""The backend instance for NumPy arrays (the reference), registered with implicitdiff."""

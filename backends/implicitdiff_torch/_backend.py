@@ -541,3 +541,4 @@ class _NoSecondOrder(torch.autograd.Function):
 
 
 backend = TorchBackend()
+"""The backend instance for PyTorch tensors, registered with implicitdiff."""

@@ -590,11 +590,12 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     `jax.grad`/`jax.vjp` (`jit` and `vmap` as well: the forward and backward passes are one
     loop each, traced once whatever $N$). Forward mode under PyTorch (`torch.func.jvp`) runs
     the steps' own forward mode (no checkpoints needed); second order and
-    `torch.autograd.forward_ad` dual tensors raise `DerivativeNotSupportedError`. Under JAX, `jax.hessian` (forward over
-    reverse) is exact (JAX differentiates both loops in forward mode), `jax.jvp` raises JAX's
-    own `TypeError` (forward mode through a `custom_vjp`) and reverse over reverse JAX's
-    `ValueError` (reverse mode through `lax.while_loop`). On NumPy arrays it only computes
-    $y_N$; `checkpointed_vjp` with `step_vjp=` is the reverse mode there.
+    `torch.autograd.forward_ad` dual tensors raise `DerivativeNotSupportedError`. Under JAX,
+    `jax.hessian` (forward over reverse) is exact (JAX differentiates both loops in forward
+    mode), `jax.jvp` raises JAX's own `TypeError` (forward mode through a `custom_vjp`) and
+    reverse over reverse JAX's `ValueError` (reverse mode through `lax.while_loop`). On NumPy
+    arrays it only computes $y_N$; `checkpointed_vjp` with `step_vjp=` is the reverse mode
+    there.
 
     **Arguments:**
 

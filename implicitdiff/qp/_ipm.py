@@ -17,13 +17,19 @@ from typing import Any
 import numpy as np
 
 SOLVED = 0
+"""Status: solved to the tolerance (`QPStats.status`)."""
 PRIMAL_INFEASIBLE = 1
+"""Status: no point satisfies the constraints (a certificate of primal infeasibility)."""
 DUAL_INFEASIBLE = 2
+"""Status: the objective is unbounded below on the feasible set (dual infeasible)."""
 MAX_ITER = 3
+"""Status: the iteration limit was reached before the tolerance."""
 CLOSEST = 4
+"""Status: infeasible, and `infeasible="closest"` solved its closest feasible problem."""
 STATUS_NAMES = {SOLVED: "solved", PRIMAL_INFEASIBLE: "primal infeasible",
                 DUAL_INFEASIBLE: "dual infeasible (unbounded)", MAX_ITER: "not converged",
                 CLOSEST: "infeasible, closest feasible problem solved"}
+"""The status codes of `QPStats.status` by name."""
 
 
 
