@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-NS = (8, 16, 32, 64, 128, 256)
+NS = (8, 16, 32, 64, 128)
 MODES = ("direct", "checkpoint", "backsolve")
 BATCH, HIDDEN = 16, 32
 
