@@ -123,6 +123,19 @@ def _exec_fresh(block: Block, state: _Page) -> None:
 _AFTER = {("docs/cli.md", "# problems.py"): _check_cli_problems}
 
 
+def _one_torch_thread(page: str) -> int | None:
+    """The tutorial's small PyTorch models run on one intra-op thread (what its figure scripts
+    do): on a 2-core runner, two torch threads beside XLA's make them several times slower. The
+    previous count is returned, to be restored after the block."""
+    if not page.startswith("docs/tutorial/"):
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return before
+
+
 def _exec(block: Block, state: _Page) -> None:
     if block.line in state.done:
         return
@@ -132,6 +145,7 @@ def _exec(block: Block, state: _Page) -> None:
     assert state.cwd is not None
     old, env = os.getcwd(), dict(os.environ)
     os.chdir(state.cwd)
+    threads = _one_torch_thread(block.page)
     try:
         # Padded so that line numbers in tracebacks are those of the markdown file.
         code = compile("\n" * block.line + block.code, str(ROOT / block.page), "exec")
@@ -148,6 +162,10 @@ def _exec(block: Block, state: _Page) -> None:
         raise
     finally:
         os.chdir(old)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         if os.environ != env:  # e.g. docs/scale.md's XLA_FLAGS: not for the rest of the suite
             os.environ.clear()
             os.environ.update(env)
