@@ -819,17 +819,20 @@ def bench_ffjord(batch: int = 256, hidden: int = 64, tol: float = 1e-5, repeats:
         z, delta = y1[:, :-1], y1[:, -1]
         return -(-0.5 * (z * z).sum(-1) - np.log(2 * np.pi) + delta).mean()
 
-    def idf_run(grad: str, rtol: float = tol) -> Callable[[], Any]:
+    def fwd_bwd(solve: Callable[[], torch.Tensor]) -> Callable[[], Any]:
+        # the loss and its gradient, the field's calls counted by phase
         def run():
             counter.phase = "fwd"
-            ys = ode.odeint(f, y0, ts, eps, *params, method="dopri5", rtol=rtol, atol=rtol,
-                            max_steps=20_000, grad=grad)
-            loss = nll(ys[-1])
+            loss = nll(solve()[-1])
             counter.phase = "bwd"
             gs = torch.autograd.grad(loss, params)
             counter.phase = "fwd"
             return float(loss.detach()), [gg.numpy() for gg in gs]
         return run
+
+    def idf_run(grad: str, rtol: float = tol) -> Callable[[], Any]:
+        return fwd_bwd(lambda: ode.odeint(f, y0, ts, eps, *params, method="dopri5", rtol=rtol,
+                                          atol=rtol, max_steps=20_000, grad=grad))
 
     class TdqField(torch.nn.Module):
         def __init__(self) -> None:
@@ -844,20 +847,11 @@ def bench_ffjord(batch: int = 256, hidden: int = 64, tol: float = 1e-5, repeats:
         import torchdiffeq
 
         module = TdqField()
-
-        def run():
-            counter.phase = "fwd"
-            if adjoint:
-                ys = torchdiffeq.odeint_adjoint(module, y0, ts, method="dopri5", rtol=tol,
-                                                atol=tol, adjoint_params=params)
-            else:
-                ys = torchdiffeq.odeint(module, y0, ts, method="dopri5", rtol=tol, atol=tol)
-            loss = nll(ys[-1])
-            counter.phase = "bwd"
-            gs = torch.autograd.grad(loss, params)
-            counter.phase = "fwd"
-            return float(loss.detach()), [gg.numpy() for gg in gs]
-        return run
+        if adjoint:
+            return fwd_bwd(lambda: torchdiffeq.odeint_adjoint(
+                module, y0, ts, method="dopri5", rtol=tol, atol=tol, adjoint_params=params))
+        return fwd_bwd(lambda: torchdiffeq.odeint(module, y0, ts, method="dopri5", rtol=tol,
+                                                  atol=tol))
 
     t0 = time.perf_counter()
     ref_loss, ref_g = idf_run("direct", 1e-10)()
