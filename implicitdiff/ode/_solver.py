@@ -13,7 +13,8 @@ so `grad="direct"` differentiates through the accepted steps in every framework 
 The step-size controller, the error estimate and the output times are constants for the
 derivative (`Backend.stop_gradient`): `"direct"` gives the exact derivative of the discrete
 solution on the step schedule it took, which is also what a replay of that schedule
-(`make_step` and `StepSchedule`, for checkpointing) reproduces.
+(`make_step` and `StepSchedule`) reproduces, and what `grad="checkpoint"` differentiates by
+replaying the loop itself (controller included) from checkpointed solver states.
 """
 
 from __future__ import annotations
