@@ -2,8 +2,10 @@
 with per-sample adaptive steps, per-sample statistics and a per-sample failure policy.
 
 `grad="direct"` differentiates through the solver's accepted steps with the framework's own
-autodiff. `make_step` and `integrate(..., record=True)` (a `StepSchedule`) replay the forward
-steps exactly, for checkpointed gradients. `steady_state` is the $t \\to \\infty$ limit,
+autodiff; `grad="checkpoint"` gives the same gradient from $O(\\log N)$ checkpointed solver
+states (`checkpointed`), `grad="backsolve"` the continuous adjoint. `make_step` and
+`integrate(..., record=True)` (a `StepSchedule`) replay the forward steps exactly, for your own
+analysis of them. `steady_state` is the $t \\to \\infty$ limit,
 differentiated by the implicit function theorem.
 """
 
