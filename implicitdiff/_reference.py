@@ -36,7 +36,7 @@ from ._backend import Backend, Linearization
 from ._config import resolve_on_failure
 from ._errors import StructureError
 from ._ift import implicit_jvp, implicit_vjp, kink_probe_on, ravel
-from ._root import ImplicitFunction
+from ._root import ImplicitFunction, drop_failed
 from ._tags import symmetric
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -825,8 +825,20 @@ class ReferenceBackend(Backend):
         x, aux = f.run_solver(primals, options)
         return f.check(self, x, primals), aux
 
-    def _lin(self, f: ImplicitFunction, x: Any, primals: tuple, argnums: Any) -> Any:
-        return self.linearize(f.F, x, primals, derivatives=f.derivatives, tags=f.tags,
+    def _kept(self, f: ImplicitFunction, x: Any) -> tuple[Any, Any]:
+        """The condition and the point to differentiate at: with `batch_dims` and
+        `on_failure="nan"`, the failed elements leave the derivative (`drop_failed`), so one
+        of them cannot spoil the gradient of what the batch shares (hand-written `Derivatives`
+        know nothing of that: there the condition is kept as it is)."""
+        if (f.batch_dims and f.derivatives is None
+                and resolve_on_failure(f.on_failure, f.name) == "nan"):
+            F, x_kept, _ = drop_failed(self, f.F, x, f.batch_dims)
+            return F, x_kept
+        return f.F, x
+
+    def _lin(self, f: ImplicitFunction, x: Any, primals: tuple, argnums: Any,
+             F: Any = None) -> Any:
+        return self.linearize(F or f.F, x, primals, derivatives=f.derivatives, tags=f.tags,
                               argnums=argnums, on_failure=f.on_failure, name=f.name,
                               kink_probe=getattr(f, "kink_probe", None))
 
@@ -846,8 +858,9 @@ class ReferenceBackend(Backend):
     def jvp(self, f, primals, tangents):
         f, options = self._need_implicit(f, "jvp")
         x, aux = self._primal(f, primals, options)
-        lin = self._lin(f, x, primals, None)
-        x_dot = implicit_jvp(f.F, x, primals, tangents, linearization=lin,
+        F, x_lin = self._kept(f, x)
+        lin = self._lin(f, x_lin, primals, None, F)
+        x_dot = implicit_jvp(F, x_lin, primals, tangents, linearization=lin,
                              **self._rule_kwargs(f))
         return ((x, aux), (x_dot, None)) if f.has_aux else (x, x_dot)
 
@@ -856,10 +869,11 @@ class ReferenceBackend(Backend):
         if argnums is not None:
             argnums = _norm_argnums(argnums, len(primals), "vjp: argnums")
         x, aux = self._primal(f, primals, options)
-        lin = self._lin(f, x, primals, argnums)
+        F, x_lin = self._kept(f, x)
+        lin = self._lin(f, x_lin, primals, argnums, F)
 
         def vjp_fn(cotangent: Any) -> tuple:
-            return implicit_vjp(f.F, x, primals, self._cotangent(x, cotangent),
+            return implicit_vjp(F, x_lin, primals, self._cotangent(x, cotangent),
                                 argnums=argnums, linearization=lin, **self._rule_kwargs(f))
 
         return ((x, aux) if f.has_aux else x), vjp_fn

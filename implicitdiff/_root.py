@@ -332,6 +332,35 @@ def _combine(xp: Any, parts: list, op: Callable[[Any, Any], Any]) -> Any:
     return out
 
 
+def drop_failed(bk: Backend, F: Callable[..., Any], x: Any, k: int
+                ) -> tuple[Callable[..., Any], Any, Any]:
+    """With `batch_dims = k > 0` and `on_failure="nan"`: the batch elements whose forward solve
+    failed (x* NaN there) leave the derivative, so that they cannot spoil the gradient of the
+    arguments the batch shares. Returns `(F_kept, x_kept, ok)`: on a failed element the
+    condition becomes $F(x) = x$ at $x = 0$ (identity Jacobian, no dependence on $\theta$,
+    so its tangent is 0 and it adds nothing to a cotangent), elsewhere $F$ and $x^*$ as they
+    are; `ok` the per-element flag (shape: the batch)."""
+    xp = bk.namespace(*bk.tree_flatten(x)[0])
+    leaves, treedef = bk.tree_flatten(x)
+    ok = _combine(xp, [_row_all(xp, xp.isfinite(leaf), k) for leaf in leaves],
+                  lambda a, b: a & b)
+
+    def keep(leaf: Any, kept: Any, other: Any) -> Any:
+        return xp.where(_expand(xp, ok, leaf, k), kept, other)
+
+    x_kept = bk.tree_unflatten(treedef, [keep(leaf, leaf, xp.zeros_like(leaf))
+                                         for leaf in leaves])
+
+    def F_kept(z: Any, *args: Any) -> Any:
+        r = F(z, *args)
+        r_leaves, r_def = bk.tree_flatten(r)
+        return bk.tree_unflatten(r_def, [keep(rl, rl, zl) for rl, zl
+                                         in zip(r_leaves, bk.tree_flatten(z)[0])])
+
+    F_kept.__name__ = getattr(F, "__name__", "F")
+    return F_kept, x_kept, ok
+
+
 def _expand(xp: Any, m: Any, leaf: Any, k: int) -> Any:
     """A per-batch-element value `m` (shape: the batch) broadcastable against `leaf`."""
     return xp.reshape(m, (*tuple(m.shape), *([1] * (leaf.ndim - k)))) if k else m
@@ -591,7 +620,9 @@ def custom_root(F: Callable[..., Any], *, solve: AbstractLinearSolver = Auto(),
       `"nan"` only the failed elements become NaN), diagnostics are per element, and backends
       that support it (PyTorch) solve the linear systems per element, each stopping on its own.
       Derivatives are those of the whole batch: shared arguments get the sum of the per-element
-      gradients. Default 0.
+      gradients; with `"nan"` a failed element adds nothing to them (its tangent is 0, and it
+      spoils neither the others nor the shared arguments' gradient, in every backend; not with
+      hand-written `Derivatives` on NumPy). Default 0.
     - `kink_probe`: (autodiff backends) once per derivative, compare $\\partial_x F\\, v$ with
       central differences of `F` in a random direction $v$ (five more evaluations of `F`)
       and refuse the derivative (`StructureError`, or per `on_failure`) where they disagree:

@@ -57,6 +57,7 @@ from ._root import Derivatives as Derivatives
 from ._root import ImplicitFunction as ImplicitFunction
 from ._root import _forward_error as forward_error
 from ._root import default_residual_tol as default_residual_tol
+from ._root import drop_failed as drop_failed
 from ._root import record_forward as record_forward
 from ._tags import positive_definite as positive_definite
 from ._tags import symmetric as symmetric
@@ -92,6 +93,7 @@ __all__ = [
     "check_on_failure",
     "collecting",
     "default_residual_tol",
+    "drop_failed",
     "emit",
     "emitter",
     "find_backend",

@@ -32,6 +32,7 @@ from implicitdiff.backend import (
     Linearization,
     StructureError,
     collecting,
+    drop_failed,
     implicit_jvp,
     nan_where,
     resolve_on_failure,
@@ -753,7 +754,10 @@ def _call(bk: JaxBackend, fn: ImplicitFunction, args: tuple, options: dict) -> A
     def sol_jvp(primals: tuple, tangents: tuple) -> Any:
         x, aux = sol(*primals)
         theta, theta_dot = primals[:nd + nf], tangents[:nd + nf]
-        x_dot = implicit_jvp(G, x, theta, theta_dot, solve=fn.solve, tags=fn.tags,
+        cond, x_lin = G, x
+        if fn.batch_dims and on_failure == "nan":  # failed elements leave the derivative
+            cond, x_lin, _ = drop_failed(bk, G, x, fn.batch_dims)
+        x_dot = implicit_jvp(cond, x_lin, theta, theta_dot, solve=fn.solve, tags=fn.tags,
                              on_failure=on_failure, backend=bk, name=fn.name,
                              batch_dims=fn.batch_dims, kink_probe=fn.kink_probe)
         return (x, aux), (x_dot, jax.tree_util.tree_map(_float0_zeros_like, aux))
