@@ -364,8 +364,8 @@ def _odeint_peak_states(n: int) -> tuple[float, Any]:
 def test_odeint_checkpoint_memory_flat_in_steps():
     # Issue 13's target for odeint(grad="checkpoint") itself: the solver's decisions are
     # replayed from checkpointed solver states, nothing is stored per step (a stored step
-    # schedule grew 10x from 100 to 1,000 steps). Measured: 155 -> 191 states (100 -> 1,000),
-    # 203 at 2,000: the checkpoints grow from 7 to 10, the rest is constant.
+    # schedule grew 10x from 100 to 1,000 steps). Measured: 260 states at both (16 checkpoint
+    # slots, ode.MIN_CHECKPOINTS, up to 2^16 steps; ceil(log2 N) beyond).
     small, g_small = _odeint_peak_states(100)
     large, g_large = _odeint_peak_states(1000)
     assert large <= 1.5 * small, (small, large)

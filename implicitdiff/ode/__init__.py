@@ -18,6 +18,7 @@ from ._checkpoint import checkpointed as checkpointed
 from ._checkpoint import checkpointed_vjp as checkpointed_vjp
 from ._solver import DT_UNDERFLOW as DT_UNDERFLOW
 from ._solver import MAX_STEPS as MAX_STEPS
+from ._solver import MIN_CHECKPOINTS as MIN_CHECKPOINTS
 from ._solver import NONFINITE as NONFINITE
 from ._solver import REPLAY_MISMATCH as REPLAY_MISMATCH
 from ._solver import STATUS_NAMES as STATUS_NAMES
@@ -39,8 +40,8 @@ from ._tableaus import TSIT5 as TSIT5
 from ._tableaus import ButcherTableau as ButcherTableau
 
 __all__ = [
-    "DOPRI5", "DT_UNDERFLOW", "EULER", "MAX_STEPS", "NONFINITE", "REPLAY_MISMATCH", "RK4",
-    "STATUS_NAMES",
+    "DOPRI5", "DT_UNDERFLOW", "EULER", "MAX_STEPS", "MIN_CHECKPOINTS", "NONFINITE",
+    "REPLAY_MISMATCH", "RK4", "STATUS_NAMES",
     "SUCCESS", "TABLEAUS", "TSIT5", "AdjointStats", "BacksolveUnsupportedError",
     "ButcherTableau", "CheckpointStats", "DerivativeNotSupportedError", "Integration",
     "ODEFailureError", "ODESolution", "ODEStats", "StepSchedule", "checkpointed",

@@ -43,6 +43,10 @@ STATUS_NAMES = {SUCCESS: "success", MAX_STEPS: "max_steps", DT_UNDERFLOW: "dt_un
 """The status codes of `ODEStats.status` by name."""
 
 GRAD_MODES = ("direct", "checkpoint", "backsolve")
+MIN_CHECKPOINTS = 16
+"""The fewest solver states `grad="checkpoint"` stores (more for more than $2^{16}$ steps:
+$\\lceil \\log_2 N \\rceil$): a few states of memory buy a backward pass without recomputation
+for solves of up to 17 loop iterations."""
 
 # Hairer's PI controller (Hairer, Nørsett & Wanner, Solving ODEs I, IV.2; DOPRI5's defaults)
 _SAFETY, _BETA, _MIN_FACTOR, _MAX_FACTOR, _ERR_FLOOR = 0.9, 0.04, 0.2, 10.0, 1e-4
@@ -595,14 +599,17 @@ def _replayed(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, arg
     pass reached (a vector field that is not a pure function of its inputs, or two compiled
     passes that rounded differently) gets status `REPLAY_MISMATCH`: a failure for the policy,
     never a silently different trajectory."""
-    from ._checkpoint import checkpointed
+    from ._checkpoint import checkpointed, default_checkpoints
 
     rp = _replay(bk, xp, f, y0, ts, args, opts)
     if rp is None:
         res = integrate(f, y0, ts, args, **opts)
         return res.ys, res
+    # at least MIN_CHECKPOINTS solver states: a solve of up to that many loop iterations (most
+    # adaptive solves) is replayed once, without recomputation; more steps, ceil(log2 N)
+    c = max(default_checkpoints(rp.n_rows), MIN_CHECKPOINTS)
     final = checkpointed(rp.step, rp.state0, rp.n_rows, tuple(args), n_steps=rp.iterations,
-                         name=name) if rp.n_rows else rp.state0
+                         checkpoints=c, name=name) if rp.n_rows else rp.state0
     ys, index = rp.outputs(final)
     same = index == rp.index
     stats = rp.res.stats._replace(status=xp.where(same[..., 0], rp.res.stats.status,
@@ -745,7 +752,8 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
       `"checkpoint"`: the exact derivative of the discrete solution (equal to `"direct"` to
       rounding) with binomial checkpointing (`checkpointed`): the forward pass records no tape,
       the backward pass replays the integrator's loop (steps and step-size decisions) from
-      $O(\\log N)$ stored solver states, nothing stored per step; forward mode (PyTorch's
+      $\\max(16, \\lceil\\log_2 N\\rceil)$ stored solver states (`MIN_CHECKPOINTS`), nothing
+      stored per step; forward mode (PyTorch's
       `torch.func.jvp`) through the steps' own forward mode, second order refused.
     - `on_failure`: (keyword) what a sample that stopped early does (`max_steps` reached,
       step-size underflow, NaN/inf): `"raise"` an `ODEFailureError` naming the sample and the
