@@ -337,7 +337,7 @@ def drop_failed(bk: Backend, F: Callable[..., Any], x: Any, k: int
     """With `batch_dims = k > 0` and `on_failure="nan"`: the batch elements whose forward solve
     failed (x* NaN there) leave the derivative, so that they cannot spoil the gradient of the
     arguments the batch shares. Returns `(F_kept, x_kept, ok)`: on a failed element the
-    condition becomes $F(x) = x$ at $x = 0$ (identity Jacobian, no dependence on $\theta$,
+    condition becomes $F(x) = x$ at $x = 0$ (identity Jacobian, no dependence on $\\theta$,
     so its tangent is 0 and it adds nothing to a cotangent), elsewhere $F$ and $x^*$ as they
     are; `ok` the per-element flag (shape: the batch)."""
     xp = bk.namespace(*bk.tree_flatten(x)[0])
