@@ -16,20 +16,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from _ch02_data import HIDDEN, problem
 
-HIDDEN, D_IN, BATCH = 64, 16, 32
 KS = tuple(range(1, 21))
-
-
-def problem() -> tuple[np.ndarray, ...]:
-    """The NumPy data of the chapter's first block (same seed, same draws)."""
-    rng = np.random.default_rng(0)
-    Q = np.linalg.qr(rng.standard_normal((HIDDEN, HIDDEN)))[0]
-    W = Q @ np.diag(np.linspace(-0.9, 0.9, HIDDEN)) @ Q.T
-    U = rng.standard_normal((HIDDEN, D_IN)) / np.sqrt(D_IN)
-    b = np.zeros(HIDDEN)
-    x = rng.standard_normal((BATCH, D_IN))
-    return W, U, b, x
 
 
 def errors(rho: float) -> dict[str, list[float]]:

@@ -16,26 +16,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from _ch02_data import BATCH, HIDDEN, problem
 
 # One XLA thread, as PyTorch gets one below: these problems are too small to gain from more,
 # and on a shared CPU spinning threads only slow everyone down (a build may set its own flags).
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1")
 
-HIDDEN, D_IN, BATCH = 64, 16, 32
 OPTIONS = {"tol": 1e-10, "maxiter": 300}
 NAMES = ("fixed-point iteration", "Anderson (m=5)", "Broyden")
-
-
-def problem() -> tuple[np.ndarray, ...]:
-    """The NumPy data of the chapter's first block (same seed, same draws)."""
-    rng = np.random.default_rng(0)
-    Q = np.linalg.qr(rng.standard_normal((HIDDEN, HIDDEN)))[0]
-    W = Q @ np.diag(np.linspace(-0.9, 0.9, HIDDEN)) @ Q.T
-    U = rng.standard_normal((HIDDEN, D_IN)) / np.sqrt(D_IN)
-    b = np.zeros(HIDDEN)
-    x = rng.standard_normal((BATCH, D_IN))
-    return W, U, b, x
 
 
 def traces_jax(W, U, b, x) -> dict[str, np.ndarray]:
