@@ -340,8 +340,8 @@ def drop_failed(bk: Backend, F: Callable[..., Any], x: Any, k: int
     condition becomes $F(x) = x$ at $x = 0$ (identity Jacobian, no dependence on $\\theta$,
     so its tangent is 0 and it adds nothing to a cotangent), elsewhere $F$ and $x^*$ as they
     are; `ok` the per-element flag (shape: the batch)."""
-    xp = bk.namespace(*bk.tree_flatten(x)[0])
     leaves, treedef = bk.tree_flatten(x)
+    xp = bk.namespace(*leaves)
     ok = _combine(xp, [_row_all(xp, xp.isfinite(leaf), k) for leaf in leaves],
                   lambda a, b: a & b)
 

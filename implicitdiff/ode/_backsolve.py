@@ -28,7 +28,7 @@ from typing import Any
 from .._backend import Backend, get_backend
 from .._config import resolve_on_failure
 from .._errors import ImplicitDiffError, StructureError
-from ._checkpoint import DerivativeNotSupportedError
+from ._checkpoint import DerivativeNotSupportedError, forward_ad_refusal
 from ._solver import (
     SUCCESS,
     ODEFailureError,
@@ -51,11 +51,7 @@ class BacksolveUnsupportedError(DerivativeNotSupportedError):
 
 def _unsupported(kind: str) -> ImplicitDiffError:
     if kind == "forward_ad":
-        return BacksolveUnsupportedError(
-            "odeint(grad='backsolve'): forward mode through torch.autograd.forward_ad dual "
-            "tensors is not given (its rule runs forward mode through the forward solve "
-            "itself, which does not nest inside a dual level). Use torch.func.jvp (or "
-            "torch.func.jacfwd), which gives it, or grad='direct'.")
+        return BacksolveUnsupportedError(forward_ad_refusal("odeint(grad='backsolve')"))
     if kind == "forward":
         return BacksolveUnsupportedError(
             "odeint(grad='backsolve'): a forward-mode derivative was asked for through a host "

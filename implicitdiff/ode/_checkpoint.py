@@ -48,16 +48,21 @@ class DerivativeNotSupportedError(ImplicitDiffError, NotImplementedError):
     that gives it."""
 
 
+def forward_ad_refusal(name: str) -> str:
+    """Why a gradient mode whose forward-mode rule runs forward mode through its own steps
+    refuses `torch.autograd.forward_ad` dual tensors (`grad="checkpoint"`, `"backsolve"`)."""
+    return (f"{name}: forward mode through torch.autograd.forward_ad dual tensors is not given: "
+            "the forward-mode rule runs forward mode through the steps itself, which does not "
+            "nest inside a dual level. Use torch.func.jvp (or torch.func.jacfwd), which gives "
+            "it, or odeint's grad='direct'.")
+
+
 def _unsupported(name: str) -> Callable[[str], ImplicitDiffError]:
     """The error a backend raises when asked for a derivative `checkpointed` does not give."""
 
     def make(kind: str) -> ImplicitDiffError:
         if kind == "forward_ad":
-            return DerivativeNotSupportedError(
-                f"{name}: forward mode through torch.autograd.forward_ad dual tensors is not "
-                "given: the forward-mode rule runs forward mode through the steps itself, "
-                "which does not nest inside a dual level. Use torch.func.jvp (or "
-                "torch.func.jacfwd), which gives it, or odeint's grad='direct'.")
+            return DerivativeNotSupportedError(forward_ad_refusal(name))
         if kind == "forward":
             what, why = ("forward-mode derivative (jvp)",
                          "its derivative is a hand-written reverse-mode rule (custom vjp)")

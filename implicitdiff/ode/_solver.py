@@ -536,17 +536,18 @@ class _Replay(NamedTuple):
 
 
 def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args: tuple,
-            opts: dict) -> _Replay | None:
+            opts: dict) -> _Replay | Integration:
     """Run the integrator once without a tape, and build the map that replays its loop
     iterations from the solver's state: the state (time, step size, the controller's last
     error, the next output index, whether the sample still runs, its attempts so far, `y`,
     the FSAL stage and the output buffer `ys`) as floating arrays, one iteration of the
     integrator's own loop body (`_setup`) as the step. The controller's decisions are
     recomputed, not stored, so nothing grows with the number of steps beyond the
-    checkpointed states. None when there is nothing to integrate (one output time)."""
+    checkpointed states. The `Integration` itself when there is nothing to integrate (one
+    output time)."""
     loop = _setup(f, y0, ts, tuple(args), record=False, **opts)
     if isinstance(loop, Integration):
-        return None
+        return loop
     leaves, treedef = bk.tree_flatten(tuple(args))
     consts = bk.tree_unflatten(treedef, [bk.stop_gradient(v) if hasattr(v, "dtype") else v
                                          for v in leaves])
@@ -602,9 +603,8 @@ def _replayed(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, arg
     from ._checkpoint import checkpointed, default_checkpoints
 
     rp = _replay(bk, xp, f, y0, ts, args, opts)
-    if rp is None:
-        res = integrate(f, y0, ts, args, **opts)
-        return res.ys, res
+    if isinstance(rp, Integration):  # one output time: y0 itself
+        return rp.ys, rp
     # at least MIN_CHECKPOINTS solver states: a solve of up to that many loop iterations (most
     # adaptive solves) is replayed once, without recomputation; more steps, ceil(log2 N)
     c = max(default_checkpoints(rp.n_rows), MIN_CHECKPOINTS)
