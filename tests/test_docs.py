@@ -35,8 +35,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("IMPLICITDIFF_TUTORIAL_QUICK", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
-         *sorted((ROOT / "docs" / "tutorial").glob("*.md"))]
+TUTORIAL = ROOT / "docs" / "tutorial"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(TUTORIAL.glob("*.md"))]
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```python\s*$")
 _SKIP = re.compile(r"^\s*<!--\s*doc-test:\s*skip\s*\((?P<reason>.+)\)\s*-->\s*$")
@@ -221,7 +221,6 @@ def test_extract_skip_comment_and_indent(tmp_path: Path) -> None:
     assert (b.line, b.skip, b.code) == (9, None, "x = 1\n\ny = x\n")
 
 
-TUTORIAL = ROOT / "docs" / "tutorial"
 CHAPTERS = sorted(p for p in TUTORIAL.glob("[0-9][0-9]-*.md"))
 
 
@@ -235,8 +234,8 @@ def test_tutorial_chapter_in_both_frameworks(page: Path) -> None:
     assert jax_tabs and len(jax_tabs) == len(torch_tabs), (
         f"{page.name}: {len(jax_tabs)} JAX tabs, {len(torch_tabs)} PyTorch tabs")
     assert [b for b in BLOCKS if b.page == f"docs/tutorial/{page.name}"], f"{page.name}: no code"
-    scripts = "\n".join(p.read_text(encoding="utf-8")
-                        for p in (TUTORIAL / "figures").glob("*.py"))
+    scripts = "\n".join(p.read_text(encoding="utf-8")  # those docs/hooks.py runs
+                        for p in (TUTORIAL / "figures").glob("*.py") if not p.name.startswith("_"))
     for name in re.findall(r"\(img/([\w.-]+\.png)\)", text):
         assert name in scripts, (
             f"{page.name}: img/{name} is made by no docs/tutorial/figures script")
