@@ -22,16 +22,24 @@ def test_torch_checkpoint_equals_direct():
         return torch.tanh(y @ W.T + b) - 0.2 * y * torch.cos(t)
 
     ts = torch.tensor([0.0, 0.3, 0.7, 1.5], dtype=torch.float64)
-    for y0 in (torch.randn(6, 3, generator=g, dtype=torch.float64).requires_grad_(),
-               torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()):
+    # a short solve (its states stored as the first pass computes them) and a long one (more
+    # loop iterations than MIN_CHECKPOINTS + 1: the first pass, then a checkpointed replay)
+    iterations = set()
+    for y0, tol in ((torch.randn(6, 3, generator=g, dtype=torch.float64).requires_grad_(), 1e-7),
+                    (torch.randn(3, generator=g, dtype=torch.float64).requires_grad_(), 1e-7),
+                    (torch.randn(6, 3, generator=g, dtype=torch.float64).requires_grad_(), 1e-10)):
         c = torch.randn(4, *y0.shape, generator=g, dtype=torch.float64)
         out = {}
         for mode in ("direct", "checkpoint"):
-            ys = ode.odeint(f, y0, ts, W, b, grad=mode, rtol=1e-7, atol=1e-7)
+            sol = ode.odeint(f, y0, ts, W, b, grad=mode, rtol=tol, atol=tol, full_output=True)
+            ys = sol.ys
+            iterations.add(int((sol.stats.accepted + sol.stats.rejected).max())
+                           > ode.MIN_CHECKPOINTS + 1)
             out[mode] = (ys, torch.autograd.grad((c * ys).sum(), (y0, W, b)))
         torch.testing.assert_close(out["checkpoint"][0], out["direct"][0], rtol=0, atol=0)
         for x, y in zip(out["checkpoint"][1], out["direct"][1]):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    assert iterations == {True, False}  # both paths ran
 
 
 def test_jax_checkpoint_equals_direct_under_jit():
@@ -72,7 +80,10 @@ def test_checkpoint_replay_that_does_not_retrace_is_loud():
     # A vector field that is not a pure function (here: different after its first pass) would
     # make the replay take other steps than the forward pass: the samples whose replay did not
     # reach the first pass's outputs fail with status REPLAY_MISMATCH (raise, or NaN for those
-    # samples only), never a silently different trajectory.
+    # samples only), never a silently different trajectory. A solve of more loop iterations
+    # than the first pass keeps (MIN_CHECKPOINTS + 1) is replayed; a shorter one is not (its
+    # states are stored as the first pass computes them): tolerances tight enough for ~40
+    # steps here.
     torch = pytest.importorskip("torch")
     pytest.importorskip("implicitdiff_torch")
     import implicitdiff as idf
@@ -88,13 +99,15 @@ def test_checkpoint_replay_that_does_not_retrace_is_loud():
     y0 = torch.ones(2, 1, dtype=torch.float64)
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
     ode.odeint(lambda t, y, k: -k * y, y0, ts, k, grad="direct")  # the pure field is fine
-    res = ode.integrate(stiffer_later, y0, ts, (k.detach(),))
+    tol = dict(rtol=1e-11, atol=1e-11)
+    res = ode.integrate(stiffer_later, y0, ts, (k.detach(),), **tol)
+    assert int(res.stats.accepted.max()) > ode.MIN_CHECKPOINTS + 1  # the two-pass path
     calls["first"] = int(res.stats.nfe.max())  # evaluations of one forward pass
     calls["n"] = 0
     with pytest.raises(ode.ODEFailureError, match="replay_mismatch"):
-        ode.odeint(stiffer_later, y0, ts, k, grad="checkpoint")
+        ode.odeint(stiffer_later, y0, ts, k, grad="checkpoint", **tol)
     calls["n"] = 0
     with idf.config.override(on_failure="nan"):
-        sol = ode.odeint(stiffer_later, y0, ts, k, grad="checkpoint", full_output=True)
+        sol = ode.odeint(stiffer_later, y0, ts, k, grad="checkpoint", full_output=True, **tol)
     assert (sol.stats.status == ode.REPLAY_MISMATCH).all()
     assert torch.isnan(sol.ys[-1]).all()

@@ -20,6 +20,7 @@ silently wrong gradient.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,7 +115,11 @@ class _BuiltIn:
 
     def segment(self, aug: Callable[..., Any], s0: Any, seg: Any,
                 norm: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
-        res = integrate(aug, s0, seg, (), error_norm=norm, **self.opts)
+        # the plain integral controller (beta = 0, torchdiffeq's and diffrax's): on the
+        # adjoint's one smooth system it grows the step faster than the forward's PI
+        # controller, which damps growth (8 -> 6 backward steps on the benchmark's problem;
+        # docs/neural-odes.md)
+        res = integrate(aug, s0, seg, (), error_norm=norm, pi_beta=0.0, **self.opts)
         return res.ys[-1], res.stats.status == SUCCESS, res.stats
 
 
@@ -308,12 +313,15 @@ def _adjoint(bk: Backend, xp: Any, f: Callable[..., Any], ts: Any, ys_t: Any, yb
         return xp.sqrt(xp.mean(v * v, axis=-1, keepdims=True)) if v.shape[-1] else \
             xp.zeros((*v.shape[:-1], 1), dtype=v.dtype)
 
+    bounds = [2 * n + o for o in itertools.accumulate([0, *sizes])]
+
     def norm(e: Any) -> Any:
-        # torchdiffeq's mixed norm: the largest RMS of the parts (y, a, g); the seminorm
+        # torchdiffeq's mixed norm: the largest RMS of the parts (y, a, and g per parameter
+        # leaf, as torchdiffeq measures each parameter tensor on its own); the seminorm
         # (Kidger et al. 2021) leaves out g, which no other component depends on
         parts = [rms(e[..., :n]), rms(e[..., n:2 * n])]
         if not seminorm:
-            parts.append(rms(e[..., 2 * n:]))
+            parts.extend(rms(e[..., lo:hi]) for lo, hi in itertools.pairwise(bounds))
         return functools.reduce(xp.maximum, parts)
 
     a = ybar[T - 1]

@@ -414,13 +414,21 @@ class _Sweep:
             y = self.phi(k, y, self.theta)
         return tuple(y)
 
-    def forward(self, y0: tuple) -> tuple[tuple, list[Any]]:
-        """$y_N$, and the buffer with $y_0$ and the states at `spine(N, c)`."""
+    def forward(self, y0: tuple, states: Sequence[tuple] | None = None
+                ) -> tuple[tuple, list[Any]]:
+        """$y_N$, and the buffer with $y_0$ and the states at `spine(N, c)`. `states`: the
+        states after steps $1..N$, already computed by the caller (eager, all $N$ steps
+        taken): the buffer is filled from them and no step is run."""
         plan = self.plan
         self.stats.forward_steps += plan.n
         self.stats.stored += len(plan.spine)
         self.stats.peak_live = max(self.stats.peak_live, len(plan.spine))
         self.make_tables(y0[0])
+        if states is not None:
+            buf = self.new_buffer(y0)
+            for slot, p in enumerate(plan.spine, start=1):
+                buf = self.write(buf, slot, tuple(states[p - 1]), True)
+            return tuple(states[plan.n - 1]), [tuple(buf)]
         yN, buf = self.advance(0, self.n_eff, y0, self.new_buffer(y0), 0, plan.fwd_events)
         return yN, [tuple(buf)]
 
@@ -577,7 +585,8 @@ class _Problem:
 
 def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple = (), *,
                  checkpoints: int | None = None, n_steps: Any = None,
-                 stats: CheckpointStats | None = None, name: str = "checkpointed") -> Any:
+                 stats: CheckpointStats | None = None, name: str = "checkpointed",
+                 _states: Sequence[Any] | None = None) -> Any:
     """$y_N$ after `N` steps $y_{k+1}$ = `step(s_k, y_k, args)`, differentiable in `y0` and
     `args` with the exact gradient of these steps (backpropagation through them, to rounding),
     in $O(c)$ memory: binomial checkpointing (revolve).
@@ -627,9 +636,15 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
 
     **Returns:** $y_N$ (the state after `n_steps` steps), shaped like `y0`.
     """
+    # `_states` (private, `odeint(grad="checkpoint")`'s online checkpointing): the states
+    # after steps 1..N, as tuples of y's leaves, computed by the caller with the same step on
+    # the same inputs, outside the autodiff; the forward pass then stores them instead of
+    # recomputing them (eager backends, every row a step taken)
     bk = get_backend(y0, args, schedule if not isinstance(schedule, int) else None)
     prob = _Problem(bk, step, y0, schedule, tuple(args), checkpoints, None, stats, name,
                     n_steps)
+    if _states is not None and not (len(_states) == prob.n and prob.n_eff == prob.n):
+        _states = None
     if prob.n == 0 or (isinstance(prob.n_eff, int) and prob.n_eff == 0):
         return y0
     theta = [prob.args_leaves[i] for i in prob.diff]
@@ -643,7 +658,7 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     traced = () if isinstance(prob.n_eff, int) else (prob.n_eff,)
 
     def fwd(y0_: tuple, theta_: tuple, sched_: tuple, n_: tuple) -> tuple[tuple, list]:
-        return prob.sweep(theta_, as_sched(sched_), *n_).forward(tuple(y0_))
+        return prob.sweep(theta_, as_sched(sched_), *n_).forward(tuple(y0_), _states)
 
     def bwd(primals: tuple, saved: list, ybar: tuple) -> tuple:
         y0_, theta_, sched_, n_ = primals

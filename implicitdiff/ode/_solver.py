@@ -305,15 +305,18 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
               method: str | ButcherTableau = "tsit5", rtol: float = 1e-6, atol: float = 1e-6,
               dt0: float | None = None, max_steps: int = 4096,
               record: bool = False,
-              error_norm: Callable[[Any], Any] | None = None) -> Integration:
+              error_norm: Callable[[Any], Any] | None = None,
+              pi_beta: float | None = None) -> Integration:
     """The integrator behind `odeint`, without its failure policy: `ys` batch first
     (`(..., T, d)`, NaN at the outputs a failed sample never reached), the `ODEStats`, and
     with `record=True` the `StepSchedule` for an exact replay. Arguments as in `odeint`;
     `error_norm`: the norm of the scaled error estimate, `(..., d) -> (..., 1)` (default the
     RMS over the state; the adjoint passes a seminorm that leaves its parameter integrals
-    unmeasured)."""
+    unmeasured); `pi_beta`: the step-size controller's memory $\\beta$ (default 0.04, Hairer's
+    PI controller; 0 is the plain integral controller of torchdiffeq and diffrax, which the
+    adjoint's backward pass uses)."""
     loop = _setup(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
-                  max_steps=max_steps, record=record, error_norm=error_norm)
+                  max_steps=max_steps, record=record, error_norm=error_norm, pi_beta=pi_beta)
     if isinstance(loop, Integration):
         return loop
     fun = loop.fun
@@ -325,7 +328,8 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
 def _setup(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *,
            method: str | ButcherTableau, rtol: float, atol: float, dt0: float | None,
            max_steps: int, record: bool = False,
-           error_norm: Callable[[Any], Any] | None = None) -> _Loop | Integration:
+           error_norm: Callable[[Any], Any] | None = None,
+           pi_beta: float | None = None) -> _Loop | Integration:
     """`integrate`'s loop, before it runs: the initial state (the first stage `f(t0, y0)` and
     the initial step size computed), the loop body and the summary of its final state; or the
     `Integration` itself when there is nothing to integrate (one output time)."""
@@ -379,7 +383,8 @@ def _setup(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *,
     eps = float(xp.finfo(dtype).eps)
     direction = xp.where(ts[-1] > ts[0], xp.ones_like(ts[0]), -xp.ones_like(ts[0]))
     q = tab.error_order + 1
-    expo = 1.0 / q - 0.75 * _BETA
+    beta = _BETA if pi_beta is None else float(pi_beta)
+    expo = 1.0 / q - 0.75 * beta
 
     def rms(a: Any) -> Any:
         if error_norm is not None:
@@ -472,7 +477,7 @@ def _setup(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *,
         status = s["status"]
         if errn is not None:
             e = xp.where(fin, xp.maximum(errn, const(1e-10)), xp.ones_like(errn))
-            grow = xp.clip(_SAFETY * e ** (-expo) * s["prev"] ** _BETA, _MIN_FACTOR, _MAX_FACTOR)
+            grow = xp.clip(_SAFETY * e ** (-expo) * s["prev"] ** beta, _MIN_FACTOR, _MAX_FACTOR)
             shrink = xp.where(fin, xp.maximum(const(_MIN_FACTOR), _SAFETY * e ** (-expo)),
                               const(_MIN_FACTOR))
             adt, adtp = xp.abs(dt), xp.abs(dtp)
@@ -533,6 +538,7 @@ class _Replay(NamedTuple):
     iterations: Any             # the loop iterations the first pass ran
     outputs: Callable[[tuple], tuple]  # final state -> (ys batch first, output index reached)
     index: Any                  # the first pass's output index reached, per sample
+    states: list[tuple] | None  # the first pass's states after each iteration (short solves)
 
 
 def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args: tuple,
@@ -553,11 +559,6 @@ def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args:
                                          for v in leaves])
     fun1 = _caller(f, tuple(consts), loop.batched)
     first = {k: bk.stop_gradient(v) for k, v in loop.state.items()}
-    s1, _ = bk.bounded_while_loop(loop.cond, lambda st: loop.body(st, fun1), first,
-                                  opts["max_steps"])
-    res = loop.finish(s1, None)
-    n_rows = opts["max_steps"] if bk.is_traced(s1["k"]) else int(s1["k"])
-
     i32, dtype = xp.int32, y0.dtype
     # a fixed-step method keeps its step size and error memory: constants, not state
     varying = ("t", "dt", "y", "ys", "prev", "k1") if loop.adaptive else ("t", "y", "ys", "k1")
@@ -570,6 +571,27 @@ def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args:
     def encode(s: dict) -> tuple:  # `acc`: the attempts (a lean iteration counts them there)
         return (*(s[k] for k in keys), xp.astype(s["idx"], dtype),
                 xp.astype(s["active"], dtype), xp.astype(s["acc"] + s["rej"], dtype))
+
+    # online checkpointing: the first pass keeps its first loop states (encoded as the replay
+    # stores them); a solve of at most `keep` iterations (most adaptive solves) then needs no
+    # second pass, since every state the replay would store is among them. Eager loops only
+    # (a traced loop's body runs once, on tracers).
+    keep = MIN_CHECKPOINTS + 1
+    kept: list[Any] = []
+
+    def body1(st: dict) -> tuple:
+        out = loop.body(st, fun1)
+        if len(kept) < keep:
+            kept.append(encode(out[0]))
+        elif kept[-1] is not None:  # too long a solve: the two-pass path, nothing kept
+            kept[:] = [None] * (keep + 1)
+        return out
+
+    s1, _ = bk.bounded_while_loop(loop.cond, body1, first, opts["max_steps"])
+    res = loop.finish(s1, None)
+    n_rows = opts["max_steps"] if bk.is_traced(s1["k"]) else int(s1["k"])
+    states = kept if (0 < len(kept) == n_rows <= keep and kept[-1] is not None
+                      and not bk.is_traced(kept[0][0])) else None
 
     def decode(x: tuple) -> dict:
         s = dict(zip(keys, x[:len(keys)]), **fixed)
@@ -588,7 +610,7 @@ def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args:
         s = decode(state)
         return s["ys"], s["idx"]
 
-    return _Replay(res, step, encode(loop.state), n_rows, s1["k"], outputs, s1["idx"])
+    return _Replay(res, step, encode(loop.state), n_rows, s1["k"], outputs, s1["idx"], states)
 
 
 def _replayed(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args: tuple,
@@ -609,7 +631,8 @@ def _replayed(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, arg
     # adaptive solves) is replayed once, without recomputation; more steps, ceil(log2 N)
     c = max(default_checkpoints(rp.n_rows), MIN_CHECKPOINTS)
     final = checkpointed(rp.step, rp.state0, rp.n_rows, tuple(args), n_steps=rp.iterations,
-                         checkpoints=c, name=name) if rp.n_rows else rp.state0
+                         checkpoints=c, name=name, _states=rp.states) \
+        if rp.n_rows else rp.state0
     ys, index = rp.outputs(final)
     same = index == rp.index
     stats = rp.res.stats._replace(status=xp.where(same[..., 0], rp.res.stats.status,
