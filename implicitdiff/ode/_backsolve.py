@@ -110,7 +110,8 @@ class _BuiltIn:
 
     def forward(self, bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any,
                 args: tuple, on_failure: str) -> tuple[Any, tuple | None]:
-        res = integrate(f, y0, ts, args, **self.opts)
+        # the adjoint never differentiates through these steps: the backend's plain loop
+        res = integrate(f, y0, ts, args, differentiable=False, **self.opts)
         return _finish(bk, res.ys, res, on_failure, self.max_steps), tuple(res.stats)
 
     def segment(self, aug: Callable[..., Any], s0: Any, seg: Any,
@@ -119,7 +120,8 @@ class _BuiltIn:
         # adjoint's one smooth system it grows the step faster than the forward's PI
         # controller, which damps growth (8 -> 6 backward steps on the benchmark's problem;
         # docs/neural-odes.md)
-        res = integrate(aug, s0, seg, (), error_norm=norm, pi_beta=0.0, **self.opts)
+        res = integrate(aug, s0, seg, (), error_norm=norm, pi_beta=0.0, differentiable=False,
+                        **self.opts)
         return res.ys[-1], res.stats.status == SUCCESS, res.stats
 
 

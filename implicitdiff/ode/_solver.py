@@ -306,7 +306,7 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
               dt0: float | None = None, max_steps: int = 4096,
               record: bool = False,
               error_norm: Callable[[Any], Any] | None = None,
-              pi_beta: float | None = None) -> Integration:
+              pi_beta: float | None = None, differentiable: bool = True) -> Integration:
     """The integrator behind `odeint`, without its failure policy: `ys` batch first
     (`(..., T, d)`, NaN at the outputs a failed sample never reached), the `ODEStats`, and
     with `record=True` the `StepSchedule` for an exact replay. Arguments as in `odeint`;
@@ -314,15 +314,31 @@ def integrate(f: Callable[..., Any], y0: Any, ts: Any, args: tuple = (), *,
     RMS over the state; the adjoint passes a seminorm that leaves its parameter integrals
     unmeasured); `pi_beta`: the step-size controller's memory $\\beta$ (default 0.04, Hairer's
     PI controller; 0 is the plain integral controller of torchdiffeq and diffrax, which the
-    adjoint's backward pass uses)."""
+    adjoint's backward pass uses); `differentiable=False`: the loop is the backend's plain
+    `while_loop` (`lax.while_loop` under JAX: no scan of `max_steps` iterations, nothing kept
+    for reverse mode), for a solve no one differentiates through its steps (the adjoint's
+    passes, checkpointing's first pass; forward mode still works)."""
     loop = _setup(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
                   max_steps=max_steps, record=record, error_norm=error_norm, pi_beta=pi_beta)
     if isinstance(loop, Integration):
         return loop
     fun = loop.fun
+    if not differentiable and not record:
+        return loop.finish(_plain_loop(loop.bk, loop.cond, lambda st: loop.body(st, fun)[0],
+                                       loop.state, max_steps), None)
     s, outs = loop.bk.bounded_while_loop(loop.cond, lambda st: loop.body(st, fun), loop.state,
                                          max_steps)
     return loop.finish(s, outs)
+
+
+def _plain_loop(bk: Backend, cond: Callable[[Any], Any], body: Callable[[Any], Any],
+                init: Any, max_steps: int) -> Any:
+    """`while cond(s): s = body(s)` by the backend's `while_loop` where it is the framework's
+    own (`lax.while_loop`); a Python loop's backend runs `bounded_while_loop`, whose predicate
+    it makes safe under its own transforms (`torch.func.vmap`)."""
+    if type(bk).while_loop is Backend.while_loop:
+        return bk.bounded_while_loop(cond, lambda s: (body(s), None), init, max_steps)[0]
+    return bk.while_loop(cond, body, init)
 
 
 def _setup(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *,
@@ -579,15 +595,16 @@ def _replay(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args:
     keep = MIN_CHECKPOINTS + 1
     kept: list[Any] = []
 
-    def body1(st: dict) -> tuple:
-        out = loop.body(st, fun1)
+    def body1(st: dict) -> dict:
+        out = loop.body(st, fun1)[0]
         if len(kept) < keep:
-            kept.append(encode(out[0]))
+            kept.append(encode(out))
         elif kept[-1] is not None:  # too long a solve: the two-pass path, nothing kept
             kept[:] = [None] * (keep + 1)
         return out
 
-    s1, _ = bk.bounded_while_loop(loop.cond, body1, first, opts["max_steps"])
+    # not differentiated (every input a constant here): the backend's plain while loop
+    s1 = _plain_loop(bk, loop.cond, body1, first, opts["max_steps"])
     res = loop.finish(s1, None)
     n_rows = opts["max_steps"] if bk.is_traced(s1["k"]) else int(s1["k"])
     states = kept if (0 < len(kept) == n_rows <= keep and kept[-1] is not None
