@@ -9,6 +9,7 @@ construction time and memory against solver iterations.
     python benchmarks/bench_qp.py --quick          # smoke run: n = 10, 50, few repeats
     python benchmarks/bench_qp.py --n 100 --dtype float64
     python benchmarks/bench_qp.py --profile 100    # where implicitdiff's torch time goes
+    python benchmarks/bench_qp.py --eq-tols        # without the equal-accuracy settings
 
 Single-threaded BLAS and torch (the variables above, read at import) are what docs/benchmarks.md
 reports: on a shared 2-core machine, spinning OpenMP/BLAS threads made multi-threaded timings
@@ -79,6 +80,13 @@ parallel); "× idf" is the median over rounds of the ratio of the method's fwd+b
 implicitdiff's in the same framework and round (paired, so load from other processes on a shared
 machine hits both).
 
+Equal accuracy (`--eq-tols`): implicitdiff also runs, in the same shuffled rounds, at the
+interior-point tolerances 1e-1, 1e-2 and 1e-4 besides 1e-6; after each configuration a table
+gives, for each peer, the cheapest of implicitdiff's settings in the same framework (lowest
+median fwd+bwd time) whose gradient error (the larger of the two columns) is no larger than the
+peer's, with the paired ratio of the two; a summary of those rows, with the command, ends the
+run (the rows of the summary table at the top of docs/benchmarks.md).
+
 Also printed: layer construction time for an n = 100 problem (cvxpylayers' `CvxpyLayer` against
 `idf.cvxpy.Layer`), and the bytes torch autograd saves for the backward of `idf.qp.solve_qp` (and
 of qpth) against the solver's tolerance and iteration count, to show they do not grow with the
@@ -88,6 +96,7 @@ iterations.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import platform
@@ -268,8 +277,8 @@ def _torch_pair(solve: Callable[..., torch.Tensor], P: dict[str, np.ndarray], dt
     return fwd, fwdbwd
 
 
-def build_idf_torch(P, dtype):
-    return _torch_pair(lambda Q, q, A, b, G, h: idf.qp.solve_qp(Q, q, A, b, G, h, tol=TOL),
+def build_idf_torch(P, dtype, tol=TOL):
+    return _torch_pair(lambda Q, q, A, b, G, h: idf.qp.solve_qp(Q, q, A, b, G, h, tol=tol),
                        P, dtype)
 
 
@@ -351,8 +360,8 @@ def _jax_pair(solve, P, dtype, jit: bool = True):
     return fwd, fwdbwd
 
 
-def build_idf_jax(P, dtype):
-    return _jax_pair(lambda Q, q, A, b, G, h: idf.qp.solve_qp(Q, q, A, b, G, h, tol=TOL), P, dtype)
+def build_idf_jax(P, dtype, tol=TOL):
+    return _jax_pair(lambda Q, q, A, b, G, h: idf.qp.solve_qp(Q, q, A, b, G, h, tol=tol), P, dtype)
 
 
 def build_qpax(P, dtype, backend="e"):
@@ -394,6 +403,31 @@ CONTENDERS: list[tuple[str, str, Callable, str]] = [
     (CVX_J, "jax", build_cvx_jax, "cvxpylayers.jax"),
 ]
 
+# Equal accuracy: implicitdiff's settings tried besides the default-tolerance rows above (the
+# interior point's tolerance; the polish makes every one exact once it finds the active set,
+# and a sample whose polish fails is solved again at 1e-13, so looser is not always faster).
+EQ_TOLS = (1e-1, 1e-2, 1e-4)
+
+
+def idf_setting(fw: str, tol: float) -> str:
+    """The contender name of implicitdiff at interior-point tolerance `tol`."""
+    base = IDF_T if fw == "torch" else IDF_J
+    return base if tol == TOL else f"{base[:-1]}, tol={tol:g})"
+
+
+def equal_accuracy_contenders(tols: tuple[float, ...]) -> list[tuple[str, str, Callable, str]]:
+    """The extra implicitdiff rows of the equal-accuracy comparison, one per framework and
+    tolerance."""
+    out = []
+    for t in tols:
+        if t == TOL:
+            continue
+        out.append((idf_setting("torch", t), "torch", functools.partial(build_idf_torch, tol=t),
+                    "implicitdiff"))
+        out.append((idf_setting("jax", t), "jax", functools.partial(build_idf_jax, tol=t),
+                    "jax"))
+    return out
+
 
 # ---- timing ------------------------------------------------------------------------------------
 
@@ -403,8 +437,9 @@ def _short(e: BaseException) -> str:
 
 
 def bench_config(n: int, dtype: str, batch: int, repeats: int, budget: float, seed: int,
-                 only: list[str] | None) -> dict[str, Any]:
-    """Times and errors of every contender on one batch of size-n QPs in one dtype."""
+                 only: list[str] | None, eq_tols: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Times and errors of every contender on one batch of size-n QPs in one dtype, and of
+    implicitdiff at the tolerances `eq_tols` (for the equal-accuracy table)."""
     P = make_qps(n, batch, seed)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
@@ -412,7 +447,7 @@ def bench_config(n: int, dtype: str, batch: int, repeats: int, budget: float, se
     t_ref = time.perf_counter() - t0
     res: dict[str, dict[str, Any]] = {}
     fns: dict[str, tuple[Callable, Callable]] = {}
-    for name, fw, build, mod in CONTENDERS:
+    for name, fw, build, mod in CONTENDERS + equal_accuracy_contenders(eq_tols):
         if only and not any(o.lower() in name.lower() for o in only):
             continue
         r: dict[str, Any] = dict(framework=fw)
@@ -420,7 +455,7 @@ def bench_config(n: int, dtype: str, batch: int, repeats: int, budget: float, se
         err = _import_error(mod)
         if fw == "jax" and jax is None:
             err = "jax not installed"
-        if name in (IDF_T, IDF_J) and not hasattr(idf, "qp"):
+        if name.startswith("implicitdiff") and not hasattr(idf, "qp"):
             err = "implicitdiff has no `qp` module yet"
         if err:
             r["error"] = f"not importable: {err}"
@@ -644,6 +679,42 @@ def config_table(c: dict[str, Any]) -> str:
                   "x err", "∇(q,A,b,G,h) err", "sym ∇Q err", "notes"], rows)
 
 
+def grad_error(r: dict[str, Any]) -> float:
+    """One gradient error per method: the larger of its two (q, A, b, G, h and sym Q)."""
+    return max(r["g_err"], r["gQ_err"])
+
+
+def equal_accuracy_rows(c: dict[str, Any], command: str) -> list[list[str]]:
+    """Per peer: its time and gradient error, and the cheapest implicitdiff setting (same
+    framework, median fwd+bwd) whose gradient error is no larger, with the paired ratio."""
+    res = c["res"]
+    rows = []
+    for name, r in res.items():
+        if name.startswith("implicitdiff") or "t_fwdbwd" not in r:
+            continue
+        e_peer = grad_error(r)
+        ours = [(k, v) for k, v in res.items()
+                if k.startswith("implicitdiff") and v["framework"] == r["framework"]
+                and "t_fwdbwd" in v and grad_error(v) <= e_peer]
+        problem = f"n = {c['n']}, {c['dtype']}"
+        if not ours:
+            rows.append([name, problem, fmt_ms(r["fwdbwd"]), fmt_e(e_peer),
+                         "none at or below this error", "—", "—", "—", command])
+            continue
+        k, v = min(ours, key=lambda kv: kv[1]["fwdbwd"])
+        ratio = paired_ratio(v["t_fwdbwd"], r["t_fwdbwd"])
+        setting = "tol=" + (k.split("tol=")[1][:-1] if "tol=" in k else f"{TOL:g}")
+        rows.append([name, problem, fmt_ms(r["fwdbwd"]), fmt_e(e_peer),
+                     f"{k.split(' (')[0]} ({r['framework']}) {setting}", fmt_ms(v["fwdbwd"]),
+                     fmt_e(grad_error(v)), f"{ratio:.2f}×", command])
+    return rows
+
+
+EQ_HEADER = ["peer", "problem", "peer fwd+bwd (ms)", "peer gradient error",
+             "cheapest implicitdiff at ≤ that error", "its fwd+bwd (ms)", "its gradient error",
+             "ratio (ours / peer)", "command"]
+
+
 def environment() -> str:
     def ver(mod: str) -> str:
         try:
@@ -704,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-extras", action="store_true",
                    help="skip the construction and memory tables")
+    p.add_argument("--eq-tols", type=float, nargs="*", default=list(EQ_TOLS),
+                   help="implicitdiff tolerances tried for the equal-accuracy table besides "
+                        f"{TOL:g} (default {' '.join(f'{t:g}' for t in EQ_TOLS)}; none: skip)")
     p.add_argument("--profile", type=int, default=None, metavar="N",
                    help="only profile implicitdiff's torch fwd+bwd at size N and exit")
     a = p.parse_args(argv)
@@ -721,9 +795,13 @@ def main(argv: list[str] | None = None) -> int:
           "implicitdiff's fwd+bwd in the same framework; errors are relative, against the float64 active-set KKT "
           "reference.\n")
     configs = []
+    eq_all: list[list[str]] = []
+    command = "python benchmarks/bench_qp.py " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:])
     for dtype in dtypes:
         for n in sizes:
-            c = bench_config(n, dtype, a.batch, repeats, a.cell_budget, a.seed, a.only)
+            c = bench_config(n, dtype, a.batch, repeats, a.cell_budget, a.seed, a.only,
+                             tuple(a.eq_tols))
             configs.append(c)
             ref = c["ref"]
             print(f"## n = {n}, {dtype}\n")
@@ -734,6 +812,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"value of A {ref['A_smin']:.2f}; {c['t_ref']:.1f} s. Load average "
                   f"{c['load'][0]:.1f} before, {c['load'][1]:.1f} after.\n")
             print(config_table(c) + "\n", flush=True)
+            eq = equal_accuracy_rows(c, command)
+            eq_all += eq
+            if eq:
+                print(f"Equal accuracy, n = {n}, {dtype}: per peer, the cheapest implicitdiff "
+                      "setting (interior-point tolerance) whose gradient error is no larger "
+                      "than the peer's.\n")
+                print(table(EQ_HEADER[:-1], [r[:-1] for r in eq]) + "\n", flush=True)
     construction: list[list[str]] = []
     if not a.no_extras:
         construction = bench_construction(100)
@@ -743,6 +828,9 @@ def main(argv: list[str] | None = None) -> int:
               "float64\n")
         print(table(["method", "setting", "solver iterations (mean)", "saved tensors",
                      "saved KiB"], bench_memory(50, a.batch, a.seed)) + "\n")
+    if eq_all:
+        print("## Equal accuracy: summary\n")
+        print(table(EQ_HEADER, eq_all) + "\n")
     print("## Targets\n")
     print(targets(configs, construction) + "\n")
     print(f"Total run time {time.perf_counter() - t_start:.0f} s.")

@@ -747,12 +747,15 @@ def test_infeasible_batch_masked_gradients(fw):
         assert np.all(gs[k][bad] == 0), (fw, name)
     wQ = sum(sym(wi["Q"]) for wi in want)
     assert rel(sym(gs[0]), wQ) <= TOL, (fw, "shared Q")
-    # the same as each sample's own solve (a few samples)
+    # the same as each sample's own solve (a few samples), relative to the sample's whole
+    # gradient (a block whose exact value is zero, as dL/dq at a vertex, is rounding on both
+    # sides: exactly 0 from the reduced backward solve, ~1e-17 from the full one)
     for i in good[::50]:
         one = [a if (j == 0 and np.ndim(a) == 2) else a[i] for j, a in enumerate(args)]
         gi = fw_grad(fw, tuple(one), cx[i], np.zeros(1), np.zeros(4))
-        for k in range(1, 6):
-            assert rel(gs[k][i], gi[k]) <= TOL, (fw, i, NAMES[k])
+        got = np.concatenate([np.ravel(gs[k][i]) for k in range(1, 6)])
+        ref = np.concatenate([np.ravel(gi[k]) for k in range(1, 6)])
+        assert rel(got, ref) <= TOL, (fw, i)
 
 
 def test_infeasible_raise_names_failed_indices():

@@ -76,11 +76,41 @@ def _solve(M: np.ndarray, r: np.ndarray) -> np.ndarray:
         return out
 
 
-def _factor(M: np.ndarray):
-    """`r -> M⁻¹ r` for a batch of matrices: one batched `np.linalg.solve` per right-hand side
-    (native batching; SciPy's batched `lu_factor` loops in Python, which measured slower here
-    even reusing the factorization for the predictor and the corrector)."""
-    return lambda r: _solve(M, r)
+def _lapack() -> Any:
+    """SciPy's LAPACK wrappers, or None without SciPy (an optional dependency)."""
+    try:
+        from scipy.linalg import lapack
+    except ImportError:  # pragma: no cover - SciPy is installed wherever the tests run
+        return None
+    return lapack
+
+
+def _factor(M: np.ndarray, spd: bool = False):
+    """`r -> M⁻¹ r` for a batch of matrices. `spd` (the interior point's Newton matrix
+    $Q + G^\\top D G + \\text{reg}\\,I$ when there are no equality rows): one Cholesky
+    factorization per sample (LAPACK `potrf`, a loop over the batch), reused by every
+    right-hand side of the iteration (`potrs`): at n = 75, batch 32, 0.45 ms to factor and
+    0.13 ms per right-hand side, against 1.0 ms per right-hand side for a batched
+    `np.linalg.solve`, which factors again each time. Otherwise, or where a factorization fails
+    (not positive definite in rounding) or without SciPy: one batched `np.linalg.solve` per
+    right-hand side (SciPy's batched `lu_factor` loops in Python, which measured slower)."""
+    lapack = _lapack() if spd and M.shape[0] else None
+    if lapack is None:
+        return lambda r: _solve(M, r)
+    factors = []
+    for Mi in M:
+        L, info = lapack.dpotrf(Mi, lower=1, clean=0)
+        if info != 0:
+            return lambda r: _solve(M, r)
+        factors.append(L)
+
+    def solve(r: np.ndarray) -> np.ndarray:
+        out = np.empty_like(r)
+        for k, L in enumerate(factors):
+            out[k], _ = lapack.dpotrs(L, r[k], lower=1)
+        return out
+
+    return solve
 
 
 def _direction(solve_m: Any, G: Any, D: Any, s: Any, ri: Any, rd: Any, rp: Any, reg: Any,
@@ -219,7 +249,7 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
         else:
             M = H
 
-        solve_m = _factor(M)
+        solve_m = _factor(M, spd=not p)
 
         direction = functools.partial(_direction, solve_m, Gi, D, si, ri[i], rd[i], rp[i],
                                       reg[i], n)
@@ -279,6 +309,21 @@ def _solve_active(Q, q, A, b, G, h, active):
     return wf[:, :n], wf[:, n:n + p], wf[:, n + p:], good
 
 
+def _lower_inverse(L: np.ndarray) -> np.ndarray:
+    """The inverses of a batch of lower triangular matrices: LAPACK `trtri` per sample (a
+    third of the work of the LU `np.linalg.inv` does), or `np.linalg.inv` without SciPy."""
+    lapack = _lapack()
+    if lapack is None or not np.all(np.isfinite(L)):
+        return np.linalg.inv(L)
+    out = np.empty_like(L)
+    for k, Lk in enumerate(L):
+        inv, info = lapack.dtrtri(Lk, lower=1)
+        if info != 0:
+            return np.linalg.inv(L)
+        out[k] = inv
+    return out
+
+
 class ActiveKKT:
     """Repeated solves of the active-set KKT system of one batch, for the polish's rounds.
 
@@ -315,7 +360,7 @@ class ActiveKKT:
             else:
                 Qz, Gz = Q, G
             L = np.linalg.cholesky(Qz)
-            self.Linv = np.linalg.inv(L)
+            self.Linv = _lower_inverse(L)
         except np.linalg.LinAlgError:
             return
         if not np.all(np.isfinite(self.Linv)):
@@ -394,11 +439,13 @@ class ActiveKKT:
         return r1, r2, r3
 
 
-def row_scales(Q, q, A, G, h, x, y, z):
+def row_scales(Q, q, A, G, h, x, y, z, gn=None):
     """Scale-invariant yardsticks: per inequality row, the size of its primal terms
     ($|h_i| + \\|G_i\\|_\\infty \\|x\\|_\\infty$) and of its force in the stationarity
-    condition ($z_i \\|G_i\\|_\\infty$), and per sample the size of the stationarity terms."""
-    gn = np.max(np.abs(G), axis=2) if G.shape[2] else np.zeros(G.shape[:2])
+    condition ($z_i \\|G_i\\|_\\infty$), and per sample the size of the stationarity terms.
+    `gn`: the rows' $\\|G_i\\|_\\infty$ when already known."""
+    if gn is None:
+        gn = np.max(np.abs(G), axis=2) if G.shape[2] else np.zeros(G.shape[:2])
     primal = np.abs(h) + gn * _inf(x)[:, None]
     force = np.abs(z) * gn
     stat = np.maximum.reduce([_inf(_mv(Q, x)), _inf(q), _inf(_mtv(A, y)),
@@ -421,16 +468,18 @@ def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6, tol: float =
     ok = np.zeros(B, dtype=bool)
     todo = np.ones(B, dtype=bool)
     fast = ActiveKKT(Q, q, A, b, G, h, basis)
+    gn = np.max(np.abs(G), axis=2) if G.shape[2] else np.zeros(G.shape[:2])
     for _ in range(rounds):
         i = np.nonzero(todo)[0]
         if len(i) == 0:
             break
+        Qi, qi, Ai, bi, Gi, hi = (a if len(i) == B else a[i] for a in (Q, q, A, b, G, h))
         if fast.ok:
             xi, yi, zi, good = fast.solve(i, active[i])
         else:
-            xi, yi, zi, good = _solve_active(Q[i], q[i], A[i], b[i], G[i], h[i], active[i])
-        primal, force, stat = row_scales(Q[i], q[i], A[i], G[i], h[i], xi, yi, zi)
-        viol = (_mv(G[i], xi) - h[i]) > tol * primal
+            xi, yi, zi, good = _solve_active(Qi, qi, Ai, bi, Gi, hi, active[i])
+        primal, force, stat = row_scales(Qi, qi, Ai, Gi, hi, xi, yi, zi, gn[i])
+        viol = (_mv(Gi, xi) - hi) > tol * primal
         neg = active[i] & (zi < 0) & (force > tol * stat[:, None])
         fine = good & ~viol.any(axis=1) & ~neg.any(axis=1)
         j = i[fine]
