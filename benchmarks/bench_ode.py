@@ -90,6 +90,14 @@ allocation), for N = 100 and 1,000, and 10,000 for `"checkpoint"` (the issue's t
 2x from 100 to 10,000 steps; the meter costs about 10 µs per torch operation, so 10,000 steps of
 the others would take minutes).
 
+At equal gradient error (issue 15; `--no-equal` skips it): for each peer, the cheapest
+implicitdiff setting, a gradient mode and rtol = atol on a ladder from 1e-6 to 1e-3, whose
+gradient error (against the same reference) is at most the peer's. The ladder's errors are
+measured once in PyTorch; per mode the loosest rung within the peer's error is a candidate (in
+JAX its own error is checked, a rung tighter if needed); the peer and the candidates then take
+turns in shuffled order, and the candidate with the lowest median per-round ratio to the peer
+is the row's "ours".
+
 Ends with the issue's targets, each "met", "MISSED" or "NOT MEASURED" (with the reason).
 """
 
@@ -320,7 +328,7 @@ def _torch_fwdbwd(loss_and_y: Callable[[list[torch.Tensor]], tuple[torch.Tensor,
     return dict(fwdbwd=fwdbwd, saved=saved, extra=extra)
 
 
-def build_idf_torch(P, counter, ctx, grad="direct", seminorm=True):
+def build_idf_torch(P, counter, ctx, grad="direct", seminorm=True, tol=TOL):
     def f(t, y, *a):
         counter.hit()
         return mlp_torch(y, *a)
@@ -337,7 +345,7 @@ def build_idf_torch(P, counter, ctx, grad="direct", seminorm=True):
 
     def run(ins):
         W1, b1, W2, b2, y0 = ins
-        sol = solve(f, y0, ts, W1, b1, W2, b2, method="dopri5", rtol=TOL, atol=TOL,
+        sol = solve(f, y0, ts, W1, b1, W2, b2, method="dopri5", rtol=tol, atol=tol,
                     full_output=True)
         return sol.ys[-1], sol.stats
 
@@ -469,7 +477,7 @@ def _jax_build(make_loss: Callable[[Callable], Callable], P: dict[str, np.ndarra
     return out
 
 
-def build_idf_jax(P, counter, ctx, grad="direct"):
+def build_idf_jax(P, counter, ctx, grad="direct", tol=TOL):
     w = jnp.asarray(P["w"])
     ts = jnp.asarray(TS_NP)
     ms = ctx["max_steps"]
@@ -477,7 +485,7 @@ def build_idf_jax(P, counter, ctx, grad="direct"):
     def make_loss(field):
         def loss(W1, b1, W2, b2, y0):
             sol = ode.odeint(lambda t, y, *a: field(y, *a), y0, ts, W1, b1, W2, b2,
-                             method="dopri5", rtol=TOL, atol=TOL, max_steps=ms, grad=grad,
+                             method="dopri5", rtol=tol, atol=tol, max_steps=ms, grad=grad,
                              full_output=True)
             y1 = sol.ys[-1]
             return jnp.sum(w * y1), (y1, sol.stats)
@@ -606,7 +614,7 @@ def mode_available(grad: str) -> tuple[bool, str]:
 
 def bench_config(d: int, batch: int, repeats: int, budget: float, seed: int,
                  only: list[str] | None, modes: dict[str, tuple[bool, str]],
-                 quick: bool = False) -> dict[str, Any]:
+                 quick: bool = False, equal: bool = True) -> dict[str, Any]:
     """Times, calls, memory and errors of every contender for state dimension d."""
     P = make_problem(d, batch, seed)
     check_ode_function(P)
@@ -679,8 +687,122 @@ def bench_config(d: int, batch: int, repeats: int, budget: float, seed: int,
     for r in res.values():
         if r.get("t"):
             r["med"] = statistics.median(r["t"])
+    eq = equal_accuracy(P, ref, ctx, res, fns, modes, repeats, budget, seed) if equal else None
     return dict(d=d, ref=ref, xcheck=xcheck, res=res, max_steps=ctx["max_steps"],
-                load=(load, os.getloadavg()[0]))
+                load=(load, os.getloadavg()[0]), equal=eq)
+
+
+# ---- equal accuracy (issue 15) -----------------------------------------------------------------
+# For each peer: the cheapest implicitdiff setting (gradient mode x tolerance) whose gradient
+# error is no larger than the peer's, timed side by side with the peer.
+
+EQ_TOLS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3)
+EQ_PEERS = (TDQ, TDQ_A, TDQ_AS, TODE, DFX_R, DFX_B, DFX_B1, DFX_D)
+EQ_MODES = ("direct", "checkpoint", "backsolve")
+
+
+def equal_accuracy(P: dict[str, np.ndarray], ref: dict[str, Any], ctx: dict[str, Any],
+                   res: dict[str, dict[str, Any]], fns: dict[str, Callable],
+                   modes: dict[str, tuple[bool, str]], repeats: int, budget: float,
+                   seed: int) -> list[dict[str, Any]]:
+    """Per peer that ran: for each gradient mode, the loosest tolerance of `EQ_TOLS` (rtol =
+    atol) whose implicitdiff gradient error (same reference) is at most the peer's, found on the
+    ladder in PyTorch (one call per rung; the JAX code is the same algorithm, and its own error
+    is checked: a rung above the peer's error moves one rung tighter); then the peer and these
+    candidates take turns for `repeats` rounds (shuffled), and the cheapest candidate by the
+    median per-round ratio to the peer is "ours at equal error"."""
+    avail = [g for g in EQ_MODES if g == "direct" or modes[g][0]]
+    ladder: dict[tuple[str, float], float] = {}
+    for g in avail:
+        for tol in EQ_TOLS:
+            b = build_idf_torch(P, Counter(), ctx, grad=g, tol=tol)
+            ladder[(g, tol)] = rel(b["fwdbwd"]()[1], ref["g"])
+    built: dict[tuple[str, str, float], dict[str, Any]] = {}
+
+    def candidate(fw: str, g: str, tol: float) -> dict[str, Any]:
+        key = (fw, g, tol)
+        if key not in built:
+            build = build_idf_torch if fw == "torch" else build_idf_jax
+            b = build(P, Counter(), ctx, grad=g, tol=tol)
+            t = time.perf_counter()
+            _, gr = b["fwdbwd"]()
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            b["fwdbwd"]()
+            built[key] = dict(fn=b["fwdbwd"], err=rel(gr, ref["g"]), first=first,
+                              warm=time.perf_counter() - t)
+        return built[key]
+
+    out = []
+    rng = random.Random(seed + 1)
+    for peer in EQ_PEERS:
+        pr = res.get(peer)
+        if not pr or not pr.get("t") or peer not in fns:
+            continue
+        fw, perr = pr["framework"], pr["g_err"]
+        cands: dict[str, tuple[float, dict[str, Any]]] = {}
+        for g in avail:
+            ok = [tol for tol in EQ_TOLS if ladder[(g, tol)] <= perr]
+            if not ok:
+                continue
+            # the loosest rung within the peer's error; tighter ones if the framework's own
+            # error (JAX) lands above it
+            for tol in sorted((t for t in EQ_TOLS if t <= max(ok)), reverse=True):
+                if ladder[(g, tol)] > perr:
+                    continue
+                c = candidate(fw, g, tol)
+                if c["err"] <= perr:
+                    cands[g] = (tol, c)
+                    break
+        if not cands:
+            out.append(dict(peer=peer, framework=fw, peer_err=perr, cands={}))
+            continue
+        times: dict[str, list[float]] = {k: [] for k in ("peer", *cands)}
+        slowest = max([pr["warm"], *(c["warm"] for _, c in cands.values())])
+        reps = max(3, min(repeats, int(budget / max(slowest, 1e-9))))
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            for _ in range(reps):
+                order = list(times)
+                rng.shuffle(order)
+                for k in order:
+                    fn = fns[peer] if k == "peer" else cands[k][1]["fn"]
+                    t = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t)
+                gc.collect()
+        finally:
+            if gc_was:
+                gc.enable()
+        rows = {g: dict(tol=tol, err=c["err"], med=statistics.median(times[g]),
+                        ratio=paired_ratio(times[g], times["peer"]))
+                for g, (tol, c) in cands.items()}
+        best = min(rows, key=lambda g: rows[g]["ratio"])
+        out.append(dict(peer=peer, framework=fw, peer_err=perr,
+                        peer_med=statistics.median(times["peer"]), cands=rows, best=best,
+                        rounds=reps))
+    return out
+
+
+def equal_table(eq: list[dict[str, Any]]) -> str:
+    rows = []
+    for e in eq:
+        if not e["cands"]:
+            rows.append([e["peer"], "—", fmt_e(e["peer_err"]),
+                         f"none: no rung of {EQ_TOLS[0]:g}..{EQ_TOLS[-1]:g} is as accurate",
+                         "—", "—", "—", "—"])
+            continue
+        b = e["cands"][e["best"]]
+        others = "; ".join(f"`{g}` {c['tol']:g}: {fmt_ms(c['med'])} ms, {c['ratio']:.2f}×"
+                           for g, c in e["cands"].items() if g != e["best"])
+        rows.append([e["peer"], fmt_ms(e["peer_med"]), fmt_e(e["peer_err"]),
+                     f"`{e['best']}`, rtol = atol = {b['tol']:g}", fmt_ms(b["med"]),
+                     fmt_e(b["err"]), f"{b['ratio']:.2f}×",
+                     (others or "—") + f" ({e['rounds']} rounds)"])
+    return table(["peer (its defaults, rtol = atol = 1e-6)", "peer ms", "peer grad err",
+                  "cheapest implicitdiff at ≤ that error", "ms", "grad err", "× peer",
+                  "the other modes at ≤ that error"], rows)
 
 
 # ---- memory against steps ----------------------------------------------------------------------
@@ -1047,6 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the memory-against-steps sweep")
     p.add_argument("--no-ffjord", action="store_true", help="skip the FFJORD comparison")
+    p.add_argument("--no-equal", action="store_true",
+                   help="skip the equal-accuracy comparison (issue 15)")
     a = p.parse_args(argv)
     dims = a.dim or ([2] if a.quick else [2, 32])
     repeats = a.repeats or (3 if a.quick else 7)
@@ -1062,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = []
     for d in dims:
         c = bench_config(d, a.batch, repeats, a.cell_budget, a.seed, a.only, modes,
-                         quick=a.quick)
+                         quick=a.quick, equal=not a.no_equal)
         configs.append(c)
         ref = c["ref"]
         print(f"## State dimension {d}\n")
@@ -1072,6 +1196,14 @@ def main(argv: list[str] | None = None) -> int:
               + f"JAX `max_steps` = {c['max_steps']}. Load average {c['load'][0]:.1f} before, "
               f"{c['load'][1]:.1f} after.\n")
         print(config_table(c) + "\n", flush=True)
+        if c["equal"]:
+            print(f"### At equal gradient error (d = {d})\n")
+            print("For each peer above, the cheapest implicitdiff setting (`grad` mode and "
+                  "rtol = atol on the ladder "
+                  + ", ".join(f"{t:g}" for t in EQ_TOLS) + ") whose gradient error is at most "
+                  "the peer's, in the peer's framework, timed side by side with the peer "
+                  "(rounds in shuffled order; \"× peer\" the median per-round ratio).\n")
+            print(equal_table(c["equal"]) + "\n", flush=True)
     memory = None
     if not a.no_memory:
         # the meter costs ~10 µs per torch operation: 10,000 steps only where the target needs it
