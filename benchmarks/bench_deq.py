@@ -41,6 +41,7 @@ Absolute times are for this machine only (CPU); compare the ratios.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -225,6 +226,129 @@ def bench_torch_deq(rho: float, repeats: int) -> list[str]:
                         repeats)
 
 
+# ---- 1b. equal accuracy: the cheapest implicitdiff setting at the peer's gradient error ---------
+
+# The implicitdiff settings searched: Anderson (history 5) to a relative tolerance, followed by
+# `extra_step` plain steps, and an exact backward (the fixed-point iteration, or BiCGStab), both
+# without the uniqueness probe (a second solve), to a relative tolerance; plus the layer's
+# defaults, `DEQ(cell, z_shape=...)` and nothing else.
+EQ_FTOLS = (1e-3, 3e-4, 1e-4)
+EQ_EXTRA = (2, 3, 5)
+EQ_BTOLS = (1e-4, 1e-5, 1e-6)
+EQ_BACKWARDS = {"Richardson": lambda rtol: idf.Richardson(omega=-1.0, rtol=rtol, maxiter=MAXITER,
+                                                          check_singular=False),
+                "BiCGStab": lambda rtol: idf.BiCGStab(rtol=rtol, maxiter=MAXITER,
+                                                      check_singular=False)}
+DEFAULTS = "implicitdiff defaults: DEQ(cell)"
+
+
+def equal_accuracy_candidates(make_cell, x, z_shape):
+    """name -> (cell, forward() -> z) for the implicitdiff settings searched at equal accuracy
+    (see `EQ_FTOLS`, `EQ_EXTRA`, `EQ_BTOLS`, `EQ_BACKWARDS`, `DEFAULTS`)."""
+    from implicitdiff_torch import DEQ, IFT
+
+    out = {}
+
+    def make(**kw):
+        cell = make_cell()
+        layer = DEQ(cell, z_shape=z_shape, **kw)
+        return cell, lambda: layer(x)
+
+    out[DEFAULTS] = make()
+    for ft in EQ_FTOLS:
+        for k in EQ_EXTRA:
+            for name, solve in EQ_BACKWARDS.items():
+                for bt in EQ_BTOLS:
+                    out[f"tol={ft:g}, extra_step={k}, IFT({name}(rtol={bt:g}, "
+                        "check_singular=False))"] = make(
+                        solver_options={"tol": ft, "maxiter": MAXITER, "m": 5,
+                                        "extra_step": k},
+                        backward=IFT(solve(bt)))
+    return out
+
+
+def equal_accuracy(label: str, peers, candidates, loss, ref, repeats: int,
+                   finalists: int = 3) -> list[str]:
+    """For each peer (name -> (cell, forward() -> z), like `torch_methods`' values, forward
+    returning z only): its time and gradient error, the cheapest candidate whose gradient error
+    is at most the peer's, its time and error, and the ratio; and the defaults' row. Errors from
+    one run each. The `finalists` quickest qualifying candidates per peer (by a median of 3
+    runs) are then timed with the peers and the defaults: medians of `repeats` interleaved
+    forward + backward passes."""
+    def run(cell, fwd):
+        for p in cell.parameters():
+            p.grad = None
+        t0 = time.perf_counter()
+        loss(fwd()).backward()
+        return time.perf_counter() - t0
+
+    err, quick = {}, {}
+    for k, (cell, fwd) in {**peers, **candidates}.items():
+        try:
+            run(cell, fwd)
+        except idf.ImplicitDiffError:  # e.g. a backward tolerance below float32's reach
+            err[k] = math.inf
+            continue
+        err[k] = rel_error(cell.grads(), ref)
+        quick[k] = statistics.median(run(cell, fwd) for _ in range(3))
+    timed = {**peers, DEFAULTS: candidates[DEFAULTS]}
+    for p in peers:
+        ok = sorted((k for k in candidates if err[k] <= err[p]), key=lambda k: quick[k])
+        timed.update((k, candidates[k]) for k in ok[:finalists])
+    for cell, fwd in timed.values():  # warm-up
+        run(cell, fwd)
+    times: dict[str, list[float]] = {k: [] for k in timed}
+    for _ in range(repeats):
+        for k, (cell, fwd) in timed.items():
+            times[k].append(run(cell, fwd))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = []
+    for p in peers:
+        ok = [k for k in timed if k not in peers and err[k] <= err[p]]
+        if not ok:
+            lines.append(f"| {label} | {p} | {med[p] * 1e3:.1f} | {err[p]:.1e} | none of the "
+                         "settings searched | | | |")
+        else:
+            best = min(ok, key=lambda k: med[k])
+            lines.append(f"| {label} | {p} | {med[p] * 1e3:.1f} | {err[p]:.1e} | {best} "
+                         f"| {med[best] * 1e3:.1f} | {err[best]:.1e} | {med[best] / med[p]:.2f} |")
+        print(lines[-1], flush=True)
+        d = DEFAULTS
+        lines.append(f"| {label} | {p} | {med[p] * 1e3:.1f} | {err[p]:.1e} | {d} "
+                     f"| {med[d] * 1e3:.1f} | {err[d]:.1e} | {med[d] / med[p]:.2f} "
+                     f"{'(error within)' if err[d] <= err[p] else '(error above)'} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def torch_peers(make_cell, x, z_shape):
+    """torchdeq at the benchmark's settings (IFT and phantom), forward returning z only."""
+    if torchdeq is None:
+        return {}
+    ms = torch_methods(make_cell, x, z_shape)
+    out = {}
+    for k in ("torchdeq IFT (fixed_point_iter)", "torchdeq phantom (grad=5)"):
+        cell, fwd = ms[k]
+        out[k] = (cell, lambda fwd=fwd: fwd()[0])
+    return out
+
+
+def bench_torch_equal_accuracy(rho: float, repeats: int) -> list[str]:
+    W, U, b, x = make_data(rho)
+    xf = x.float()
+    peers = torch_peers(lambda: Cell(W, U, b), xf, (H,))
+    cands = equal_accuracy_candidates(lambda: Cell(W, U, b), xf, (H,))
+    return equal_accuracy(f"dense, ρ = {rho}", peers, cands, lambda z: (z * z).sum(),
+                          exact_grads(W, U, b, x), repeats)
+
+
+EQ_HEAD = [
+    "| problem | peer (settings of the table above) | peer ms | peer grad err | cheapest "
+    "implicitdiff setting with grad err ≤ peer's | its ms | its grad err | × peer |",
+    "|---|---|---|---|---|---|---|---|",
+]
+
+
 # ---- 2. beyond first order: second derivatives, torch.func, forward mode ----------------------
 
 def bench_higher_order() -> list[str]:
@@ -375,6 +499,99 @@ def bench_jax(rho: float, repeats: int) -> list[str]:
     return lines
 
 
+def bench_jax_equal_accuracy(rho: float, repeats: int) -> list[str]:
+    """JAX at equal accuracy: for each optimistix peer (the settings of `bench_jax`), the
+    cheapest `implicitdiff_jax.deq` setting searched (forward tol x extra steps x fixed-point
+    backward rtol, or the defaults) whose gradient error is at most the peer's; times are
+    medians of `repeats` interleaved calls of the jitted value-and-grad."""
+    import jax
+    import jax.numpy as jnp
+    import optimistix as optx
+    from jax.tree_util import Partial
+
+    from implicitdiff.deq import IFT
+    from implicitdiff_jax import deq
+
+    W, U, b, x = make_data(rho)
+    ref = exact_grads(W, U, b, x)
+    params = {"W": jnp.asarray(W.float().numpy()), "U": jnp.asarray(U.float().numpy()),
+              "b": jnp.asarray(b.float().numpy())}
+    xj = jnp.asarray(x.float().numpy())
+
+    def f(p, z, x):
+        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
+
+    def idf_loss(**kw):
+        def loss(p, x):
+            z, _ = deq(Partial(f, p), x, z_shape=(H,), **kw)
+            return (z * z).sum()
+        return loss
+
+    def optx_loss(solver):
+        def fn(z, args):
+            p, xi = args
+            return jnp.tanh(p["W"] @ z + p["U"] @ xi + p["b"])
+
+        def loss(p, x):
+            def one(xi):
+                return optx.fixed_point(fn, solver, jnp.zeros(H, xj.dtype), args=(p, xi),
+                                        max_steps=MAXITER, adjoint=optx.ImplicitAdjoint(),
+                                        throw=False).value
+            z = jax.vmap(one)(x)
+            return (z * z).sum()
+        return loss
+
+    peers = {"optimistix FixedPointIteration + ImplicitAdjoint":
+             optx_loss(optx.FixedPointIteration(rtol=TOL, atol=TOL)),
+             "optimistix Newton + ImplicitAdjoint": optx_loss(optx.Newton(rtol=TOL, atol=TOL))}
+    cands = {DEFAULTS.replace("DEQ(cell)", "deq(f, x)"): idf_loss()}
+    for ft in (1e-4, 1e-5):
+        for k in (1, 3):
+            for bt in (1e-5, 1e-6):
+                cands[f"tol={ft:g}, extra_step={k}, IFT(Richardson(rtol={bt:g}, "
+                      "check_singular=False))"] = idf_loss(
+                    solver_options={"tol": ft, "maxiter": MAXITER, "m": 5, "extra_step": k},
+                    backward=IFT(idf.Richardson(omega=-1.0, rtol=bt, maxiter=MAXITER,
+                                                check_singular=False)))
+    for ft in (1e-5, 1e-6):  # towards Newton's error: a backward near float32's limit
+        cands[f"tol={ft:g}, extra_step=3, IFT(Richardson(rtol=1e-07, check_singular=False))"] = \
+            idf_loss(solver_options={"tol": ft, "maxiter": MAXITER, "m": 5, "extra_step": 3},
+                     backward=IFT(idf.Richardson(omega=-1.0, rtol=1e-7, maxiter=MAXITER,
+                                                 check_singular=False)))
+    jitted = {k: jax.jit(jax.grad(v)) for k, v in {**peers, **cands}.items()}
+    err = {}
+    for k, g in list(jitted.items()):
+        try:
+            gr = jax.block_until_ready(g(params, xj))
+        except Exception:  # a setting whose solve raised (under jit, wrapped by JAX)
+            err[k] = math.inf
+            del jitted[k]
+            continue
+        err[k] = rel_error([gr["W"], gr["U"], gr["b"]], ref)
+    times: dict[str, list[float]] = {k: [] for k in jitted}
+    for _ in range(repeats):
+        for k, g in jitted.items():
+            t = time.perf_counter()
+            jax.block_until_ready(g(params, xj))
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = []
+    dflt = next(iter(cands))
+    for p in peers:
+        ok = [k for k in cands if k in jitted and err[k] <= err[p]]
+        best = min(ok, key=lambda k: med[k]) if ok else None
+        for name in ([best] if best else []) + [dflt]:
+            note = "" if name != dflt else (" (error within)" if err[name] <= err[p]
+                                            else " (error above)")
+            lines.append(f"| JAX dense, ρ = {rho} | {p} | {med[p] * 1e3:.1f} | {err[p]:.1e} "
+                         f"| {name} | {med[name] * 1e3:.2f} | {err[name]:.1e} "
+                         f"| {med[name] / med[p]:.3f}{note} |")
+            print(lines[-1], flush=True)
+        if not ok:
+            print(f"| JAX dense, ρ = {rho} | {p} | none of the settings searched |", flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
@@ -400,6 +617,13 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(head), flush=True)
     for rho in (0.5, 0.9):
         bench_torch_deq(rho, rt)
+    print("\nEqual accuracy: for each peer, the cheapest implicitdiff setting (Anderson, "
+          "history 5, default extra step; forward tol x fixed-point backward rtol, or the "
+          "layer's defaults) whose gradient error is at most the peer's; median of "
+          f"{rt} interleaved forward + backward passes\n")
+    print("\n".join(EQ_HEAD), flush=True)
+    for rho in (0.5, 0.9):
+        bench_torch_equal_accuracy(rho, rt)
     print("\nSecond derivatives and torch.func (float64, batch 3, hidden 8, ‖W‖₂ = 0.5; HVP of "
           "sum(z²) in x by double backward vs central differences of the gradient)\n")
     print("| method | HVP rel. error | torch.func.grad | torch.func.jacfwd (forward mode) |")
@@ -418,6 +642,11 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|", flush=True)
     for rho in (0.5, 0.9):
         bench_jax(rho, rj)
+    print("\nJAX at equal accuracy (the cheapest setting searched whose gradient error is at "
+          f"most the peer's; jit(grad), median of {rj} interleaved calls)\n")
+    print("\n".join(EQ_HEAD), flush=True)
+    for rho in (0.5, 0.9):
+        bench_jax_equal_accuracy(rho, rj)
 
 
 if __name__ == "__main__":

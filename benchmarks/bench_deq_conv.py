@@ -70,7 +70,18 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_deq import BTOL, MAXITER, TOL, rel_error, time_methods, torch_methods
+from bench_deq import (
+    BTOL,
+    EQ_HEAD,
+    MAXITER,
+    TOL,
+    equal_accuracy,
+    equal_accuracy_candidates,
+    rel_error,
+    time_methods,
+    torch_methods,
+    torch_peers,
+)
 from torch import nn
 
 import implicitdiff as idf
@@ -248,6 +259,16 @@ def bench(rho: float, params, x, y, ref, repeats: int) -> list[str]:
     return time_methods(rho, ms, lambda z: loss_fn(z, y, params), ref, repeats)
 
 
+def bench_equal_accuracy(rho: float, params, x, y, ref, repeats: int) -> list[str]:
+    """`bench_deq.equal_accuracy` on this cell: for each torchdeq mode, the cheapest implicitdiff
+    setting searched whose gradient error is at most torchdeq's."""
+    make = lambda: Cell(params)  # noqa: E731
+    xf = x.float()
+    return equal_accuracy(f"conv, ρ = {rho}", torch_peers(make, xf, (C, S, S)),
+                          equal_accuracy_candidates(make, xf, (C, S, S)),
+                          lambda z: loss_fn(z, y, params), ref, repeats)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
@@ -289,6 +310,14 @@ def main(argv: list[str] | None = None) -> None:
     for rho in RHOS:
         params, ref = setups[rho]
         bench(rho, params, x, y, ref, repeats)
+    print("\nEqual accuracy: for each torchdeq mode, the cheapest implicitdiff setting searched "
+          "(Anderson, history 5: forward tol x extra steps x fixed-point backward rtol, or the "
+          f"layer's defaults) whose gradient error is at most torchdeq's; median of {repeats} "
+          "interleaved forward + backward passes\n")
+    print("\n".join(EQ_HEAD), flush=True)
+    for rho in RHOS:
+        params, ref = setups[rho]
+        bench_equal_accuracy(rho, params, x, y, ref, repeats)
 
 
 if __name__ == "__main__":

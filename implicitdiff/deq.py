@@ -41,6 +41,7 @@ __all__ = [
     "as_backward",
     "as_solver",
     "check_fixed_point",
+    "forward_options",
     "is_builtin_solver",
     "samples_finite",
     "zero_failed_samples",
@@ -53,12 +54,15 @@ __all__ = [
 class IFT:
     """Exact implicit gradient: solve $(I - J)^\\top u = \\bar z$ with `solve`.
 
-    `solve`: a core linear solver; default `idf.BiCGStab()` (tolerance $10^{-6}$ relative in
-    float32, $10^{-12}$ in float64). `idf.Richardson(omega=-1.0, maxiter=...)` is the classic
-    DEQ fixed-point backward (least memory; needs a contraction). Exact up to the solve's
-    tolerance; a solve that does not converge raises (per the layer's `on_failure`)."""
+    `solve`: a core linear solver; default `idf.BiCGStab(check_singular=False)` (the core's
+    default tolerance, $10^{-6}$ relative in float32, $10^{-12}$ in float64; without the
+    uniqueness probe, a second solve that doubled the backward: pass `IFT(idf.BiCGStab())` to
+    have a singular $I - J$ at $z^*$ refused). `idf.Richardson(omega=-1.0, maxiter=...)` is the
+    classic DEQ fixed-point backward (least memory; needs a contraction). Exact up to the
+    solve's tolerance; a solve that does not converge, or whose true residual misses the
+    tolerance, raises (per the layer's `on_failure`)."""
 
-    solve: AbstractLinearSolver = field(default_factory=BiCGStab)
+    solve: AbstractLinearSolver = field(default_factory=lambda: BiCGStab(check_singular=False))
     exact = True
 
     def __post_init__(self) -> None:
@@ -219,6 +223,25 @@ def as_solver(solver: str | Callable[..., Any], who: str = "DEQ") -> Callable[..
         raise TypeError(f"{who}: solver: expected a name ({sorted(SOLVERS)}) or a callable "
                         f"solver(T, z0, *args, **options), got {type(solver).__name__}.")
     return solver
+
+
+EXTRA_STEPS = 3
+"""The layers' default `extra_step` for the built-in solvers (see `forward_options`)."""
+
+
+def forward_options(solver: Callable[..., Any], options: Any = None) -> dict[str, Any]:
+    """The keywords a layer passes to its forward solver: the layers' defaults under the
+    user's `options` (which win). The defaults: `maxiter=50`, and for the built-in fixed-point
+    solvers of `SOLVERS` `extra_step=EXTRA_STEPS` (3): after the last iteration three plain
+    steps $z \\leftarrow f(z, x)$ (three more batched calls of `f`), each kept per sample where
+    it does not increase the residual, which leave the returned $z^*$, and so the implicit
+    gradient computed there, far closer to the exact one than the tolerance asked (on the
+    benchmark DEQ each step divides the gradient error by 3 to 5; see `docs/deq.md`). A custom
+    solver gets only `maxiter=50`."""
+    defaults: dict[str, Any] = {"maxiter": 50}
+    if is_builtin_solver(solver):
+        defaults["extra_step"] = EXTRA_STEPS
+    return {**defaults, **(options or {})}
 
 
 def is_builtin_solver(solver: Callable[..., Any]) -> bool:

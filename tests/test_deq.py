@@ -18,6 +18,7 @@ nn = torch.nn
 from torch_cells import Cell  # noqa: E402
 
 import implicitdiff as idf  # noqa: E402
+import implicitdiff.deq as idf_deq  # noqa: E402
 from implicitdiff_torch import (  # noqa: E402
     DEQ,
     IFT,
@@ -438,20 +439,26 @@ class CountingCell(Cell):
 
 @pytest.mark.parametrize("backward,extra", [(IFT(), 0), (Phantom(2), 2)],
                          ids=["ift", "phantom"])
-def test_forward_evaluates_f_once_per_step(backward, extra):
+@pytest.mark.parametrize("extra_step", [None, False], ids=["default", "no_extra_step"])
+def test_forward_evaluates_f_once_per_step(backward, extra, extra_step):
     """The residual check uses the built-in solver's own max|f(z) - z| at the value it returns:
-    one evaluation of f per step plus the initial one, none after the solve. A solver the DEQ
-    does not know gets the check by a fresh evaluation of f; both give the same statistic."""
+    one evaluation of f per step plus the initial one, plus the default extra steps,
+    none after the solve. A solver the DEQ does not know gets the check by a fresh evaluation of
+    f; both give the same statistic."""
     cell = CountingCell(12, 5, 0.5).to(F64)
     x = torch.randn(6, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
-    deq = DEQ(cell, z_shape=(12,), backward=backward, solver_options=dict(tol=1e-12))
+    opts = dict(tol=1e-12) if extra_step is None else dict(tol=1e-12, extra_step=extra_step)
+    deq = DEQ(cell, z_shape=(12,), backward=backward, solver_options=opts)
     CountingCell.calls = 0
     with torch.no_grad():
         deq(x)
-    assert CountingCell.calls == int(deq.stats.steps.max()) + 1 + extra  # extra: phantom steps
+    # the default extra steps: one more call of f each
+    final = idf_deq.EXTRA_STEPS if extra_step is None else 0
+    # extra: the phantom steps
+    assert CountingCell.calls == int(deq.stats.steps.max()) + 1 + final + extra
     mx = deq.stats.max_abs_residual
     with torch.no_grad():  # at z* (the phantom mode returns steps of f from it)
-        z = DEQ(cell, z_shape=(12,), solver_options=dict(tol=1e-12))(x)
+        z = DEQ(cell, z_shape=(12,), solver_options=opts)(x)
         want = (cell(z, x) - z).abs().amax(dim=-1)
     torch.testing.assert_close(deq.stats.max_abs_residual, want, rtol=0, atol=1e-15)
     torch.testing.assert_close(mx, want, rtol=0, atol=1e-15)
@@ -460,11 +467,12 @@ def test_forward_evaluates_f_once_per_step(backward, extra):
     def own_solver(T, z0, *args, **kw):
         return idf.solvers.anderson(T, z0, *args, **kw)
 
+    # a custom solver gets no extra step by default: ask it for the built-in's
     deq2 = DEQ(cell, z_shape=(12,), backward=backward, solver=own_solver,
-               solver_options=dict(tol=1e-12))
+               solver_options=dict(tol=1e-12, extra_step=final))
     with torch.no_grad():
         deq2(x)
-    assert CountingCell.calls == int(deq2.stats.steps.max()) + 2 + extra
+    assert CountingCell.calls == int(deq2.stats.steps.max()) + 2 + final + extra
     torch.testing.assert_close(deq2.stats.max_abs_residual, want, rtol=0, atol=1e-15)
 
 
@@ -498,8 +506,9 @@ def test_diagnostics_record_the_layers_residual_check():
 
 def test_residual_check_is_on_max_abs_not_the_norm():
     """||r||_2 above residual_tol but max|r| within it: accepted."""
+    # no extra step: it would take the 2-norm below 1e-3 too, with nothing left to tell apart
     _cell, deq, x = make(residual_tol=1e-3, solver_options=dict(tol=0.0, atol=2e-3,
-                                                                  maxiter=200))
+                                                                  maxiter=200, extra_step=False))
     z = deq(x)
     rn, mx = deq.stats.residual_norm, deq.stats.max_abs_residual
     assert mx is not None and bool((mx <= 1e-3).all()) and bool((rn > 1e-3).any())

@@ -33,6 +33,7 @@ from implicitdiff.deq import (
     as_backward,
     as_solver,
     check_fixed_point,
+    forward_options,
     is_builtin_solver,
     samples_finite,
     zero_failed_samples,
@@ -89,8 +90,11 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
       default: the shape of `x`). The warm start of every framework: the previous `z` passed as
       `z0` (only an initial guess, it never changes the gradient).
     - `solver`: `"anderson"` (default), `"broyden"`, `"fixed_point_iteration"`, or a callable like
-      those of `implicitdiff.solvers`; `solver_options` its keywords (default `maxiter=50`).
-    - `backward`: `IFT(solve=...)` (exact, default `IFT(idf.BiCGStab())`), `Neumann(terms)`,
+      those of `implicitdiff.solvers`; `solver_options` its keywords (default `maxiter=50` and,
+      for the named solvers, `extra_step=3`: three plain steps after the last iteration, a
+      far more accurate $z^*$ and gradient; `implicitdiff.deq.forward_options`).
+    - `backward`: `IFT(solve=...)` (exact, default `IFT()`:
+      BiCGStab without the uniqueness probe), `Neumann(terms)`,
       `Phantom(steps, damping)`, `JFB()` from `implicitdiff.deq`, a linear solver (`IFT` with
       it) or one of the names `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`.
     - `residual_tol`, `on_failure`: as in `idf.custom_fixed_point`, in every backward mode: the
@@ -143,7 +147,7 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
     if isolate:
         x = zero_failed_samples(bk, x, inputs_ok, batch)
     solver_fn = as_solver(solver, "deq")
-    opts = {"maxiter": 50, **(solver_options or {})}
+    opts = forward_options(solver_fn, solver_options)
     # the parameters: the array leaves of the cell's pytree; the other leaves are constants
     f_leaves, f_def = jax.tree_util.tree_flatten(f)
     where = [i for i, v in enumerate(f_leaves) if _is_param(v)]

@@ -70,10 +70,11 @@ class DEQ(eqx.Module):
     - `solver`: `"anderson"` (default), `"broyden"`, `"fixed_point_iteration"`, or a callable
       `solver(T, z0, *args, **solver_options) -> SolverResult` like those of
       `implicitdiff.solvers`; `solver_options` its keywords (`tol`, `maxiter`, `m`, ...;
-      default `maxiter=50`), stored as a sorted tuple of `(name, value)` pairs (values must be
-      hashable).
+      default `maxiter=50` and, for the named solvers, `extra_step=3`, as in `deq`), stored
+      as a sorted tuple of `(name, value)` pairs (values must be hashable).
     - `backward`: a backward mode of `implicitdiff.deq`, as for the PyTorch `DEQ`:
-      `IFT(solve=...)` (exact, default `IFT(idf.BiCGStab())`), `Neumann(terms)`,
+      `IFT(solve=...)` (exact, default `IFT()`:
+      BiCGStab without the uniqueness probe), `Neumann(terms)`,
       `Phantom(steps, damping)`, `JFB()`, a linear solver (`IFT` with it) or one of the names
       `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`. See the backward modes in the DEQ guide.
       (`solve=`, `steps=`, `damping=` are the former spelling, deprecated.)

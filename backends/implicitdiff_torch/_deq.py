@@ -34,6 +34,7 @@ from implicitdiff.backend import (
 from implicitdiff.deq import (
     as_solver,
     check_fixed_point,
+    forward_options,
     is_builtin_solver,
     samples_finite,
     zero_failed_samples,
@@ -111,9 +112,13 @@ class DEQ(nn.Module):
     - `solver`: `"anderson"` (default), `"broyden"`, `"fixed_point_iteration"`, or a callable
       `solver(T, z0, *args, **solver_options) -> SolverResult` like those of
       `implicitdiff.solvers`.
-    - `solver_options`: keyword options of the solver (`tol`, `maxiter`, `m`, ...). Defaults:
-      `maxiter=50` and the solver's own tolerance ($\\sqrt\\epsilon$ relative).
-    - `backward`: `IFT(solve=...)` (default `IFT(idf.BiCGStab())`, exact), `Neumann(k)`,
+    - `solver_options`: keyword options of the solver (`tol`, `maxiter`, `m`, `extra_step`,
+      ...). Defaults: `maxiter=50`, the solver's own tolerance ($\\sqrt\\epsilon$ relative),
+      and for the named solvers `extra_step=3` (three plain steps $z \\leftarrow f(z, x)$
+      after the last iteration: three more batched calls of `f`, a far more accurate $z^*$ and
+      gradient; `implicitdiff.deq.forward_options`).
+    - `backward`: `IFT(solve=...)` (default `IFT(idf.BiCGStab(check_singular=False))`,
+      exact), `Neumann(k)`,
       `Phantom(k, damping)`, `JFB()`, a linear solver (`IFT` with it) or one of the names
       `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`.
     - `warm_start`: start from the last fixed point when the new $z_0$ has the same shape
@@ -143,7 +148,7 @@ class DEQ(nn.Module):
         self.f = f
         self.z_shape = None if z_shape is None else tuple(int(d) for d in z_shape)
         self.solver = as_solver(solver, "DEQ")
-        self.solver_options = {"maxiter": 50, **(solver_options or {})}
+        self.solver_options = forward_options(self.solver, solver_options)
         self.backward_mode = _as_mode(IFT() if backward is None else backward)
         self.warm_start = bool(warm_start)
         self.residual_tol = residual_tol

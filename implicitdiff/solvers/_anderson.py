@@ -10,7 +10,7 @@ from ._common import SolverResult, device, iterate, norm, residual_fn, safe_div,
 
 def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float = 1.0,
              tol: float | None = None, atol: float = 0.0, maxiter: int = 100,
-             regularization: float | None = None) -> SolverResult:
+             regularization: float | None = None, extra_step: bool | int = False) -> SolverResult:
     """Find $z = T(z, \\theta)$ by Anderson acceleration (type II, Walker & Ni 2011), with a
     regularized least-squares step that never breaks down.
 
@@ -43,6 +43,14 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     - `regularization`: $\\lambda$, relative to the unit-diagonal Gram matrix; default
       $\\sqrt{\\epsilon}$ of the dtype ($1.5\\cdot 10^{-8}$ in float64, $3.5\\cdot 10^{-4}$ in
       float32).
+    - `extra_step`: after the last iteration, that many plain steps $z \\leftarrow T(z)$
+      for every element (True is 1; each one more evaluation of `T`), each kept where its
+      residual is finite and not larger (default False: none). An accelerated solver's last
+      iterate keeps its error mostly along the directions that $\\partial T/\\partial z$
+      shrinks, which an application of `T` damps: each step typically leaves the value 3 to 5
+      times closer to the fixed point (and so an implicit gradient computed there), at less
+      than an accelerated step's cost; `residual_norm` and `max_abs_residual` are those of
+      the value returned.
 
     **Returns:** a `SolverResult`.
     """
@@ -115,4 +123,4 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     gram0 = xp.zeros((*z0.shape[:-1], m, m), dtype=z0.dtype, device=dev)
     state = (k0, hist, xp.zeros_like(hist), gram0)
     return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter, mstate=state,
-                   step=step)
+                   step=step, extra_step=extra_step)

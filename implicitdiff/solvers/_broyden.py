@@ -21,7 +21,7 @@ from ._common import (
 def broyden(fun: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = True,
             memory: int = 20, h0: float = -1.0, line_search: bool = True,
             max_backtracks: int = 8, tol: float | None = None, atol: float = 0.0,
-            maxiter: int = 100) -> SolverResult:
+            maxiter: int = 100, extra_step: bool | int = False) -> SolverResult:
     """Solve $g(z) = 0$ by Broyden's "good" method with a limited-memory inverse estimate;
     $g(z) = T(z) - z$ (`fixed_point=True`, the default: `fun` is the map $T$) or $g = F$
     (`fixed_point=False`: `fun` is the residual $F$).
@@ -55,6 +55,10 @@ def broyden(fun: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = Tr
       reset to $H_0$ (the Broyden direction was not a descent direction).
     - `tol`, `atol`, `maxiter`: as in `fixed_point_iteration`; the relative residual is
       $\\|g\\|/\\|T(z)\\|$ for a fixed point and $\\|F(z)\\|/\\|F(z_0)\\|$ for a root.
+    - `extra_step`: with `fixed_point=True`, after the last iteration that many plain steps
+      $z \\leftarrow T(z)$ (True is 1; each one more evaluation of $T$), each kept per element
+      where its residual is finite and not larger (default False; as in `anderson`). Ignored
+      for a residual $F$.
 
     **Returns:** a `SolverResult`.
     """
@@ -115,4 +119,4 @@ def broyden(fun: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = Tr
     state = (xp.zeros((*z0.shape[:-1], 1), dtype=xp.int32, device=dev), zeros,
              xp.zeros_like(zeros))
     return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter, mstate=state,
-                   step=step)
+                   step=step, extra_step=extra_step if fixed_point else 0)

@@ -127,7 +127,8 @@ def residual_fn(name: str, fun: Callable[..., Any], args: tuple, z0: Any, xp: An
 
 def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, *,
             tol: float | None, atol: float, maxiter: int, mstate: Any,
-            step: Callable[..., tuple[Any, Any, Any, Any, Any]]) -> SolverResult:
+            step: Callable[..., tuple[Any, Any, Any, Any, Any]],
+            extra_step: bool | int = False) -> SolverResult:
     """The loop every solver runs.
 
     `step(mstate, z, r, rn, active) -> (z_new, r_new, scale_new, ok, update)` proposes the next
@@ -137,14 +138,23 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     masked selects may be skipped; always False under tracing).
     An element stops when its residual is within tolerance, or when it cannot make a finite step
     (then it is reported not converged), or at `maxiter`.
+
+    `extra_step` (fixed points only: `resid` returns $T(z) - z$; True is 1): after the loop,
+    that many plain steps $z \\leftarrow T(z) = z + r$ for every element, each at the cost of
+    one more evaluation of $T$; an element keeps a step where its residual is finite and not
+    larger, and its statistics then describe the value returned (`steps` and the traces do
+    not count them).
     """
     rtol = default_tol(xp, z0.dtype) if tol is None else tol
+    n_extra = _extra_steps(extra_step)
     z_checked = getattr(resid, "implies_finite_z", False)
     r0, scale0 = resid(z0)
     rn0 = norm(xp, r0)
     atol_a = xp.full_like(rn0, atol)
 
     def done(rn: Any, scale: Any) -> Any:
+        if atol == 0:  # the usual case: one operation less per step
+            return rn <= rtol * scale
         return rn <= xp.maximum(atol_a, rtol * scale)
 
     dev = device(z0)
@@ -165,7 +175,8 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         active = s["active"]
         z_new, r_new, scale_new, ok, update = step(s["m"], s["z"], s["r"], s["rn"], active)
         rn_new = norm(xp, r_new)
-        ok = ok & xp.isfinite(rn_new) & xp.isfinite(scale_new)
+        # both norms finite (they are >= 0, or NaN: their sum is finite exactly then)
+        ok = ok & xp.isfinite(rn_new + scale_new)
         if not z_checked:
             ok = ok & finite(xp, z_new)
         accept = active & ok
@@ -194,12 +205,42 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         )
 
     s = bk.while_loop(cond, body, state)
+    for _ in range(n_extra):
+        s = _extra_step(bk, xp, resid, s, done, z_checked)
     rel = safe_div(xp, s["rn"], s["scale"], s["scale"] > 0)
     # the relative trace from the scales, once (NaN where the element had stopped)
     rtrace = xp.where(s["strace"] > 0, s["trace"] / s["strace"], xp.zeros_like(s["trace"]))
     rtrace = xp.where(xp.isnan(s["trace"]), s["trace"], rtrace)
     return SolverResult(s["z"], s["steps"][..., 0], s["conv"][..., 0], s["rn"][..., 0],
                         rel[..., 0], s["trace"], rtrace, xp.max(xp.abs(s["r"]), axis=-1))
+
+
+def _extra_steps(extra_step: Any) -> int:
+    """The number of extra steps from `extra_step` (a bool, or an int >= 0)."""
+    if isinstance(extra_step, bool):
+        return int(extra_step)
+    if not isinstance(extra_step, int) or extra_step < 0:
+        raise ValueError(f"expected extra_step a bool or an int >= 0, got {extra_step!r}.")
+    return extra_step
+
+
+def _extra_step(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], s: dict,
+                done: Callable[[Any, Any], Any], z_checked: bool) -> dict:
+    """`iterate`'s final step $z \\leftarrow z + r = T(z)$, kept per element where its
+    residual is finite and not larger than the last one."""
+    z_new = s["z"] + s["r"]
+    r_new, scale_new = resid(z_new)
+    rn_new = norm(xp, r_new)
+    better = xp.isfinite(rn_new + scale_new) & (rn_new <= s["rn"])
+    if not z_checked:
+        better = better & finite(xp, z_new)
+    if bk.known_all(better):
+        z, r, rn, scale = z_new, r_new, rn_new, scale_new
+    else:
+        z, r, rn, scale = (xp.where(better, new, old) for new, old in (
+            (z_new, s["z"]), (r_new, s["r"]), (rn_new, s["rn"]), (scale_new, s["scale"])))
+    conv = s["conv"] | (better & done(rn_new, scale_new))
+    return {**s, "z": z, "r": r, "rn": rn, "scale": scale, "conv": conv}
 
 
 def backtrack(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z: Any, p: Any,
