@@ -75,6 +75,18 @@ class BackwardRecord:
     guarantee. Computed only inside an `idf.diagnostics()` block (the extra solve costs about
     as much as the derivative's own); NaN where the extra solve failed. One per batch element
     (an array) with `batch_dims`.
+
+    `rtol`: the relative tolerance the linear solve stopped at (iterative solvers) or checked
+    its answer against (`Dense`, `Cholesky`); None for a solver without one. `rtol_source`
+    says where it came from: `"given"`, the solver's own `rtol=`; `"forward"`, chosen from the
+    forward's accuracy (an iterative solver without `rtol=`: 0.1 times
+    `forward_residual`, at least the dtype's default, $10^{-12}$ in float64 and $10^{-6}$ in
+    float32, which an exact forward keeps, and at most $10^{-4}$; one per batch element);
+    `"default"`, the solver's default (direct solvers, whose cost does not depend on it).
+    `forward_residual`: with `"forward"`, $\\|F(x^*, \\theta)\\|_2 / (\\|A\\|_2\\,
+    \\|x^*\\|_2)$ ($\\|A\\|$ estimated by one product), a lower bound on the relative error of
+    $x^*$ (which exceeds it by at most the condition number of $A$, as the backward solve's
+    error exceeds its `rtol`); else None. See docs/linear-solvers.md.
     """
 
     function: str
@@ -85,6 +97,9 @@ class BackwardRecord:
     residual_norm: Any
     converged: Any
     derivative_error_bound: Any = None
+    rtol: Any = None
+    rtol_source: str = "default"
+    forward_residual: Any = None
 
 
 @dataclass
@@ -157,7 +172,8 @@ def diagnostics() -> Iterator[Diagnostics]:
 
     **Returns:** a `Diagnostics` with lists `forward` (`ForwardRecord`: function, residual_norm,
     residual_tol, ok) and `backward` (`BackwardRecord`: function, mode, solver,
-    derivative_method, iterations, residual_norm, converged).
+    derivative_method, iterations, residual_norm, converged, the tolerance the solve used,
+    `rtol`, and where it came from, `rtol_source`).
 
     Under `jax.jit` records arrive when the compiled function runs, through a host callback,
     to the blocks active in the thread that runs it (JAX on the CPU runs a computation and its

@@ -21,7 +21,16 @@ from ._backend import Backend, get_backend
 from ._config import resolve_on_failure
 from ._diagnostics import BackwardRecord, LinearSolveInfo, collecting
 from ._errors import ImplicitDiffError, LinearSolveError, SingularJacobianError, StructureError
-from ._linear_solve import AbstractLinearSolver, Auto, Cholesky, Dense
+from ._linear_solve import (
+    AbstractLinearSolver,
+    Auto,
+    Cholesky,
+    Dense,
+    _default_rtol,
+    backward_rtol,
+    follows_forward,
+    with_rtol,
+)
 from ._tags import as_tags, symmetric
 
 # ---- raveling a pytree into one vector ---------------------------------------------------------
@@ -133,27 +142,39 @@ def _linear_failure(name: str, mode: str, solver: AbstractLinearSolver, method: 
 
 def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: Callable,
                    rmatvec: Callable, rhs: Any, tags: frozenset, on_failure: str, name: str,
-                   mode: str, x_error: Any = None, a_norm: Any = None) -> Any:
+                   mode: str, x_error: Any = None, a_norm: Any = None,
+                   tol: _BackwardTol | None = None) -> Any:
     """The linear solve, recorded and checked. `x_error` (inside a diagnostics block): the
     relative error of x* implied by the forward residual, one per batch element, and `a_norm`
-    an estimate of $\\|A\\|$, for the record's `derivative_error_bound`."""
+    an estimate of $\\|A\\|$, for the record's `derivative_error_bound`. `tol`: the
+    tolerance chosen (`_backward_tol`); its solver does the solve, `solver` (the configured
+    one) is what the record and the messages name."""
+    used = solver if tol is None else tol.solver
 
     def checker(m: str) -> Callable[[Any, Any], Any]:
         # Record the solve and apply on_failure; `m` is "jvp" (solve with A) or "vjp" (A^T).
         def check(sol: Any, info: Any) -> Any:
             info = LinearSolveInfo(*info)
-            if x_error is None:
-                bk.record(lambda it, rn, cv: BackwardRecord(name, m, repr(solver), lin.method,
-                                                            it, rn, cv),
-                          info.iterations, info.residual_norm, info.converged)
-            else:
+            data = [info.iterations, info.residual_norm, info.converged]
+            if x_error is not None:
                 # the solve's relative residual ||Ay - b|| / ||b||, with ||b|| ~ ||A|| ||y||
                 # (b itself may be a tangent, which JAX must not see in a closure here)
-                b_norm = a_norm * bk.namespace(sol).linalg.vector_norm(sol, axis=-1)
-                bk.record(lambda it, rn, cv, xe, bn: BackwardRecord(
-                    name, m, repr(solver), lin.method, it, rn, cv,
-                    _error_bound(xe, rn, bn)),
-                    info.iterations, info.residual_norm, info.converged, x_error, b_norm)
+                data += [x_error, a_norm * bk.namespace(sol).linalg.vector_norm(sol, axis=-1)]
+            source, rtol_c = ("default", None) if tol is None else (tol.source, tol.rtol)
+            follow = tol is not None and tol.forward is not None
+            if follow:
+                assert tol is not None
+                data += [tol.rtol, tol.forward]  # arrays (traced under JAX): record data
+
+            def make(it: Any, rn: Any, cv: Any, *rest: Any) -> BackwardRecord:
+                rest_ = list(rest)
+                bound = (_error_bound(rest_.pop(0), rn, rest_.pop(0)) if x_error is not None
+                         else None)
+                rt, fwd = (rest_[0], rest_[1]) if follow else (rtol_c, None)
+                return BackwardRecord(name, m, repr(solver), lin.method, it, rn, cv, bound,
+                                      _per_problem(rt), source, _per_problem(fwd))
+
+            bk.record(make, *data)
             if symmetric in tags and info.not_symmetric is not None:
                 bad_tag = info.not_symmetric
                 return bk.handle_failure(
@@ -171,9 +192,47 @@ def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: 
         return check
 
     other = "vjp" if mode == "jvp" else "jvp"
-    return bk.linear_solve(solver, matvec, rhs, rmatvec=rmatvec, tags=tags,
+    return bk.linear_solve(used, matvec, rhs, rmatvec=rmatvec, tags=tags,
                            check=checker(mode), check_transpose=checker(other),
                            linearization=lin, transpose=mode == "vjp")
+
+
+class _BackwardTol:
+    """The tolerance of one backward solve: `solver` (the configured one, or a copy stopping
+    at the tolerance chosen), `rtol` (a float, an array of shape `(*batch, 1)` when chosen
+    from the forward, or None for a solver without one), `source` ("given": the solver's own
+    `rtol`; "forward": chosen from the forward's accuracy; "default": the solver's default)
+    and `forward` (the forward's relative residual, `(*batch, 1)`, where it was measured)."""
+
+    def __init__(self, solver: AbstractLinearSolver, rtol: Any, source: str,
+                 forward: Any = None):
+        self.solver, self.rtol, self.source, self.forward = solver, rtol, source, forward
+
+
+def _backward_tol(bk: Backend, at: _AtRoot, solver: AbstractLinearSolver, matvec: Callable,
+                  x_flat: Any) -> _BackwardTol:
+    """The backward solve's tolerance (see the notes above `backward_rtol` in
+    `_linear_solve`): an iterative solver without an `rtol` of its own stops at a tolerance
+    chosen from the forward's relative residual, one per batch element."""
+    given = getattr(solver, "rtol", None)
+    if given is not None:
+        return _BackwardTol(solver, float(given), "given")
+    xp = at.rv.xp
+    if not follows_forward(solver):
+        direct = isinstance(solver, (Dense, Cholesky))
+        return _BackwardTol(solver, _default_rtol(xp, at.rv.dtype, True) if direct else None,
+                            "default")
+    fwd = bk.stop_gradient(at.forward_residual(matvec, x_flat))[..., None]
+    rtol = backward_rtol(xp, at.rv.dtype, fwd)
+    return _BackwardTol(with_rtol(solver, rtol), rtol, "forward", fwd)
+
+
+def _per_problem(v: Any) -> Any:
+    """A recorded `(*batch, 1)` array as a float (one problem) or a `(*batch)` NumPy array."""
+    if v is None or isinstance(v, (int, float)):
+        return v
+    a = np.asarray(v, dtype=np.float64)[..., 0]
+    return float(a) if a.ndim == 0 else a
 
 
 def _error_bound(x_error: Any, residual: Any, b_norm: Any) -> Any:
@@ -349,6 +408,25 @@ class _AtRoot:
         where = xp.argmax(xp.astype(bad, rv.dtype) * (mis - allowed), axis=-1)
         return ok, (worst, where)
 
+    def forward_residual(self, matvec: Callable, x_flat: Any) -> Any:
+        """$\\|F(x^*)\\|_2 / (\\|A\\|_2 \\|x^*\\|_2)$ per batch element ($\\|A\\|$
+        estimated by one product with `matvec`, $A$ or $A^\\top$, with a vector of the size
+        of x*; $\\|d\\|$ for $\\|x^*\\|$ where x* is 0): a lower bound on x*'s relative
+        error, which exceeds it by at most the condition number of $A$. Infinite where the
+        estimate fails (then `backward_rtol` keeps the default)."""
+        xp = self.rv.xp
+        f = self.rv.ravel(self.F0)
+        size = _rowmax(xp, x_flat)
+        # d > 0 entrywise, of the size of x* (ones where x* is 0), so never 0
+        d = xp.abs(x_flat) + xp.where(size > 0, size, xp.ones_like(size))[..., None]
+        nd = xp.linalg.vector_norm(d, axis=-1)
+        nx = xp.linalg.vector_norm(x_flat, axis=-1)
+        den = xp.linalg.vector_norm(matvec(d), axis=-1) / nd * xp.where(nx > 0, nx, nd)
+        # where A annihilates d (singular) or is not finite: inf, so the default tolerance
+        good = den > 0
+        return xp.where(good, xp.linalg.vector_norm(f, axis=-1)
+                        / xp.where(good, den, xp.ones_like(den)), xp.full_like(den, math.inf))
+
     def x_error(self, solver: AbstractLinearSolver, matvec: Callable, rmatvec: Callable,
                 tags: frozenset, x_flat: Any) -> tuple:
         """$\\|A^{-1} F(x^*)\\|_\\infty / \\|x^*\\|_\\infty$ per batch element: to first order the
@@ -509,10 +587,10 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
         return r.unravel(r.ravel(x_star) * 0)
     lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
     collect = collecting()
-    at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
-                 _probe_wanted(bk, F, kink_probe), collect)
-    rhs = r.ravel(lin.B(tangents))
     solver = resolve_solver(solve, r.n, tags)
+    at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
+                 _probe_wanted(bk, F, kink_probe), collect or follows_forward(solver))
+    rhs = r.ravel(lin.B(tangents))
 
     def matvec(v: Any) -> Any:
         return r.ravel(lin.A(r.unravel(v)))
@@ -521,10 +599,11 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
         return r.ravel(lin.AT(r.unravel(u)))
 
     _given_matrix(derivatives, solver, x_star, args, matvec, rmatvec)
-    x_error, a_norm = (at.x_error(solver, matvec, rmatvec, tags, r.ravel(x_star)) if collect
-                       else (None, None))
+    tol = _backward_tol(bk, at, solver, matvec, r.ravel(x_star))
+    x_error, a_norm = (at.x_error(tol.solver, matvec, rmatvec, tags, r.ravel(x_star))
+                       if collect else (None, None))
     sol = _solve_checked(bk, lin, solver, matvec, rmatvec, -rhs, tags, on_failure, name, "jvp",
-                         x_error, a_norm)
+                         x_error, a_norm, tol)
     return at.apply(r.unravel(sol), x_star)
 
 
@@ -581,9 +660,10 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     if r.n == 0:  # nothing to solve for: B^T of an empty cotangent, zeros (None for ints)
         return lin.BT(r.unravel(rhs * 0), argnums)
     collect = collecting()
-    at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
-                 _probe_wanted(bk, F, kink_probe), collect, transpose=True)
     solver = resolve_solver(solve, r.n, tags)
+    at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
+                 _probe_wanted(bk, F, kink_probe), collect or follows_forward(solver),
+                 transpose=True)
 
     def matvec(u: Any) -> Any:
         return r.ravel(lin.AT(r.unravel(u)))
@@ -593,8 +673,9 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
 
     _given_matrix(derivatives, solver, x_star, args, rmatvec, matvec)
 
-    x_error, a_norm = (at.x_error(solver, rmatvec, matvec, tags, r.ravel(x_star)) if collect
-                       else (None, None))
+    tol = _backward_tol(bk, at, solver, matvec, r.ravel(x_star))
+    x_error, a_norm = (at.x_error(tol.solver, rmatvec, matvec, tags, r.ravel(x_star))
+                       if collect else (None, None))
     u = _solve_checked(bk, lin, solver, matvec, rmatvec, rhs, tags, on_failure, name, "vjp",
-                       x_error, a_norm)
+                       x_error, a_norm, tol)
     return lin.BT(at.apply(r.unravel(-u), x_star), argnums)

@@ -12,6 +12,7 @@ Solvers are frozen dataclasses: hashable, safe as defaults, static under `jax.ji
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -32,6 +33,63 @@ def _default_rtol(xp: Any, dtype: Any, direct: bool) -> float:
     if dtype == xp.float32:
         return 3e-3 if direct else 1e-6
     return 3e-2 if direct else 1e-3
+
+
+# ---- the default tolerance of a backward solve follows the forward ----------------------------
+#
+# A derivative cannot be more exact than the x* it is taken at. With r = ‖F(x*, θ)‖ / (‖A‖ ‖x*‖)
+# (per problem, ‖A‖ estimated by one product), x* has relative error δ = ‖A⁻¹F(x*)‖/‖x*‖ with
+# r ≤ δ ≤ cond(A) r, and a backward solve stopped at relative residual ρ has relative error
+# between ρ and cond(A) ρ: both are bounded by the same amplification of their residuals. So an
+# iterative backward solve with no `rtol` of its own stops at ρ = BACKWARD_SAFETY · r (its error
+# bound a tenth of the forward's), at least the dtype's default (`_default_rtol`: an exact
+# forward keeps it) and at most BACKWARD_RTOL_CAP (a looser answer would leave the true-residual
+# check and the uniqueness probe's refusal threshold, 10 ρ/100 against ~1/√n, too close to the
+# answer's own error). The uniqueness probe's condition-number test keeps the solver's own
+# tolerance (see `_Iterative._verify`), so a loose forward never makes a well-conditioned but
+# non-trivial A look singular. Direct solvers cost the same at any tolerance (theirs is only a
+# check) and keep theirs; so does a solver given an explicit `rtol`.
+
+BACKWARD_SAFETY = 0.1
+"""The default backward rtol of an iterative solver is this times the forward's relative
+residual (clipped to `[_default_rtol, BACKWARD_RTOL_CAP]`)."""
+
+BACKWARD_RTOL_CAP = 1e-4
+"""The loosest default backward rtol, whatever the forward's accuracy."""
+
+
+def follows_forward(solver: Any) -> bool:
+    """Whether `solver`'s tolerance is chosen from the forward's accuracy: an iterative solver
+    of this module with no `rtol` of its own (`Auto` resolves to one first)."""
+    return isinstance(solver, _Iterative) and solver.rtol is None
+
+
+def backward_rtol(xp: Any, dtype: Any, forward_residual: Any) -> Any:
+    """The default rtol of an iterative backward solve, from the forward's relative residual
+    $r = \\|F(x^*)\\| / (\\|A\\|\\,\\|x^*\\|)$ (an array, one per problem): `BACKWARD_SAFETY`
+    $\\cdot\\, r$, at least the dtype's default and at most `BACKWARD_RTOL_CAP` (the default
+    where $r$ is not finite). The one rule, used by `implicit_jvp` and `implicit_vjp`."""
+    floor = _default_rtol(xp, dtype, False)
+    cap = max(floor, BACKWARD_RTOL_CAP)
+    r = BACKWARD_SAFETY * xp.astype(forward_residual, dtype)
+    r = xp.where(xp.isfinite(r), r, xp.full_like(r, floor))
+    return xp.minimum(xp.maximum(r, xp.full_like(r, floor)), xp.full_like(r, cap))
+
+
+def with_rtol(solver: AbstractLinearSolver, rtol: Any) -> AbstractLinearSolver:
+    """A copy of the iterative `solver` that stops at `rtol`, an array broadcastable against
+    the norms of right-hand sides (`(..., 1)`), instead of the dtype's default. Not a field:
+    the solver's `repr`, equality and hash stay those of the user's configuration."""
+    out = copy.copy(solver)
+    object.__setattr__(out, "_rtol_forward", rtol)
+    return out
+
+
+def _fmax(xp: Any, a: Any, b: float) -> Any:
+    """`max(a, b)` for a float `a`, elementwise for an array."""
+    if isinstance(a, (int, float)):
+        return max(float(a), b)
+    return xp.maximum(a, xp.full_like(a, b))
 
 
 def _sel(xp: Any, mask: Any, new: Any, old: Any) -> Any:
@@ -56,6 +114,7 @@ class AbstractLinearSolver(abc.ABC):
     atol: float
     ridge: float
     _needs_symmetry = False  # CG and MINRES: probe symmetry even without the tag
+    _rtol_forward: Any = None  # set by `with_rtol` (a backward solve following the forward)
 
     def solve(self, matvec: MatVec, b: Any, *, x0: Any = None, rmatvec: MatVec | None = None,
               tags: frozenset = frozenset(), backend: Any = None) -> tuple[Any, LinearSolveInfo]:
@@ -113,6 +172,12 @@ class AbstractLinearSolver(abc.ABC):
         """The solver that does the work (`Auto` picks one)."""
         return self
 
+    def _with_rtol(self, rtol: Any) -> AbstractLinearSolver:
+        """`with_rtol(self, rtol)`: for a backend that re-solves at another point (PyTorch's
+        differentiable solve) and passes the tolerance the core chose, `_rtol_forward`, along
+        as data (under `torch.func.vmap` it gains the mapped dimension)."""
+        return with_rtol(self, rtol)
+
     # What every iterative answer goes through (`_verify`): Krylov methods stop on their own
     # residual estimate, which a non-symmetric A (MINRES), rounding drift (CG) or an
     # inconsistent system (NormalCG) can make lie, and from x0 = 0 they return, for a singular
@@ -148,7 +213,9 @@ class AbstractLinearSolver(abc.ABC):
         ...
 
     def _tol(self, xp: Any, b: Any, direct: bool = False) -> Any:
-        rtol = self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, direct)
+        rtol = self.rtol if self.rtol is not None else (
+            _default_rtol(xp, b.dtype, direct) if self._rtol_forward is None
+            else self._rtol_forward)
         nb = norm(xp, b)
         return xp.maximum(rtol * nb, xp.full_like(nb, self.atol))
 
@@ -403,7 +470,18 @@ class _Iterative(AbstractLinearSolver):
 
     check_singular: bool
 
-    def _rtol(self, xp: Any, b: Any) -> float:
+    def _rtol(self, xp: Any, b: Any) -> Any:
+        """The tolerance the iteration stops at: `rtol`, else the one `with_rtol` set (an
+        array), else the dtype's default."""
+        if self.rtol is not None:
+            return self.rtol
+        if self._rtol_forward is not None:
+            return self._rtol_forward
+        return _default_rtol(xp, b.dtype, False)
+
+    def _own_rtol(self, xp: Any, b: Any) -> float:
+        """`rtol`, else the dtype's default: the solver's own tolerance, which the tests of a
+        singular A that compare with the size of A (never with the answer's error) use."""
         return self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, False)
 
     def _check_tol(self, xp: Any, b: Any) -> Any:
@@ -418,8 +496,12 @@ class _Iterative(AbstractLinearSolver):
         that a non-singular A's error on the probe stays far below the refusal threshold."""
         rtol = self._rtol(xp, b)
         eps = float(xp.finfo(b.dtype).eps)
-        tight = max(rtol / 100, min(rtol, 10 * eps))
-        return replace(cast(Any, self), rtol=tight, atol=self.atol / 100)
+        if isinstance(rtol, (int, float)):
+            tight = max(rtol / 100, min(rtol, 10 * eps))
+            return replace(cast(Any, self), rtol=tight, atol=self.atol / 100)
+        tight = xp.maximum(rtol / 100, xp.minimum(rtol, xp.full_like(rtol, 10 * eps)))
+        return cast(_Iterative, with_rtol(replace(cast(Any, self), atol=self.atol / 100),
+                                          tight))
 
     def _verify(self, bk, xp, A, b, x, info, AT, tags):
         n = b.shape[-1]
@@ -451,7 +533,7 @@ class _Iterative(AbstractLinearSolver):
             brk = brk | (stuck & ~(rn2 <= 1e4 * nb))
             ATop = AT if AT is not None else (A if self._needs_symmetry else None)
             if ATop is not None:
-                root = max(self._rtol(xp, b), eps) ** 0.5
+                root = max(self._own_rtol(xp, b), eps) ** 0.5
                 lsq = (norm(xp, ATop(r)) <= 10.0 * root * anorm * rn2) & (rn2 > 0)
                 brk = brk | (stuck & lsq)
         if self.check_singular and not bk.known_all(~conv):
@@ -462,9 +544,12 @@ class _Iterative(AbstractLinearSolver):
             probe = self._probe_solver(xp, b)
             z, _ = probe._solve(bk, xp, A, bw, None, AT, tags)
             nbw = norm(xp, bw)
-            rtol = xp.maximum(xp.full_like(nbw, max(self._rtol(xp, b), eps)),
+            # the condition-number test with the solver's own tolerance (not one loosened to
+            # follow the forward: a well-conditioned A must never look singular); the probe's
+            # accuracy as it was solved
+            rtol = xp.maximum(xp.full_like(nbw, max(self._own_rtol(xp, b), eps)),
                               safe_div(xp, xp.full_like(nbw, self.atol), nbw, nbw > 0))
-            prtol = xp.maximum(xp.full_like(nbw, max(probe._rtol(xp, b), eps)),
+            prtol = xp.maximum(_fmax(xp, probe._rtol(xp, b), eps) + xp.zeros_like(nbw),
                                safe_div(xp, xp.full_like(nbw, probe.atol), nbw, nbw > 0))
             singular = _looks_singular(xp, n, rtol, prtol, ws, z, A(z) - bw, anorm)
             brk = brk | (conv & singular)
@@ -596,7 +681,7 @@ class NormalCG(_Iterative):
                    self._maxiter(b.shape[-1]))
 
     def _check_tol(self, xp: Any, b: Any) -> Any:
-        rtol = max(self._rtol(xp, b), float(xp.finfo(b.dtype).eps))
+        rtol = _fmax(xp, self._rtol(xp, b), float(xp.finfo(b.dtype).eps))
         nb = norm(xp, b)
         return xp.maximum(rtol ** 0.5 * nb, xp.full_like(nb, self.atol))
 
@@ -643,7 +728,7 @@ class MINRES(_Iterative):
         brk = ~(b1sq >= 0)
         beta1 = xp.sqrt(xp.where(brk, xp.zeros_like(b1sq), b1sq))
         tol = self._tol(xp, b) if self.preconditioner is None else xp.maximum(
-            (self.rtol if self.rtol is not None else _default_rtol(xp, b.dtype, False)) * beta1,
+            self._rtol(xp, b) * beta1,
             xp.full_like(beta1, self.atol))
         zero = xp.zeros_like(beta1)
         one = xp.ones_like(beta1)

@@ -244,7 +244,12 @@ class TorchBackend(Backend):
         if isinstance(lin, Operator) and not lin.fast and _differentiable(b, lin):
             checks = {transpose: check, not transpose: check_transpose}
             spec = SolveSpec(lin.p, solver, tags, checks)
-            return LinSolve.apply(spec, transpose, b, *lin.xs, *lin.ths)
+            # the tolerance the core chose from the forward (a tensor computed at this
+            # transform level) goes in as an input, so vmap moves its mapped dimension too
+            rtol = getattr(solver, "_rtol_forward", None)
+            if isinstance(rtol, torch.Tensor):
+                rtol = rtol.detach()
+            return LinSolve.apply(spec, transpose, b, rtol, *lin.xs, *lin.ths)
         if isinstance(lin, Operator) and lin.fast and rmatvec is not None:
             # products that take several vectors at once
             sym = symmetric in tags

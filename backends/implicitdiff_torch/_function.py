@@ -462,9 +462,10 @@ class SolveSpec:
         """The same over a new leading batch dimension (see `Problem.vmapped`)."""
         return SolveSpec(self.problem.vmapped(), self.solver, self.tags, self.checks)
 
-    def solve(self, transpose: bool, rhs: torch.Tensor, params: Sequence[torch.Tensor]
-              ) -> torch.Tensor:
-        """$M^{-1}$ rhs at `params = (*xs, *ths)`, $M = A^\\top$ if `transpose` else $A$."""
+    def solve(self, transpose: bool, rhs: torch.Tensor, params: Sequence[torch.Tensor],
+              rtol: torch.Tensor | None = None) -> torch.Tensor:
+        """$M^{-1}$ rhs at `params = (*xs, *ths)`, $M = A^\\top$ if `transpose` else $A$;
+        `rtol`, where given, is the tolerance the core chose from the forward's accuracy."""
         nx = self.problem.n_x
         ops = Operator(self.problem, params[:nx], params[nx:])
 
@@ -475,8 +476,9 @@ class SolveSpec:
             return ops.ravel(ops.AT_leaves(ops.unravel(u)))
 
         matvec, rmatvec = (AT, A) if transpose else (A, AT)
-        sol, info = self.solver.solve(matvec, rhs, rmatvec=rmatvec, tags=self.tags,
-                                      backend=self.problem.bk)
+        solver = self.solver if rtol is None else self.solver._with_rtol(rtol)
+        sol, info = solver.solve(matvec, rhs, rmatvec=rmatvec, tags=self.tags,
+                                 backend=self.problem.bk)
         return self.checks[transpose](sol, info)
 
 
@@ -523,14 +525,14 @@ class LinSolve(torch.autograd.Function):
     differentiable, as JAX's backend wraps `lax.custom_linear_solve`."""
 
     @staticmethod
-    def forward(spec: SolveSpec, transpose: bool, rhs: torch.Tensor,
+    def forward(spec: SolveSpec, transpose: bool, rhs: torch.Tensor, rtol: torch.Tensor | None,
                 *params: torch.Tensor) -> torch.Tensor:
-        return spec.solve(transpose, rhs, params)
+        return spec.solve(transpose, rhs, params, rtol)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        spec, transpose, _rhs, *params = inputs
-        ctx.spec, ctx.transpose = spec, transpose
+        spec, transpose, _rhs, rtol, *params = inputs
+        ctx.spec, ctx.transpose, ctx.rtol = spec, transpose, rtol
         ctx.save_for_backward(output, *params)
         ctx.save_for_forward(output, *params)
 
@@ -540,8 +542,8 @@ class LinSolve(torch.autograd.Function):
         problem = spec.problem
         y, *params = ctx.saved_tensors
         nx = problem.n_x
-        w = LinSolve.apply(spec, not transpose, ybar, *params)
-        needs = ctx.needs_input_grad[3:]
+        w = LinSolve.apply(spec, not transpose, ybar, ctx.rtol, *params)
+        needs = ctx.needs_input_grad[4:]
         idx = [j for j in range(len(params)) if needs[j] and
                (j < nx or problem.float_th[j - nx])]
         grads: list[Any] = [None] * len(params)
@@ -549,11 +551,11 @@ class LinSolve(torch.autograd.Function):
             a, b = (y, w) if transpose else (w, y)
             for j, g in zip(idx, _d_AT(problem, params, idx, a, b)):
                 grads[j] = -g
-        return (None, None, w, *grads)
+        return (None, None, w, None, *grads)
 
     @staticmethod
-    def jvp(ctx: Any, _p: Any, _t: Any, rhs_dot: torch.Tensor | None, *param_dots: Any
-            ) -> torch.Tensor:
+    def jvp(ctx: Any, _p: Any, _t: Any, rhs_dot: torch.Tensor | None, _r: Any,
+            *param_dots: Any) -> torch.Tensor:
         spec, transpose = ctx.spec, ctx.transpose
         problem = spec.problem
         _refuse_forward_over_forward(problem)
@@ -571,7 +573,7 @@ class LinSolve(torch.autograd.Function):
 
             (dMy,) = jvp_by_vjp(My, [params[j] for j in idx], [param_dots[j] for j in idx])
             rhs = rhs - dMy
-        return LinSolve.apply(spec, transpose, rhs, *params)
+        return LinSolve.apply(spec, transpose, rhs, ctx.rtol, *params)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, spec: SolveSpec, transpose: bool,
@@ -579,7 +581,9 @@ class LinSolve(torch.autograd.Function):
         # One batched solve instead of one per element: the vmapped dimension goes first (an
         # unbatched input is expanded, a view), F is vmapped over it, and the core's solvers
         # treat it as one more batch dimension (each element stops on its own).
-        def front(t: torch.Tensor, d: int | None) -> torch.Tensor:
+        def front(t: torch.Tensor | None, d: int | None) -> torch.Tensor | None:
+            if t is None:  # no tolerance from the forward
+                return None
             if d is None:
                 return t.unsqueeze(0).expand(info.batch_size, *t.shape)
             return t.movedim(d, 0)
