@@ -696,7 +696,7 @@ def bench_config(d: int, batch: int, repeats: int, budget: float, seed: int,
 # For each peer: the cheapest implicitdiff setting (gradient mode x tolerance) whose gradient
 # error is no larger than the peer's, timed side by side with the peer.
 
-EQ_TOLS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3)
+EQ_TOLS = (1e-6, 1.5e-6, 2e-6, 3e-6, 5e-6, 7e-6, 1e-5, 2e-5, 5e-5, 1e-4, 3e-4, 1e-3)
 EQ_PEERS = (TDQ, TDQ_A, TDQ_AS, TODE, DFX_R, DFX_B, DFX_B1, DFX_D)
 EQ_MODES = ("direct", "checkpoint", "backsolve")
 

@@ -41,6 +41,14 @@ from ._solver import (
     integrate,
 )
 
+# The backward pass's step-size controller: the plain integral controller (beta = 0) of
+# torchdiffeq and diffrax, not the forward pass's PI controller (beta = 0.04), whose memory
+# term damps the step's growth. On the benchmark's neural ODE (docs/benchmarks.md) it takes
+# 6 backward steps instead of 8 (torchdiffeq's seminorm count); with so few steps the
+# gradient's error depends on where they fall (FFJORD at 1e-5: 3.7e-5 with beta = 0, 8e-6
+# with 0.02, 3.4e-6 with 0.04), within the tolerance's reach either way.
+_ADJOINT_BETA = 0.0
+
 
 class BacksolveUnsupportedError(DerivativeNotSupportedError):
     """A derivative `grad="backsolve"` does not give: second order (the adjoint is a
@@ -116,12 +124,9 @@ class _BuiltIn:
 
     def segment(self, aug: Callable[..., Any], s0: Any, seg: Any,
                 norm: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
-        # the plain integral controller (beta = 0, torchdiffeq's and diffrax's): on the
-        # adjoint's one smooth system it grows the step faster than the forward's PI
-        # controller, which damps growth (8 -> 6 backward steps on the benchmark's problem;
-        # docs/neural-odes.md)
-        res = integrate(aug, s0, seg, (), error_norm=norm, pi_beta=0.0, differentiable=False,
-                        **self.opts)
+        # the plain integral controller (`_ADJOINT_BETA`)
+        res = integrate(aug, s0, seg, (), error_norm=norm, pi_beta=_ADJOINT_BETA,
+                        differentiable=False, **self.opts)
         return res.ys[-1], res.stats.status == SUCCESS, res.stats
 
 
