@@ -1,6 +1,6 @@
 """JAX backend: ridge hypergradient against the floor, jaxopt, optimistix and unrolled autodiff.
 
-    python benchmarks/bench_jax.py             # the full run (about 2 minutes on 2 CPU cores)
+    python benchmarks/bench_jax.py             # the full run (about 3 minutes on 2 CPU cores)
     python benchmarks/bench_jax.py --quick     # a smoke run (about 20 s), used by a test
 
 The problem. Ridge regression on a training set, its hyperparameter λ tuned on a validation set:
@@ -20,9 +20,11 @@ unless said otherwise:
 - floor: plain autodiff through `jnp.linalg.solve` (it reuses the LU factors in the backward
   pass, so it is the cheapest possible hypergradient here);
 - implicitdiff `custom_root` with `idf.CG()` (default rtol 1e-12), `idf.CG(rtol=1e-5)`
-  (jaxopt's default tolerance), `idf.Dense()`, `idf.Cholesky()`; and CG and Dense with
-  `on_failure="nan"`, which puts no host callback in the compiled code (see the findings in
-  docs/benchmarks.md: any host callback sends every call through JAX's Python dispatch path);
+  (jaxopt's default tolerance), 1e-6, 1e-8 and 1e-10, `idf.Dense()`, `idf.Cholesky()`; CG and
+  Dense with `on_failure="nan"`, which puts no host callback in the compiled code; and CG(rtol
+  1e-5) traced with the failure checks declaring their callback's JAX effect, as they did
+  before (any effect in a jaxpr sends every call of its `jax.jit` through JAX's Python dispatch
+  path: finding 1 in docs/benchmarks.md);
 - jaxopt `implicit_diff.custom_root` with `linear_solve.solve_cg` (jax.scipy CG, tol 1e-5) and
   with `linear_solve.solve_lu`;
 - optimistix `root_find(..., optx.Newton(rtol=1e-10, atol=1e-10), adjoint=ImplicitAdjoint())`:
@@ -37,6 +39,16 @@ and the interquartile range (IQR) over the rounds. Ratios are the median over ro
 per-round ratio of two calls (paired: both ran within a millisecond of each other, so a load
 spike from other processes hits both), which is robust on a shared, noisy machine. Relative
 errors are against the floor's hypergradient (exact up to rounding).
+
+Equal accuracy. For each peer (jaxopt CG, jaxopt LU, optimistix), the cheapest implicitdiff
+setting with the default `on_failure` (the checks compiled in, loud) whose relative error of
+dL/dλ is no larger than the peer's, up to rounding (1%, or 1e-15 absolute), with its time and
+the paired ratio.
+
+The price of a loud check (full run only). `jit(x ↦ 2x)` with one check that passes, by each
+way of failing loudly under jit: implicitdiff's check now and as it was (declaring its effect),
+its AOT-compiled form, `equinox.error_if`, `checkify` (error returned; thrown after each call),
+a NaN-and-flag read on the host after each call, and an XLA FFI handler written with ctypes.
 
 vmap. `jax.jit(jax.vmap(jax.grad(L), in_axes=(0, None)))` over 16 values of λ, run in a child
 process under a watchdog: jaxlib's batched LAPACK kernels (LU, triangular solve) can deadlock the
@@ -96,6 +108,10 @@ IDF_CG = "implicitdiff CG (rtol 1e-12, default)"
 IDF_CG5 = "implicitdiff CG (rtol 1e-5)"
 IDF_CG_NAN = "implicitdiff CG, on_failure='nan'"
 IDF_CG5_NAN = "implicitdiff CG (rtol 1e-5), on_failure='nan'"
+IDF_CG5_EFFECT = "implicitdiff CG (rtol 1e-5), check declaring its effect (before)"
+IDF_CG6 = "implicitdiff CG (rtol 1e-6)"
+IDF_CG8 = "implicitdiff CG (rtol 1e-8)"
+IDF_CG10 = "implicitdiff CG (rtol 1e-10)"
 IDF_DENSE = "implicitdiff Dense"
 IDF_DENSE_NAN = "implicitdiff Dense, on_failure='nan'"
 IDF_CHOL = "implicitdiff Cholesky"
@@ -105,6 +121,12 @@ OPTX = "optimistix Newton + ImplicitAdjoint"
 UNROLLED = f"unrolled GD, {UNROLL_STEPS} steps (lax.scan)"
 
 QUICK = [FLOOR, IDF_CG, IDF_CG5, IDF_CG_NAN, IDF_DENSE, JAXOPT_CG, JAXOPT_LU, UNROLLED]
+# Equal accuracy: for each peer, the cheapest of these (all with the default on_failure, so the
+# failure checks are in the program and raise) whose gradient error is no larger than the peer's.
+EQUAL_CANDIDATES = [IDF_CG5, IDF_CG6, IDF_CG8, IDF_CG10, IDF_CG, IDF_DENSE, IDF_CHOL]
+EQUAL_PEERS = [JAXOPT_CG, JAXOPT_LU, OPTX]
+ROUNDING = 1e-15
+"""Relative gradient errors this close count as equal: rounding (about 5 ε in float64)."""
 VMAP = [FLOOR, IDF_CG, IDF_CG5, IDF_CG_NAN, IDF_CG5_NAN, IDF_DENSE, IDF_DENSE_NAN, IDF_CHOL,
         JAXOPT_CG, JAXOPT_LU]
 VMAP_QUICK = [FLOOR, IDF_CG, IDF_CG_NAN, JAXOPT_CG]
@@ -159,6 +181,21 @@ def _drop_L0(solver: Callable[..., Any]) -> Callable[..., Any]:
 
 def idf_solver(solve: idf.AbstractLinearSolver, **kw: Any) -> Callable[..., Any]:
     return _drop_L0(idf.custom_root(F, solve=solve, tags=TAGS, **kw)(ridge_solve))
+
+
+def with_effect(solver: Callable[..., Any]) -> Callable[..., Any]:
+    """`solver` traced with the failure checks declaring their callback's JAX effect, as before
+    (`implicitdiff_jax._backend.DECLARE_EFFECT`): the program loses jit's C++ fast dispatch."""
+    from implicitdiff_jax import _backend as jb
+
+    def solve(*args: Any) -> Any:
+        jb.DECLARE_EFFECT = True
+        try:
+            return solver(*args)
+        finally:
+            jb.DECLARE_EFFECT = False
+
+    return solve
 
 
 def jaxopt_solver(solve: Callable[..., Any]) -> Callable[..., Any]:
@@ -227,6 +264,10 @@ def contenders(names: list[str] | None = None) -> dict[str, Callable[..., Any]]:
         IDF_CG5: lambda: idf_solver(idf.CG(rtol=1e-5)),
         IDF_CG_NAN: lambda: idf_solver(idf.CG(), on_failure="nan"),
         IDF_CG5_NAN: lambda: idf_solver(idf.CG(rtol=1e-5), on_failure="nan"),
+        IDF_CG5_EFFECT: lambda: with_effect(idf_solver(idf.CG(rtol=1e-5))),
+        IDF_CG6: lambda: idf_solver(idf.CG(rtol=1e-6)),
+        IDF_CG8: lambda: idf_solver(idf.CG(rtol=1e-8)),
+        IDF_CG10: lambda: idf_solver(idf.CG(rtol=1e-10)),
         IDF_DENSE: lambda: idf_solver(idf.Dense()),
         IDF_DENSE_NAN: lambda: idf_solver(idf.Dense(), on_failure="nan"),
         IDF_CHOL: lambda: idf_solver(idf.Cholesky()),
@@ -382,6 +423,243 @@ def bench_single(data: Data, rounds: int, names: list[str] | None) -> dict[str, 
     return dict(rev_table=rev_table, fwd_table=fwd_table, times=t, grads=grads, g_ref=g_ref)
 
 
+# ---- equal accuracy ----------------------------------------------------------------------------
+
+def no_less_accurate(err: float, peer_err: float) -> bool:
+    """`err` no larger than `peer_err`, up to rounding (1%, or `ROUNDING` absolute)."""
+    return err <= peer_err * 1.01 + ROUNDING
+
+
+def equal_accuracy(times: dict[Any, np.ndarray], errors: dict[str, float],
+                   candidates: list[str], peers: list[str], key: Callable[[str], Any] = str
+                   ) -> tuple[str, list[dict[str, Any]]]:
+    """For each peer: the cheapest candidate (paired ratio against the peer) whose gradient
+    error is no larger than the peer's. `key(name)` is the name's key in `times`. Returns the
+    table and its rows as dicts (peer, their time and error, ours, our time and error, ratio)."""
+    rows, out = [], []
+    for peer in peers:
+        if key(peer) not in times or peer not in errors:
+            continue
+        pe = errors[peer]
+        ok = [c for c in candidates
+              if key(c) in times and c in errors and no_less_accurate(errors[c], pe)]
+        p_med = median_iqr(times[key(peer)])[0]
+        if not ok:
+            rows.append([peer, fmt_us(p_med), fmt_err(pe), "none as accurate", "", "", "—"])
+            out.append(dict(peer=peer, ratio=None))
+            continue
+        best = min(ok, key=lambda c: paired_ratio(times, key(c), key(peer)) or math.inf)
+        r = paired_ratio(times, key(best), key(peer))
+        rows.append([peer, fmt_us(p_med), fmt_err(pe), best,
+                     fmt_us(median_iqr(times[key(best)])[0]), fmt_err(errors[best]),
+                     fmt_ratio(r)])
+        out.append(dict(peer=peer, ours=best, ratio=r, peer_err=pe, err=errors[best]))
+    return table(["peer", "peer (µs)", "peer's rel. error", "cheapest implicitdiff setting "
+                  "as accurate", "ours (µs)", "our rel. error", "ours / peer"], rows), out
+
+
+# ---- what a loud check costs under jit ----------------------------------------------------------
+
+def _ffi_check() -> Callable[[Any, Any], Any] | None:
+    """`check(ok, data)`: a runtime error raised by an XLA FFI handler (a ctypes function, no
+    host callback of JAX's) inside a never-taken `lax.cond`, or None where it cannot be set up.
+    A measured alternative to the callback, not what implicitdiff uses: it needs the XLA FFI C
+    structures spelled out in ctypes (below, for XLA FFI API 0.x), and runs on CPU only."""
+    import ctypes as c
+
+    ffi = getattr(jax, "ffi", None)
+    if ffi is None or not hasattr(ffi, "pycapsule"):
+        return None
+    from jax.extend.core import Primitive
+    from jax.interpreters import mlir
+    from jax.interpreters import partial_eval as pe
+
+    class Ext(c.Structure):
+        _fields_ = [("struct_size", c.c_size_t), ("type", c.c_int), ("next", c.c_void_p)]
+
+    class Version(c.Structure):
+        _fields_ = [("struct_size", c.c_size_t), ("extension_start", c.c_void_p),
+                    ("major", c.c_int), ("minor", c.c_int)]
+
+    class Metadata(c.Structure):
+        _fields_ = [("struct_size", c.c_size_t), ("api_version", Version),
+                    ("traits", c.c_uint32), ("state_type_id", c.c_int64)]
+
+    class MetadataExt(c.Structure):
+        _fields_ = [("base", Ext), ("metadata", c.POINTER(Metadata))]
+
+    class ErrorArgs(c.Structure):
+        _fields_ = [("struct_size", c.c_size_t), ("extension_start", c.c_void_p),
+                    ("message", c.c_char_p), ("errc", c.c_int)]
+
+    class Api(c.Structure):
+        _fields_ = [("struct_size", c.c_size_t), ("extension_start", c.c_void_p),
+                    ("api_version", Version), ("internal_api", c.c_void_p),
+                    ("error_create", c.CFUNCTYPE(c.c_void_p, c.POINTER(ErrorArgs)))]
+
+    class Frame(c.Structure):
+        _fields_ = [("struct_size", c.c_size_t), ("extension_start", c.POINTER(Ext)),
+                    ("api", c.POINTER(Api))]
+
+    def handler(frame_p: Any) -> Any:
+        fr = frame_p.contents
+        if fr.extension_start and fr.extension_start.contents.type == 1:  # metadata query
+            md = c.cast(fr.extension_start, c.POINTER(MetadataExt)).contents.metadata.contents
+            md.api_version.struct_size = c.sizeof(Version)
+            md.api_version.major, md.api_version.minor = 0, 1
+            return None
+        args = ErrorArgs(c.sizeof(ErrorArgs), None, b"check failed", 9)
+        return fr.api.contents.error_create(c.byref(args))
+
+    keep = c.CFUNCTYPE(c.c_void_p, c.POINTER(Frame))(handler)
+    try:
+        ffi.register_ffi_target("bench_failure_check", ffi.pycapsule(keep), platform="cpu")
+    except Exception:  # pragma: no cover - depends on the jaxlib
+        return None
+    call_p, check_p = Primitive("bench_ffi_fail"), Primitive("bench_ffi_check")
+    for p in (call_p, check_p):
+        p.multiple_results = True
+        p.def_abstract_eval(lambda *a, **k: [])
+        pe.dce_rules[p] = lambda used, eqn: ([True] * len(eqn.invars), eqn)
+    check_p.def_impl(lambda ok, *d: [])
+    mlir.register_lowering(call_p, ffi.ffi_lowering("bench_failure_check",
+                                                    has_side_effect=True))
+
+    def fail(*d: Any) -> None:
+        call_p.bind(*d)
+
+    def lowered(ok: Any, *d: Any) -> list:
+        lax.cond(jnp.all(ok), lambda *_: None, fail, *d)
+        return []
+
+    mlir.register_lowering(check_p, mlir.lower_fun(lowered, multiple_results=True))
+
+    def check(ok: Any, data: Any) -> Any:
+        check_p.bind(ok, data)
+        return data
+
+    check.keep = keep  # type: ignore[attr-defined]  # the ctypes function must stay alive
+    return check
+
+
+def bench_failure_modes(rounds: int) -> dict[str, Any]:
+    """Per-call time of `jit(x ↦ 2x)` with one check `all(2x < 10)` (it passes) by each way of
+    failing loudly under jit, and whether it is loud (raises when the check fails)."""
+    import equinox as eqx
+    from jax.experimental import checkify
+
+    from implicitdiff_jax import _backend as jb
+
+    def plain(x: Any) -> Any:
+        return 2 * x
+
+    def report(ok: Any, *d: Any) -> None:
+        if not np.all(ok):
+            raise ValueError("check failed")
+
+    def ours(x: Any) -> Any:
+        y = 2 * x
+        jb._failure_check(report)(jnp.all(y < 10), y)
+        return y
+
+    def with_effect(x: Any) -> Any:
+        jb.DECLARE_EFFECT = True
+        try:
+            return ours(x)
+        finally:
+            jb.DECLARE_EFFECT = False
+
+    def equinox(x: Any) -> Any:
+        y = 2 * x
+        return eqx.error_if(y, jnp.any(y >= 10), "check failed")
+
+    def checkified(x: Any) -> Any:
+        y = 2 * x
+        checkify.check(jnp.all(y < 10), "check failed")
+        return y
+
+    def flagged(x: Any) -> Any:
+        y = 2 * x
+        ok = jnp.all(y < 10)
+        return jnp.where(ok, y, jnp.nan), ok
+
+    ck, fl = jax.jit(checkify.checkify(checkified)), jax.jit(flagged)
+
+    def checkify_throw(x: Any) -> Any:
+        err, y = ck(x)
+        err.throw()  # reads the error flag on the host: waits for the result
+        return y
+
+    def flag_raise(x: Any) -> Any:
+        y, ok = fl(x)
+        if not bool(ok):  # the boundary: a host read of the flag, then raise
+            raise ValueError("check failed")
+        return y
+
+    x = jnp.ones(100)
+    aot = jax.jit(ours).lower(x).compile()
+    fns: dict[str, Callable[..., Any]] = {
+        "no check": jax.jit(plain),
+        "implicitdiff's check: cond + debug callback, no JAX effect (now)": jax.jit(ours),
+        "the same check declaring the callback's effect (before)": jax.jit(with_effect),
+        "the same check (now), AOT: jit(f).lower(x).compile()": aot,
+        "equinox.error_if (pure_callback in a cond)": jax.jit(equinox),
+        "checkify.checkify, error returned (not raised)": ck,
+        "checkify.checkify + err.throw() after each call": checkify_throw,
+        "NaN + flag, flag read on the host after each call": flag_raise,
+    }
+    ffi_check = _ffi_check()
+    if ffi_check is not None:
+        fns["XLA FFI handler (ctypes) in a cond, no host callback"] = jax.jit(
+            lambda x: ffi_check(jnp.all(2 * x < 10), 2 * x))
+    t = time_interleaved(fns, (x,), rounds)
+    loud = {}
+    for name, f in fns.items():  # does it raise when the check fails?
+        if name == "no check":
+            loud[name] = "—"
+            continue
+        try:
+            if name.startswith("the same check (now), AOT"):
+                out = jax.jit(ours).lower(x).compile()(x * 10)
+            else:
+                out = f(x * 10)
+            jax.block_until_ready(out)
+            loud[name] = "no: returns the error" if "returned" in name else "no"
+        except Exception:
+            loud[name] = "yes"
+    rows = [[name, fmt_us(median_iqr(t[name])[0]),
+             fmt_ratio(paired_ratio(t, name, "no check")), loud[name]] for name in fns]
+    return dict(table=table(["mechanism", "median (µs)", "/ no check", "raises on failure"],
+                            rows), times=t)
+
+
+def bench_ablation(data: Data, rounds: int) -> str:
+    """Where the rest of the gap to jaxopt goes: CG(rtol=1e-5) and Dense with the default
+    `on_failure`, then without the linear solver's uniqueness probe (`check_singular=False`),
+    then also without the kink probe, then also without the forward residual check. Each step
+    drops a check the defaults promise; none of these settings is a recommendation."""
+    lam = jnp.asarray(LAM)
+    steps = [("defaults", {}, {}),
+             ("check_singular=False", {"check_singular": False}, {}),
+             ("+ kink_probe=False", {"check_singular": False}, {"kink_probe": False}),
+             ("+ residual_tol=inf", {"check_singular": False},
+              {"kink_probe": False, "residual_tol": math.inf})]
+    solvers: dict[str, Callable[..., Any]] = {}
+    makers: list[tuple[str, Callable[..., Any]]] = [
+        ("CG(rtol=1e-5)", lambda **k: idf.CG(rtol=1e-5, **k)),
+        ("Dense()", lambda **k: idf.Dense(**k))]
+    for label, make in makers:
+        for what, skw, kw in steps:
+            solvers[f"{label}, {what}"] = idf_solver(make(**skw), **kw)
+    solvers.update(contenders([JAXOPT_CG, JAXOPT_LU]))
+    fns = {k: jax.jit(jax.value_and_grad(val_loss_with(s))) for k, s in solvers.items()}
+    t = time_interleaved(fns, (lam, data), rounds)
+    rows = [[k, fmt_us(median_iqr(t[k])[0]), fmt_ratio(paired_ratio(t, k, JAXOPT_CG)),
+             fmt_ratio(paired_ratio(t, k, JAXOPT_LU))] for k in fns]
+    return table(["implicitdiff, default on_failure", "median (µs)", "/ jaxopt CG",
+                  "/ jaxopt LU"], rows)
+
+
 # ---- vmap, in a child process under a watchdog -------------------------------------------------
 
 def _vmap_child(names: list[str], rounds: int, seed: int, current: Any, beat: Any,
@@ -511,6 +789,12 @@ def targets(single: dict[str, Any], mem: dict[str, Any], iterations: tuple[int, 
         ok = None if v is None else (v <= bound if at_most else v >= bound)
         out.append((what, fmt_ratio(v), ok))
 
+    for row in single.get("equal", []):
+        if row["peer"] in (JAXOPT_CG, JAXOPT_LU):
+            v = row["ratio"]
+            out.append((f"at equal gradient error, default on_failure: ≤ 1.0× {row['peer']}",
+                        fmt_ratio(v) + (f" ({row['ours']})" if v is not None else ""),
+                        None if v is None else v <= 1.0))
     ratio_target("implicitdiff CG (default rtol 1e-12) ≤ 1.0× jaxopt CG",
                  ("rev", IDF_CG), ("rev", JAXOPT_CG), 1.0)
     ratio_target("  at jaxopt's tolerance: implicitdiff CG(rtol=1e-5) ≤ 1.0× jaxopt CG",
@@ -604,12 +888,27 @@ def main(argv: list[str] | None = None) -> int:
     single = bench_single(data, rounds, names)
     print("## Reverse mode: jit(value_and_grad(L))\n")
     print(single["rev_table"] + "\n")
+    errors = {k: rel_err(g, single["g_ref"]) for k, g in single["grads"].items()}
+    eq_table, single["equal"] = equal_accuracy(single["times"], errors, EQUAL_CANDIDATES,
+                                               EQUAL_PEERS, key=lambda k: ("rev", k))
+    print("## At equal gradient error: jit(value_and_grad(L))\n")
+    print("For each peer, the cheapest implicitdiff setting (default on_failure='raise': the "
+          "checks are in the program) whose relative error of dL/dλ is no larger than the "
+          f"peer's (up to rounding: 1%, or {ROUNDING:g}).\n")
+    print(eq_table + "\n")
     print("## Forward mode: jit(jvp(L))\n")
     print(single["fwd_table"] + "\n")
 
     vm = bench_vmap(VMAP_QUICK if args.quick else VMAP, max(rounds // 2, 10), args.seed)
     print(f"## jit(vmap(grad(L))) over {VMAP_BATCH} values of λ\n")
     print(vm["table"] + "\n")
+
+    if not args.quick:
+        fm = bench_failure_modes(max(rounds * 5, 200))
+        print("## What a loud check costs under jit: jit(x ↦ 2x), x ∈ ℝ¹⁰⁰, one check\n")
+        print(fm["table"] + "\n")
+        print("## Where the rest of the gap goes: checks removed one by one (ablation)\n")
+        print(bench_ablation(data, rounds) + "\n")
 
     mem = bench_memory(data, ITERATIONS)
     print("## Compiled memory of jit(grad(L)) against forward iterations\n")

@@ -3,6 +3,7 @@
 
     python benchmarks/bench_lasso.py               # the full run (about 15 s on 2 CPU cores)
     python benchmarks/bench_lasso.py --rounds 50   # a shorter one
+    python benchmarks/bench_lasso.py --quick       # a smoke run (50 rounds)
 
 The problem. scikit-learn's bundled diabetes data (442 patients, 10 features, standardized; the
 target standardized too), shuffled with a fixed seed and split 300 / 142 into training and
@@ -27,9 +28,12 @@ The contenders:
   forward solver below; once with the default `on_failure="raise"` and once with
   `on_failure="nan"`. "raise" puts a never-taken `lax.cond` with a `jax.debug.callback` in the
   compiled code (the residual check of the forward solve and the check of the backward linear
-  solve), and an executable holding a host callback is never given JAX's C++ fast dispatch path:
-  every call pays Python dispatch (finding 1 in docs/benchmarks.md). "nan" checks the same things
-  with no callback (a failure turns the output into NaN).
+  solve); the check declares no JAX effect, so the executable keeps JAX's C++ fast dispatch path
+  (finding 1 in docs/benchmarks.md). "nan" checks the same things with no callback (a failure
+  turns the output into NaN). A third row uses `solve=idf.GMRES(rtol=1e-6)` for the backward,
+  a candidate for the equal-accuracy table; a fourth wraps jaxopt's own ISTA loop
+  (the `ProximalGradient` of jaxopt's row; its `run` is only run, never differentiated) in
+  `custom_root`, so that its forward is exactly jaxopt's.
 - The forward solver of both: ISTA (proximal gradient, step 1/L, L = λ_max(XᵀX/m)) from x = 0
   in a `lax.while_loop`, stopped as jaxopt stops: ‖x_{k+1} − x_k‖/step ≤ tol = 1e-12 or
   maxiter = 10,000.
@@ -51,6 +55,10 @@ validation loss: dL/dλ = (2/m_v) (X_v x* − y_v)ᵀ X_v dx*/dλ). "max |dx/dλ
 of `jax.jacrev(λ ↦ x*(λ))` for each contender (jaxopt PR #274 was about lasso Jacobians with
 1e9-sized entries off the support).
 
+Equal accuracy. For each jaxopt row, the cheapest implicitdiff row with the default
+`on_failure` whose relative error of dL/dλ is no larger than jaxopt's (up to rounding: 1%, or
+1e-15), its time and the paired ratio.
+
 How it is timed (as in bench_jax.py). Every function is compiled and called 3 times first. Then,
 for `--rounds` rounds, every function is called once, in an order shuffled each round, each call
 timed on its own from dispatch to `jax.block_until_ready`, with the garbage collector off. Times
@@ -71,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_jax import (
     environment,
+    equal_accuracy,
     first_call,
     fmt_err,
     fmt_ratio,
@@ -104,6 +113,9 @@ MAXITER = 10_000
 
 IDF = "implicitdiff `proximal_gradient` + `prox_l1` (Auto → Dense)"
 IDF_NAN = "implicitdiff, `on_failure='nan'` (no host callback)"
+IDF_GMRES = "implicitdiff, `solve=GMRES(rtol=1e-6)`"
+IDF_JAXOPT_FWD = "implicitdiff (Auto → Dense) around jaxopt's own ISTA loop"
+EQUAL_CANDIDATES = [IDF, IDF_GMRES, IDF_JAXOPT_FWD]  # default on_failure: checks in the program
 JAXOPT = "jaxopt `ProximalGradient` (implicit diff, default solve_normal_cg)"
 JAXOPT_LU = "jaxopt `ProximalGradient`, `implicit_diff_solve=solve_lu`"
 UNROLLED = "unrolled ISTA, {k} steps (lax.scan)"
@@ -197,6 +209,22 @@ def jaxopt_solver(eta: float, **kw: Any) -> Callable[..., Any]:
     return solve
 
 
+def idf_around_jaxopt(eta: float, **kw: Any) -> Callable[..., Any]:
+    """implicitdiff's derivative around jaxopt's forward loop: the same solver object as
+    jaxopt's row (`implicit_diff=True`, so `run` is its fast while loop; with False jaxopt
+    runs a scan of maxiter steps, to be differentiable by unrolling). Inside `custom_root` it
+    is only run, never differentiated (jaxopt's own rule is not used)."""
+    F = cond.proximal_gradient(f, cond.prox_l1, step=eta)
+    pg = jaxopt.ProximalGradient(fun=f, prox=jaxopt.prox.prox_lasso, stepsize=eta,
+                                 acceleration=False, tol=TOL, maxiter=MAXITER,
+                                 implicit_diff=True)
+
+    def forward(data: Any, lam: Any) -> Any:
+        return pg.run(jnp.zeros(data[0].shape[1], data[0].dtype), lam, data).params
+
+    return idf.custom_root(F, tags=F.tags, **kw)(forward)
+
+
 def unrolled_solver(eta: float, steps: int) -> Callable[..., Any]:
     def solve(data: Any, lam: Any) -> Any:
         X, y = data
@@ -267,11 +295,13 @@ def run(rounds: int, seed: int) -> int:
     solvers: dict[str, Callable[..., Any]] = {
         IDF: idf_solver(eta),
         IDF_NAN: idf_solver(eta, on_failure="nan"),
+        IDF_GMRES: idf_solver(eta, solve=idf.GMRES(rtol=1e-6)),
     }
     jaxopt_steps = None
     if jaxopt is not None:
         solvers[JAXOPT] = jaxopt_solver(eta)
         solvers[JAXOPT_LU] = jaxopt_solver(eta, implicit_diff_solve=jaxopt.linear_solve.solve_lu)
+        solvers[IDF_JAXOPT_FWD] = idf_around_jaxopt(eta)
         pg = solvers[JAXOPT].pg  # type: ignore[attr-defined]
         jaxopt_steps = int(jax.jit(lambda d, l_: pg.run(jnp.zeros(X.shape[1]), l_, d).state
                                    .iter_num)((X, y), lam))
@@ -297,10 +327,11 @@ def run(rounds: int, seed: int) -> int:
 
     t = time_interleaved(fns, (lam, data), rounds, seed=seed)
 
+    errors = {k: abs(g - ref["grad"]) / abs(ref["grad"]) for k, g in grads.items()}
     rows = []
     for name in fns:
         med, iqr = median_iqr(t[name])
-        g_err = (abs(grads[name] - ref["grad"]) / abs(ref["grad"])) if name in grads else None
+        g_err = errors.get(name)
         rows.append([name, fmt_us(med), fmt_us(iqr), fmt_ratio(paired_ratio(t, name, JAXOPT)),
                      fmt_err(g_err), fmt_err(dxerr.get(name)),
                      f"{dxmax[name]:.3g}" if name in dxmax else "—",
@@ -322,6 +353,12 @@ def run(rounds: int, seed: int) -> int:
     print("## jit(value_and_grad(L))\n")
     print(table(["method", "median (µs)", "IQR (µs)", "/ jaxopt", "rel. error of dL/dλ",
                  "rel. error of dx/dλ", "max abs dx/dλ", "first call (s)"], rows) + "\n")
+    eq_table, _ = equal_accuracy(t, errors, EQUAL_CANDIDATES, [JAXOPT, JAXOPT_LU])
+    print("## At equal gradient error\n")
+    print("For each jaxopt row, the cheapest implicitdiff row with the default "
+          "on_failure='raise' whose relative error of dL/dλ is no larger (up to rounding: 1%, "
+          "or 1e-15).\n")
+    print(eq_table + "\n")
     print(f"Total run time {time.perf_counter() - t_start:.0f} s.")
     return 0
 
@@ -329,13 +366,15 @@ def run(rounds: int, seed: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=500, help="timed calls per function")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed calls per function (default 500; --quick 50)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 50 rounds")
     p.add_argument("--seed", type=int, default=0, help="the train/validation shuffle")
     args = p.parse_args(argv)
     if load_diabetes is None:
         print("scikit-learn is needed (pip install scikit-learn).")
         return 1
-    return run(args.rounds, args.seed)
+    return run(args.rounds or (50 if args.quick else 500), args.seed)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 from jax.extend.core import Primitive, jaxpr_as_fun
 from jax.interpreters import ad, batching, mlir
+from jax.interpreters import partial_eval as pe
 
 try:  # only the once-per-process eager-memory warning uses it; a JAX without it skips that count
     from jax.extend.core import (
@@ -140,7 +141,12 @@ def _failure_check(report: Callable[..., None], *, everywhere: bool = False
     caller as a `JaxRuntimeError`. Under `vmap` a batched predicate would turn the cond into a
     select that calls back once per element on every call; the batching rule reduces `ok` over
     the batch first, so it stays one cond and one callback. `everywhere`: when the arrays are
-    sharded, call back on every device (for a `report` that raises), not on the first one only."""
+    sharded, call back on every device (for a `report` that raises), not on the first one only.
+
+    The primitive declares no JAX effect (see `_check_abstract_eval`): `jax.jit` gives its
+    executable the C++ fast dispatch path only when the jaxpr has no effects, and a
+    `jax.debug.callback` carries one. The callback keeps XLA's side-effect flag in the lowering,
+    so XLA keeps the cond; a DCE rule keeps the primitive in JAX's jaxprs."""
 
     def check(ok: Any, *data: Any) -> Any:
         def compiled_check(ok_: Any, *data_: Any) -> list:
@@ -149,11 +155,17 @@ def _failure_check(report: Callable[..., None], *, everywhere: bool = False
             return []
 
         compiled = jax.make_jaxpr(compiled_check)(ok, *data)
-        _check_p.bind(ok, *data, report=report, everywhere=everywhere, compiled=compiled)
+        _check_p.bind(ok, *data, report=report, everywhere=everywhere, compiled=compiled,
+                      effect=DECLARE_EFFECT)
         return jnp.zeros((), jnp.int32)
 
     return check
 
+
+DECLARE_EFFECT = False
+"""For measurement only (benchmarks/bench_jax.py): when true at trace time, the failure check
+declares the debug callback's effect, as it did before, and a program holding it loses
+`jax.jit`'s C++ fast dispatch path."""
 
 _DEBUG_EFFECTS = frozenset(jax.make_jaxpr(lambda: jax.debug.callback(lambda: None))().effects)
 _check_p = Primitive("implicitdiff_failure_check")
@@ -161,7 +173,7 @@ _check_p.multiple_results = True
 
 
 def _check_impl(ok: Any, *data: Any, report: Callable[..., None], everywhere: bool,
-                compiled: Any) -> list:
+                compiled: Any, effect: bool) -> list:
     # Concrete arrays (eager evaluation, including the backward pass of an eager `jax.grad`):
     # check in Python, so the library's exception is raised as itself.
     ok_ = np.asarray(ok)
@@ -170,8 +182,18 @@ def _check_impl(ok: Any, *data: Any, report: Callable[..., None], everywhere: bo
     return []
 
 
-def _check_abstract_eval(*avals: Any, **params: Any) -> tuple[list, set]:
-    return [], set(_DEBUG_EFFECTS)
+def _check_abstract_eval(*avals: Any, effect: bool, **params: Any) -> tuple[list, set]:
+    # No effect, though the lowering holds a debug callback: in JAX 0.10 any effect of the
+    # jaxpr (ordered or not) takes `jax.jit`'s executable off the C++ fast dispatch path
+    # (`pjit._get_fastpath_data`), which costs 40-120 us a call. The check stays in the
+    # program without one: `_check_dce` keeps it in jaxprs, and the callback's custom call
+    # carries `has_side_effect` for XLA, which then keeps the cond around it.
+    return [], set(_DEBUG_EFFECTS) if effect else set()
+
+
+def _check_dce(used_outputs: Sequence[bool], eqn: Any) -> tuple[list[bool], Any]:
+    # Never removed: it has no outputs, and what it checks is its side effect.
+    return [True] * len(eqn.invars), eqn
 
 
 def _check_lowering(*args: Any, compiled: Any, **params: Any) -> list:
@@ -180,7 +202,7 @@ def _check_lowering(*args: Any, compiled: Any, **params: Any) -> list:
 
 
 def _check_batch(args: Sequence[Any], dims: Sequence[Any], *, report: Callable[..., None],
-                 everywhere: bool, compiled: Any) -> tuple[list, list]:
+                 everywhere: bool, compiled: Any, effect: bool) -> tuple[list, list]:
     ok, *data = (a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims))
     _failure_check(report, everywhere=everywhere)(jnp.all(ok), *data)
     return [], []
@@ -196,6 +218,7 @@ def _check_transpose(cts: Any, *args: Any, **params: Any) -> list:
 
 _check_p.def_impl(_check_impl)
 _check_p.def_effectful_abstract_eval(_check_abstract_eval)
+pe.dce_rules[_check_p] = _check_dce
 mlir.register_lowering(_check_p, mlir.lower_fun(_check_lowering, multiple_results=True))
 batching.primitive_batchers[_check_p] = _check_batch
 ad.primitive_jvps[_check_p] = _check_jvp
@@ -258,7 +281,10 @@ def _original_error(e: BaseException) -> ImplicitDiffError | None:
 def _catching_block() -> Iterator[None]:
     try:
         yield
-    except jax.errors.JaxRuntimeError as e:
+    except (jax.errors.JaxRuntimeError, ValueError) as e:
+        # A call dispatched by jit's C++ fast path reports a failed callback as a ValueError
+        # (the Python path as a JaxRuntimeError); either carries the message. Other errors, and
+        # ValueErrors of other origins, pass through unchanged.
         err = _original_error(e)
         if err is None:
             raise
@@ -273,8 +299,9 @@ def catching(fn: Callable[..., Any] | None = None) -> Any:
     """Failures of implicitdiff checks inside `jax.jit` raised as the library's own exceptions.
 
     Under `jit`, a failed check (`on_failure="raise"`) raises inside a host callback, and JAX
-    hands it to Python as a `jax.errors.JaxRuntimeError` that carries the message. Inside this
-    block, or a call of a function wrapped by it, such an error is raised again as the original
+    hands it to Python as a `jax.errors.JaxRuntimeError` (a `ValueError` for a call dispatched
+    by jit's C++ fast path) that carries the message. Inside this block, or a call of a function
+    wrapped by it, such an error is raised again as the original
     `ImplicitDiffError` subclass (`NonConvergenceError`, `LinearSolveError`, ...), with the same
     message, `from` the runtime error. Other errors pass through unchanged. Eager calls (no
     `jit`, including eager `jax.grad` and `jax.vmap`) raise the library's exceptions without it.
@@ -414,7 +441,7 @@ class JaxBackend(Backend):
                 raise err
             warnings.warn(str(err), RuntimeWarning, stacklevel=2)
 
-        # kept by the callback's effect
+        # kept by its DCE rule (no JAX effect, so jit's fast dispatch stays; see _failure_check)
         _failure_check(report, everywhere=on_failure == "raise")(ok, *data)
         return value
 
