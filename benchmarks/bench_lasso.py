@@ -4,6 +4,7 @@
     python benchmarks/bench_lasso.py               # the full run (about 15 s on 2 CPU cores)
     python benchmarks/bench_lasso.py --rounds 50   # a shorter one
     python benchmarks/bench_lasso.py --quick       # a smoke run (50 rounds)
+    python benchmarks/bench_lasso.py --ablation    # the checks removed one by one
 
 The problem. scikit-learn's bundled diabetes data (442 patients, 10 features, standardized; the
 target standardized too), shuffled with a fixed seed and split 300 / 142 into training and
@@ -363,18 +364,49 @@ def run(rounds: int, seed: int) -> int:
     return 0
 
 
+def ablation(rounds: int, seed: int) -> int:
+    """Where the rest of the time goes: implicitdiff around jaxopt's own loop with the checks
+    the defaults promise removed one by one (none of these settings is a recommendation)."""
+    import math
+
+    data, lam_f, eta = make_data(seed)
+    lam = jnp.asarray(lam_f)
+    steps = [("defaults", {}, {}),
+             ("check_singular=False", {"check_singular": False}, {}),
+             ("+ kink_probe=False", {"check_singular": False}, {"kink_probe": False}),
+             ("+ residual_tol=inf", {"check_singular": False},
+              {"kink_probe": False, "residual_tol": math.inf})]
+    solvers: dict[str, Callable[..., Any]] = {
+        f"{IDF_JAXOPT_FWD}, {what}": idf_around_jaxopt(eta, solve=idf.Dense(**skw), **kw)
+        for what, skw, kw in steps}
+    solvers[JAXOPT] = jaxopt_solver(eta)
+    solvers[JAXOPT_LU] = jaxopt_solver(eta, implicit_diff_solve=jaxopt.linear_solve.solve_lu)
+    fns = {k: jax.jit(jax.value_and_grad(val_loss_with(s))) for k, s in solvers.items()}
+    t = time_interleaved(fns, (lam, data), rounds, seed=seed)
+    rows = [[k, fmt_us(median_iqr(t[k])[0]), fmt_ratio(paired_ratio(t, k, JAXOPT)),
+             fmt_ratio(paired_ratio(t, k, JAXOPT_LU))] for k in fns]
+    print(f"# JAX: lasso hypergradient, ablation\n\n{environment(('jaxopt',))}.\n")
+    print(table(["method (Dense backward)", "median (µs)", "/ jaxopt", "/ jaxopt LU"], rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=None,
                    help="timed calls per function (default 500; --quick 50)")
     p.add_argument("--quick", action="store_true", help="smoke run: 50 rounds")
+    p.add_argument("--ablation", action="store_true",
+                   help="only the ablation: the checks removed one by one (needs jaxopt)")
     p.add_argument("--seed", type=int, default=0, help="the train/validation shuffle")
     args = p.parse_args(argv)
     if load_diabetes is None:
         print("scikit-learn is needed (pip install scikit-learn).")
         return 1
-    return run(args.rounds or (50 if args.quick else 500), args.seed)
+    rounds = args.rounds or (50 if args.quick else 500)
+    if args.ablation:
+        return ablation(rounds, args.seed)
+    return run(rounds, args.seed)
 
 
 if __name__ == "__main__":
