@@ -25,6 +25,11 @@ The model: z = tanh(W z + U x + b), batch 64, hidden 256, input 256, float32, â€
    the `[memory]` events of `torch.profiler`), and the gradient's relative error against the
    exact implicit gradient computed densely in float64.
 
+   Then, at equal accuracy: for each torchdeq mode, the cheapest implicitdiff setting whose
+   gradient error is at most torchdeq's (the search: forward tolerance x `extra_step` x exact
+   backward solver and tolerance, see `EQ_FTOLS`, ...; and the layer's defaults), with its
+   time and the ratio.
+
 2. Beyond first order (small float64 DEQ): Hessian-vector products by double backward against
    central differences of the gradient, and `torch.func.grad` / `torch.func.jacfwd`.
 
@@ -33,7 +38,8 @@ The model: z = tanh(W z + U x + b), batch 64, hidden 256, input 256, float32, â€
    batch (per-sample problems: the default `AutoLinearSolver` then factors a 256Ã—256 Jacobian per
    sample; unvmapped it would be one 16384Ã—16384 system), with `FixedPointIteration` and
    `Newton`. `jax.jit(jax.value_and_grad(loss))` time (compiled, median of interleaved repeats)
-   and gradient error against the same float64 reference.
+   and gradient error against the same float64 reference; then the same equal-accuracy search
+   as for PyTorch against each optimistix solver.
 
 Absolute times are for this machine only (CPU); compare the ratios.
 """
@@ -617,8 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(head), flush=True)
     for rho in (0.5, 0.9):
         bench_torch_deq(rho, rt)
-    print("\nEqual accuracy: for each peer, the cheapest implicitdiff setting (Anderson, "
-          "history 5, default extra step; forward tol x fixed-point backward rtol, or the "
+    print("\nEqual accuracy: for each peer, the cheapest implicitdiff setting searched "
+          "(Anderson, history 5: forward tol x extra steps x backward solver and rtol, or the "
           "layer's defaults) whose gradient error is at most the peer's; median of "
           f"{rt} interleaved forward + backward passes\n")
     print("\n".join(EQ_HEAD), flush=True)
