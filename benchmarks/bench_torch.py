@@ -29,6 +29,26 @@
    torchopt with CG and with its dense `solve_inv`, unrolled gradient descent (300 steps); also
    implicitdiff's forward mode (`torch.func.jvp`) and `vmap(grad)` over 16 values of λ.
 
+3. Equal gradient error (`--equal`, also part of the full run): for each peer (torchdeq's
+   K + K fixed-point iterations, torchopt's default normal-equation CG, unrolled autograd through
+   the K iterations), the cheapest implicitdiff setting whose gradient error is no larger than
+   the peer's, its time and the ratio, on two problems with K = 30 forward iterations:
+
+   - the DEQ layer of section 1 (float32; the forward converges to rounding in 30 iterations);
+   - a slowly contracting one in float64 (‖W‖₂ = 1.2, inputs scaled by 0.3; 30 forward
+     iterations leave a relative residual of 2e-9 to 4e-8 per sample, accepted with
+     `residual_tol=1e-6`): here the default backward tolerance follows the forward's
+     accuracy (0.1 times it per sample instead of 1e-12), the case of issue 15 item 3.
+
+   The implicitdiff settings tried (all `custom_fixed_point(T, batch_dims=1, ...)`, every
+   option not named at its default): `solve=` Auto (the default: Dense for n = 256), BiCGStab,
+   Richardson(omega=-1) (the fixed-point backward), each at its default tolerance, the two
+   iterative ones with `check_singular=False` (no uniqueness probe: what that safety check
+   costs), Richardson at explicit tolerances (1e-5 and 1e-7 in float32, 1e-6 in float64), and
+   in float64 both at rtol=1e-12, the default before the tolerance followed the forward. Every time is the median of
+   interleaved repeats of all methods in one run; errors are against the exact implicit
+   gradient at the float64 fixed point, the same reference for every method.
+
 Absolute times are for this machine only (CPU); compare the ratios.
 """
 
@@ -97,11 +117,11 @@ def T(z, W, U, b, x):
     return torch.tanh(z @ W.T + x @ U.T + b)
 
 
-def deq_data(dtype=torch.float32):
+def deq_data(dtype=torch.float32, w_norm: float = 0.5, u_scale: float = 1.0):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(H, H, generator=g, dtype=torch.float64)
-    W = 0.5 * W / torch.linalg.matrix_norm(W, 2)
-    U = torch.randn(H, D, generator=g, dtype=torch.float64) / D ** 0.5
+    W = w_norm * W / torch.linalg.matrix_norm(W, 2)
+    U = u_scale * torch.randn(H, D, generator=g, dtype=torch.float64) / D ** 0.5
     b = 0.1 * torch.randn(H, generator=g, dtype=torch.float64)
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     return tuple(t.to(dtype) for t in (W, U, b, x))
@@ -240,6 +260,164 @@ def bench_deq(repeats: int) -> list[str]:
     return lines
 
 
+# ---- 3. equal gradient error -----------------------------------------------------------------
+
+def _params(data):
+    return [p.clone().requires_grad_() for p in data[:3]]
+
+
+def _loop(K: int):
+    def loop(W, U, b, x):
+        z = torch.zeros(x.shape[0], W.shape[0], dtype=x.dtype)
+        for _ in range(K):
+            z = T(z, W, U, b, x)
+        return z
+    return loop
+
+
+def _implicit(data, K: int, **kw) -> Callable[[], tuple]:
+    layer = idf.custom_fixed_point(T, batch_dims=1, **kw)(_loop(K))
+    x = data[3]
+
+    def run():
+        W, U, b = _params(data)
+        z = layer(W, U, b, x)
+        (z * z).sum().backward()
+        return W.grad, U.grad, b.grad
+    return run
+
+
+def equal_peers(data, K: int) -> dict[str, Callable[[], tuple]]:
+    """The peers at K forward iterations, in the dtype of `data`."""
+    x = data[3]
+    dt = x.dtype
+    loop = _loop(K)
+    out: dict[str, Callable[[], tuple]] = {}
+    if torchdeq is not None:
+        deq = torchdeq.get_deq(f_solver="fixed_point_iter", f_max_iter=K, f_tol=1e-30,
+                               b_solver="fixed_point_iter", b_max_iter=K, b_tol=1e-30,
+                               ift=True)
+
+        def m_torchdeq():
+            W, U, b = _params(data)
+            zs, _ = deq(lambda z: T(z, W, U, b, x), torch.zeros(B, H, dtype=dt))
+            (zs[-1] * zs[-1]).sum().backward()
+            return W.grad, U.grad, b.grad
+
+        out[f"torchdeq ({K}+{K} iterations)"] = m_torchdeq
+    if torchopt is not None:
+        def optimality(z, W, U, b, x):
+            return T(z, W, U, b, x) - z
+
+        @torchopt.diff.implicit.custom_root(optimality, argnums=(1, 2, 3))
+        def topt(z0, W, U, b, x):
+            with torch.no_grad():
+                return loop(W, U, b, x)
+
+        def m_torchopt():
+            W, U, b = _params(data)
+            z = topt(torch.zeros(B, H, dtype=dt), W, U, b, x)
+            (z * z).sum().backward()
+            return W.grad, U.grad, b.grad
+
+        out["torchopt (default CG)"] = m_torchopt
+
+    def m_unrolled():
+        W, U, b = _params(data)
+        z = loop(W, U, b, x)
+        (z * z).sum().backward()
+        return W.grad, U.grad, b.grad
+
+    out[f"unrolled ({K} iterations)"] = m_unrolled
+    return out
+
+
+def equal_candidates(data, K: int, residual_tol: float | None
+                     ) -> dict[str, Callable[[], tuple]]:
+    """The implicitdiff settings tried, each `custom_fixed_point(T, batch_dims=1, ...)`."""
+    f32 = data[3].dtype == torch.float32
+    rich = {"omega": -1.0}
+    nochk = {"check_singular": False}
+    settings: list[tuple[str, dict]] = [
+        ("default (Auto)", {}),
+        ("BiCGStab()", {"solve": idf.BiCGStab()}),
+        ("Richardson(omega=-1)", {"solve": idf.Richardson(**rich)}),
+        ("BiCGStab(check_singular=False)", {"solve": idf.BiCGStab(**nochk)}),
+        ("Richardson(omega=-1, check_singular=False)",
+         {"solve": idf.Richardson(**rich, **nochk)}),
+    ]
+    # explicit tolerances: looser ones (cheaper where the peer is less accurate), and in
+    # float64 the default before the tolerance followed the forward (1e-12)
+    for r in ((1e-5, 1e-7) if f32 else (1e-6,)):
+        settings += [(f"Richardson(omega=-1, rtol={r:g})",
+                      {"solve": idf.Richardson(rtol=r, **rich)}),
+                     (f"Richardson(omega=-1, rtol={r:g}, check_singular=False)",
+                      {"solve": idf.Richardson(rtol=r, **rich, **nochk)})]
+    if f32:
+        settings += [("BiCGStab(rtol=1e-7)", {"solve": idf.BiCGStab(rtol=1e-7)})]
+    else:
+        settings += [("BiCGStab(rtol=1e-12), the old default",
+                      {"solve": idf.BiCGStab(rtol=1e-12)}),
+                     ("Richardson(omega=-1, rtol=1e-12), the old default",
+                      {"solve": idf.Richardson(rtol=1e-12, **rich)})]
+    return {f"implicitdiff {name}": _implicit(data, K, residual_tol=residual_tol, **kw)
+            for name, kw in settings}
+
+
+EQUAL_PROBLEMS = {
+    "DEQ layer (section 1), float32": dict(dtype=torch.float32, w_norm=0.5, u_scale=1.0,
+                                           residual_tol=None),
+    "slow contraction (‖W‖₂ = 1.2, inputs × 0.3), float64":
+        dict(dtype=torch.float64, w_norm=1.2, u_scale=0.3, residual_tol=1e-6),
+}
+
+
+def bench_equal(repeats: int, K: int = 30) -> tuple[list[str], list[str]]:
+    """Each peer against the cheapest implicitdiff setting with a gradient error no larger.
+    Returns the detail lines and the summary rows."""
+    lines = ["", f"Equal gradient error: batch 64, hidden 256, K = {K} forward iterations, "
+             f"median of {repeats} interleaved repeats", ""]
+    summary = ["", "| peer | problem | peer ms | peer err | cheapest implicitdiff at <= err "
+               "| ms | err | × peer |", "|---|---|---|---|---|---|---|---|"]
+    for pname, cfg in EQUAL_PROBLEMS.items():
+        data = deq_data(cfg["dtype"], cfg["w_norm"], cfg["u_scale"])
+        ref = exact_grads(*data)
+        peers = equal_peers(data, K)
+        cands = equal_candidates(data, K, cfg["residual_tol"])
+        with idf.diagnostics() as d:
+            cands["implicitdiff BiCGStab()"]()
+        rec = d.backward[-1]
+        times = interleaved_medians({**peers, **cands}, repeats)
+        errs = {k: rel_error(f(), ref) for k, f in {**peers, **cands}.items()}
+        lines += [f"{pname}: default backward rtol per sample "
+                  f"{float(torch.tensor(rec.rtol).min()):.1e} to "
+                  f"{float(torch.tensor(rec.rtol).max()):.1e} ({rec.rtol_source}), "
+                  f"forward relative residual up to "
+                  f"{float(torch.tensor(rec.forward_residual).max()):.1e}"
+                  if rec.forward_residual is not None else f"{pname}:",
+                  "", "| method | ms | grad rel. err |", "|---|---|---|"]
+        for k in {**peers, **cands}:
+            lines.append(f"| {k} | {times[k] * 1e3:.1f} | {errs[k]:.2e} |")
+            print(lines[-1], flush=True)
+        lines.append("")
+        for peer in peers:
+            ok = [c for c in cands if errs[c] <= errs[peer]]
+            if ok:
+                best = min(ok, key=lambda c: times[c])
+                label = best.removeprefix("implicitdiff ")
+            else:  # none as accurate (a rounding floor): the cheapest of the most accurate
+                floor = min(errs[c] for c in cands)
+                best = min((c for c in cands if errs[c] <= 1.001 * floor),
+                           key=lambda c: times[c])
+                label = (f"none; closest: {best.removeprefix('implicitdiff ')} "
+                         f"({errs[best] / errs[peer]:.2f}× the error)")
+            summary.append(f"| {peer} | {pname} | {times[peer] * 1e3:.1f} | {errs[peer]:.2e} "
+                           f"| {label} | {times[best] * 1e3:.1f} "
+                           f"| {errs[best]:.2e} | {times[best] / times[peer]:.2f} |")
+            print(summary[-1], flush=True)
+    return lines, summary
+
+
 # ---- 2. the ridge hypergradient ------------------------------------------------------------
 
 def ridge_F(x, lam, X, y):
@@ -341,14 +519,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke test)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--equal", action="store_true",
+                    help="only section 3, the comparison at equal gradient error")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 21)
     print("peers:", "torchdeq " + ("yes" if torchdeq else "not installed") + ",",
           "torchopt " + (torchopt.__version__ if torchopt else "not installed"))
-    lines = bench_deq(repeats) + bench_ridge(repeats)
-    print("\n".join(lines))
+    eq_lines, summary = bench_equal(max(3, repeats // 2))
+    lines = eq_lines if args.equal else bench_deq(repeats) + bench_ridge(repeats) + eq_lines
+    print("\n".join(lines + summary))
     sys.stdout.flush()
 
 
