@@ -84,9 +84,9 @@ class BackwardRecord:
     float32, which an exact forward keeps, and at most $10^{-4}$; one per batch element);
     `"default"`, the solver's default (direct solvers, whose cost does not depend on it).
     `forward_residual`: with `"forward"`, $\\|F(x^*, \\theta)\\|_2 / (\\|A\\|_2\\,
-    \\|x^*\\|_2)$ ($\\|A\\|$ estimated by one product), a lower bound on the relative error of
-    $x^*$ (which exceeds it by at most the condition number of $A$, as the backward solve's
-    error exceeds its `rtol`); else None. See docs/linear-solvers.md.
+    \\|x^*\\|_2)$ ($\\|A\\|$ estimated by one product), about a lower bound on the relative
+    error of $x^*$ (which exceeds it by at most the condition number of $A$, as the backward
+    solve's error exceeds its `rtol`); else None. See docs/linear-solvers.md.
     """
 
     function: str

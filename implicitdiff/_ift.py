@@ -411,8 +411,9 @@ class _AtRoot:
     def forward_residual(self, matvec: Callable, x_flat: Any) -> Any:
         """$\\|F(x^*)\\|_2 / (\\|A\\|_2 \\|x^*\\|_2)$ per batch element ($\\|A\\|$
         estimated by one product with `matvec`, $A$ or $A^\\top$, with a vector of the size
-        of x*; $\\|d\\|$ for $\\|x^*\\|$ where x* is 0): a lower bound on x*'s relative
-        error, which exceeds it by at most the condition number of $A$. Infinite where the
+        of x*; $\\|d\\|$ for $\\|x^*\\|$ where x* is 0): about a lower bound on x*'s
+        relative error (exactly one with the exact $\\|A\\|$, which the estimate does not
+        exceed), which exceeds it by at most the condition number of $A$. Infinite where the
         estimate fails (then `backward_rtol` keeps the default)."""
         xp = self.rv.xp
         f = self.rv.ravel(self.F0)

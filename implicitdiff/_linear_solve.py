@@ -573,7 +573,8 @@ class CG(_Iterative):
     **Arguments:**
 
     - `rtol`, `atol`: stop when $\\|r\\| \\le \\max(\\text{atol}, \\text{rtol}\\,\\|b\\|)$; default
-      rtol is $10^{-12}$ in float64, $10^{-6}$ in float32.
+      rtol is $10^{-12}$ in float64, $10^{-6}$ in float32; in a derivative, looser where the
+      forward's $x^*$ is less accurate (`backward_rtol`; docs/linear-solvers.md).
     - `maxiter`: default $10n$.
     - `preconditioner`: $v \\mapsto M^{-1} v$, symmetric positive definite.
     - `ridge`: solve $(A + \\text{ridge}\\, I) x = b$.
