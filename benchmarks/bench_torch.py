@@ -1,6 +1,7 @@
 """PyTorch backend benchmarks: a DEQ layer and a ridge hypergradient, against the alternatives.
 
-    python benchmarks/bench_torch.py            # full run (about a minute on 2 CPU cores)
+    python benchmarks/bench_torch.py            # full run (about two minutes on 2 CPU cores)
+    python benchmarks/bench_torch.py --equal    # only section 3, at equal gradient error
     python benchmarks/bench_torch.py --quick    # fewer repeats, for a smoke test
 
 1. DEQ layer z = tanh(W z + U x + b): batch 64, hidden 256, input 256, ‖W‖₂ = 0.5, float32,
