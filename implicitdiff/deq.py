@@ -54,15 +54,17 @@ __all__ = [
 class IFT:
     """Exact implicit gradient: solve $(I - J)^\\top u = \\bar z$ with `solve`.
 
-    `solve`: a core linear solver; default `idf.BiCGStab(check_singular=False)` (the core's
-    default tolerance, $10^{-6}$ relative in float32, $10^{-12}$ in float64; without the
-    uniqueness probe, a second solve that doubled the backward: pass `IFT(idf.BiCGStab())` to
-    have a singular $I - J$ at $z^*$ refused). `idf.Richardson(omega=-1.0, maxiter=...)` is the
+    `solve`: a core linear solver; default `idf.BiCGStab()` (the core's default tolerance,
+    which follows the forward's accuracy; with the uniqueness probe, a second solve that
+    refuses a singular or numerically singular $I - J$ at $z^*$, where the gradient does not
+    exist or the solve's residual does not bound its error: pass
+    `IFT(idf.BiCGStab(check_singular=False))` to skip it, about half the backward's cost, where
+    $f$ is known to contract). `idf.Richardson(omega=-1.0, maxiter=...)` is the
     classic DEQ fixed-point backward (least memory; needs a contraction). Exact up to the
     solve's tolerance; a solve that does not converge, or whose true residual misses the
     tolerance, raises (per the layer's `on_failure`)."""
 
-    solve: AbstractLinearSolver = field(default_factory=lambda: BiCGStab(check_singular=False))
+    solve: AbstractLinearSolver = field(default_factory=BiCGStab)
     exact = True
 
     def __post_init__(self) -> None:

@@ -639,3 +639,32 @@ def test_convergence_example_smoke(tmp_path):
     assert png.stat().st_size > 1000
     assert all(bool(r.converged) for r in out["results"].values())
     assert out["jacobian_error"] < 1e-10
+
+
+class _NonIsolatedCell(nn.Module):
+    """f(z, x) = W z + U x with W = diag(1, 0.5, 0.3, -0.2) and U's first row 0: z_0 is a fixed
+    point whatever its value (I - J singular), so dz*/dW_0j does not exist; a loss on the other
+    components makes the backward system consistent, which a Krylov solve answers silently."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.diag(torch.tensor([1.0, 0.5, 0.3, -0.2], dtype=F64)))
+        U = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+        U[0] = 0
+        self.U = nn.Parameter(U)
+
+    def forward(self, z, x):
+        return z @ self.W.T + x @ self.U.T
+
+
+def test_default_ift_refuses_a_non_isolated_fixed_point():
+    """The default IFT() keeps the uniqueness probe: a consistent singular (I - J)^T is refused
+    (SingularJacobianError), where the probe turned off returns one of many 'gradients'."""
+    cell = _NonIsolatedCell()
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    z = DEQ(cell, z_shape=(4,))(x)
+    with pytest.raises(idf.SingularJacobianError):
+        torch.autograd.grad(z[:, 1:].pow(2).sum(), cell.W)
+    z = DEQ(cell, z_shape=(4,), backward=IFT(idf.BiCGStab(check_singular=False)))(x)
+    g = torch.autograd.grad(z[:, 1:].pow(2).sum(), cell.W)[0]
+    assert torch.isfinite(g).all()  # answered without a word: why the default keeps the probe

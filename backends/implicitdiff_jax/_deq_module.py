@@ -74,7 +74,7 @@ class DEQ(eqx.Module):
       as a sorted tuple of `(name, value)` pairs (values must be hashable).
     - `backward`: a backward mode of `implicitdiff.deq`, as for the PyTorch `DEQ`:
       `IFT(solve=...)` (exact, default `IFT()`:
-      BiCGStab without the uniqueness probe), `Neumann(terms)`,
+      BiCGStab with the uniqueness probe), `Neumann(terms)`,
       `Phantom(steps, damping)`, `JFB()`, a linear solver (`IFT` with it) or one of the names
       `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`. See the backward modes in the DEQ guide.
       (`solve=`, `steps=`, `damping=` are the former spelling, deprecated.)

@@ -117,8 +117,8 @@ class DEQ(nn.Module):
       and for the named solvers `extra_step=3` (three plain steps $z \\leftarrow f(z, x)$
       after the last iteration: three more batched calls of `f`, a far more accurate $z^*$ and
       gradient; `implicitdiff.deq.forward_options`).
-    - `backward`: `IFT(solve=...)` (default `IFT(idf.BiCGStab(check_singular=False))`,
-      exact), `Neumann(k)`,
+    - `backward`: `IFT(solve=...)` (default `IFT(idf.BiCGStab())`, exact, with the
+      uniqueness probe), `Neumann(k)`,
       `Phantom(k, damping)`, `JFB()`, a linear solver (`IFT` with it) or one of the names
       `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`.
     - `warm_start`: start from the last fixed point when the new $z_0$ has the same shape
