@@ -101,6 +101,7 @@ import gc
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -796,8 +797,8 @@ def main(argv: list[str] | None = None) -> int:
           "reference.\n")
     configs = []
     eq_all: list[list[str]] = []
-    command = "python benchmarks/bench_qp.py " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:])
+    command = "python benchmarks/bench_qp.py " + shlex.join(argv if argv is not None
+                                                            else sys.argv[1:])
     for dtype in dtypes:
         for n in sizes:
             c = bench_config(n, dtype, a.batch, repeats, a.cell_budget, a.seed, a.only,
