@@ -43,14 +43,9 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     - `regularization`: $\\lambda$, relative to the unit-diagonal Gram matrix; default
       $\\sqrt{\\epsilon}$ of the dtype ($1.5\\cdot 10^{-8}$ in float64, $3.5\\cdot 10^{-4}$ in
       float32).
-    - `extra_step`: after the last iteration, that many plain steps $z \\leftarrow T(z)$
-      for every element (True is 1; each one more evaluation of `T`), each kept where its
-      residual is finite and not larger (default False: none). An accelerated solver's last
-      iterate keeps its error mostly along the directions that $\\partial T/\\partial z$
-      shrinks, which an application of `T` damps: each step typically leaves the value 3 to 5
-      times closer to the fixed point (and so an implicit gradient computed there), at less
-      than an accelerated step's cost; `residual_norm` and `max_abs_residual` are those of
-      the value returned.
+    - `extra_step`: plain steps $z \\leftarrow T(z)$ after the last iteration, as in
+      `fixed_point_iteration` (default False: none); an accelerated solver gains the most
+      from them.
 
     **Returns:** a `SolverResult`.
     """
