@@ -68,6 +68,30 @@ def _strided(a: Any) -> bool:
     return flags is not None and not bool(getattr(flags, "c_contiguous", True))
 
 
+def _kept_block(xp: Any, Mf: Any, p1: Any, N: int, keep: int | None) -> Any:
+    """`M[e, p1[e, i], p1[e, j]]`, the block of the kept unknowns (`Mf` (B, N, N), `p1` (B, k)).
+    With `keep`, the first `keep` of `p1` are `0, ..., keep - 1` in every element: that corner
+    is a slice, and only the rows and columns of the other kept unknowns (the QP's active
+    multipliers) are gathered, a fraction of the entries of a gather of the whole block."""
+    transposed = _strided(Mf) and not _strided(xp.matrix_transpose(Mf))
+    # a transposed view (the VJP's Aᵀ) is gathered from the matrix it views, and the blocks
+    # transposed, instead of copying the whole matrix to ravel it
+    flat = xp.reshape(xp.matrix_transpose(Mf) if transposed else Mf, (-1,))
+
+    def block(rows: Any, cols: Any) -> Any:
+        if transposed:
+            return xp.matrix_transpose(_gather(xp, flat, cols, rows, N))
+        return _gather(xp, flat, rows, cols, N)
+
+    k = int(p1.shape[1])
+    if keep is None or keep >= k or keep < 1:
+        return block(p1, p1)
+    head, tail = p1[:, :keep], p1[:, keep:]
+    top = xp.concat([Mf[:, :keep, :keep], block(head, tail)], axis=-1)
+    bottom = xp.concat([block(tail, head), block(tail, tail)], axis=-1)
+    return xp.concat([top, bottom], axis=-2)
+
+
 @dataclass(frozen=True)
 class ReducedDense(Dense):
     """`Dense` that first eliminates the unknowns whose rows, or else whose columns, hold
@@ -116,25 +140,23 @@ class ReducedDense(Dense):
         perm = xp.argsort(xp.astype(elim, xp.int32), axis=-1, stable=True)
         perm = xp.astype(perm, xp.int32)
         p1, p2 = perm[:, :k], perm[:, k:]
-        if _strided(Mf) and not _strided(xp.matrix_transpose(Mf)):
-            # a transposed view (the VJP's Aᵀ): gather from the matrix it views, and transpose
-            # the blocks, instead of copying the whole matrix to ravel it
-            flat = xp.reshape(xp.matrix_transpose(Mf), (-1,))
-            M11 = xp.matrix_transpose(_gather(xp, flat, p1, p1, N))
-            M12 = xp.matrix_transpose(_gather(xp, flat, p2, p1, N))
-            M21 = xp.matrix_transpose(_gather(xp, flat, p1, p2, N))
-        else:
-            flat = xp.reshape(Mf, (-1,))
-            M11 = _gather(xp, flat, p1, p1, N)
-            M12 = _gather(xp, flat, p1, p2, N)
-            M21 = _gather(xp, flat, p2, p1, N)
+        inv = xp.argsort(perm, axis=-1, stable=True)
+        M11 = _kept_block(xp, Mf, p1, N, self.keep)
         d2 = _gather1(xp, d, p2)
         t = _gather1(xp, bf, p2) / d2
-        rhs = _gather1(xp, bf, p1) - (M12 @ t[..., None])[..., 0]
+
+        def scatter(first: Any, second: Any) -> Any:
+            # the vector with `first` at the kept unknowns and `second` at the eliminated ones
+            return _gather1(xp, xp.concat([first, second], axis=-1), inv)
+
+        # M12 t and M21 v1 as products with the whole matrix of vectors that are zero off the
+        # block: two matrix-vector products instead of gathering two (k × (N - k)) blocks
+        Mt = (Mf @ scatter(xp.zeros_like(p1, dtype=t.dtype), t)[..., None])[..., 0]
+        rhs = _gather1(xp, bf, p1) - _gather1(xp, Mt, p1)
         v1, info = _direct(bk, xp, self, xp.linalg.solve, M11, M11, rhs)
-        v2 = t - (M21 @ v1[..., None])[..., 0] / d2
-        inv = xp.argsort(perm, axis=-1, stable=True)
-        v = _gather1(xp, xp.concat([v1, v2], axis=-1), inv)
+        Mv1 = (Mf @ scatter(v1, xp.zeros_like(t))[..., None])[..., 0]
+        v2 = t - _gather1(xp, Mv1, p2) / d2
+        v = scatter(v1, v2)
         # the structure holds where the whole residual is that of the reduced solve (one of
         # M12, M21 zero: then the eliminated rows are exact up to rounding)
         Mv = (Mf @ v[..., None])[..., 0]
