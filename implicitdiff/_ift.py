@@ -158,8 +158,10 @@ def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: 
             data = [info.iterations, info.residual_norm, info.converged]
             if x_error is not None:
                 # the solve's relative residual ||Ay - b|| / ||b||, with ||b|| ~ ||A|| ||y||
-                # (b itself may be a tangent, which JAX must not see in a closure here)
-                data += [x_error, a_norm * bk.namespace(sol).linalg.vector_norm(sol, axis=-1)]
+                # (b itself may be a tangent, which JAX must not see in a closure here); the
+                # product is taken on the host: under torch.func.vmap `sol` lives at another
+                # transform level than `a_norm`
+                data += [x_error, a_norm, bk.namespace(sol).linalg.vector_norm(sol, axis=-1)]
             source, rtol_c = ("default", None) if tol is None else (tol.source, tol.rtol)
             follow = tol is not None and tol.forward is not None
             if follow:
@@ -168,8 +170,9 @@ def _solve_checked(bk: Backend, lin: Any, solver: AbstractLinearSolver, matvec: 
 
             def make(it: Any, rn: Any, cv: Any, *rest: Any) -> BackwardRecord:
                 rest_ = list(rest)
-                bound = (_error_bound(rest_.pop(0), rn, rest_.pop(0)) if x_error is not None
-                         else None)
+                bound = (_error_bound(rest_.pop(0), rn,
+                                      np.asarray(rest_.pop(0)) * np.asarray(rest_.pop(0)))
+                         if x_error is not None else None)
                 rt, fwd = (rest_[0], rest_[1]) if follow else (rtol_c, None)
                 return BackwardRecord(name, m, repr(solver), lin.method, it, rn, cv, bound,
                                       _per_problem(rt), source, _per_problem(fwd))
@@ -323,6 +326,7 @@ class _AtRoot:
                  rv: Raveler, name: str, on_failure: str, probe: bool, collect: bool,
                  transpose: bool = False):
         self.bk, self.rv, self.name, self.on_failure = bk, rv, name, on_failure
+        self.lin = lin
         self.ok: Any = None
         self.data: tuple = ()
         self.F0: Any = None
@@ -433,16 +437,24 @@ class _AtRoot:
         """$\\|A^{-1} F(x^*)\\|_\\infty / \\|x^*\\|_\\infty$ per batch element: to first order the
         relative error of x* (NaN where the extra solve fails); and an estimate of $\\|A\\|_2$."""
         xp = self.rv.xp
-        delta, info = solver.solve(matvec, self.rv.ravel(self.F0), rmatvec=rmatvec, tags=tags,
-                                   backend=self.bk)
-        info = LinearSolveInfo(*info)
+
+        def nan_unless_converged(sol: Any, info: Any) -> Any:
+            ok = LinearSolveInfo(*info).converged[..., None]
+            return xp.where(ok, sol, xp.full_like(sol, math.nan))
+
+        # through the backend, like the derivative's own solve: under torch.func.vmap that is
+        # one batched solve (the core's loops cannot branch on a vmapped tensor)
+        delta = self.bk.linear_solve(solver, matvec, self.rv.ravel(self.F0), rmatvec=rmatvec,
+                                     tags=tags, check=nan_unless_converged,
+                                     check_transpose=nan_unless_converged,
+                                     linearization=self.lin, transpose=False)
         size = _rowmax(xp, x_flat)
         err = _rowmax(xp, delta) / xp.where(size > 0, size, xp.ones_like(size))
         # ||A|| ~ ||A d|| / ||d|| with d of the size of x* (ones where x* is 0)
         d = x_flat + xp.where(size > 0, size, xp.ones_like(size))[..., None]
         a_norm = (xp.linalg.vector_norm(matvec(d), axis=-1)
                   / xp.linalg.vector_norm(d, axis=-1))
-        return xp.where(info.converged, err, xp.full_like(err, math.nan)), a_norm
+        return err, a_norm  # NaN where the extra solve failed
 
     def apply(self, value: Any, like: Any) -> Any:
         """`value` (a pytree shaped like x, batch dimensions first) with the probe's verdict
