@@ -198,8 +198,9 @@ class ReferenceLinearization(Linearization):
         return _tree.tree_unflatten(self.x_def, out)
 
     # ---- the complex step ----------------------------------------------------------------------
-    def _cs(self, xdir: Any, adir: tuple | None) -> Any | None:
-        """Complex-step derivative of F along (xdir, adir); None where F is not complex-safe."""
+    def _cs(self, xdir: Any, adir: tuple | None, cast: bool = True) -> Any | None:
+        """Complex-step derivative of F along (xdir, adir); None where F is not complex-safe.
+        `cast`: in x's dtypes (else float64, for comparing with central differences)."""
         xp = self.xp
         scale = max(_maxabs(xp, xdir) if xdir is not None else 0.0,
                     _maxabs(xp, adir) if adir is not None else 0.0)
@@ -220,7 +221,8 @@ class ReferenceLinearization(Linearization):
                 self._complex_x = out is not None
         if out is None:
             return None
-        return self._cast_like_x(_tree.tree_map(lambda v: xp.imag(v) / h, out))
+        d = _tree.tree_map(lambda v: xp.imag(v) / h, out)
+        return self._cast_like_x(d) if cast else d
 
     def _eval_complex(self, xs: Any, args: tuple) -> Any | None:
         """F at complex inputs; None if F fails there or drops the imaginary part."""
@@ -239,14 +241,21 @@ class ReferenceLinearization(Linearization):
     def _at(self, xdir: Any, adir: tuple | None, s: float) -> Any:
         """F at (x + s xdir, args + s adir), as a flat float64 vector."""
         xp = self.xp
-        xs = self.x if xdir is None else _tree.tree_map(
-            lambda a, v: xp.astype(a, xp.float64) + s * v, self.x, xdir)
+        # x in float64 even where only θ moves: a float32 θ becomes float64 when perturbed, and
+        # an F that needs one dtype throughout (a fixed point's T(x) - x) must see both alike
+        xs = _tree.tree_map(lambda a: xp.astype(a, xp.float64), self.x) if xdir is None else \
+            _tree.tree_map(lambda a, v: xp.astype(a, xp.float64) + s * v, self.x, xdir)
         args = self.args if adir is None else _perturb_args(self.args, adir, s)
         return self._flat(self.F(xs, *args))
 
     def _f0(self) -> Any:
+        """F at x* as one float64 vector, evaluated as `_at` evaluates F (x in float64), so the
+        stencils' differences against it see no rounding of a lower precision."""
         if self._F0flat is None:
-            self._F0flat = self._flat(self._F0())
+            xp = self.xp
+            low = any(v.dtype != xp.float64 for v in _tree.tree_flatten(self.x)[0])
+            self._F0flat = self._flat(self._F0() if not low else self.F(
+                _tree.tree_map(lambda a: xp.astype(a, xp.float64), self.x), *self.args))
         return self._F0flat
 
     def _stencil(self, xdir: Any, adir: tuple | None, h: float) -> _Stencil:
@@ -441,7 +450,7 @@ class ReferenceLinearization(Linearization):
                  for aa, dd in zip(_tree.tree_flatten(a)[0],
                                    _realign(_tree.tree_flatten(a)[0], d))])
                 for a, d in zip(self.args, adir))
-        cs = self._cs(xdir, adir)
+        cs = self._cs(xdir, adir, cast=False)  # float64: a float32 x must not round it here
         st = self._stencil(xdir, adir, h)
         if st.kink:
             self._on_kink(which)

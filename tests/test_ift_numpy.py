@@ -8,6 +8,7 @@ shares no code with implicitdiff), plus the dot-product test between JVP and VJP
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -462,6 +463,43 @@ def test_fixed_point_equals_root_of_T_minus_x(seed, n):
     np.testing.assert_allclose(idf.jacobian(fp, argnums=0)(*args),
                                idf.jacobian(root, argnums=0)(*args), rtol=1e-12, atol=1e-15)
 
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float64])
+def test_float32_fixed_point_against_the_dense_formula(x_dtype):
+    # float32 data (and a float32 or float64 x*): the reference's differences perturb θ in
+    # float64, so F = T(x) − x once saw a float64 T(x) beside a float32 x and raised a
+    # StructureError; and the complex step, rounded to float32 before its comparison with
+    # central differences, was refused with a DerivativeAccuracyWarning. Oracle: the implicit
+    # function theorem by hand in float64, dx/dθ = (I − D W)⁻¹ D with D = diag(1 − x²).
+    rng = np.random.default_rng(3)
+    n = 5
+    W = (0.3 * rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+    th = rng.standard_normal(n).astype(np.float32)
+
+    def T(x, W, th):
+        return np.tanh(W @ x + th)
+
+    @idf.custom_fixed_point(T)
+    def fp(W, th):
+        x = np.zeros(n, x_dtype)
+        for _ in range(200):
+            x = np.tanh(W @ x + th)
+        return x
+
+    u = rng.standard_normal(n).astype(x_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no accuracy warning, no dtype error
+        x, pull = idf.vjp(fp, W, th)
+        gW, gth = pull(u)
+    assert x.dtype == x_dtype and gth.dtype == np.float32 and gW.dtype == np.float32
+    x64, W64 = x.astype(np.float64), W.astype(np.float64)
+    D = np.diag(1.0 - x64 ** 2)
+    lam = np.linalg.solve((np.eye(n) - D @ W64).T, u.astype(np.float64))  # uᵀ (I − DW)⁻¹
+    g_th = D @ lam
+    g_W = np.outer(g_th, x64)
+    tol = 1e-5 if x_dtype == np.float32 else 1e-6  # x* itself has float32 data's rounding
+    assert rel_err(gth, g_th) < tol and rel_err(gW, g_W) < tol
 
 # ---- 7. diagnostics ------------------------------------------------------------------------
 
