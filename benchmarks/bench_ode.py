@@ -12,6 +12,7 @@ float64 reference; then peak memory against the number of steps.
                                                    # 3 rounds, no JAX call counting, no
                                                    # cross-check, memory at 100 steps only
     python benchmarks/bench_ode.py --dim 32 --only torchdiffeq implicitdiff --no-memory
+    python benchmarks/bench_ode.py --ffjord-only --quick   # FFJORD alone: PyTorch and JAX rows
 
 Single-threaded: unless already set, the script sets OMP_NUM_THREADS, OPENBLAS_NUM_THREADS,
 MKL_NUM_THREADS to 1 and XLA_FLAGS to one intra-op thread before importing torch and jax, and
@@ -97,6 +98,14 @@ measured once in PyTorch; per mode the loosest rung within the peer's error is a
 JAX its own error is checked, a rung tighter if needed); the peer and the candidates then take
 turns in shuffled order, and the candidate with the lowest median per-round ratio to the peer
 is the row's "ours".
+
+FFJORD (`--no-ffjord` skips it, `--ffjord-only` runs it alone): examples/ffjord_moons.py's
+model on 256 standardized two-moons points at rtol = atol = 1e-5, float64, the loss and gradient
+of the mean negative log-likelihood with Hutchinson's estimator (a fixed Rademacher noise), its
+error against implicitdiff `"direct"` at 1e-10 in PyTorch: in PyTorch implicitdiff's three modes
+against torchdiffeq (`bench_ffjord`), then the same weights, data and noise in JAX, implicitdiff's
+three modes against diffrax's `RecursiveCheckpointAdjoint` and `BacksolveAdjoint` (`vmap`, and
+the batch as one state; `bench_ffjord_jax`).
 
 Ends with the issue's targets, each "met", "MISSED" or "NOT MEASURED" (with the reason).
 """
@@ -894,8 +903,8 @@ def bench_memory(steps: dict[str, list[int]], batch: int = 16, d: int = 2,
 # ---- FFJORD --------------------------------------------------------------------------------------
 
 def _ffjord_module() -> Any:
-    """examples/ffjord_moons.py (its `Field`, `augmented` and `make_data`): the benchmark runs
-    the example's own model."""
+    """examples/ffjord_moons.py (its `Field`, `augmented`, `augmented_jax`, `params_of` and
+    `make_data`): the benchmark runs the example's own model."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
@@ -1020,8 +1029,155 @@ def bench_ffjord(batch: int = 256, hidden: int = 64, tol: float = 1e-5, repeats:
         ratio = (f"{paired_ratio(r['t'], base['t']):.2f}×" if base.get("t") else "—")
         rows.append([name, fmt_ms(med), ratio, f"{r['calls']['fwd']:,}",
                      f"{r['calls']['bwd']:,}", fmt_e(r["g_err"]), ""])
-    info = dict(ref_seconds=ref_s, ref_loss=ref_loss, res=res)
+    problem = dict(params=ff.params_of(field), x=x.numpy(), eps=eps.numpy(), ref_g=ref_g,
+                   ref_loss=ref_loss, tol=tol)
+    info = dict(ref_seconds=ref_s, ref_loss=ref_loss, res=res, problem=problem)
     return rows, info
+
+
+FF_IDF_J = "implicitdiff `odeint` {} (JAX, jit)"
+FF_DFX_R = "diffrax `RecursiveCheckpointAdjoint` (JAX, jit + vmap)"
+FF_DFX_B = "diffrax `BacksolveAdjoint` (JAX, jit + vmap)"
+FF_DFX_B1 = "diffrax `BacksolveAdjoint`, batch as one state (JAX, jit)"
+
+
+def bench_ffjord_jax(problem: dict[str, Any], repeats: int = 5, seed: int = 0,
+                     count_calls: bool = True) -> tuple[list[list[str]], dict[str, Any]]:
+    """The FFJORD problem of `bench_ffjord` (the same field weights, data, Hutchinson noise,
+    tolerance and reference gradient: `problem`) in JAX, float64: implicitdiff `odeint`
+    (examples/ffjord_moons.py's `augmented_jax`: Hutchinson's estimate by one `jax.jvp`) with
+    `grad="direct"`, `"checkpoint"`, `"backsolve"` against diffrax `diffeqsolve(ODETerm,
+    Dopri5(), 0, 1, None, y0, stepsize_controller=PIDController(rtol, atol), saveat=SaveAt(
+    t1=True))` with `RecursiveCheckpointAdjoint()` (its default) and `BacksolveAdjoint()`, under
+    `jax.vmap` over the batch (diffrax's continuous normalizing flow example: per-sample steps),
+    and `BacksolveAdjoint()` on the batch as one (batch, 3) state. Each is
+    `jax.jit(jax.value_and_grad)` of the mean negative log-likelihood in the field's
+    parameters, `max_steps` twice the most steps a sample needs (as the JAX rows above), warmed
+    up (compiled) once and then timed in rounds of shuffled order. f calls (whole-batch calls,
+    per-sample calls divided by the batch under `vmap`) are counted with `jax.debug.callback` in
+    a separately compiled copy when `count_calls`."""
+    import diffrax
+
+    ff = _ffjord_module()
+    tm = jax.tree_util.tree_map
+    params = tm(jnp.asarray, problem["params"])
+    x, eps = jnp.asarray(problem["x"]), jnp.asarray(problem["eps"])
+    tol, n, d = problem["tol"], *problem["x"].shape
+    y0 = jnp.concatenate([x, jnp.zeros((n, 1), x.dtype)], -1)
+    ts = jnp.asarray([0.0, 1.0])
+    sol = ode.odeint(ff.augmented_jax(), y0, ts, eps, params, method="dopri5", rtol=tol,
+                     atol=tol, max_steps=10_000, full_output=True)
+    need = int(np.max(np.asarray(sol.stats.accepted + sol.stats.rejected)))
+    ms = max(16, 2 * need)
+
+    def nll(y1: Any) -> Any:
+        z, delta = y1[..., :-1], y1[..., -1]
+        return -jnp.mean(-0.5 * jnp.sum(z * z, -1) - 0.5 * d * np.log(2 * np.pi) + delta)
+
+    def idf_loss(grad: str) -> Callable[[Callable], Callable]:
+        def make(aug: Callable) -> Callable:
+            def loss(p: Any) -> Any:
+                return nll(ode.odeint(aug, y0, ts, eps, p, method="dopri5", rtol=tol, atol=tol,
+                                      max_steps=ms, grad=grad)[-1])
+            return loss
+        return make
+
+    def dfx_loss(adjoint: Any, one_state: bool) -> Callable[[Callable], Callable]:
+        def make(aug: Callable) -> Callable:
+            term = diffrax.ODETerm(lambda t, y, a: aug(t, y, *a))
+
+            def solve(y0_: Any, e: Any, p: Any) -> Any:
+                return diffrax.diffeqsolve(
+                    term, diffrax.Dopri5(), 0.0, 1.0, None, y0_, args=(e, p),
+                    stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+                    saveat=diffrax.SaveAt(t1=True), adjoint=adjoint, max_steps=ms).ys[-1]
+
+            batched = solve if one_state else jax.vmap(solve, in_axes=(0, 0, None))
+
+            def loss(p: Any) -> Any:
+                return nll(batched(y0, eps, p))
+            return loss
+        return make
+
+    contenders: dict[str, tuple[Callable[[Callable], Callable], str, bool]] = {
+        FF_IDF_J.format("direct"): (idf_loss("direct"), "jax", False),
+        FF_IDF_J.format("checkpoint"): (idf_loss("checkpoint"), "jax", False),
+        FF_IDF_J.format("backsolve"): (idf_loss("backsolve"), "jax", False),
+        FF_DFX_R: (dfx_loss(diffrax.RecursiveCheckpointAdjoint(), False), "diffrax", True),
+        FF_DFX_B: (dfx_loss(diffrax.BacksolveAdjoint(), False), "diffrax", True),
+        FF_DFX_B1: (dfx_loss(diffrax.BacksolveAdjoint(), True), "diffrax", False),
+    }
+    res: dict[str, dict[str, Any]] = {}
+    for name, (make, mod, per_sample) in contenders.items():
+        r: dict[str, Any] = {}
+        res[name] = r
+        if _import_error(mod):
+            r["error"] = f"not importable: {_import_error(mod)}"
+            continue
+        try:
+            vg = jax.jit(jax.value_and_grad(make(ff.augmented_jax())))
+
+            def fn(vg: Callable = vg) -> Any:
+                return jax.block_until_ready(vg(params))
+
+            t = time.perf_counter()
+            _, g = fn()
+            r["first"] = time.perf_counter() - t
+            r["g_err"] = rel(jax.tree_util.tree_leaves(g), problem["ref_g"])
+            r["calls"] = _jax_calls(make, ff, params, B=n if per_sample else 1) \
+                if count_calls else None
+            r["fn"], r["t"] = fn, []
+            print(f"[ffjord] {name}: first call {r['first']:.2f} s", file=sys.stderr,
+                  flush=True)
+        except Exception as e:  # report any failure and go on
+            r["error"] = _short(e)
+            if os.environ.get("BENCH_ODE_TRACE"):
+                traceback.print_exc()
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        order = [k for k in res if "fn" in res[k]]
+        rng.shuffle(order)
+        for k in order:
+            t = time.perf_counter()
+            res[k]["fn"]()
+            res[k]["t"].append(time.perf_counter() - t)
+    base = res.get(FF_DFX_R, {})
+    rows = []
+    for name, r in res.items():
+        if "error" in r:
+            rows.append([name, "—", "—", "—", "—", "—", r["error"]])
+            continue
+        ratio = f"{paired_ratio(r['t'], base['t']):.2f}×" if base.get("t") else "—"
+        calls = r["calls"]
+        rows.append([name, fmt_ms(statistics.median(r["t"])), ratio,
+                     f"{calls['fwd']:,}" if calls else "—", f"{calls['bwd']:,}" if calls else "—",
+                     fmt_e(r["g_err"]), f"first call (compile) {r['first']:.1f} s"])
+    return rows, dict(max_steps=ms, steps_needed=need, res=res)
+
+
+def _jax_calls(make: Callable[[Callable], Callable], ff: Any, params: Any, B: int
+               ) -> dict[str, int]:
+    """Whole-batch calls of FFJORD's field in the forward pass and in the backward pass, by a
+    `jax.debug.callback` in separately compiled copies (per-sample calls under `vmap` divided by
+    the batch `B`)."""
+    n = [0]
+
+    def bump(_: Any) -> None:
+        n[0] += 1
+
+    aug = ff.augmented_jax()
+
+    def counted(t: Any, y: Any, e: Any, p: Any) -> Any:
+        jax.debug.callback(bump, y)
+        return aug(t, y, e, p)
+
+    loss = make(counted)
+    jax.block_until_ready(jax.jit(loss)(params))
+    jax.effects_barrier()
+    n_f, n[0] = n[0], 0
+    jax.block_until_ready(jax.jit(jax.value_and_grad(loss))(params))
+    jax.effects_barrier()
+    return {"fwd": round(n_f / B), "bwd": round((n[0] - n_f) / B)}
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -1169,6 +1325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the memory-against-steps sweep")
     p.add_argument("--no-ffjord", action="store_true", help="skip the FFJORD comparison")
+    p.add_argument("--ffjord-only", action="store_true",
+                   help="only the FFJORD comparison (no state-dimension configurations, memory "
+                        "sweep or targets)")
     p.add_argument("--no-equal", action="store_true",
                    help="skip the equal-accuracy comparison (issue 15)")
     a = p.parse_args(argv)
@@ -1184,7 +1343,7 @@ def main(argv: list[str] | None = None) -> int:
           "median per-round ratio to implicitdiff's `\"direct\"` in the same framework; errors "
           f"are relative, against implicitdiff `\"direct\"` at rtol = atol = {REF_TOL:g}.\n")
     configs = []
-    for d in dims:
+    for d in [] if a.ffjord_only else dims:
         c = bench_config(d, a.batch, repeats, a.cell_budget, a.seed, a.only, modes,
                          quick=a.quick, equal=not a.no_equal)
         configs.append(c)
@@ -1205,7 +1364,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(rounds in shuffled order; \"× peer\" the median per-round ratio).\n")
             print(equal_table(c["equal"]) + "\n", flush=True)
     memory = None
-    if not a.no_memory:
+    if not (a.no_memory or a.ffjord_only):
         # the meter costs ~10 µs per torch operation: 10,000 steps only where the target needs it
         steps = {g: [100] if a.quick else [100, 1000] for g in ("direct", "checkpoint",
                                                                "backsolve")
@@ -1232,6 +1391,35 @@ def main(argv: list[str] | None = None) -> int:
               "`odeint_adjoint`.\n")
         print(table(["method", "fwd+bwd ms", "× adjoint", "f calls fwd", "f calls bwd",
                      "grad err", "notes"], rows) + "\n", flush=True)
+        if jax is None or _import_error("diffrax"):
+            print(f"FFJORD in JAX not run: "
+                  f"{'jax not installed' if jax is None else _import_error('diffrax')}.\n")
+        else:
+            jrows, jinfo = bench_ffjord_jax(info["problem"], repeats=3 if a.quick else 5,
+                                            seed=a.seed, count_calls=not a.quick)
+            print("### FFJORD in JAX: the same problem against diffrax\n")
+            print("The same field weights, data, noise, tolerance and reference in JAX "
+                  "(float64, `jax.jit(jax.value_and_grad)`, timed after a compiling warm-up "
+                  "call); Hutchinson's estimate by one `jax.jvp` per evaluation "
+                  "(examples/ffjord_moons.py's `augmented_jax`). diffrax: `Dopri5`, "
+                  "`PIDController(rtol, atol)`, under `jax.vmap` over the batch (per-sample "
+                  "steps, as its continuous normalizing flow example) or on the batch as one "
+                  f"state. `max_steps` = {jinfo['max_steps']} for all (twice the "
+                  f"{jinfo['steps_needed']} steps the longest sample takes). "
+                  "\"× diffrax\" is the median per-round ratio to diffrax's "
+                  "`RecursiveCheckpointAdjoint` (its default); f calls are whole-batch calls "
+                  + ("(not counted in --quick). " if a.quick else
+                     "(under `vmap`, per-sample calls divided by the batch). ")
+                  + "Under `vmap`, diffrax's `BacksolveAdjoint` controls each sample's adjoint "
+                  "(1/batch of the mean's) and its parameter cotangent with the absolute "
+                  "tolerance as they stand: a coarser gradient for the mean loss than for the "
+                  "sum.\n")
+            print(table(["method", "fwd+bwd ms", "× diffrax", "f calls fwd", "f calls bwd",
+                         "grad err", "notes"], jrows) + "\n", flush=True)
+    if a.ffjord_only:
+        print(f"Total run time {time.perf_counter() - t_start:.0f} s; load average "
+              f"{os.getloadavg()[0]:.1f} at the end.")
+        return 0
     print("## Targets\n")
     print(targets(configs, memory, modes) + "\n")
     print(f"Total run time {time.perf_counter() - t_start:.0f} s; load average "

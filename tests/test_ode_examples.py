@@ -1,8 +1,8 @@
 """examples/ode_spiral.py and examples/ffjord_moons.py: their `--quick` configurations run
 in-process and learn (the spiral's loss falls and its whole-trajectory fit improves, in PyTorch
 and in JAX, with the same loss trajectory in both; FFJORD's test log-likelihood beats the base
-density's), and FFJORD's log-likelihood of a known flow matches the change-of-variables formula
-in closed form."""
+density's, in PyTorch and in JAX), and FFJORD's log-likelihood of a known flow matches the
+change-of-variables formula in closed form (in JAX also its gradient)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,48 @@ def test_ffjord_quick_beats_the_base_density(tmp_path):
     out = ffjord.main(["--quick", "--silent", "--out", str(out_png)])
     assert np.all(np.isfinite(out["losses"]))
     # the base density gives the standardized data about -log(2 pi) - 1 = -2.84 nats
+    assert abs(out["loglik_base"] - (-math.log(2 * math.pi) - 1)) < 0.1
+    assert out["loglik"] > out["loglik_base"] + 0.1, (out["loglik_base"], out["loglik"])
+    assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ffjord_jax_loglik_of_a_linear_flow_is_the_closed_form():
+    pytest.importorskip("jax")
+    import jax
+    import jax.numpy as jnp
+
+    # f(t, z) = b * z (B = diag(b)): z(1) = e^b x and log p(x) = log N(e^b x; 0, I) + sum(b),
+    # exactly, and so is the Hutchinson estimate (B diagonal); its gradient in b is
+    # 1 - e^{2b} x^2 per point
+    b = np.array([0.3, -0.7], np.float32)
+    x = np.random.default_rng(0).standard_normal((7, 2)).astype(np.float32)
+    eps = ffjord.rademacher(np.random.default_rng(1), x.shape)
+    z1 = x * np.exp(b)
+    want = -0.5 * (z1 ** 2).sum(-1) - math.log(2 * math.pi) + b.sum()
+    want_grad = np.mean(1 - np.exp(2 * b) * x ** 2, 0)
+
+    def field(b_, t, z):
+        return b_ * z
+
+    for exact in (True, False):
+        got = ffjord.log_likelihood_jax(jnp.asarray(b), jnp.asarray(x), jnp.asarray(eps),
+                                        tol=1e-6, exact=exact, field=field)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    for grad in ("checkpoint", "direct"):  # the example's JAX training mode, and the default
+        def mean_loglik(b_, grad=grad):
+            return jnp.mean(ffjord.log_likelihood_jax(
+                b_, jnp.asarray(x), jnp.asarray(eps), tol=1e-6, exact=False, field=field,
+                max_steps=64, grad=grad))
+
+        g = jax.jit(jax.grad(mean_loglik))(jnp.asarray(b))
+        np.testing.assert_allclose(np.asarray(g), want_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_ffjord_jax_quick_beats_the_base_density(tmp_path):
+    pytest.importorskip("jax")
+    out_png = tmp_path / "moons.png"
+    out = ffjord.main(["--quick", "--silent", "--framework", "jax", "--out", str(out_png)])
+    assert len(out["losses"]) == 40 and np.all(np.isfinite(out["losses"]))
     assert abs(out["loglik_base"] - (-math.log(2 * math.pi) - 1)) < 0.1
     assert out["loglik"] > out["loglik_base"] + 0.1, (out["loglik_base"], out["loglik"])
     assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
