@@ -377,10 +377,17 @@ class JaxBackend(Backend):
         # Scans (reverse-mode differentiable, unlike lax.while_loop) of lax.conds that skip the
         # body once cond is false, nested two deep (about sqrt(max_steps) each): a finished loop
         # costs one predicate per remaining outer iteration, not per remaining step. (Under
-        # vmap a cond is a select: both branches run.)
+        # vmap a cond is a select: both branches run.) The body is rematerialized
+        # (`jax.checkpoint`): reverse mode stores each iteration's carry, not every value the
+        # body computes, and recomputes the body of the iterations that ran. Without it the
+        # skipped iterations were the cost: their residuals (zeros, as large as a step's
+        # intermediate values) were written and read back for every one of the max_steps
+        # iterations. On a neural ODE (d = 2, batch 256, 11 steps) the gradient took 16.7 /
+        # 47.9 / 314 ms at max_steps 12 / 40 / 400 without it, 8.4 / 7.6 / 9.7 ms with it.
         inner = max(1, math.isqrt(max_steps - 1) + 1)
         outer = -(-max_steps // inner)
         out_shape = jax.eval_shape(lambda s: body(s)[1], init)
+        body = jax.checkpoint(body)  # see above: only the carry is stored per iteration
 
         def zeros(shape: Any, lead: tuple = ()) -> Any:
             return jax.tree_util.tree_map(lambda a: jnp.zeros(lead + a.shape, a.dtype), shape)
