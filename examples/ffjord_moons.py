@@ -35,10 +35,10 @@ same numbers as torch's generator). The parameters are a pytree (a list of (W, b
 drawn as PyTorch's `nn.Linear` draws them), passed to `odeint` positionally, and Hutchinson's
 estimator is one Jacobian-vector product (jax.jvp: (∂f/∂z)ε, then εᵀ of it; the same number as
 the vector-Jacobian product's), the exact trace d of them. The training step (the loss and its
-gradient through `odeint`, and Adam) is one `jax.jit`-compiled function, differentiated with
-`grad="checkpoint"` by default (`--grad`): under JAX, `"direct"` stores and differentiates every
-one of the loop's `--max-steps` iterations (docs/neural-odes.md), about 20x slower per step here
-even at `--max-steps 64`. PyTorch keeps `grad="direct"`, its fastest mode on small solves.
+gradient through `odeint`, and Adam) is one `jax.jit`-compiled function. Both frameworks
+differentiate with `grad="direct"` by default (`--grad` chooses): under JAX its reverse pass
+stores the loop's carry for each of the `--max-steps` iterations and recomputes the steps that
+ran, as fast here as `"checkpoint"`.
 """
 
 from __future__ import annotations
@@ -362,11 +362,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="odeint's rtol = atol (default 1e-5; quick 1e-4)")
     ap.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-3)")
     ap.add_argument("--grad", choices=("direct", "checkpoint", "backsolve"), default=None,
-                    help="odeint's gradient mode in training (default: torch direct, "
-                         "JAX checkpoint)")
+                    help="odeint's gradient mode in training (default direct)")
     ap.add_argument("--max-steps", type=int, default=None,
-                    help="odeint's max_steps per sample in training under JAX (default 1000; "
-                         "64 with --grad direct)")
+                    help="odeint's max_steps per sample in training under JAX (default 1000)")
     ap.add_argument("--grid", type=int, default=None, help="plot resolution (default 100)")
     ap.add_argument("--out", default="docs/img/ffjord_moons.png",
                     help="where to save the density plot ('' for none)")
@@ -380,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a.tol = a.tol or (1e-4 if q else 1e-5)
     a.lr = a.lr or 5e-3
     grid = a.grid or (40 if q else 100)
-    a.grad = a.grad or ("checkpoint" if a.framework == "jax" else "direct")
-    a.max_steps = a.max_steps or (64 if a.grad == "direct" else 1000)
+    a.grad = a.grad or "direct"
+    a.max_steps = a.max_steps or 1000
     train_x = make_data(20_000, a.seed)
     mu, sd = train_x.mean(0), train_x.std(0)
     test_x = ((make_data(2_000 if not q else 500, a.seed + 1) - mu) / sd).astype(np.float32)

@@ -19,7 +19,7 @@ compared with the data ("fit error": the mean absolute error over all observatio
 
 In JAX the training step (loss and gradient through `odeint`, and the Adam update) is one
 `jax.jit`-compiled function; `max_steps` is kept small (`--max-steps`), since JAX's reverse mode
-stores every one of the loop's `max_steps` iterations (docs/neural-odes.md).
+stores the loop's state for every one of its `max_steps` iterations (docs/neural-odes.md).
 """
 
 from __future__ import annotations

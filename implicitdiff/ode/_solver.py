@@ -779,7 +779,8 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
       `dt0`, each clipped to the next output time).
     - `max_steps`: (keyword) the most steps, accepted and rejected, per sample (default 4096).
       Under JAX the loop is a `lax.scan` of `max_steps` iterations (skipped once every sample
-      is done), and reverse mode stores every one of them: keep it near what the problem needs.
+      is done), and reverse mode stores the loop's state for every one of them: keep it near
+      what the problem needs.
     - `grad`: (keyword) how derivatives are taken: `"direct"` (the framework's autodiff through
       the accepted steps; the step-size controller is a constant, so this is the exact
       derivative of the discrete solution). `"backsolve"`: the continuous adjoint (Chen et
