@@ -432,6 +432,40 @@ def bench_higher_order() -> list[str]:
 
 # ---- 3. JAX: implicitdiff_jax.deq vs optimistix ---------------------------------------------
 
+def _jax_problem(rho: float) -> tuple:
+    """The dense DEQ of `make_data(rho)` in JAX (float32): `(ref, params, x, f, fn)` with `ref`
+    the exact gradients, `params` the dict of W, U, b, `f(p, z, x)` the batched layer
+    (implicitdiff's form) and `fn(z, (p, x_i))` one sample's (optimistix's form)."""
+    import jax.numpy as jnp
+
+    W, U, b, x = make_data(rho)
+    ref = exact_grads(W, U, b, x)
+    params = {"W": jnp.asarray(W.float().numpy()), "U": jnp.asarray(U.float().numpy()),
+              "b": jnp.asarray(b.float().numpy())}
+
+    def f(p, z, x):
+        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
+
+    def fn(z, args):
+        p, xi = args
+        return jnp.tanh(p["W"] @ z + p["U"] @ xi + p["b"])
+
+    return ref, params, jnp.asarray(x.float().numpy()), f, fn
+
+
+def _jax_medians(jitted: dict, args: tuple, repeats: int) -> dict[str, float]:
+    """Median wall time of each jitted function over `repeats` rounds of one call each."""
+    import jax
+
+    times: dict[str, list[float]] = {k: [] for k in jitted}
+    for _ in range(repeats):
+        for k, g in jitted.items():
+            t = time.perf_counter()
+            jax.block_until_ready(g(*args))
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_jax(rho: float, repeats: int) -> list[str]:
     import jax
     import jax.numpy as jnp
@@ -441,14 +475,7 @@ def bench_jax(rho: float, repeats: int) -> list[str]:
     from implicitdiff.deq import IFT
     from implicitdiff_jax import deq
 
-    W, U, b, x = make_data(rho)
-    ref = exact_grads(W, U, b, x)
-    params = {"W": jnp.asarray(W.float().numpy()), "U": jnp.asarray(U.float().numpy()),
-              "b": jnp.asarray(b.float().numpy())}
-    xj = jnp.asarray(x.float().numpy())
-
-    def f(p, z, x):
-        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
+    ref, params, xj, f, fn = _jax_problem(rho)
 
     def loss_idf(p, x):
         z, stats = deq(Partial(f, p), x, z_shape=(H,),
@@ -457,10 +484,6 @@ def bench_jax(rho: float, repeats: int) -> list[str]:
         return (z * z).sum(), stats.steps
 
     def optx_loss(solver):
-        def fn(z, args):
-            p, xi = args
-            return jnp.tanh(p["W"] @ z + p["U"] @ xi + p["b"])
-
         def one(p, xi):
             sol = optx.fixed_point(fn, solver, jnp.zeros(H, xj.dtype), args=(p, xi),
                                    max_steps=MAXITER, adjoint=optx.ImplicitAdjoint(),
@@ -485,13 +508,7 @@ def bench_jax(rho: float, repeats: int) -> list[str]:
         t = time.perf_counter()
         results[k] = jax.block_until_ready(g(params, xj))
         compile_s[k] = time.perf_counter() - t
-    times: dict[str, list[float]] = {k: [] for k in jitted}
-    for _ in range(repeats):
-        for k, g in jitted.items():
-            t = time.perf_counter()
-            jax.block_until_ready(g(params, xj))
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _jax_medians(jitted, (params, xj), repeats)
     base = med["implicitdiff deq (Anderson, IFT BiCGStab)"]
     lines = []
     for k in jitted:
@@ -518,14 +535,7 @@ def bench_jax_equal_accuracy(rho: float, repeats: int) -> list[str]:
     from implicitdiff.deq import IFT
     from implicitdiff_jax import deq
 
-    W, U, b, x = make_data(rho)
-    ref = exact_grads(W, U, b, x)
-    params = {"W": jnp.asarray(W.float().numpy()), "U": jnp.asarray(U.float().numpy()),
-              "b": jnp.asarray(b.float().numpy())}
-    xj = jnp.asarray(x.float().numpy())
-
-    def f(p, z, x):
-        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
+    ref, params, xj, f, fn = _jax_problem(rho)
 
     def idf_loss(**kw):
         def loss(p, x):
@@ -534,10 +544,6 @@ def bench_jax_equal_accuracy(rho: float, repeats: int) -> list[str]:
         return loss
 
     def optx_loss(solver):
-        def fn(z, args):
-            p, xi = args
-            return jnp.tanh(p["W"] @ z + p["U"] @ xi + p["b"])
-
         def loss(p, x):
             def one(xi):
                 return optx.fixed_point(fn, solver, jnp.zeros(H, xj.dtype), args=(p, xi),
@@ -574,13 +580,7 @@ def bench_jax_equal_accuracy(rho: float, repeats: int) -> list[str]:
             del jitted[k]
             continue
         err[k] = rel_error([gr["W"], gr["U"], gr["b"]], ref)
-    times: dict[str, list[float]] = {k: [] for k in jitted}
-    for _ in range(repeats):
-        for k, g in jitted.items():
-            t = time.perf_counter()
-            jax.block_until_ready(g(params, xj))
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _jax_medians(jitted, (params, xj), repeats)
     lines = []
     dflt = next(iter(cands))
     for p in peers:

@@ -633,23 +633,28 @@ def bench_failure_modes(rounds: int) -> dict[str, Any]:
                             rows), times=t)
 
 
+# The ablation's steps (also bench_lasso.py's): a label, the linear solver's options and the
+# implicit function's options, each step dropping one more check the defaults promise.
+ABLATION_STEPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("defaults", {}, {}),
+    ("check_singular=False", {"check_singular": False}, {}),
+    ("+ kink_probe=False", {"check_singular": False}, {"kink_probe": False}),
+    ("+ residual_tol=inf", {"check_singular": False},
+     {"kink_probe": False, "residual_tol": math.inf})]
+
+
 def bench_ablation(data: Data, rounds: int) -> str:
     """Where the rest of the gap to jaxopt goes: CG(rtol=1e-5) and Dense with the default
     `on_failure`, then without the linear solver's uniqueness probe (`check_singular=False`),
     then also without the kink probe, then also without the forward residual check. Each step
     drops a check the defaults promise; none of these settings is a recommendation."""
     lam = jnp.asarray(LAM)
-    steps = [("defaults", {}, {}),
-             ("check_singular=False", {"check_singular": False}, {}),
-             ("+ kink_probe=False", {"check_singular": False}, {"kink_probe": False}),
-             ("+ residual_tol=inf", {"check_singular": False},
-              {"kink_probe": False, "residual_tol": math.inf})]
     solvers: dict[str, Callable[..., Any]] = {}
     makers: list[tuple[str, Callable[..., Any]]] = [
         ("CG(rtol=1e-5)", lambda **k: idf.CG(rtol=1e-5, **k)),
         ("Dense()", lambda **k: idf.Dense(**k))]
     for label, make in makers:
-        for what, skw, kw in steps:
+        for what, skw, kw in ABLATION_STEPS:
             solvers[f"{label}, {what}"] = idf_solver(make(**skw), **kw)
     solvers.update(contenders([JAXOPT_CG, JAXOPT_LU]))
     fns = {k: jax.jit(jax.value_and_grad(val_loss_with(s))) for k, s in solvers.items()}

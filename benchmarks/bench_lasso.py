@@ -79,6 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from bench_jax import (
+    ABLATION_STEPS,
     environment,
     equal_accuracy,
     first_call,
@@ -367,18 +368,11 @@ def run(rounds: int, seed: int) -> int:
 def ablation(rounds: int, seed: int) -> int:
     """Where the rest of the time goes: implicitdiff around jaxopt's own loop with the checks
     the defaults promise removed one by one (none of these settings is a recommendation)."""
-    import math
-
     data, lam_f, eta = make_data(seed)
     lam = jnp.asarray(lam_f)
-    steps = [("defaults", {}, {}),
-             ("check_singular=False", {"check_singular": False}, {}),
-             ("+ kink_probe=False", {"check_singular": False}, {"kink_probe": False}),
-             ("+ residual_tol=inf", {"check_singular": False},
-              {"kink_probe": False, "residual_tol": math.inf})]
     solvers: dict[str, Callable[..., Any]] = {
         f"{IDF_JAXOPT_FWD}, {what}": idf_around_jaxopt(eta, solve=idf.Dense(**skw), **kw)
-        for what, skw, kw in steps}
+        for what, skw, kw in ABLATION_STEPS}
     solvers[JAXOPT] = jaxopt_solver(eta)
     solvers[JAXOPT_LU] = jaxopt_solver(eta, implicit_diff_solve=jaxopt.linear_solve.solve_lu)
     fns = {k: jax.jit(jax.value_and_grad(val_loss_with(s))) for k, s in solvers.items()}

@@ -900,6 +900,19 @@ def bench_memory(steps: dict[str, list[int]], batch: int = 16, d: int = 2,
 
 # ---- output ------------------------------------------------------------------------------------
 
+def _time_rounds(res: dict[str, dict[str, Any]], repeats: int, seed: int) -> None:
+    """`repeats` rounds of one call of every entry of `res` that has a callable `fn`, in an
+    order shuffled each round, each call's wall time appended to the entry's list `t`."""
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        order = [k for k in res if "fn" in res[k]]
+        rng.shuffle(order)
+        for k in order:
+            t = time.perf_counter()
+            res[k]["fn"]()
+            res[k]["t"].append(time.perf_counter() - t)
+
+
 # ---- FFJORD --------------------------------------------------------------------------------------
 
 def _ffjord_module() -> Any:
@@ -1011,14 +1024,7 @@ def bench_ffjord(batch: int = 256, hidden: int = 64, tol: float = 1e-5, repeats:
             r["t"] = []
         except Exception as e:  # report any failure and go on
             r["error"] = _short(e)
-    rng = random.Random(seed)
-    for _ in range(repeats):
-        order = [k for k in res if "fn" in res[k]]
-        rng.shuffle(order)
-        for k in order:
-            t = time.perf_counter()
-            res[k]["fn"]()
-            res[k]["t"].append(time.perf_counter() - t)
+    _time_rounds(res, repeats, seed)
     base = res.get("torchdiffeq `odeint_adjoint`", {})
     rows = []
     for name, r in res.items():
@@ -1133,14 +1139,7 @@ def bench_ffjord_jax(problem: dict[str, Any], repeats: int = 5, seed: int = 0,
             r["error"] = _short(e)
             if os.environ.get("BENCH_ODE_TRACE"):
                 traceback.print_exc()
-    rng = random.Random(seed)
-    for _ in range(repeats):
-        order = [k for k in res if "fn" in res[k]]
-        rng.shuffle(order)
-        for k in order:
-            t = time.perf_counter()
-            res[k]["fn"]()
-            res[k]["t"].append(time.perf_counter() - t)
+    _time_rounds(res, repeats, seed)
     base = res.get(FF_DFX_R, {})
     rows = []
     for name, r in res.items():

@@ -148,42 +148,86 @@ def rel_error(got, ref) -> float:
     return (num / den) ** 0.5
 
 
-def deq_methods(K: int, data) -> dict[str, Callable[[], tuple]]:
-    W0, U0, b0, x = data
+# ---- the methods: implicitdiff and its peers at K forward iterations -----------------------
 
-    def params():
-        return [p.clone().requires_grad_() for p in (W0, U0, b0)]
+def _params(data):
+    return [p.clone().requires_grad_() for p in data[:3]]
 
-    def loop(W, U, b, x, iters=K):
+
+def _loop(K: int):
+    def loop(W, U, b, x):
         z = torch.zeros(x.shape[0], W.shape[0], dtype=x.dtype)
-        for _ in range(iters):
+        for _ in range(K):
             z = T(z, W, U, b, x)
         return z
+    return loop
 
-    layer = idf.custom_fixed_point(T, solve=idf.BiCGStab(), batch_dims=1)(loop)
-    # the two-vector fixed-point backward u <- J^T u - xbar (least memory)
-    layer_r = idf.custom_fixed_point(T, solve=idf.Richardson(omega=-1.0), batch_dims=1)(loop)
 
-    def m_implicitdiff():
-        W, U, b = params()
+def _implicit(data, K: int, **kw) -> Callable[[], tuple]:
+    layer = idf.custom_fixed_point(T, batch_dims=1, **kw)(_loop(K))
+    x = data[3]
+
+    def run():
+        W, U, b = _params(data)
         z = layer(W, U, b, x)
         (z * z).sum().backward()
         return W.grad, U.grad, b.grad
+    return run
 
-    def m_implicitdiff_richardson():
-        W, U, b = params()
-        z = layer_r(W, U, b, x)
-        (z * z).sum().backward()
-        return W.grad, U.grad, b.grad
+
+def _peer_methods(data, K: int) -> dict[str, Callable[[], tuple]]:
+    """The peers at K forward iterations, in the dtype of `data`: "torchdeq" (K + K
+    fixed-point iterations) and "torchopt" (its default CG) where installed, and "unrolled"
+    (autograd through the K iterations)."""
+    x = data[3]
+    dt = x.dtype
+    loop = _loop(K)
+    out: dict[str, Callable[[], tuple]] = {}
+    if torchdeq is not None:
+        deq = torchdeq.get_deq(f_solver="fixed_point_iter", f_max_iter=K, f_tol=1e-30,
+                               b_solver="fixed_point_iter", b_max_iter=K, b_tol=1e-30,
+                               ift=True)
+
+        def m_torchdeq():
+            W, U, b = _params(data)
+            zs, _ = deq(lambda z: T(z, W, U, b, x), torch.zeros(B, H, dtype=dt))
+            (zs[-1] * zs[-1]).sum().backward()
+            return W.grad, U.grad, b.grad
+
+        out["torchdeq"] = m_torchdeq
+    if torchopt is not None:
+        def optimality(z, W, U, b, x):
+            return T(z, W, U, b, x) - z
+
+        @torchopt.diff.implicit.custom_root(optimality, argnums=(1, 2, 3))
+        def topt(z0, W, U, b, x):
+            with torch.no_grad():
+                return loop(W, U, b, x)
+
+        def m_torchopt():
+            W, U, b = _params(data)
+            z = topt(torch.zeros(B, H, dtype=dt), W, U, b, x)
+            (z * z).sum().backward()
+            return W.grad, U.grad, b.grad
+
+        out["torchopt"] = m_torchopt
 
     def m_unrolled():
-        W, U, b = params()
+        W, U, b = _params(data)
         z = loop(W, U, b, x)
         (z * z).sum().backward()
         return W.grad, U.grad, b.grad
 
+    out["unrolled"] = m_unrolled
+    return out
+
+
+def deq_methods(K: int, data) -> dict[str, Callable[[], tuple]]:
+    x = data[3]
+    loop = _loop(K)
+
     def m_floor():
-        W, U, b = params()
+        W, U, b = _params(data)
         with torch.no_grad():
             z = loop(W, U, b, x)
         z0 = z.requires_grad_()
@@ -200,36 +244,10 @@ def deq_methods(K: int, data) -> dict[str, Callable[[], tuple]]:
         (f0 * f0).sum().backward()
         return W.grad, U.grad, b.grad
 
-    out = {"implicitdiff": m_implicitdiff, "implicitdiff Richardson": m_implicitdiff_richardson}
-    if torchdeq is not None:
-        deq = torchdeq.get_deq(f_solver="fixed_point_iter", f_max_iter=K, f_tol=1e-30,
-                               b_solver="fixed_point_iter", b_max_iter=K, b_tol=1e-30,
-                               ift=True)
-
-        def m_torchdeq():
-            W, U, b = params()
-            zs, _ = deq(lambda z: T(z, W, U, b, x), torch.zeros(B, H))
-            (zs[-1] * zs[-1]).sum().backward()
-            return W.grad, U.grad, b.grad
-
-        out["torchdeq"] = m_torchdeq
-    if torchopt is not None:
-        def optimality(z, W, U, b, x):
-            return T(z, W, U, b, x) - z
-
-        @torchopt.diff.implicit.custom_root(optimality, argnums=(1, 2, 3))
-        def topt(z0, W, U, b, x):
-            with torch.no_grad():
-                return loop(W, U, b, x)
-
-        def m_torchopt():
-            W, U, b = params()
-            z = topt(torch.zeros(B, H), W, U, b, x)
-            (z * z).sum().backward()
-            return W.grad, U.grad, b.grad
-
-        out["torchopt"] = m_torchopt
-    out["unrolled"] = m_unrolled
+    out = {"implicitdiff": _implicit(data, K, solve=idf.BiCGStab()),
+           # the two-vector fixed-point backward u <- J^T u - xbar (least memory)
+           "implicitdiff Richardson": _implicit(data, K, solve=idf.Richardson(omega=-1.0))}
+    out.update(_peer_methods(data, K))
     out["floor (hand-written)"] = m_floor
     return out
 
@@ -263,74 +281,11 @@ def bench_deq(repeats: int) -> list[str]:
 
 # ---- 3. equal gradient error -----------------------------------------------------------------
 
-def _params(data):
-    return [p.clone().requires_grad_() for p in data[:3]]
-
-
-def _loop(K: int):
-    def loop(W, U, b, x):
-        z = torch.zeros(x.shape[0], W.shape[0], dtype=x.dtype)
-        for _ in range(K):
-            z = T(z, W, U, b, x)
-        return z
-    return loop
-
-
-def _implicit(data, K: int, **kw) -> Callable[[], tuple]:
-    layer = idf.custom_fixed_point(T, batch_dims=1, **kw)(_loop(K))
-    x = data[3]
-
-    def run():
-        W, U, b = _params(data)
-        z = layer(W, U, b, x)
-        (z * z).sum().backward()
-        return W.grad, U.grad, b.grad
-    return run
-
-
 def equal_peers(data, K: int) -> dict[str, Callable[[], tuple]]:
-    """The peers at K forward iterations, in the dtype of `data`."""
-    x = data[3]
-    dt = x.dtype
-    loop = _loop(K)
-    out: dict[str, Callable[[], tuple]] = {}
-    if torchdeq is not None:
-        deq = torchdeq.get_deq(f_solver="fixed_point_iter", f_max_iter=K, f_tol=1e-30,
-                               b_solver="fixed_point_iter", b_max_iter=K, b_tol=1e-30,
-                               ift=True)
-
-        def m_torchdeq():
-            W, U, b = _params(data)
-            zs, _ = deq(lambda z: T(z, W, U, b, x), torch.zeros(B, H, dtype=dt))
-            (zs[-1] * zs[-1]).sum().backward()
-            return W.grad, U.grad, b.grad
-
-        out[f"torchdeq ({K}+{K} iterations)"] = m_torchdeq
-    if torchopt is not None:
-        def optimality(z, W, U, b, x):
-            return T(z, W, U, b, x) - z
-
-        @torchopt.diff.implicit.custom_root(optimality, argnums=(1, 2, 3))
-        def topt(z0, W, U, b, x):
-            with torch.no_grad():
-                return loop(W, U, b, x)
-
-        def m_torchopt():
-            W, U, b = _params(data)
-            z = topt(torch.zeros(B, H, dtype=dt), W, U, b, x)
-            (z * z).sum().backward()
-            return W.grad, U.grad, b.grad
-
-        out["torchopt (default CG)"] = m_torchopt
-
-    def m_unrolled():
-        W, U, b = _params(data)
-        z = loop(W, U, b, x)
-        (z * z).sum().backward()
-        return W.grad, U.grad, b.grad
-
-    out[f"unrolled ({K} iterations)"] = m_unrolled
-    return out
+    """`_peer_methods` under the names of the equal-accuracy tables."""
+    names = {"torchdeq": f"torchdeq ({K}+{K} iterations)", "torchopt": "torchopt (default CG)",
+             "unrolled": f"unrolled ({K} iterations)"}
+    return {names[k]: m for k, m in _peer_methods(data, K).items()}
 
 
 def equal_candidates(data, K: int, residual_tol: float | None
