@@ -212,10 +212,17 @@ class AbstractLinearSolver(abc.ABC):
                rmatvec: MatVec | None, tags: frozenset) -> tuple[Any, LinearSolveInfo]:
         ...
 
+    def _rtol(self, xp: Any, b: Any, direct: bool = False) -> Any:
+        """The tolerance the solve stops at: `rtol`, else the one `with_rtol` set (an
+        array), else the dtype's default."""
+        if self.rtol is not None:
+            return self.rtol
+        if self._rtol_forward is not None:
+            return self._rtol_forward
+        return _default_rtol(xp, b.dtype, direct)
+
     def _tol(self, xp: Any, b: Any, direct: bool = False) -> Any:
-        rtol = self.rtol if self.rtol is not None else (
-            _default_rtol(xp, b.dtype, direct) if self._rtol_forward is None
-            else self._rtol_forward)
+        rtol = self._rtol(xp, b, direct)
         nb = norm(xp, b)
         return xp.maximum(rtol * nb, xp.full_like(nb, self.atol))
 
@@ -469,15 +476,6 @@ class _Iterative(AbstractLinearSolver):
     comment above `AbstractLinearSolver._verify`)."""
 
     check_singular: bool
-
-    def _rtol(self, xp: Any, b: Any) -> Any:
-        """The tolerance the iteration stops at: `rtol`, else the one `with_rtol` set (an
-        array), else the dtype's default."""
-        if self.rtol is not None:
-            return self.rtol
-        if self._rtol_forward is not None:
-            return self._rtol_forward
-        return _default_rtol(xp, b.dtype, False)
 
     def _own_rtol(self, xp: Any, b: Any) -> float:
         """`rtol`, else the dtype's default: the solver's own tolerance, which the tests of a
