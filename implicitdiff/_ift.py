@@ -21,6 +21,7 @@ from ._backend import Backend, get_backend
 from ._config import resolve_on_failure
 from ._diagnostics import BackwardRecord, LinearSolveInfo, collecting
 from ._errors import ImplicitDiffError, LinearSolveError, SingularJacobianError, StructureError
+from ._factored import Factored
 from ._linear_solve import (
     AbstractLinearSolver,
     Auto,
@@ -621,18 +622,27 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
 
 
 def _given_matrix(derivatives: Any, solver: AbstractLinearSolver, x_star: Any, args: tuple,
-                  a_matvec: Any, at_matvec: Any) -> None:
+                  a_matvec: Any, at_matvec: Any, lazy: bool = False) -> None:
     """With `derivatives.jacobian_x` and a dense solver, let the solver take $A$ (and
     $A^\\top$) from it instead of building it from n products: `Backend.materialize` reads a
     product's `materialize` attribute. Computed here, where `x_star` and `args` live (a
-    `torch.func` level)."""
+    `torch.func` level); with `lazy` (a first-order solve outside any transform, which a
+    forward factorization may answer without it), when the solver first asks."""
     jac = getattr(derivatives, "jacobian_x", None)
     if jac is None or not isinstance(solver, (Dense, Cholesky)):
         return
-    M = jac(x_star, *args)
-    MT = get_backend(M).namespace(M).matrix_transpose(M)
-    a_matvec.materialize = lambda b: M
-    at_matvec.materialize = lambda b: MT
+    got: list = []
+
+    def matrix() -> Any:
+        if not got:
+            M = jac(x_star, *args)
+            got.extend([M, get_backend(M).namespace(M).matrix_transpose(M)])
+        return got
+
+    if not lazy:
+        matrix()
+    a_matvec.materialize = lambda b: matrix()[0]
+    at_matvec.materialize = lambda b: matrix()[1]
 
 
 def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotangent: Any, *,
@@ -640,7 +650,7 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
                  on_failure: str | None = None, argnums: Sequence[int] | None = None,
                  backend: Backend | None = None, name: str | None = None,
                  linearization: Any = None, batch_dims: int = 0,
-                 kink_probe: bool | None = None) -> tuple:
+                 kink_probe: bool | None = None, factorization: Any = None) -> tuple:
     """Reverse-mode implicit derivative: $\\bar\\theta = -B^\\top u$ with $A^\\top u = \\bar x$.
 
     **Arguments:**
@@ -649,6 +659,9 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     - `cotangent`: $\\bar x$, shaped like `x_star`.
     - `argnums`: indices of `args` to differentiate (default all); the others get None.
     - `backend`, `name`, `linearization`, `batch_dims`, `kink_probe`: as in `implicit_jvp`.
+    - `factorization`: what the forward solver published (`idf._factored`), for a first-order
+      derivative outside any transform: it solves with $A^\\top$ where it can, checked, and
+      the configured solver does the rest.
 
     **Returns:** a tuple with one cotangent per argument, shaped like it; None for integer and
     boolean leaves and for arguments outside `argnums`.
@@ -684,9 +697,12 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     def rmatvec(v: Any) -> Any:
         return r.ravel(lin.A(r.unravel(v)))
 
-    _given_matrix(derivatives, solver, x_star, args, rmatvec, matvec)
+    _given_matrix(derivatives, solver, x_star, args, rmatvec, matvec,
+                  lazy=factorization is not None)
 
     tol = _backward_tol(bk, at, solver, matvec, r.ravel(x_star))
+    if factorization is not None and not tol.solver.ridge:
+        tol.solver = Factored(factorization, tol.solver, transpose=True)
     x_error, a_norm = (at.x_error(tol.solver, rmatvec, matvec, tags, r.ravel(x_star))
                        if collect else (None, None))
     u = _solve_checked(bk, lin, solver, matvec, rmatvec, rhs, tags, on_failure, name, "vjp",

@@ -44,6 +44,7 @@ from ._errors import LinearSolveError as LinearSolveError
 from ._errors import NonConvergenceError as NonConvergenceError
 from ._errors import SingularJacobianError as SingularJacobianError
 from ._errors import StructureError as StructureError
+from ._factored import capture as capture_factorization
 from ._ift import Raveler as Raveler
 from ._ift import implicit_jvp as implicit_jvp
 from ._ift import implicit_vjp as implicit_vjp
@@ -90,6 +91,7 @@ __all__ = [
     "SingularJacobianError",
     "StructureError",
     "TreeDef",
+    "capture_factorization",
     "check_on_failure",
     "collecting",
     "default_residual_tol",

@@ -100,6 +100,8 @@ def test_the_matrix_reaches_the_dense_solver(monkeypatch):
     monkeypatch.setattr(qpm, "_DERIVATIVES",
                         dataclasses.replace(qpm._DERIVATIVES, jacobian_x=spy))
     monkeypatch.setattr(qpm, "_FUNCTIONS", {})
+    # without the forward's factorization (`test_qp_factorization.py`), the configured solver
+    monkeypatch.setattr(qpm, "publish", lambda f: None)
     from implicitdiff import _gallery
 
     args = [torch.tensor(a, requires_grad=True) for a in _gallery._qp_args()]
@@ -205,3 +207,29 @@ def test_active_kkt_declines_what_it_cannot_solve():
     assert not _ipm.ActiveKKT(np.zeros((B, n, n)), q, A, np.zeros((B, 2)), G, h).ok  # an LP
     A[:, 1] = 2 * A[:, 0]
     assert not _ipm.ActiveKKT(np.eye(n)[None].repeat(B, 0), q, A, np.zeros((B, 2)), G, h).ok
+
+
+def test_active_bounds_are_returned_exactly():
+    """An active bound row (one nonzero entry: x_j >= l, x_j <= u, scaled) gives x_j equal to
+    the bound exactly, so `x > 0` finds the support of a projection onto the simplex."""
+    rng = np.random.default_rng(7)
+    B, n = 16, 6
+    v = rng.standard_normal((B, n))
+    eye = np.eye(n)
+    x = np.asarray(idf.qp.solve_qp(eye, -v, A=np.ones((1, n)), b=np.ones(1), G=-eye,
+                                   h=np.zeros(n)))
+    assert np.all(x >= 0) and np.any(x == 0)
+    # against the sorted closed form of the projection onto the simplex (independent)
+    u = -np.sort(-v, axis=1)
+    k = np.arange(1, n + 1)
+    size = np.array([k[row - (np.cumsum(row) - 1) / k > 0][-1] for row in u])
+    tau = (np.take_along_axis(np.cumsum(u, axis=1), size[:, None] - 1, 1)[:, 0] - 1) / size
+    want = np.maximum(v - tau[:, None], 0)
+    np.testing.assert_array_equal(x > 0, want > 0)
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-14)
+    # scaled bound rows, 3 x_j <= 1.5 and -2 x_j <= 0.5: the bounds 0.5 and -0.25 exactly
+    G = np.vstack([3 * eye, -2 * eye])
+    h = np.concatenate([np.full(n, 1.5), np.full(n, 0.5)])
+    xb = np.asarray(idf.qp.solve_qp(eye, -3 * v, G=G, h=h))
+    assert np.all(np.isin(xb[np.abs(3 * v) > 1], [0.5, -0.25]))
+    np.testing.assert_allclose(xb, np.clip(3 * v, -0.25, 0.5), rtol=0, atol=1e-14)

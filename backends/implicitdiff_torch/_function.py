@@ -47,6 +47,7 @@ from implicitdiff.backend import (
     Linearization,
     Raveler,
     StructureError,
+    capture_factorization,
     implicit_jvp,
     implicit_vjp,
     symmetric,
@@ -66,6 +67,8 @@ class Problem:
         self.F = F
         self.bk = bk
         self.fn = fn
+        # what the solver published for the backward pass (`run_forward`)
+        self.factorization: Any = None
         self.tags: frozenset = fn.tags if fn is not None else frozenset()
         self.batch_dims: int = int(getattr(fn, "batch_dims", 0) or 0)
         leaves, self.args_def = core.tree_flatten(tuple(args))
@@ -658,9 +661,11 @@ class ImplicitFn(torch.autograd.Function):
             return (None, *[trivial(ths[j]) if j in wanted else None for j in range(n_th)],
                     *none_opts)
         xs, xbar = _drop_failed(problem, xs, grads[:nx])
+        factorization = None
         if not differentiable_context():
             # first order, outside any transform: nothing records this pass
             lin: Operator = FastOperator(problem, xs, ths, wanted)
+            factorization = problem.factorization
         else:
             lin = Operator(problem, xs, ths, wanted)
         fn = problem.fn
@@ -669,7 +674,8 @@ class ImplicitFn(torch.autograd.Function):
                          problem.x_from(xbar), solve=fn.solve, tags=fn.tags,
                          on_failure=fn.on_failure, backend=problem.bk, name=fn.name,
                          linearization=lin, batch_dims=problem.batch_dims,
-                         kink_probe=fn.kink_probe, derivatives=_matrix_only(fn.derivatives))
+                         kink_probe=fn.kink_probe, derivatives=_matrix_only(fn.derivatives),
+                         factorization=factorization)
         return (None, *problem.tensor_cotangents(g), *none_opts)
 
     @staticmethod
@@ -1089,8 +1095,10 @@ def run_forward(problem: Problem, args: tuple, options: dict) -> tuple[Any, Any]
     closure = problem.closure
     try:
         with torch.no_grad(), (closure.substitute(args[-1]) if closure is not None
-                               else contextlib.nullcontext()):
+                               else contextlib.nullcontext()), capture_factorization() as published:
             x, aux = fn.run_solver(user, options)
+        # a factorization the solver offers its backward pass (`implicitdiff._factored`)
+        problem.factorization = published[-1] if published else None
     except RuntimeError as e:
         if problem.guard and "escaped from inside a function being vmapped" in str(e):
             raise _solver_reads_mapped_tensor(fn.name) from e

@@ -22,10 +22,12 @@ from .._array import device as _device
 from .._backend import Backend, convert_constants, get_backend
 from .._config import resolve_on_failure
 from .._errors import NonConvergenceError, StructureError
+from .._factored import publish
 from .._linear_solve import AbstractLinearSolver
 from .._root import Derivatives, ImplicitFunction, custom_root
 from . import _ipm
 from ._external import EXTERNAL, solve_external
+from ._factorization import KKTFactorization
 from ._ipm import (
     CLOSEST,
     DUAL_INFEASIBLE,
@@ -372,10 +374,12 @@ def _check_inputs(bk: Backend, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any
 
 def _check_Q(Q: np.ndarray, batch: tuple, eps: float) -> None:
     """The symmetric part of Q positive semidefinite, sample by sample (host, float64)."""
-    scale = np.maximum(np.max(np.abs(Q), axis=(1, 2)), 1e-300)
+    scale = np.maximum(np.maximum(np.max(Q, axis=(1, 2)), -np.min(Q, axis=(1, 2))), 1e-300)
     n = Q.shape[1]
+    shifted = Q.copy()
+    shifted[:, np.arange(n), np.arange(n)] += (1e3 * eps * scale)[:, None]
     try:
-        np.linalg.cholesky(Q + (1e3 * eps * scale)[:, None, None] * np.eye(n))
+        np.linalg.cholesky(shifted)
         return
     except np.linalg.LinAlgError:
         pass
@@ -395,9 +399,24 @@ def _where(i: int, batch: tuple) -> str:
 
 # ---- the host solve -----------------------------------------------------------------------------
 
+def _snap_bounds(x: np.ndarray, G: np.ndarray, h: np.ndarray, active: np.ndarray) -> None:
+    """In place: where an active row of G has a single nonzero entry (a bound, such as
+    $x_j \\ge 0$), $x_j$ is set to the bound itself, $h_i / G_{ij}$ (`+ 0.0`: no negative
+    zero). The polished point holds it to rounding already (about 1e-17 of the data's scale);
+    exactly, a mask such as `x > 0` finds the active bounds."""
+    if G.shape[1] == 0 or not active.any():
+        return
+    single = active & (np.count_nonzero(G, axis=2) == 1)
+    if not single.any():
+        return
+    b, i = np.nonzero(single)
+    j = np.argmax(G[b, i] != 0, axis=1)
+    x[b, j] = h[b, i] / G[b, i, j] + 0.0
+
+
 def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, Gh: np.ndarray,
                 hh: np.ndarray, *, tol: float, maxiter: int, check_eps: float,
-                solver: str = "ipm") -> tuple[tuple, dict]:
+                solver: str = "ipm", keep: dict | None = None) -> tuple[tuple, dict]:
     n, p, m, batch = _dims(Qh, qh, Ah, bh, Gh, hh)
     B = int(np.prod(batch)) if batch else 1
 
@@ -406,7 +425,8 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
         return np.broadcast_to(a, batch + tail).reshape((B, *tail))
 
     Q, q = flat(Qh, (n, n)), flat(qh, (n,))
-    Q = (Q + np.swapaxes(Q, 1, 2)) / 2
+    Q = Q + np.swapaxes(Q, 1, 2)
+    Q *= 0.5
     A, b, G, h = flat(Ah, (p, n)), flat(bh, (p,)), flat(Gh, (m, n)), flat(hh, (m,))
     finite = np.array([np.isfinite(a).reshape(B, -1).all(axis=1) for a in (Q, q, A, b, G, h)]
                       ).all(axis=0)
@@ -426,7 +446,10 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
         conv = status == SOLVED
         scale = _ipm.data_scale(Q, q, A, b, G, h)
         basis = {}
-    xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale, basis=basis)
+    xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale, basis=basis,
+                                           keep=keep)
+    if keep is not None:
+        keep["data"] = (Q, q, A, b, G, h)
     # where the polish found no consistent active set, the interior point stopped too early to
     # tell (a multiplier and its slack both still ~sqrt(tol)): solve those again, tighter
     again = np.nonzero(~pol & (status != PRIMAL_INFEASIBLE) & (status != DUAL_INFEASIBLE))[0]
@@ -457,6 +480,7 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
         zp[redo] = np.maximum(zr, 0.0)
         pol[redo] &= good
     zp = np.where(active, zp, 0.0)
+    _snap_bounds(xp_, G, h, active & pol[:, None])
     use = conv  # converged samples: the polished point (when the polish failed, the IPM's)
     x = np.where(use[:, None], np.where(pol[:, None], xp_, x), 0.0)
     y = np.where(use[:, None], np.where(pol[:, None], yp, y), 0.0)
@@ -728,6 +752,10 @@ def qp_function(*, solver: str = "ipm", tol: float | None = None, maxiter: int |
         return hit
     tol_ = 1e-9 if tol is None else float(tol)
     maxiter_ = 100 if maxiter is None else maxiter
+    # the backward may reuse the polish's factorization where it would solve the same system
+    # with the same checks: the default solver (`implicitdiff._factored`)
+    reuse = solve is None or (type(solve) is _ReducedDense and solve.rtol is None
+                              and solve.atol == 0 and solve.ridge == 0 and solve.check_singular)
 
     def solve_qp_host(Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any) -> Any:
         theta = (Q, q, A, b, G, h)
@@ -735,11 +763,17 @@ def qp_function(*, solver: str = "ipm", tol: float | None = None, maxiter: int |
         bk = None if on_host else get_backend(*theta)
         th = theta if bk is None else tuple(bk.to_host(a) for a in theta)
         dtype = numpy_dtype(q)
+        keep: dict | None = {} if reuse and bk is not None else None
         with np.errstate(all="ignore"), one_blas_thread():  # failures overflow; status says
             w, aux = _host_solve(*th, tol=tol_, maxiter=maxiter_,
-                                 check_eps=float(np.finfo(dtype).eps), solver=solver)
+                                 check_eps=float(np.finfo(dtype).eps), solver=solver, keep=keep)
         specs = _specs(*th)
         w = tuple(np.asarray(a, dtype=dtype) for a in w)
+        if keep and "fast" in keep:
+            B = keep["data"][1].shape[0]
+            publish(KKTFactorization(keep["fast"], keep["data"],
+                                     (*(np.reshape(a, (B, -1)) for a in w[:3]),
+                                      np.reshape(w[3], (B,)))))
         aux = {k: np.asarray(v, dtype=specs[1][k].dtype) for k, v in aux.items()}
         return (w, aux) if bk is None else (bk.from_host(w, like=q), aux)
 

@@ -50,7 +50,8 @@ def _inf(a: np.ndarray) -> np.ndarray:
     """max |a| over every axis but the first (0 for size-0 rows)."""
     if a.shape[1] == 0:
         return np.zeros(a.shape[0])
-    return np.max(np.abs(a), axis=1)
+    axes = tuple(range(1, a.ndim))
+    return np.maximum(np.max(a, axis=axes), -np.min(a, axis=axes))
 
 
 def _max_step(v: np.ndarray, dv: np.ndarray) -> np.ndarray:
@@ -62,18 +63,23 @@ def _max_step(v: np.ndarray, dv: np.ndarray) -> np.ndarray:
     return np.minimum(1.0, np.min(r, axis=1))
 
 
-def _solve(M: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Batched `M x = r`; rows whose matrix is singular get NaN instead of failing the batch."""
+def _solve_many(M: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """`_solve` for right-hand sides with a trailing column axis, `R` (B, n, c)."""
     try:
-        return np.linalg.solve(M, r[..., None])[..., 0]
+        return np.linalg.solve(M, R)
     except np.linalg.LinAlgError:
-        out = np.full_like(r, np.nan)
+        out = np.full_like(R, np.nan)
         for i in range(M.shape[0]):
             try:
-                out[i] = np.linalg.solve(M[i], r[i])
+                out[i] = np.linalg.solve(M[i], R[i])
             except np.linalg.LinAlgError:
                 pass
         return out
+
+
+def _solve(M: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Batched `M x = r`; rows whose matrix is singular get NaN instead of failing the batch."""
+    return _solve_many(M, r[..., None])[..., 0]
 
 
 def _lapack() -> Any:
@@ -125,8 +131,8 @@ def _direction(solve_m: Any, G: Any, D: Any, s: Any, ri: Any, rd: Any, rp: Any, 
         corr = np.concatenate([d[:, :n], -d[:, n:]], axis=1) * reg[:, None]
         d = d + solve_m(corr)
     dx, dy = d[:, :n], d[:, n:]
-    dz = D * (ri + _mv(G, dx)) - rc / s
     ds = -ri - _mv(G, dx)
+    dz = -D * ds - rc / s
     return dx, dy, dz, ds
 
 
@@ -204,7 +210,8 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
     K0[:, :n, n:] = np.swapaxes(A, 1, 2)
     K0[:, n:, :n] = A
     K0[:, n:, n:] = -reg[:, None, None] * np.eye(p)
-    w = _solve(K0, np.concatenate([-q + _mtv(G, h), b], axis=1))
+    # (without equality rows K0 is positive definite: a Cholesky factorization, half an LU)
+    w = _factor(K0, spd=not p)(np.concatenate([-q + _mtv(G, h), b], axis=1))
     w = np.where(np.isfinite(w), w, 0.0)
     x, y = w[:, :n], w[:, n:]
     s = h - _mv(G, x)
@@ -260,7 +267,10 @@ def _ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int):
             mu_i = mu[i]
             mu_aff = np.sum((si + a_aff[:, None] * ds) * (zi + a_aff[:, None] * dz), axis=1) / m
             sigma = np.clip(mu_aff / np.maximum(mu_i, 1e-300), 0.0, 1.0) ** 3
-            dx, dy, dz, ds = direction(si * zi + ds * dz - (sigma * mu_i)[:, None])
+            # the refinement removes the regularization's error (1e-9 of the data's scale): a
+            # looser tolerance does not see it, and the polish makes the answer exact anyway
+            dx, dy, dz, ds = direction(si * zi + ds * dz - (sigma * mu_i)[:, None],
+                                       refine=tol < 1e-7)
             alpha = np.minimum(1.0, 0.99 * np.minimum(_max_step(si, ds), _max_step(zi, dz)))
         else:
             alpha = np.ones(len(i))
@@ -330,10 +340,12 @@ class ActiveKKT:
     With $A^\\top = Y R$ (QR; $Z$ spans the null space of A), $Q_Z = Z^\\top Q Z = LL^\\top$
     (Cholesky) and $W = L^{-1} (GZ)^\\top$, the system
     $[[Q, A^\\top, G_S^\\top], [A, 0, 0], [G_S, 0, 0]]\\,(x, y, z_S) = (f, g, k_S)$ reduces to the
-    Schur complement $(W^\\top W)_{SS} z_S = \\ldots$ on the active rows: the O(n³) work is done
-    once per batch (and the interior point's null-space basis is reused), and each active set
-    costs one |S| × |S| solve instead of an LU of the whole (n + p + m) system per round. One
-    step of iterative refinement against the original system brings the answer to rounding.
+    Schur complement $(W^\\top W)_{SS} z_S = \\ldots$ on the active rows (formed from W's
+    columns of those rows at each solve): the O(n³) work is done once per batch (and the
+    interior point's null-space basis is reused), and each active set costs one |S| × |S|
+    solve instead of an LU of the whole (n + p + m) system per round. One step of iterative
+    refinement against the original system brings the answer to rounding where it is not
+    there already.
     `ok` is False where this does not apply (Q not positive definite on the null space of A, A
     rank-deficient, no constraint rows): `_solve_active` serves those batches."""
 
@@ -367,7 +379,6 @@ class ActiveKKT:
             return
         self.p = p
         self.W = self.Linv @ np.swapaxes(Gz, 1, 2)  # (B, n - p, m)
-        self.S = np.swapaxes(self.W, 1, 2) @ self.W  # (B, m, m)
         self.absQ, self.absA, self.absG = np.abs(Q), np.abs(A), np.abs(G)
         self.ok = True
 
@@ -376,18 +387,19 @@ class ActiveKKT:
 
     def _raw(self, i, act, f, g, k):
         """One solve of the system for samples `i` with active mask `act` (rows off the
-        active set: z_i = 0)."""
+        active set: z_i = 0), for right-hand sides with a trailing column axis:
+        `f` (b, n, c), `g` (b, p, c), `k` (b, m, c)."""
         Q, _, _, _, G, _ = self.data
         Qi, Gi = self._take(Q, i), self._take(G, i)
         Y, Z, Rinv = (self._take(a, i) if self.p else None for a in (self.Y, self.Z, self.Rinv))
         if Y is not None and Z is not None and Rinv is not None:
-            x0 = _mv(Y, _mtv(Rinv, g))  # A x0 = g  (A = Rpᵀ Yᵀ)
-            fz = _mtv(Z, f - _mv(Qi, x0))
+            x0 = Y @ (np.swapaxes(Rinv, 1, 2) @ g)  # A x0 = g  (A = Rpᵀ Yᵀ)
+            fz = np.swapaxes(Z, 1, 2) @ (f - Qi @ x0)
         else:
             x0, fz = np.zeros_like(f), f
-        kz = np.where(act, k - _mv(Gi, x0), 0.0)
+        kz = np.where(act[:, :, None], k - Gi @ x0, 0.0)
         Linv, W = self._take(self.Linv, i), self._take(self.W, i)
-        c = _mv(Linv, fz)
+        c = Linv @ fz
         # the Schur system on the active rows only: each sample's active rows first, padded to
         # the batch's largest active set with identity rows
         z = np.zeros_like(kz)
@@ -395,47 +407,74 @@ class ActiveKKT:
         if k_max:
             order = np.argsort(~act, axis=1, kind="stable")[:, :k_max]
             a = np.take_along_axis(act, order, 1).astype(np.float64)
-            S = self._take(self.S, i)
-            S = np.take_along_axis(np.take_along_axis(S, order[:, :, None], 1),
-                                   order[:, None, :], 2) * (a[:, :, None] * a[:, None, :])
+            # W's columns of the active rows (zero in the padding): the Schur complement
+            # (W^T W)_SS is formed for them alone
+            Wa = np.take_along_axis(W, order[:, None, :], 2) * a[:, None, :]
+            Wat = np.swapaxes(Wa, 1, 2)
+            S = Wat @ Wa
             S[:, np.arange(k_max), np.arange(k_max)] += 1.0 - a
-            rhs = np.take_along_axis(_mtv(W, c) - kz, order, 1) * a
-            np.put_along_axis(z, order, _solve(S, rhs) * a, 1)
-        v = _mtv(Linv, c - _mv(W, z))
+            rhs = (Wat @ c - np.take_along_axis(kz, order[:, :, None], 1)) * a[:, :, None]
+            sol = _solve_many(S, rhs) * a[:, :, None]
+            np.put_along_axis(z, order[:, :, None], sol, 1)
+            c = c - Wa @ sol
+        v = np.swapaxes(Linv, 1, 2) @ c
         if Y is not None and Z is not None and Rinv is not None:
-            x = x0 + _mv(Z, v)
-            y = _mv(Rinv, _mtv(Y, f - _mv(Qi, x) - _mtv(Gi, z)))
+            x = x0 + Z @ v
+            y = Rinv @ (np.swapaxes(Y, 1, 2) @ (f - Qi @ x - np.swapaxes(Gi, 1, 2) @ z))
         else:
-            x, y = v, np.zeros((len(i), 0))
+            x, y = v, np.zeros((len(i), 0, f.shape[2]))
         return x, y, z
 
     def solve(self, i, active):
         """`_solve_active` for samples `i`: `(x, y, z, good)`."""
-        Q, q, A, b, G, h = (self._take(a, i) for a in self.data)
-        f, g, k = -q, b, np.where(active, h, 0.0)
-        x, y, z = self._raw(i, active, f, g, k)
-        # one step of iterative refinement against the original system
-        r1, r2, r3 = self._residual(Q, A, G, active, x, y, z, f, g, k)
-        dx, dy, dz = self._raw(i, active, r1, r2, r3)
-        x, y, z = x + dx, y + dy, z + dz
-        r1, r2, r3 = self._residual(Q, A, G, active, x, y, z, f, g, k)
-        fin = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1) & np.isfinite(z).all(axis=1)
-        x, y, z = (np.where(np.isfinite(a), a, 0.0) for a in (x, y, z))
-        za = np.abs(z)
+        _, q, _, b, _, h = (self._take(a, i) for a in self.data)
+        x, y, z, good, _ = self.solve_many(i, active, -q[:, :, None], b[:, :, None],
+                                           np.where(active, h, 0.0)[:, :, None])
+        return x[:, :, 0], y[:, :, 0], z[:, :, 0], good
+
+    def solve_many(self, i, active, f, g, k):
+        """The system $[[Q, A^\\top, G_S^\\top], [A, 0, 0], [G_S, 0, 0]]\\,(x, y, z_S) =
+        (f, g, k_S)$ for samples `i` (active mask `active`; $z$ is 0 off it) and right-hand
+        sides with a trailing column axis (`f` (b, n, c), `g` (b, p, c), `k` (b, m, c)), with
+        one step of iterative refinement against the original system where the first answer's
+        residual is not yet at rounding (8 ε of the size of the terms). Returns
+        `(x, y, z, good, size)`: `good` per sample, all its columns finite and their residuals
+        at rounding (1e-8 of `size`, the size of the terms of the system and of its right-hand
+        side, per sample and column)."""
+        Q, _, A, _, G, _ = (self._take(a, i) for a in self.data)
+        act = active[:, :, None]
         aQ, aA, aG = (self._take(a, i) for a in (self.absQ, self.absA, self.absG))
-        size = np.maximum.reduce([
-            _inf(_mv(aQ, np.abs(x)) + _mtv(aA, np.abs(y)) + _mtv(aG, za)),
-            _inf(_mv(aA, np.abs(x))), _inf(np.where(active, _mv(aG, np.abs(x)), za))])
-        size = size + np.maximum.reduce([_inf(f), _inf(g), _inf(k)])
-        res = np.maximum.reduce([_inf(r1), _inf(r2), _inf(r3)])
-        good = fin & (res <= 1e-8 * np.maximum(size, 1e-300))
-        return x, y, z, good
+        aAt, aGt = np.swapaxes(aA, 1, 2), np.swapaxes(aG, 1, 2)
+
+        def big(a):  # per sample and column: the largest entry
+            return np.max(np.abs(a), axis=1, initial=0.0)
+
+        rhs_size = np.maximum.reduce([big(f), big(g), big(k)])
+
+        def measure(x, y, z):
+            r1, r2, r3 = self._residual(Q, A, G, act, x, y, z, f, g, k)
+            fin = (np.isfinite(x).all(axis=(1, 2)) & np.isfinite(y).all(axis=(1, 2))
+                   & np.isfinite(z).all(axis=(1, 2)))
+            x, y, z = (np.where(np.isfinite(a), a, 0.0) for a in (x, y, z))
+            ax, za = np.abs(x), np.abs(z)
+            size = np.maximum.reduce([big(aQ @ ax + aAt @ np.abs(y) + aGt @ za), big(aA @ ax),
+                                      big(np.where(act, aG @ ax, za))]) + rhs_size
+            res = np.maximum.reduce([big(r1), big(r2), big(r3)])
+            return (x, y, z), (r1, r2, r3), fin, size, res
+
+        (x, y, z), r, fin, size, res = measure(*self._raw(i, active, f, g, k))
+        eps = float(np.finfo(np.float64).eps)
+        if not np.all(~fin[:, None] | (res <= 8 * eps * size)):
+            dx, dy, dz = self._raw(i, active, *r)
+            (x, y, z), r, fin, size, res = measure(x + dx, y + dy, z + dz)
+        good = fin & np.all(res <= 1e-8 * np.maximum(size, 1e-300), axis=1)
+        return x, y, z, good, size
 
     @staticmethod
-    def _residual(Q, A, G, active, x, y, z, f, g, k):
-        r1 = f - (_mv(Q, x) + _mtv(A, y) + _mtv(G, z))
-        r2 = g - _mv(A, x)
-        r3 = np.where(active, k - _mv(G, x), -z)
+    def _residual(Q, A, G, act, x, y, z, f, g, k):
+        r1 = f - (Q @ x + np.swapaxes(A, 1, 2) @ y + np.swapaxes(G, 1, 2) @ z)
+        r2 = g - A @ x
+        r3 = np.where(act, k - G @ x, -z)
         return r1, r2, r3
 
 
@@ -454,21 +493,25 @@ def row_scales(Q, q, A, G, h, x, y, z, gn=None):
 
 
 def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6, tol: float = 1e-9,
-           basis: dict | None = None):
+           basis: dict | None = None, keep: dict | None = None):
     """Solve the equality-constrained QP of the identified active set exactly (to rounding).
 
     Starts from `z > s` and repairs the set (adds violated constraints, drops negative
     multipliers; both measured row by row, relative to the row's own terms, so the scaling of
     a row does not matter) for a few rounds. Returns `(x, y, z, active, ok)`; rows where no
     consistent active set was found keep the interior-point answer (`ok` False). `basis`:
-    `ipm`'s `keep` for this batch (saves refactoring A)."""
+    `ipm`'s `keep` for this batch (saves refactoring A). `keep`: a dict that receives the
+    batch's `ActiveKKT` (key "fast") where it applies, for the backward pass."""
     B = q.shape[0]
     active = z > s
     xo, yo, zo = x.copy(), y.copy(), np.where(active, np.maximum(z, 0.0), 0.0)
     ok = np.zeros(B, dtype=bool)
     todo = np.ones(B, dtype=bool)
     fast = ActiveKKT(Q, q, A, b, G, h, basis)
-    gn = np.max(np.abs(G), axis=2) if G.shape[2] else np.zeros(G.shape[:2])
+    if keep is not None and fast.ok:
+        keep["fast"] = fast
+    absG = fast.absG if fast.ok else np.abs(G)
+    gn = np.max(absG, axis=2) if G.shape[2] else np.zeros(G.shape[:2])
     for _ in range(rounds):
         i = np.nonzero(todo)[0]
         if len(i) == 0:
