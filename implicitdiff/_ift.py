@@ -701,10 +701,11 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
                   lazy=factorization is not None)
 
     tol = _backward_tol(bk, at, solver, matvec, r.ravel(x_star))
-    if factorization is not None and not tol.solver.ridge:
-        tol.solver = Factored(factorization, tol.solver, transpose=True)
     x_error, a_norm = (at.x_error(tol.solver, rmatvec, matvec, tags, r.ravel(x_star))
                        if collect else (None, None))
+    if factorization is not None and not tol.solver.ridge:
+        # the solve with Aᵀ only (x_error above solves with A)
+        tol.solver = Factored(factorization, tol.solver, transpose=True)
     u = _solve_checked(bk, lin, solver, matvec, rmatvec, rhs, tags, on_failure, name, "vjp",
                        x_error, a_norm, tol)
     return lin.BT(at.apply(r.unravel(-u), x_star), argnums)

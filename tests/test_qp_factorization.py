@@ -284,3 +284,24 @@ def test_hypothesis_reuse_equals_the_configured_solver(draw):
         if not scaled:
             assert rel(sample(got, i), sample([np.stack([w[k] for w in want]) for k in NAMES],
                                               i)) <= 1e-8, i
+
+
+def test_diagnostics_record_the_reused_solve(fallbacks):
+    """Inside `idf.diagnostics()` the reused solve is recorded like any backward solve
+    (converged, a residual at rounding, a finite error bound); the bound's own solve, with A
+    rather than Aᵀ, is the configured solver's, and the gradient is unchanged."""
+    rng = np.random.default_rng(4)
+    _, S = _batch(rng, B=4, n=6, p=1, m=5)
+    cx = rng.standard_normal((4, 6))
+    plain = _grads(S.inputs(), cx)
+    assert not fallbacks
+    with idf.diagnostics() as d:
+        got = _grads(S.inputs(), cx)
+    (rec,) = d.backward
+    assert np.all(rec.converged)
+    assert np.all(np.asarray(rec.residual_norm) <= 1e-12)
+    bound = np.asarray(rec.derivative_error_bound)
+    assert np.all(np.isfinite(bound)) and np.all(bound < 1e-8)
+    assert len(fallbacks) == 1  # the error bound's solve with A (x_error), not the derivative's
+    for a, b in zip(got, plain):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.max(np.abs(b)))
