@@ -233,3 +233,31 @@ def test_active_bounds_are_returned_exactly():
     xb = np.asarray(idf.qp.solve_qp(eye, -3 * v, G=G, h=h))
     assert np.all(np.isin(xb[np.abs(3 * v) > 1], [0.5, -0.25]))
     np.testing.assert_allclose(xb, np.clip(3 * v, -0.25, 0.5), rtol=0, atol=1e-14)
+
+
+def test_null_space_basis_from_the_householder_reflectors():
+    """`_ipm.null_space_basis` (compact WY form of LAPACK's reflectors) against what it must
+    be: [Y Z] orthogonal, Aᵀ = Y Rp, A Z = 0, Rp equal to NumPy's complete QR's; including rows
+    already in place (e₁, a reflector that is the identity: tau = 0) and a rank-deficient A."""
+    from implicitdiff.qp import _ipm
+
+    rng = np.random.default_rng(11)
+    A1 = rng.standard_normal((5, 4, 9))
+    A2 = np.zeros((2, 3, 6))
+    A2[:, 0, 0], A2[:, 1, 1] = 2.0, -3.0
+    A2[:, 2] = rng.standard_normal((2, 6))
+    _, tau = np.linalg.qr(np.swapaxes(A2, 1, 2), mode="raw")
+    assert np.any(tau == 0)  # the case the WY form must leave out
+    for A in (A1, A2):
+        Y, Z, Rp = _ipm.null_space_basis(A)
+        n, p = A.shape[2], A.shape[1]
+        Qc = np.concatenate([Y, Z], axis=2)
+        np.testing.assert_allclose(np.swapaxes(Qc, 1, 2) @ Qc, np.broadcast_to(np.eye(n), Qc.shape),
+                                   atol=1e-14)
+        np.testing.assert_allclose(Y @ Rp, np.swapaxes(A, 1, 2), atol=1e-14)
+        np.testing.assert_allclose(A @ Z, 0, atol=1e-14)
+        _, R = np.linalg.qr(np.swapaxes(A, 1, 2), mode="complete")
+        np.testing.assert_allclose(Rp, R[:, :p], atol=1e-14)
+    A3 = rng.standard_normal((2, 3, 7))
+    A3[1, 2] = A3[1, 0] + A3[1, 1]  # sample 1: dependent rows
+    assert _ipm.null_space_basis(A3) is None

@@ -94,26 +94,27 @@ def _lapack() -> Any:
 def _factor(M: np.ndarray, spd: bool = False):
     """`r -> M⁻¹ r` for a batch of matrices. `spd` (the interior point's Newton matrix
     $Q + G^\\top D G + \\text{reg}\\,I$ when there are no equality rows): one Cholesky
-    factorization per sample (LAPACK `potrf`, a loop over the batch), reused by every
-    right-hand side of the iteration (`potrs`): at n = 75, batch 32, 0.45 ms to factor and
-    0.13 ms per right-hand side, against 1.0 ms per right-hand side for a batched
-    `np.linalg.solve`, which factors again each time. Otherwise, or where a factorization fails
+    factorization per sample (NumPy's batched `cholesky`: LAPACK `potrf`, looped in C),
+    reused by every right-hand side of the iteration (`potrs`): at n = 75, batch 32, 0.45 ms
+    to factor and 0.13 ms per right-hand side, against 1.0 ms per right-hand side for a
+    batched `np.linalg.solve`, which factors again each time. Otherwise, or where a factorization fails
     (not positive definite in rounding) or without SciPy: one batched `np.linalg.solve` per
     right-hand side (SciPy's batched `lu_factor` loops in Python, which measured slower)."""
     lapack = _lapack() if spd and M.shape[0] else None
     if lapack is None:
         return lambda r: _solve(M, r)
-    factors = []
-    for Mi in M:
-        L, info = lapack.dpotrf(Mi, lower=1, clean=0)
-        if info != 0:
-            return lambda r: _solve(M, r)
-        factors.append(L)
+    try:
+        L = np.linalg.cholesky(M)  # one call for the batch (LAPACK potrf per sample, in C)
+    except np.linalg.LinAlgError:
+        return lambda r: _solve(M, r)
+    if not np.all(np.isfinite(L)):
+        return lambda r: _solve(M, r)
+    U = np.swapaxes(L, 1, 2)  # Fortran-ordered views of the lower factors: no copies
 
     def solve(r: np.ndarray) -> np.ndarray:
         out = np.empty_like(r)
-        for k, L in enumerate(factors):
-            out[k], _ = lapack.dpotrs(L, r[k], lower=1)
+        for k in range(len(U)):
+            out[k], _ = lapack.dpotrs(U[k], r[k], lower=0)
         return out
 
     return solve
@@ -154,14 +155,35 @@ def ipm(Q, q, A, b, G, h, *, tol: float, maxiter: int, keep: dict | None = None)
 def null_space_basis(A):
     """`(Y, Z, Rp)` with $A^\\top = [Y\\ Z] [R_p; 0]$ (complete QR, batched): Y spans the row
     space of A, Z its null space. None where some sample's A is rank-deficient (a diagonal of
-    $R_p$ below 1e-10 of its largest)."""
-    p = A.shape[1]
-    Qf, R = np.linalg.qr(np.swapaxes(A, 1, 2), mode="complete")
-    Rp = R[:, :p, :]
+    $R_p$ below 1e-10 of its largest).
+
+    The orthogonal factor is formed from LAPACK's Householder reflectors (`qr(mode="raw")`) in
+    the compact WY form $H = I - V T V^\\top$, with $T^{-1}$ the strictly upper part of
+    $V^\\top V$ plus $\\operatorname{diag}(1/\\tau)$: three batched products instead of
+    LAPACK's `orgqr` sample by sample (1.8 against 2.9 ms at n = 100, p = 25, batch 32); the
+    same matrix to rounding."""
+    _, p, n = A.shape
+    h, tau = np.linalg.qr(np.swapaxes(A, 1, 2), mode="raw")  # h: the reflectors, transposed
+    V = np.swapaxes(h, 1, 2).copy()                         # (B, n, p)
+    Rp = np.triu(V[:, :p, :])
     d = np.abs(np.diagonal(Rp, axis1=1, axis2=2))
-    if not np.all(d.min(axis=1) > 1e-10 * np.maximum(d.max(axis=1), 1e-300)):
+    if not np.all(d.min(axis=1, initial=np.inf) > 1e-10 * np.maximum(d.max(axis=1, initial=0.0),
+                                                                       1e-300)):
         return None
-    return Qf[:, :, :p], Qf[:, :, p:], Rp
+    ar = np.arange(p)
+    V[:, :p, :] = np.tril(V[:, :p, :], -1)
+    V[:, ar, ar] = 1.0
+    Vt = np.swapaxes(V, 1, 2)
+    # tau = 0 is a reflector that is the identity (a column already in place): it is left
+    # out, its row and column of T zero (and of T^-1, but for a finite diagonal)
+    ok = tau != 0
+    both = ok[:, :, None] & ok[:, None, :]
+    Tinv = np.triu(Vt @ V, 1) * both
+    Tinv[:, ar, ar] = np.where(ok, 1.0 / np.where(ok, tau, 1.0), 1.0)
+    T = np.linalg.inv(Tinv) * both
+    H = -((V @ T) @ Vt)
+    H[:, np.arange(n), np.arange(n)] += 1.0
+    return H[:, :, :p], H[:, :, p:], Rp
 
 
 def _ipm_null_space(Q, q, A, b, G, h, *, tol: float, maxiter: int, keep: dict | None = None):
