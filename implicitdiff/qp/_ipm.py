@@ -97,9 +97,10 @@ def _factor(M: np.ndarray, spd: bool = False):
     factorization per sample (NumPy's batched `cholesky`: LAPACK `potrf`, looped in C),
     reused by every right-hand side of the iteration (`potrs`): at n = 75, batch 32, 0.45 ms
     to factor and 0.13 ms per right-hand side, against 1.0 ms per right-hand side for a
-    batched `np.linalg.solve`, which factors again each time. Otherwise, or where a factorization fails
-    (not positive definite in rounding) or without SciPy: one batched `np.linalg.solve` per
-    right-hand side (SciPy's batched `lu_factor` loops in Python, which measured slower)."""
+    batched `np.linalg.solve`, which factors again each time. Otherwise, or where a
+    factorization fails (not positive definite in rounding) or without SciPy: one batched
+    `np.linalg.solve` per right-hand side (SciPy's batched `lu_factor` loops in Python, which
+    measured slower)."""
     lapack = _lapack() if spd and M.shape[0] else None
     if lapack is None:
         return lambda r: _solve(M, r)
