@@ -39,9 +39,10 @@ def _batch(rng, B=5, n=7, p=2, m=6):
 def _factorization(args):
     keep: dict = {}
     w, _ = _host(args, keep)
-    B = keep["data"][1].shape[0]
+    data = keep["fast"].data
+    B = data[1].shape[0]
     flat = (*(np.reshape(a, (B, -1)) for a in w[:3]), np.reshape(w[3], (B,)))
-    return KKTFactorization(keep["fast"], keep["data"], flat), w, keep["data"]
+    return KKTFactorization(keep["fast"], flat), w, data
 
 
 def test_the_factorization_solves_the_jacobian_both_ways():

@@ -374,7 +374,7 @@ def _check_inputs(bk: Backend, Q: Any, q: Any, A: Any, b: Any, G: Any, h: Any
 
 def _check_Q(Q: np.ndarray, batch: tuple, eps: float) -> None:
     """The symmetric part of Q positive semidefinite, sample by sample (host, float64)."""
-    scale = np.maximum(np.maximum(np.max(Q, axis=(1, 2)), -np.min(Q, axis=(1, 2))), 1e-300)
+    scale = np.maximum(_ipm._inf(Q.reshape(len(Q), -1)), 1e-300)
     n = Q.shape[1]
     shifted = Q.copy()
     shifted[:, np.arange(n), np.arange(n)] += (1e3 * eps * scale)[:, None]
@@ -448,8 +448,6 @@ def _host_solve(Qh: np.ndarray, qh: np.ndarray, Ah: np.ndarray, bh: np.ndarray, 
         basis = {}
     xp_, yp, zp, active, pol = _ipm.polish(Q, q, A, b, G, h, x, y, z, s, scale, basis=basis,
                                            keep=keep)
-    if keep is not None:
-        keep["data"] = (Q, q, A, b, G, h)
     # where the polish found no consistent active set, the interior point stopped too early to
     # tell (a multiplier and its slack both still ~sqrt(tol)): solve those again, tighter
     again = np.nonzero(~pol & (status != PRIMAL_INFEASIBLE) & (status != DUAL_INFEASIBLE))[0]
@@ -770,10 +768,9 @@ def qp_function(*, solver: str = "ipm", tol: float | None = None, maxiter: int |
         specs = _specs(*th)
         w = tuple(np.asarray(a, dtype=dtype) for a in w)
         if keep and "fast" in keep:
-            B = keep["data"][1].shape[0]
-            publish(KKTFactorization(keep["fast"], keep["data"],
-                                     (*(np.reshape(a, (B, -1)) for a in w[:3]),
-                                      np.reshape(w[3], (B,)))))
+            B = keep["fast"].data[1].shape[0]
+            publish(KKTFactorization(keep["fast"], (*(np.reshape(a, (B, -1)) for a in w[:3]),
+                                                    np.reshape(w[3], (B,)))))
         aux = {k: np.asarray(v, dtype=specs[1][k].dtype) for k, v in aux.items()}
         return (w, aux) if bk is None else (bk.from_host(w, like=q), aux)
 

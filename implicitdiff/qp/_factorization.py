@@ -29,37 +29,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._linear_solve import _probe_vector
 from ._ipm import ActiveKKT
-
-
-def _probe(B: int, N: int) -> np.ndarray:
-    """A fixed pseudo-random `(B, N)` array, entries in [-1/2, 1/2)."""
-    t = np.sin(12.9898 * np.arange(1, N + 1) + 78.233) * 43758.5453
-    return np.broadcast_to((t - np.floor(t)) - 0.5, (B, N))
 
 
 class KKTFactorization:
     """`solve(b, transpose) -> (x, ok, size)` with the Jacobian of `kkt_condition` at the
     forward's answer (see the module's notes), from the polish's `ActiveKKT`.
 
-    `data`: the batch's `(Q, q, A, b, G, h)` (float64, flattened to one batch axis, Q
-    symmetric), `w`: the answer `(x, y, z, ok)` as the framework received it (cast to its
-    dtype, so the active set read here, $z_i > 0$, is the one the condition reads)."""
+    `fast` holds the batch's `(Q, q, A, b, G, h)` (`fast.data`: float64, flattened to one
+    batch axis, Q symmetric); `w`: the answer `(x, y, z, ok)` as the framework received it
+    (cast to its dtype, so the active set read here, $z_i > 0$, is the one the condition
+    reads)."""
 
-    def __init__(self, fast: ActiveKKT, data: tuple, w: tuple):
+    def __init__(self, fast: ActiveKKT, w: tuple):
         self.fast = fast
-        self.data = data
+        self.data = fast.data
         self.w = tuple(np.asarray(a, dtype=np.float64) for a in w)
 
     def _k(self) -> np.ndarray:
-        """The ok column at solved samples: twice the residuals of the three blocks."""
-        Q, q, A, b, G, h = self.data
-        x, y, z, _ = self.w
-        r1 = ((Q @ x[:, :, None])[:, :, 0] + q + (y[:, None, :] @ A)[:, 0, :]
-              + (z[:, None, :] @ G)[:, 0, :])
-        r2 = (A @ x[:, :, None])[:, :, 0] - b
-        r3 = np.where(z > 0, (G @ x[:, :, None])[:, :, 0] - h, z)
-        return 2.0 * np.concatenate([r1, r2, r3], axis=1)
+        """The ok column, $\\partial F / \\partial \\text{ok}$, from the condition's own
+        formula (`idf.qp._ok_column`; imported here: that module imports this one)."""
+        from . import _ok_column
+
+        return np.concatenate(_ok_column(np, self.w, self.data), axis=1)
 
     def solve(self, rhs: np.ndarray, transpose: bool) -> tuple[np.ndarray, np.ndarray,
                                                                np.ndarray] | None:
@@ -86,7 +79,7 @@ class KKTFactorization:
             g = gy - k2 * vo[:, None]
             kk = gz - k3 * vo[:, None]
         # the probe's right-hand side: K w for w on (x, y, z_S)
-        w = _probe(B, n + p + m)
+        w = _probe_vector(np, np.zeros((B, n + p + m)))
         wx, wy, wz = w[:, :n], w[:, n:n + p], np.where(act, w[:, n + p:], 0.0)
         pf = ((Q @ wx[:, :, None])[:, :, 0] + (wy[:, None, :] @ A)[:, 0, :]
               + (wz[:, None, :] @ G)[:, 0, :])
