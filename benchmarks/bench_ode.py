@@ -252,7 +252,7 @@ def reference(P: dict[str, np.ndarray]) -> dict[str, Any]:
     t = time.perf_counter()
     sol = ode.odeint(lambda t_, y, *a: mlp_torch(y, *a), y0, ts, W1, b1, W2, b2,
                      method="dopri5", rtol=REF_TOL, atol=REF_TOL, max_steps=100_000,
-                     full_output=True)
+                     grad="direct", full_output=True)
     y1 = sol.ys[-1]
     gs = torch.autograd.grad((w * y1).sum(), ins)
     steps = (sol.stats.accepted + sol.stats.rejected).numpy()

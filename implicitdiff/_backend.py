@@ -278,16 +278,46 @@ class Backend(abc.ABC):
           passed through as they are.
         - `unsupported`: (keyword) `unsupported(kind)` is the error to raise when a
           derivative the rule does not give is asked for (`kind` "forward" for forward mode,
-          "second" for a derivative of `bwd`), where the framework lets the backend tell.
+          "second" for a derivative of `bwd`, "vmap" for `torch.func.vmap` over the rule),
+          where the framework lets the backend tell.
         - `jvp`: (keyword) the forward mode, where the framework lets a reverse-mode rule have
           one (PyTorch's `autograd.Function.jvp`; not JAX, whose `custom_vjp` has none):
           `jvp(primals, tangents) -> out_tangent`, the tangents shaped like the primals
-          (zeros where none was given), the result a pytree like `out`. None: forward mode
-          raises `unsupported("forward")`.
+          (zeros where none was given), the result a pytree like `out`. None (and always in
+          JAX: `jax.jvp`, `jax.jacfwd`): forward mode raises `unsupported("forward")`.
 
         **Returns:** `out`. This default (no autodiff, the NumPy reference) calls `fwd` and
         drops the residuals."""
         return fwd(*primals)[0]
+
+    def may_differentiate(self, tree: Any) -> bool:
+        """Whether a derivative of what is computed now from `tree` may be asked for: False
+        only where it certainly will not be (PyTorch: no transform or forward AD active, and
+        no tensor of `tree` requires grad with grad mode on; JAX: concrete arrays and no
+        transformation active). A rule that saves for a derivative (`odeint(grad=
+        "checkpoint")`'s replay) skips that work where it is False. Default (no autodiff, the
+        NumPy reference): False."""
+        return False
+
+    def lift_closure(self, f: Callable[..., Any], example: tuple, *, name: str
+                     ) -> tuple[Callable[..., Any], tuple]:
+        """The arrays `f` reads from its closure (a module's parameters, a captured tensor or
+        tracer) that a derivative may be asked of, made explicit, for a hand-written
+        reverse-mode rule (`custom_vjp`), which returns cotangents for its inputs only and
+        would otherwise give them a silently missing derivative.
+
+        **Arguments:**
+
+        - `f`: the function, called as `f(*example)`.
+        - `example`: (a tuple) arguments `f` is called with, for a trial evaluation.
+        - `name`: (keyword) used in error messages.
+
+        **Returns:** `(g, values)`: `values` a tuple of the closed-over arrays (empty: `g` is
+        `f`), and `g(*call, values_like)` computes `f(*call)` reading `values_like` where `f`
+        reads `values`. Raises a `StructureError` where `f` reads a differentiated array it
+        holds somewhere this cannot find (a silently wrong derivative otherwise). Default
+        (no autodiff, the NumPy reference): `(f, ())`."""
+        return f, ()
 
     def loop_vjp(self, f: Callable[..., Any], primals: tuple) -> tuple[Any, Any]:
         """`vjp(f, primals, None)` for one iteration of a loop the core runs itself (one step

@@ -315,7 +315,8 @@ def test_jax_direct_gradients_decay():
     y0 = jnp.array([[1.0], [2.0], [-0.5]])
 
     def loss(k, y0):  # max_steps near the need: JAX's reverse mode stores max_steps steps
-        return jnp.sum(ode.odeint(decay, y0, ts, k, rtol=1e-11, atol=1e-12, max_steps=400)[-1])
+        return jnp.sum(ode.odeint(decay, y0, ts, k, rtol=1e-11, atol=1e-12, max_steps=400,
+                                  grad="direct")[-1])
 
     k = jnp.array([[0.3], [1.0], [4.0]])
     v = jnp.array([[1.0], [-2.0], [0.5]])
@@ -348,7 +349,7 @@ def test_torch_direct_gradients_decay():
     k = torch.tensor([[0.3], [1.0], [4.0]], dtype=torch.float64, requires_grad=True)
 
     def loss(k, y0):
-        return ode.odeint(decay, y0, ts, k, rtol=1e-10, atol=1e-12)[-1].sum()
+        return ode.odeint(decay, y0, ts, k, rtol=1e-10, atol=1e-12, grad="direct")[-1].sum()
 
     gk, gy = torch.autograd.grad(loss(k, y0), (k, y0), create_graph=True)
     e = torch.exp(-k * T_END).detach()
@@ -370,11 +371,18 @@ def test_torch_func_vmap_matches_batch_axes():
     ts = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
     k = torch.tensor([0.5, 3.0, 40.0], dtype=torch.float64)
 
-    def one(kk):
-        return ode.odeint(decay, torch.ones(1, dtype=torch.float64), ts, kk)[-1, 0]
+    def one(kk, grad="direct"):
+        return ode.odeint(decay, torch.ones(1, dtype=torch.float64), ts, kk, grad=grad)[-1, 0]
 
     batched = ode.odeint(decay, torch.ones(3, 1, dtype=torch.float64), ts, k[:, None])[-1, :, 0]
     torch.testing.assert_close(torch.func.vmap(one)(k), batched, rtol=0, atol=0)
+    # the default, grad="checkpoint": vmap of the values alone takes no derivative (one plain
+    # pass); vmap of its gradient is refused by name (its loops decide on values)
+    torch.testing.assert_close(torch.func.vmap(lambda q: one(q, "checkpoint"))(k), batched,
+                               rtol=0, atol=0)
+    for mode in ("checkpoint", "backsolve"):
+        with pytest.raises(ode.DerivativeNotSupportedError, match="vmap"):
+            torch.func.vmap(torch.func.grad(functools.partial(one, grad=mode)))(k)
     g = torch.func.vmap(torch.func.grad(one))(k)
     kk = k[:, None].clone().requires_grad_(True)
     ref = torch.autograd.grad(ode.odeint(decay, torch.ones(3, 1, dtype=torch.float64), ts,

@@ -480,8 +480,11 @@ def test_jax_hessian_forward_over_reverse():
 
 def test_jax_forward_mode_is_a_clear_error():
     y0, p, _, sched = _jax_problem(5)
-    with pytest.raises(TypeError, match="forward-mode"):
+    with pytest.raises(C.DerivativeNotSupportedError, match="forward-mode derivative"):
         jax.jvp(lambda y: C.checkpointed(_jax_step, y, sched, (p,)), (y0,), (y0,))
+    with pytest.raises(C.DerivativeNotSupportedError, match="forward-mode derivative"):
+        jax.jit(lambda y: jax.jvp(lambda z: C.checkpointed(_jax_step, z, sched, (p,)),
+                                  (y,), (y,)))(y0)
 
 
 # ---- NumPy: the explicit vjp with a hand-written step vjp ----------------------------------------

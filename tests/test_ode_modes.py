@@ -111,3 +111,46 @@ def test_checkpoint_replay_that_does_not_retrace_is_loud():
         sol = ode.odeint(stiffer_later, y0, ts, k, grad="checkpoint", full_output=True, **tol)
     assert (sol.stats.status == ode.REPLAY_MISMATCH).all()
     assert torch.isnan(sol.ys[-1]).all()
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "backsolve"])
+def test_jax_forward_mode_is_refused_by_name_reverse_and_hessian_still_work(mode):
+    # JAX's custom_vjp cannot carry a forward-mode rule: jvp, jacfwd (also under jit and
+    # vmap) are refused up front with the typed error naming grad="direct" (JAX's own
+    # TypeError comes late, at lowering, under jit); grad and jax.hessian (forward over
+    # reverse) are unaffected, and equal grad="direct"'s.
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("implicitdiff_jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    ts = jnp.array([0.0, 0.5, 1.0])
+    y0 = jnp.array([1.0, -0.5])
+
+    def final(k, grad=mode):
+        return ode.odeint(lambda t, y, k: -k * y, y0, ts, k, grad=grad, rtol=1e-9,
+                          atol=1e-9)[-1]
+
+    k = jnp.array([0.3, 0.7])
+    attempts = {
+        "jvp": lambda: jax.jvp(final, (k,), (k,)),
+        "jit(jvp)": lambda: jax.jit(lambda q: jax.jvp(final, (q,), (q,)))(k),
+        "jacfwd": lambda: jax.jacfwd(final)(k),
+        "jvp(vmap)": lambda: jax.jvp(jax.vmap(final), (k[:, None] * jnp.ones(2),),
+                                     (jnp.ones((2, 2)),)),
+        "vmap(jvp)": lambda: jax.vmap(lambda q: jax.jvp(final, (q,), (q,)))(
+            jnp.stack([k, 2 * k])),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(ode.DerivativeNotSupportedError, match="grad='direct'"):
+            attempt()
+            pytest.fail(f"{name} was not refused")
+    loss = lambda q, grad=mode: jnp.sum(final(q, grad) ** 2)  # noqa: E731
+    exact = -2 * jnp.exp(-2 * k) * y0 ** 2  # d/dk of (y0 e^{-k})^2
+    np.testing.assert_allclose(np.asarray(jax.grad(loss)(k)), np.asarray(exact), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(k)), np.asarray(exact),
+                               rtol=1e-6)
+    if mode == "checkpoint":  # the backsolve adjoint is not differentiable again
+        np.testing.assert_allclose(np.asarray(jax.hessian(loss)(k)),
+                                   np.asarray(jax.hessian(lambda q: loss(q, "direct"))(k)),
+                                   rtol=1e-10, atol=1e-14)

@@ -53,6 +53,65 @@ def _any_tracer(data: Sequence[Any]) -> bool:
     return any(is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(data))
 
 
+def _forward_mode(leaves: Sequence[Any]) -> bool:
+    """Whether a leaf carries a forward-mode tangent (`jax.jvp`, `jax.jacfwd`), where a
+    `jax.custom_vjp` would fail with JAX's own TypeError (late, at lowering, under `jit`).
+    Only the outermost differentiation counts: a `vmap` is looked through; the linearization
+    behind `jax.grad` (and `jax.hessian`'s forward over reverse, which JAX gives) is not forward
+    mode. A JAX without these tracer types (its internals) makes this say no, and JAX's own
+    error stands."""
+    try:
+        from jax._src.interpreters import ad as ad_
+        from jax._src.interpreters import batching as batching_
+    except ImportError:  # pragma: no cover - depends on the JAX version
+        return False
+    jvp_t = getattr(ad_, "JVPTracer", None)
+    lin_t = getattr(ad_, "LinearizeTracer", None)
+    batch_t = getattr(batching_, "BatchTracer", None)
+    zero_t = getattr(ad_, "Zero", None)
+    if jvp_t is None:  # pragma: no cover - depends on the JAX version
+        return False
+    for leaf in leaves:
+        t = leaf
+        while is_tracer(t):
+            if isinstance(t, jvp_t):
+                if zero_t is None or not isinstance(getattr(t, "tangent", None), zero_t):
+                    return True
+                t = getattr(t, "primal", None)
+            elif lin_t is not None and isinstance(t, lin_t):
+                break
+            elif batch_t is not None and isinstance(t, batch_t):
+                t = getattr(t, "val", None)
+            else:
+                break
+    return False
+
+
+def _staged(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, list, Any, Any]:
+    """`fn(*args)` traced to a jaxpr now: (the jaxpr, the values it closes over, the output
+    structure, the output shapes). `_run` evaluates it with other values for those."""
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    return closed.jaxpr, list(closed.consts), jax.tree_util.tree_structure(shapes), shapes
+
+
+def _run(jaxpr: Any, consts: Sequence[Any], tree: Any, args: Any) -> Any:
+    """Evaluate a `_staged` jaxpr on `args` (a pytree of arrays) with `consts`."""
+    from jax.core import eval_jaxpr  # pyright: ignore[reportAttributeAccessIssue]
+
+    out = eval_jaxpr(jaxpr, list(consts), *jax.tree_util.tree_leaves(args))
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def _tracing() -> bool:
+    """Whether a JAX transformation is active (a closure may hold its tracers although the
+    arguments are concrete). A JAX without this internal says yes."""
+    try:
+        from jax._src import core as core_
+        return not core_.trace_state_clean()
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the JAX version
+        return True
+
+
 def _float0_zeros_like(x: Any) -> Any:
     """A zero tangent for `x`: float0 for integer/bool leaves."""
     x = jnp.asarray(x) if not hasattr(x, "dtype") else x
@@ -512,21 +571,15 @@ class JaxBackend(Backend):
         # jax.custom_vjp over the dynamic leaves (arrays, Python floats); ints and other static
         # leaves are closed over. The primals travel to bwd as residuals. Forward mode through a
         # custom_vjp is JAX's own TypeError ("can't apply forward-mode autodiff (jvp) to a
-        # custom_vjp function"), `jvp` cannot be registered beside it; second order
-        # differentiates bwd itself (JAX traces it).
+        # custom_vjp function", raised late under jit), and `jvp` cannot be registered beside
+        # it: forward mode is refused here, by name; second order differentiates bwd itself
+        # (JAX traces it), so jax.hessian (forward over reverse) works.
         dyn, rebuild = _split_static(tuple(primals))
+        if _forward_mode(dyn):
+            raise unsupported("forward")
         dyn = [jnp.asarray(d) if isinstance(d, (np.ndarray, np.generic)) else d for d in dyn]
 
-        @jax.custom_vjp
-        def f(*d: Any) -> Any:
-            return fwd(*rebuild(d))[0]
-
-        def f_fwd(*d: Any) -> tuple[Any, Any]:
-            out, res = fwd(*rebuild(d))
-            return out, (d, res)
-
-        def f_bwd(saved: Any, out_bar: Any) -> tuple:
-            d, res = saved
+        def cotangents(d: Any, res: Any, out_bar: Any) -> tuple:
             cts = bwd(rebuild(d), list(res), out_bar)
             full: list[Any] = []
             for p, c in zip(primals, cts):
@@ -539,8 +592,65 @@ class JaxBackend(Backend):
             return tuple(_float0_zeros_like(x) if c is None else
                          jnp.asarray(c, dtype=jnp.result_type(x)) for x, c in zip(d, dyn_ct))
 
-        f.defvjp(f_fwd, f_bwd)
-        return f(*dyn)
+        if not (_tracing() or _any_tracer(dyn)):  # concrete values: nothing to go stale
+            @jax.custom_vjp
+            def f(*d: Any) -> Any:
+                return fwd(*rebuild(d))[0]
+
+            def f_fwd(*d: Any) -> tuple[Any, Any]:
+                out, res = fwd(*rebuild(d))
+                return out, (d, res)
+
+            def f_bwd(saved: Any, out_bar: Any) -> tuple:
+                d, res = saved
+                return cotangents(d, res, out_bar)
+
+            f.defvjp(f_fwd, f_bwd)
+            return f(*dyn)
+        # Traced: JAX traces a custom_vjp's fwd and bwd when it differentiates, which for
+        # jax.grad of a jitted function is after the jit trace ended; what they close over
+        # from that trace (the core's loop constants) would be stale tracers there ("No
+        # constant handler"). So both are traced now, and their closed-over values become
+        # explicit inputs (constants of the derivative: the core closes over no
+        # differentiated value; what the user's function closes over it lifts into the
+        # primals first, `lift_closure`).
+        f_jaxpr, f_consts, f_tree, f_shapes = _staged(lambda *d: fwd(*rebuild(d)), dyn)
+        b_jaxpr, b_consts, b_tree, _ = _staged(cotangents, (tuple(dyn), f_shapes[1],
+                                                            f_shapes[0]))
+
+        @jax.custom_vjp
+        def g(fc: tuple, bc: tuple, *d: Any) -> Any:
+            return _run(f_jaxpr, fc, f_tree, d)[0]
+
+        def g_fwd(fc: tuple, bc: tuple, *d: Any) -> tuple[Any, Any]:
+            out, res = _run(f_jaxpr, fc, f_tree, d)
+            return out, (fc, bc, d, res)
+
+        def g_bwd(saved: Any, out_bar: Any) -> tuple:
+            fc, bc, d, res = saved
+            cts = _run(b_jaxpr, bc, b_tree, (tuple(d), res, out_bar))
+            return (tuple(_float0_zeros_like(c) for c in fc),
+                    tuple(_float0_zeros_like(c) for c in bc), *cts)
+
+        g.defvjp(g_fwd, g_bwd)
+        return g(tuple(f_consts), tuple(b_consts), *dyn)
+
+    def may_differentiate(self, tree):
+        return _tracing() or _any_tracer(jax.tree_util.tree_leaves(tree))
+
+    def lift_closure(self, f, example, *, name):
+        # jax.closure_convert hoists the closed-over values a derivative may perturb (tracers);
+        # a custom_vjp closing over one fails with JAX's UnexpectedTracerError otherwise
+        if not _any_tracer(jax.tree_util.tree_leaves(example)) and not _tracing():
+            return f, ()
+        g, consts = jax.closure_convert(f, *example)
+        if not consts:
+            return f, ()
+
+        def lifted(*a: Any) -> Any:
+            return g(*a[:-1], *a[-1])
+
+        return lifted, tuple(consts)
 
     # ---- autodiff of user functions, host arrays (see implicitdiff.Backend) ------------------
     autodiff = True

@@ -28,11 +28,13 @@ from ._function import (
     MatVec,
     Operator,
     SolveSpec,
+    _batched,
     differentiable_context,
     func_vjp,
     leaves_aligned,
 )
 from ._function import call as _call
+from ._function import lift_closure as _lift_closure
 
 # Batched LU (`torch.linalg.solve`, `lu_factor`, `inv`) in the CPU build of torch 2.13 with MKL
 # and more than one thread fails for n >= 150 (hangs at n = 150; above, MKL prints "Parameter 6
@@ -313,9 +315,25 @@ class TorchBackend(Backend):
     def custom_vjp(self, fwd, bwd, primals, *, unsupported, jvp=None):
         leaves, treedef = core.tree_flatten(tuple(primals))
         idx = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        if any(_batched(leaves[i]) for i in idx):  # torch.func.vmap: the rule's loops decide
+            raise unsupported("vmap")              # on values, which a vmap rule cannot
         spec = _VjpSpec(fwd, bwd, leaves, treedef, idx, unsupported, jvp)
         outs = _CustomVjp.apply(spec, *[leaves[i] for i in idx])
         return core.tree_unflatten(spec.out_def, list(outs[:spec.n_out]))
+
+    def may_differentiate(self, tree):
+        from torch._C._functorch import TransformType  # pyright: ignore
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0 or any(
+                i.key() in (TransformType.Grad, TransformType.Jvp)
+                for i in retrieve_all_functorch_interpreters()):
+            return True  # forward AD, or a derivative transform (not vmap alone)
+        return torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in core.tree_flatten(tree)[0])
+
+    def lift_closure(self, f, example, *, name):
+        return _lift_closure(f, example, name)
 
     def loop_vjp(self, f, primals):
         if differentiable_context():  # a transform or a recorded graph: torch.func's vjp
@@ -478,7 +496,10 @@ class _CustomVjp(torch.autograd.Function):
         spec.n_out = len(out_leaves)
         spec.out_meta = [(t.shape, t.dtype, t.device) for t in out_leaves]
         spec.res_meta = [(t.shape, t.dtype, t.device) for t in res_leaves]
-        return (*out_leaves, *res_leaves)
+        # an input returned as is (the last stored state of a short checkpointed solve) goes
+        # out as a view: torch.func refuses an input both returned and saved for backward
+        ins = {id(t) for t in tensors}
+        return tuple(t.view_as(t) if id(t) in ins else t for t in (*out_leaves, *res_leaves))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:

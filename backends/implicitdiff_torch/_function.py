@@ -1016,6 +1016,90 @@ def _solver_reads_mapped_tensor(name: str) -> StructureError:
     )
 
 
+def _plain(x: Any) -> Any:
+    """`x`'s leaves as plain tensors of no transform level, detached (a trial evaluation's
+    inputs)."""
+    def leaf(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        while _ft.is_functorch_wrapped_tensor(t):
+            t = _ft.get_unwrapped(t)
+        return fwAD.unpack_dual(t).primal.detach() if _forward_ad_active() else t.detach()
+
+    return _torch_pytree.tree_map(leaf, x)
+
+
+class _Escape(Exception):
+    """A trial evaluation read a tensor a `torch.func` transform wraps (`_Watch`)."""
+
+
+class _Watch(TorchFunctionMode):
+    """Stops a trial evaluation, run with the transforms' interpreter stack cleared, at the
+    first torch function given a tensor a transform wraps: one the function read from
+    somewhere other than its (plain) arguments."""
+
+    def __torch_function__(self, func: Any, types_: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        for t in _torch_pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and _ft.is_functorch_wrapped_tensor(t):
+                raise _Escape
+        return func(*args, **kwargs)
+
+
+def _escaped(g: Callable[..., Any], example: tuple, values: tuple) -> bool:
+    """Whether `g` on plain copies of `example` (and `values`, where given) still carries a
+    derivative: it read a tensor that a transform wraps, that requires grad, or that has a
+    forward-AD tangent. Run with the transforms' interpreter stack cleared (there an operation
+    on plain tensors stays plain)."""
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    try:
+        with temporarily_clear_interpreter_stack():
+            trial = _plain(example) if not values else (*_plain(example), _plain(values))
+            with _Watch(), torch.enable_grad():
+                out = g(*trial)
+    except _Escape:
+        return True
+    for t in _torch_pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor) and (
+                t.requires_grad
+                or (_forward_ad_active() and fwAD.unpack_dual(t).tangent is not None)):
+            return True
+    return False
+
+
+def lift_closure(f: Callable[..., Any], example: tuple, name: str
+                 ) -> tuple[Callable[..., Any], tuple]:
+    """`TorchBackend.lift_closure`: the tensors `f` holds (`Closure`: closure cells, bound
+    `nn.Module`s and their parameters, partials, containers) that need derivatives become
+    inputs, read through `Closure.substitute`; then one trial evaluation of `f` on plain
+    inputs refuses a derivative still reaching `f` from elsewhere."""
+    if not differentiable_context():
+        return f, ()
+    closure = Closure(f)
+    values = tuple(closure.values)
+
+    def lifted(*a: Any) -> Any:
+        with closure.substitute(a[-1]):
+            return f(*a[:-1])
+
+    g: Callable[..., Any] = lifted if values else f
+    if _escaped(g, example, values):
+        raise StructureError(
+            f"{name}: the vector field reads a tensor that needs a derivative (it requires "
+            "grad, a torch.func transform tracks it, or it has a forward-AD tangent) but that "
+            "is not one of its arguments, and implicitdiff could not find where it holds it "
+            "(it looks in closure cells, defaults, globals, bound methods, nn.Module "
+            "parameters, buffers and attributes, functools.partial, lists, tuples, dicts and "
+            "plain objects' attributes). This gradient mode's rule returns derivatives for "
+            "its arguments only, so that tensor's would be silently wrong. Pass it as an "
+            "argument (for an nn.Module: its parameters with torch.func.functional_call), "
+            "detach it inside f if it needs none, or use grad='direct', which differentiates "
+            "through whatever f reads.")
+    return g, values
+
+
 def _refuse_complex(name: str, args: tuple, closure: Closure | None) -> None:
     """A complex tensor whose derivative is asked for: refused (the implicit rule here is for
     real floating θ; its gradient would otherwise be silently missing)."""

@@ -29,7 +29,7 @@ from typing import Any
 from .._backend import Backend, get_backend
 from .._config import resolve_on_failure
 from .._errors import ImplicitDiffError, StructureError
-from ._checkpoint import DerivativeNotSupportedError, forward_ad_refusal
+from ._checkpoint import DerivativeNotSupportedError, forward_ad_refusal, vmap_refusal
 from ._solver import (
     SUCCESS,
     ODEFailureError,
@@ -39,6 +39,7 @@ from ._solver import (
     _prepare,
     checkpoint_vjp,
     integrate,
+    lift_closure,
 )
 
 # The backward pass's step-size controller: the plain integral controller (beta = 0) of
@@ -61,11 +62,16 @@ class BacksolveUnsupportedError(DerivativeNotSupportedError):
 def _unsupported(kind: str) -> ImplicitDiffError:
     if kind == "forward_ad":
         return BacksolveUnsupportedError(forward_ad_refusal("odeint(grad='backsolve')"))
+    if kind == "vmap":
+        return BacksolveUnsupportedError(vmap_refusal("odeint(grad='backsolve')"))
     if kind == "forward":
         return BacksolveUnsupportedError(
-            "odeint(grad='backsolve'): a forward-mode derivative was asked for through a host "
-            "solver (wrap_solver(..., host=True)), whose NumPy calls carry no tangents. Wrap "
-            "a framework solver (host=False), or use grad='direct'.")
+            "odeint(grad='backsolve'): a forward-mode derivative (jvp) was asked for, which "
+            "this rule does not give here: in JAX a hand-written reverse-mode rule "
+            "(jax.custom_vjp) cannot carry a forward-mode one, and through a host solver "
+            "(wrap_solver(..., host=True)) the NumPy calls carry no tangents. Use "
+            "grad='direct' (every derivative, every framework), or in PyTorch torch.func.jvp "
+            "with a framework solver (host=False).")
     return BacksolveUnsupportedError(
         "odeint(grad='backsolve'): a second-order derivative was asked for, but the "
         "continuous adjoint is a reverse-mode rule (its backward pass is a solve, not "
@@ -205,6 +211,8 @@ def backsolve(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: A
     on_failure = resolve_on_failure(on_failure, "odeint")
     bk = get_backend(y0, ts, args)
     xp, y0, ts = _prepare(bk, y0, ts, args)
+    f, args = lift_closure(bk, xp, f, y0, ts, tuple(args),
+                           "odeint(grad='backsolve')" if integrator is None else "wrap_solver")
     batch = tuple(y0.shape[:-1])
     d = int(y0.shape[-1])
     T = int(ts.shape[0])

@@ -57,12 +57,22 @@ def forward_ad_refusal(name: str) -> str:
             "it, or odeint's grad='direct'.")
 
 
+def vmap_refusal(name: str) -> str:
+    """Why a hand-written rule (`grad="checkpoint"`, `"backsolve"`) refuses `torch.func.vmap`."""
+    return (f"{name}: torch.func.vmap over this gradient mode is not given: its loops decide "
+            "on values (steps taken, checkpoints placed), which a vmap rule cannot. Put the "
+            "batch on the leading axes of y0 instead (each sample keeps its own steps, and "
+            "is the same alone or in a batch), or use grad='direct' under vmap.")
+
+
 def _unsupported(name: str) -> Callable[[str], ImplicitDiffError]:
     """The error a backend raises when asked for a derivative `checkpointed` does not give."""
 
     def make(kind: str) -> ImplicitDiffError:
         if kind == "forward_ad":
             return DerivativeNotSupportedError(forward_ad_refusal(name))
+        if kind == "vmap":
+            return DerivativeNotSupportedError(vmap_refusal(name))
         if kind == "forward":
             what, why = ("forward-mode derivative (jvp)",
                          "its derivative is a hand-written reverse-mode rule (custom vjp)")
@@ -586,7 +596,7 @@ class _Problem:
 def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple = (), *,
                  checkpoints: int | None = None, n_steps: Any = None,
                  stats: CheckpointStats | None = None, name: str = "checkpointed",
-                 _states: Sequence[Any] | None = None) -> Any:
+                 _states: Sequence[Any] | None = None, _lift: bool = True) -> Any:
     """$y_N$ after `N` steps $y_{k+1}$ = `step(s_k, y_k, args)`, differentiable in `y0` and
     `args` with the exact gradient of these steps (backpropagation through them, to rounding),
     in $O(c)$ memory: binomial checkpointing (revolve).
@@ -606,7 +616,8 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     the steps' own forward mode (no checkpoints needed); second order and
     `torch.autograd.forward_ad` dual tensors raise `DerivativeNotSupportedError`. Under JAX,
     `jax.hessian` (forward over reverse) is exact (JAX differentiates both loops in forward
-    mode), `jax.jvp` raises JAX's own `TypeError` (forward mode through a `custom_vjp`) and
+    mode), `jax.jvp` raises `DerivativeNotSupportedError` (a `custom_vjp` has no forward
+    mode) and
     reverse over reverse JAX's `ValueError` (reverse mode through `lax.while_loop`). On NumPy
     arrays it only computes $y_N$; `checkpointed_vjp` with `step_vjp=` is the reverse mode
     there.
@@ -639,7 +650,8 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     # `_states` (private, `odeint(grad="checkpoint")`'s online checkpointing): the states
     # after steps 1..N, as tuples of y's leaves, computed by the caller with the same step on
     # the same inputs, outside the autodiff; the forward pass then stores them instead of
-    # recomputing them (eager backends, every row a step taken)
+    # recomputing them (eager backends, every row a step taken). `_lift` (private): False
+    # where the caller has lifted the closure already (`odeint`'s replay)
     bk = get_backend(y0, args, schedule if not isinstance(schedule, int) else None)
     prob = _Problem(bk, step, y0, schedule, tuple(args), checkpoints, None, stats, name,
                     n_steps)
@@ -647,6 +659,22 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
         _states = None
     if prob.n == 0 or (isinstance(prob.n_eff, int) and prob.n_eff == 0):
         return y0
+    if _lift:  # what `step` reads from its closure and may need a derivative: an argument
+        n_args = len(tuple(args))
+        if isinstance(schedule, int):
+            s0: Any = 0
+        else:
+            s_leaves, s_def = bk.tree_flatten(schedule)
+            s0 = bk.tree_unflatten(s_def, [leaf[0] for leaf in s_leaves])
+        g, values = bk.lift_closure(
+            step, (s0, bk.tree_unflatten(prob.y_def, list(prob.y0)), tuple(args)), name=name)
+        if values:
+            def lifted(s_k: Any, y: Any, a: tuple) -> Any:
+                return g(s_k, y, tuple(a[:n_args]), a[n_args])
+
+            args = (*tuple(args), values)
+            prob = _Problem(bk, lifted, y0, schedule, args, checkpoints, None, stats, name,
+                            n_steps)
     theta = [prob.args_leaves[i] for i in prob.diff]
     int_sched = isinstance(schedule, int)
     sched_leaves, sched_def = ([], None) if int_sched else bk.tree_flatten(schedule)
@@ -657,19 +685,26 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
     # a traced n_steps travels as an input (no gradient), like the schedule
     traced = () if isinstance(prob.n_eff, int) else (prob.n_eff,)
 
-    def fwd(y0_: tuple, theta_: tuple, sched_: tuple, n_: tuple) -> tuple[tuple, list]:
-        return prob.sweep(theta_, as_sched(sched_), *n_).forward(tuple(y0_), _states)
+    # the first pass's states travel as inputs (no gradient), not in fwd's closure: under a
+    # torch.func transform they are tensors of its level, which the Function's forward may
+    # only receive as inputs
+    states_in = () if _states is None else tuple(tuple(st) for st in _states)
+
+    def fwd(y0_: tuple, theta_: tuple, sched_: tuple, n_: tuple, st_: tuple
+            ) -> tuple[tuple, list]:
+        return prob.sweep(theta_, as_sched(sched_), *n_).forward(
+            tuple(y0_), list(st_) if _states is not None else None)
 
     def bwd(primals: tuple, saved: list, ybar: tuple) -> tuple:
-        y0_, theta_, sched_, n_ = primals
+        y0_, theta_, sched_, n_, _ = primals
         y0bar, tbar = prob.sweep(theta_, as_sched(sched_), *n_).backward(
             tuple(y0_), saved, tuple(ybar))
-        return (tuple(y0bar), tuple(tbar), None, None)
+        return (tuple(y0bar), tuple(tbar), None, None, None)
 
     def jvp(primals: tuple, tangents: tuple) -> tuple:
         # forward mode needs no checkpoints: the steps' own forward-mode derivative, one step
         # at a time (memory that of one step, whatever N)
-        y0_, theta_, sched_, n_ = primals
+        y0_, theta_, sched_, n_, _ = primals
 
         def steps(y: tuple, th: tuple) -> tuple:
             return prob.sweep(th, as_sched(sched_), *n_).run(tuple(y))
@@ -677,8 +712,8 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
         return bk.jvp(steps, (tuple(y0_), tuple(theta_)),
                       (tuple(tangents[0]), tuple(tangents[1])))[1]
 
-    yN = bk.custom_vjp(fwd, bwd, (prob.y0, tuple(theta), tuple(sched_leaves), traced),
-                       unsupported=_unsupported(name), jvp=jvp)
+    yN = bk.custom_vjp(fwd, bwd, (prob.y0, tuple(theta), tuple(sched_leaves), traced,
+                                  states_in), unsupported=_unsupported(name), jvp=jvp)
     return bk.tree_unflatten(prob.y_def, list(yN))
 
 

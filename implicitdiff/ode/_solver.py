@@ -648,7 +648,7 @@ def _replayed(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, arg
     # adaptive solves) is replayed once, without recomputation; more steps, ceil(log2 N)
     c = max(default_checkpoints(rp.n_rows), MIN_CHECKPOINTS)
     final = checkpointed(rp.step, rp.state0, rp.n_rows, tuple(args), n_steps=rp.iterations,
-                         checkpoints=c, name=name, _states=rp.states) \
+                         checkpoints=c, name=name, _states=rp.states, _lift=False) \
         if rp.n_rows else rp.state0
     ys, index = rp.outputs(final)
     same = index == rp.index
@@ -658,12 +658,29 @@ def _replayed(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, arg
     return ys, rp.res._replace(stats=stats)
 
 
+def lift_closure(bk: Backend, xp: Any, f: Callable[..., Any], y0: Any, ts: Any, args: tuple,
+                 name: str) -> tuple[Callable[..., Any], tuple]:
+    """`f` and `args` with what `f` reads from its closure and a derivative may be asked of
+    (a module's parameters, a captured tracer) made one more argument (`Backend.lift_closure`):
+    the hand-written rules of `"checkpoint"` and `"backsolve"` return cotangents for their
+    inputs only. A trial evaluation at `(ts[0], y0)` refuses a closure it cannot lift."""
+    t0 = xp.zeros((*y0.shape[:-1], 1), dtype=y0.dtype) + ts[0] if y0.ndim > 1 else ts[0]
+    g, values = bk.lift_closure(f, (t0, y0, *args), name=name)
+    return (g, (*args, values)) if values else (f, tuple(args))
+
+
 def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: Any,
                        rtol: float, atol: float, dt0: float | None, max_steps: int,
                        on_failure: str, full_output: bool) -> Any:
     """`grad="checkpoint"` (see `_replayed`), after the failure policy, time first."""
     bk = get_backend(y0, ts, args)
     xp, y0, ts = _prepare(bk, y0, ts, args)
+    f, args = lift_closure(bk, xp, f, y0, ts, args, "odeint(grad='checkpoint')")
+    if not bk.may_differentiate((y0, args)):  # no derivative to save for: one plain pass
+        res = integrate(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
+                        max_steps=max_steps)
+        ys = _finish(bk, res.ys, res, on_failure, max_steps)
+        return ODESolution(ys, res.stats) if full_output else ys
     ys, res = _replayed(bk, xp, f, y0, ts, args, dict(method=method, rtol=rtol, atol=atol,
                                                       dt0=dt0, max_steps=max_steps),
                         "odeint(grad='checkpoint')")
@@ -748,7 +765,7 @@ def _make_error(max_steps: int) -> Callable[..., ODEFailureError]:
 
 def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
            method: str | ButcherTableau = "tsit5", rtol: float = 1e-6, atol: float = 1e-6,
-           dt0: float | None = None, max_steps: int = 4096, grad: str = "direct",
+           dt0: float | None = None, max_steps: int = 4096, grad: str = "checkpoint",
            on_failure: str | None = None, full_output: bool = False,
            fallback: str | None = None, seminorm: bool = True,
            adjoint_stats: Any = None) -> Any:
@@ -781,21 +798,26 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
       Under JAX the loop is a `lax.scan` of `max_steps` iterations (skipped once every sample
       is done), and reverse mode stores the loop's state for every one of them: keep it near
       what the problem needs.
-    - `grad`: (keyword) how derivatives are taken: `"direct"` (the framework's autodiff through
-      the accepted steps; the step-size controller is a constant, so this is the exact
-      derivative of the discrete solution). `"backsolve"`: the continuous adjoint (Chen et
-      al. 2018), integrated backwards in time by the same method and tolerances with seminorm
-      error control, memory independent of the number of steps; forward mode (PyTorch's
-      `torch.func.jvp`) through the forward solve's own forward mode, second order refused
-      (`BacksolveUnsupportedError`), and a backward
-      reconstruction of `y` that drifts from the forward trajectory (a flow unstable backwards
-      in time) is a failure handled by `on_failure`, never a silently wrong gradient.
-      `"checkpoint"`: the exact derivative of the discrete solution (equal to `"direct"` to
-      rounding) with binomial checkpointing (`checkpointed`): the forward pass records no tape,
-      the backward pass replays the integrator's loop (steps and step-size decisions) from
+    - `grad`: (keyword) how derivatives are taken. `"checkpoint"` (the default): the exact
+      derivative of the discrete solution (equal to `"direct"` to rounding) with binomial
+      checkpointing (`checkpointed`): the forward pass records no tape, the backward pass
+      replays the integrator's loop (steps and step-size decisions) from
       $\\max(16, \\lceil\\log_2 N\\rceil)$ stored solver states (`MIN_CHECKPOINTS`), nothing
-      stored per step; forward mode (PyTorch's
-      `torch.func.jvp`) through the steps' own forward mode, second order refused.
+      stored per step; forward mode (PyTorch's `torch.func.jvp`) through the steps' own
+      forward mode; `jax.jvp`, second order in PyTorch and `torch.func.vmap` of a gradient
+      refused (`DerivativeNotSupportedError`); one plain pass where no derivative can be asked
+      for. `"direct"`: the framework's autodiff through the accepted steps (the step-size
+      controller is a constant, so this is the exact derivative of the discrete solution),
+      every derivative in every framework, memory growing with the steps. `"backsolve"`: the
+      continuous adjoint (Chen et al. 2018), integrated backwards in time by the same method
+      and tolerances with seminorm error control, memory independent of the number of steps;
+      forward mode (PyTorch's `torch.func.jvp`) through the forward solve's own forward mode,
+      second order refused (`BacksolveUnsupportedError`), and a backward reconstruction of `y`
+      that drifts from the forward trajectory (a flow unstable backwards in time) is a failure
+      handled by `on_failure`, never a silently wrong gradient.
+      In `"checkpoint"` and `"backsolve"`, arrays `f` reads from its closure (a module's
+      parameters, a captured tensor or tracer) are differentiated like `args`
+      (`Backend.lift_closure`); one it cannot find raises a `StructureError`.
     - `on_failure`: (keyword) what a sample that stopped early does (`max_steps` reached,
       step-size underflow, NaN/inf): `"raise"` an `ODEFailureError` naming the sample and the
       time it reached, `"warn"`, or `"nan"` (that sample's outputs are NaN; the others are
