@@ -70,6 +70,14 @@ def test_torch_closure_it_cannot_find_is_refused(mode):
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
     with pytest.raises(idf.StructureError, match="not one of its arguments"):
         ode.odeint(f, y0, ts, grad=mode)
+
+    def under_transform(q):  # a tensor torch.func.grad wraps, in the same hiding place
+        hidden = Hidden()
+        hidden.k = q
+        return ode.odeint(lambda t, y: -hidden.k * y, y0, ts, grad=mode)[-1].sum()
+
+    with pytest.raises(idf.StructureError, match="not one of its arguments"):
+        torch.func.grad(under_transform)(box.k.detach())
     # without a derivative to take (no_grad), nothing is refused
     with torch.no_grad():
         ys = ode.odeint(f, y0, ts, grad=mode, rtol=1e-10, atol=1e-10)

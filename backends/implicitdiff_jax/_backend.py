@@ -578,6 +578,8 @@ class JaxBackend(Backend):
         if _forward_mode(dyn):
             raise unsupported("forward")
         dyn = [jnp.asarray(d) if isinstance(d, (np.ndarray, np.generic)) else d for d in dyn]
+        if not self.may_differentiate(dyn):  # concrete values, no transformation: no
+            return fwd(*rebuild(dyn))[0]       # derivative can be taken of the result
 
         def cotangents(d: Any, res: Any, out_bar: Any) -> tuple:
             cts = bwd(rebuild(d), list(res), out_bar)
@@ -592,22 +594,7 @@ class JaxBackend(Backend):
             return tuple(_float0_zeros_like(x) if c is None else
                          jnp.asarray(c, dtype=jnp.result_type(x)) for x, c in zip(d, dyn_ct))
 
-        if not (_tracing() or _any_tracer(dyn)):  # concrete values: nothing to go stale
-            @jax.custom_vjp
-            def f(*d: Any) -> Any:
-                return fwd(*rebuild(d))[0]
-
-            def f_fwd(*d: Any) -> tuple[Any, Any]:
-                out, res = fwd(*rebuild(d))
-                return out, (d, res)
-
-            def f_bwd(saved: Any, out_bar: Any) -> tuple:
-                d, res = saved
-                return cotangents(d, res, out_bar)
-
-            f.defvjp(f_fwd, f_bwd)
-            return f(*dyn)
-        # Traced: JAX traces a custom_vjp's fwd and bwd when it differentiates, which for
+        # JAX traces a custom_vjp's fwd and bwd when it differentiates, which for
         # jax.grad of a jitted function is after the jit trace ended; what they close over
         # from that trace (the core's loop constants) would be stale tracers there ("No
         # constant handler"). So both are traced now, and their closed-over values become
@@ -641,7 +628,7 @@ class JaxBackend(Backend):
     def lift_closure(self, f, example, *, name):
         # jax.closure_convert hoists the closed-over values a derivative may perturb (tracers);
         # a custom_vjp closing over one fails with JAX's UnexpectedTracerError otherwise
-        if not _any_tracer(jax.tree_util.tree_leaves(example)) and not _tracing():
+        if not self.may_differentiate(example):
             return f, ()
         g, consts = jax.closure_convert(f, *example)
         if not consts:

@@ -29,6 +29,7 @@ from ._function import (
     Operator,
     SolveSpec,
     _batched,
+    derivative_requested,
     differentiable_context,
     func_vjp,
     leaves_aligned,
@@ -322,13 +323,8 @@ class TorchBackend(Backend):
         return core.tree_unflatten(spec.out_def, list(outs[:spec.n_out]))
 
     def may_differentiate(self, tree):
-        from torch._C._functorch import TransformType  # pyright: ignore
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0 or any(
-                i.key() in (TransformType.Grad, TransformType.Jvp)
-                for i in retrieve_all_functorch_interpreters()):
-            return True  # forward AD, or a derivative transform (not vmap alone)
+        if derivative_requested():
+            return True
         return torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in core.tree_flatten(tree)[0])
 

@@ -53,6 +53,8 @@ from implicitdiff.backend import (
     symmetric,
 )
 
+from ._host import physical
+
 # ---- the problem: F, the structure of args, and which leaves are tensors ------------------------
 
 class Problem:
@@ -967,6 +969,10 @@ class _ClosureMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _GuardError(StructureError):
+    """`_Guard`'s refusal (a `StructureError`): told apart from one `F` raises itself."""
+
+
 class _Guard(TorchFunctionMode):
     """Refuses a tensor F reads that a `torch.func` transform wraps. Active where F is evaluated
     in the Function's forward pass, below every transform, where F's own inputs are unwrapped:
@@ -991,7 +997,7 @@ class _Guard(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _error(self, t: torch.Tensor, what: str) -> StructureError:
-        return StructureError(
+        return _GuardError(
             f"{self.name}: F reads a tensor of shape {tuple(t.shape)} and dtype {t.dtype} (in "
             f"{what}) that a torch.func transform tracks but that is not one of its arguments, "
             "and implicitdiff could not find where F holds it (it looks in closure cells, "
@@ -1022,44 +1028,25 @@ def _plain(x: Any) -> Any:
     def leaf(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
-        while _ft.is_functorch_wrapped_tensor(t):
-            t = _ft.get_unwrapped(t)
+        t = physical(t)
         return fwAD.unpack_dual(t).primal.detach() if _forward_ad_active() else t.detach()
 
     return _torch_pytree.tree_map(leaf, x)
 
 
-class _Escape(Exception):
-    """A trial evaluation read a tensor a `torch.func` transform wraps (`_Watch`)."""
-
-
-class _Watch(TorchFunctionMode):
-    """Stops a trial evaluation, run with the transforms' interpreter stack cleared, at the
-    first torch function given a tensor a transform wraps: one the function read from
-    somewhere other than its (plain) arguments."""
-
-    def __torch_function__(self, func: Any, types_: Any, args: Any = (), kwargs: Any = None
-                           ) -> Any:
-        kwargs = kwargs or {}
-        for t in _torch_pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and _ft.is_functorch_wrapped_tensor(t):
-                raise _Escape
-        return func(*args, **kwargs)
-
-
 def _escaped(g: Callable[..., Any], example: tuple, values: tuple) -> bool:
     """Whether `g` on plain copies of `example` (and `values`, where given) still carries a
-    derivative: it read a tensor that a transform wraps, that requires grad, or that has a
-    forward-AD tangent. Run with the transforms' interpreter stack cleared (there an operation
-    on plain tensors stays plain)."""
+    derivative: it read a tensor that a transform wraps (`_Guard`, at the level it watches:
+    with the transforms' interpreter stack cleared, where an operation on plain tensors stays
+    plain), that requires grad, or that has a forward-AD tangent."""
     from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
     try:
         with temporarily_clear_interpreter_stack():
             trial = _plain(example) if not values else (*_plain(example), _plain(values))
-            with _Watch(), torch.enable_grad():
+            with _Guard("trial"), torch.enable_grad():
                 out = g(*trial)
-    except _Escape:
+    except _GuardError:
         return True
     for t in _torch_pytree.tree_leaves(out):
         if isinstance(t, torch.Tensor) and (
@@ -1249,6 +1236,17 @@ def _transforms_active() -> bool:
 
 def _forward_ad_active() -> bool:
     return getattr(fwAD, "_current_level", -1) >= 0
+
+
+def derivative_requested() -> bool:
+    """Forward AD, or a `torch.func` derivative transform (`grad`, `jvp`; not `vmap` alone),
+    is active."""
+    from torch._C._functorch import TransformType  # pyright: ignore
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return _forward_ad_active() or any(
+        i.key() in (TransformType.Grad, TransformType.Jvp)
+        for i in retrieve_all_functorch_interpreters())
 
 
 def differentiable_context(recording: bool = True) -> bool:

@@ -661,11 +661,7 @@ def checkpointed(step: Callable[..., Any], y0: Any, schedule: Any, args: tuple =
         return y0
     if _lift:  # what `step` reads from its closure and may need a derivative: an argument
         n_args = len(tuple(args))
-        if isinstance(schedule, int):
-            s0: Any = 0
-        else:
-            s_leaves, s_def = bk.tree_flatten(schedule)
-            s0 = bk.tree_unflatten(s_def, [leaf[0] for leaf in s_leaves])
+        s0 = prob.sweep([], schedule).s_k(0)
         g, values = bk.lift_closure(
             step, (s0, bk.tree_unflatten(prob.y_def, list(prob.y0)), tuple(args)), name=name)
         if values:

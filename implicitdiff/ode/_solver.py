@@ -677,10 +677,9 @@ def _odeint_checkpoint(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, 
     xp, y0, ts = _prepare(bk, y0, ts, args)
     f, args = lift_closure(bk, xp, f, y0, ts, args, "odeint(grad='checkpoint')")
     if not bk.may_differentiate((y0, args)):  # no derivative to save for: one plain pass
-        res = integrate(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
-                        max_steps=max_steps)
-        ys = _finish(bk, res.ys, res, on_failure, max_steps)
-        return ODESolution(ys, res.stats) if full_output else ys
+        return _odeint_direct(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
+                              max_steps=max_steps, on_failure=on_failure,
+                              full_output=full_output)
     ys, res = _replayed(bk, xp, f, y0, ts, args, dict(method=method, rtol=rtol, atol=atol,
                                                       dt0=dt0, max_steps=max_steps),
                         "odeint(grad='checkpoint')")
@@ -853,6 +852,16 @@ def odeint(f: Callable[..., Any], y0: Any, ts: Any, *args: Any,
         return _odeint_checkpoint(f, y0, ts, tuple(args), method=method, rtol=rtol, atol=atol,
                                   dt0=dt0, max_steps=max_steps, on_failure=on_failure,
                                   full_output=full_output)
+    return _odeint_direct(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
+                          max_steps=max_steps, on_failure=on_failure, full_output=full_output)
+
+
+def _odeint_direct(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *, method: Any,
+                   rtol: float, atol: float, dt0: float | None, max_steps: int,
+                   on_failure: str, full_output: bool) -> Any:
+    """`grad="direct"` (and `"checkpoint"` where no derivative can be asked for): the
+    integrator's pass, its steps recorded by the framework's autodiff, after the failure
+    policy, time first."""
     res = integrate(f, y0, ts, args, method=method, rtol=rtol, atol=atol, dt0=dt0,
                     max_steps=max_steps)
     ys = _finish(get_backend(res.ys), res.ys, res, on_failure, max_steps)
