@@ -114,6 +114,9 @@ class AbstractLinearSolver(abc.ABC):
     atol: float
     ridge: float
     _needs_symmetry = False  # CG and MINRES: probe symmetry even without the tag
+    # Richardson: the `residual_norm` its `_solve` reports is the true ‖b − A x‖ (measured
+    # with `_measure`'s norm), so `_verify` need not compute it again
+    _exact_residual = False
     _rtol_forward: Any = None  # set by `with_rtol` (a backward solve following the forward)
 
     def solve(self, matvec: MatVec, b: Any, *, x0: Any = None, rmatvec: MatVec | None = None,
@@ -268,15 +271,15 @@ def _probe_vector(xp: Any, b: Any) -> Any:
     return (t - xp.floor(t)) - 0.5
 
 
-def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, Ae: Any,
+def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe: Any,
                     anorm: Any) -> Any:
     """Per batch element (shape `(..., 1)`), whether the solve `z` of $Az = Aw$ shows that A
     is singular: `z` misses `w` by more than the solver's accuracy allows, along a direction
-    $e = z - w$ that A nearly annihilates (`Ae` = $A e$, `anorm` ≈ $\\|A\\|$)."""
+    $e = z - w$ that A nearly annihilates (`nAe` = $\\|A e\\|$, `anorm` ≈ $\\|A\\|$)."""
     e = z - w
     ne = norm(xp, e)
     rho = ne / norm(xp, w)
-    sig = safe_div(xp, norm(xp, Ae), ne, ne > 0)
+    sig = safe_div(xp, nAe, ne, ne > 0)
     tau = xp.maximum(10.0 * prtol, xp.full_like(rtol, 3e-3 / max(n, 1) ** 0.5))
     unique = ~((rho > tau) & (sig < 10.0 * xp.sqrt(rtol) * anorm))
     return ~(unique & xp.isfinite(rho) & (anorm > 0))
@@ -392,7 +395,8 @@ def _direct(bk: Any, xp: Any, solver: Any, factor_solve: Callable[[Any, Any], An
         rtol = xp.full_like(rn, max(rtol, float(xp.finfo(b.dtype).eps)))
         anorm = norm(xp, Aw) / norm(xp, w)
         prtol = xp.full_like(rn, float(xp.finfo(b.dtype).eps))  # the factorization's accuracy
-        brk = brk | _looks_singular(xp, b.shape[-1], rtol, prtol, w, z, mul_e(z) - Aw, anorm)
+        brk = brk | _looks_singular(xp, b.shape[-1], rtol, prtol, w, z,
+                                    norm(xp, mul_e(z) - Aw), anorm)
         # the probe's relative error estimates the answer's (about cond(A) eps): a hundred
         # times past the relative accuracy asked for (rtol, or atol/|b|) the system is singular
         # at working precision (float64 default: cond ~1e10), and the derivative would have
@@ -505,12 +509,20 @@ class _Iterative(AbstractLinearSolver):
         n = b.shape[-1]
         eps = float(xp.finfo(b.dtype).eps)
         conv, brk = info.converged[..., None], info.breakdown[..., None]
+        if self._exact_residual:
+            # the iteration's residual is b - A x itself, computed by the same product
+            r, rn = None, info.residual_norm[..., None]
+            if not self.check_singular and bk.known_all(conv & (rn <= self._check_tol(xp, b))):
+                # eagerly, every element converged by its true residual and no probe is
+                # asked for: every test below would pass and change nothing
+                return x, info
+        else:
+            r = b - A(x)
+            rn = self._measure(xp, r)
         w = _probe_vector(xp, b)
         Aw = A(w)
         nb, nAw = norm(xp, b), norm(xp, Aw)
         anorm = nAw / norm(xp, w)                     # ≈ ‖A‖ (a lower estimate)
-        r = b - A(x)
-        rn = self._measure(xp, r)
         slack = (100.0 * n ** 0.5 * eps) * (anorm * norm(xp, x) + nb)
         ok = rn <= xp.maximum(self._check_tol(xp, b), slack)      # NaN fails
         # converged by the iteration's estimate, refuted by the true residual: not the structure
@@ -527,6 +539,8 @@ class _Iterative(AbstractLinearSolver):
         # component outside the range of A that no x reaches (a singular A, no solution).
         stuck = ~conv & ~brk
         if not bk.known_all(~stuck):
+            if r is None:
+                r = b - A(x)
             rn2 = norm(xp, r)
             brk = brk | (stuck & ~(rn2 <= 1e4 * nb))
             ATop = AT if AT is not None else (A if self._needs_symmetry else None)
@@ -540,7 +554,7 @@ class _Iterative(AbstractLinearSolver):
             c = xp.where(has & (nb > 0), safe_div(xp, nb, nAw, has), xp.ones_like(nb))
             ws, bw = c * w, c * Aw
             probe = self._probe_solver(xp, b)
-            z, _ = probe._solve(bk, xp, A, bw, None, AT, tags)
+            z, pinfo = probe._solve(bk, xp, A, bw, None, AT, tags)
             nbw = norm(xp, bw)
             # the condition-number test with the solver's own tolerance (not one loosened to
             # follow the forward: a well-conditioned A must never look singular); the probe's
@@ -549,7 +563,10 @@ class _Iterative(AbstractLinearSolver):
                               safe_div(xp, xp.full_like(nbw, self.atol), nbw, nbw > 0))
             prtol = xp.maximum(_fmax(xp, probe._rtol(xp, b), eps) + xp.zeros_like(nbw),
                                safe_div(xp, xp.full_like(nbw, probe.atol), nbw, nbw > 0))
-            singular = _looks_singular(xp, n, rtol, prtol, ws, z, A(z) - bw, anorm)
+            # ‖A z − A w‖: the probe's own true residual where its solver reports that
+            nAe = (pinfo.residual_norm[..., None] if probe._exact_residual
+                   else norm(xp, A(z) - bw))
+            singular = _looks_singular(xp, n, rtol, prtol, ws, z, nAe, anorm)
             brk = brk | (conv & singular)
             conv = conv & ~singular
         return x, info._replace(residual_norm=rep[..., 0], converged=conv[..., 0],
@@ -866,23 +883,35 @@ class GMRES(_Iterative):
 def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: Any) -> Callable:
     """One GMRES cycle of at most `m` Arnoldi steps from residual `r`, with masks instead of
     dynamic indexing so that every backend (and `jit`) runs it. Returns the update `dx`, the
-    steps taken per element and the steps taken by the batch."""
+    steps taken per element and the steps taken by the batch.
+
+    The basis is stored batch first, `(..., m + 1, n)`, so that its products (the projections,
+    reading row j, the update) are batched matrix products and one-row writes
+    (`Backend.ring_write`, in place on eager backends), whose cost does not grow with the
+    unused rows; the small arrays of the least-squares problem (`H`, the rotations, `g`) keep
+    the row index first."""
     lead = (1,) * b.ndim
-    idx = xp.reshape(xp.arange(m + 1, device=_dev(b)), (m + 1, *lead))  # basis / row index
+    idx = xp.reshape(xp.arange(m + 1, device=_dev(b)), (m + 1, *lead))  # row index (small)
     cidx = xp.reshape(xp.arange(m, device=_dev(b)), (m, *lead))  # column index
     hcol = xp.reshape(xp.arange(m, device=_dev(b)), (1, m, *lead))
+    brow = xp.reshape(xp.arange(m + 1, device=_dev(b)), (m + 1, 1))  # basis row, batch first
+    bcol = xp.reshape(brow, (1, m + 1))
     scal = (*b.shape[:-1], 1)  # a per-element scalar
     zero = zero_int(xp, b)  # the loop counters start from it
 
     def pick(arr: Any, index: Any, j: Any) -> Any:  # arr[j] along axis 0
         return xp.sum(xp.where(index == j, arr, xp.zeros_like(arr)), axis=0)
 
+    def basis_row(V: Any, j: Any) -> Any:  # V[..., j, :], as a product with a one-hot row
+        return xp.matmul(xp.astype(bcol == j, V.dtype), V)[..., 0, :]
+
     def cycle(r: Any, rn: Any, active: Any) -> tuple[Any, Any, Any]:
-        zeros_v = xp.zeros((m + 1, *b.shape), dtype=b.dtype, device=_dev(b))
-        V = xp.where(idx == 0, safe_div(xp, r, rn, rn > 0)[None, ...], zeros_v)
+        V = xp.zeros((*b.shape[:-1], m + 1, b.shape[-1]), dtype=b.dtype, device=_dev(b))
+        everyone = xp.ones_like(rn, dtype=xp.bool)
+        V = bk.ring_write(V, 0, safe_div(xp, r, rn, rn > 0), everyone, True)
         H = xp.zeros((m + 1, m, *scal), dtype=b.dtype, device=_dev(b))
-        cs = xp.ones((m, *scal), dtype=b.dtype, device=_dev(b))
-        sn = xp.zeros((m, *scal), dtype=b.dtype, device=_dev(b))
+        Q = xp.astype(xp.reshape(brow, (m + 1, 1)) == xp.reshape(brow, (1, m + 1)), b.dtype)
+        Q = Q + xp.zeros((*b.shape[:-1], m + 1, m + 1), dtype=b.dtype, device=_dev(b))
         g = xp.where(idx == 0, rn[None, ...], xp.zeros((m + 1, *scal), dtype=b.dtype,
                                                   device=_dev(b)))
         steps = xp.zeros_like(rn, dtype=xp.int32)
@@ -890,56 +919,61 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
         j0 = zero
 
         def inner_cond(s):
-            j, res, act = s[0], s[6], s[8]
+            j, res, act = s[0], s[5], s[7]
             return (j < m) & xp.any(act & (res > tol))
 
+        # (products as a row times a matrix: the batched matrix-vector form is several times
+        # slower on CPU)
+        def project(V: Any, w: Any, below: Any) -> tuple[Any, Any]:
+            """w minus its components along the basis rows <= j, and those components (a row,
+            `(..., 1, m + 1)`)."""
+            h = xp.matmul(w[..., None, :], xp.matrix_transpose(V))
+            h = xp.where(below, h, xp.zeros_like(h))
+            return w - xp.matmul(h, V)[..., 0, :], h
+
         def inner_body(s):
-            j, V, H, cs, sn, g, res, steps, act = s
+            j, V, H, Q, g, res, steps, act = s
             live = act & (res > tol)
-            w = A(M(pick(V, idx, j)))
-            below = idx <= j
-            zero_h = 0.0 * res[None, ...]
-            h = xp.where(below, xp.sum(V * w[None, ...], axis=-1, keepdims=True), zero_h)
-            w = w - xp.sum(h * V, axis=0)
-            h2 = xp.where(below, xp.sum(V * w[None, ...], axis=-1, keepdims=True), zero_h)
-            w = w - xp.sum(h2 * V, axis=0)
-            h = h + h2
+            w = A(M(basis_row(V, j)))
+            below = bcol <= j
+            w, h1 = project(V, w, below)
+            w, h2 = project(V, w, below)
             hn = norm(xp, w)
-            V = xp.where((idx == j + 1) & live, safe_div(xp, w, hn, hn > 0)[None, ...], V)
-            col = xp.where(idx == j + 1, hn[None, ...], h)
-
-            def rot_cond(t):
-                return t[0] < j
-
-            def rot_body(t):  # apply rotation i to rows i, i+1 of the new column
-                i, col = t
-                a, c = pick(col, idx, i), pick(col, idx, i + 1)
-                ci, si = pick(cs, cidx, i), pick(sn, cidx, i)
-                col = xp.where(idx == i, (ci * a + si * c)[None, ...], col)
-                col = xp.where(idx == i + 1, (-si * a + ci * c)[None, ...], col)
-                return i + 1, col
-
-            _, col = bk.while_loop(rot_cond, rot_body, (zero, col))
-            a, c = pick(col, idx, j), pick(col, idx, j + 1)
+            slot = xp.zeros_like(steps) + (j + 1)
+            V = bk.ring_write(V, slot, safe_div(xp, w, hn, hn > 0), live, False)
+            # the new column of the Hessenberg matrix (as a row), rotated by Q, the product of
+            # the rotations so far: one product instead of j rotations in turn
+            at_j, at_j1 = bcol == j, bcol == j + 1
+            e_j, e_j1 = xp.astype(at_j, b.dtype), xp.astype(at_j1, b.dtype)   # (1, m + 1)
+            col = xp.matmul(h1 + h2 + e_j1 * hn[..., None], xp.matrix_transpose(Q))
+            a = xp.sum(e_j * col, axis=-1)                      # (..., 1)
+            c = xp.sum(e_j1 * col, axis=-1)
             gamma = xp.sqrt(a * a + c * c)
             nz = gamma > 0
             cj = xp.where(nz, safe_div(xp, a, gamma, nz), xp.ones_like(gamma))
             sj = safe_div(xp, c, gamma, nz)
-            col = xp.where(idx == j, gamma[None, ...], xp.where(idx == j + 1, 0.0 * col, col))
+            col = xp.where(at_j, gamma[..., None], xp.where(at_j1, xp.zeros_like(col), col))
+            # rows j and j + 1 of Q take the new rotation
+            qj, qj1 = xp.matmul(e_j, Q), xp.matmul(e_j1, Q)     # (..., 1, m + 1)
+            cjb, sjb = cj[..., None], sj[..., None]
+            rows = xp.matrix_transpose(at_j)                    # (m + 1, 1)
+            rows1 = xp.matrix_transpose(at_j1)
+            Q_new = xp.where(rows, cjb * qj + sjb * qj1,
+                             xp.where(rows1, cjb * qj1 - sjb * qj, Q))
+            Q = xp.where(live[..., None], Q_new, Q)
+            col = xp.moveaxis(col, -1, 0)                       # (m + 1, ..., 1), like H
             # elements that already converged keep their state (as if they had stopped)
             H = xp.where((hcol == j) & live, col[:, None, ...], H)
-            cs = xp.where((cidx == j) & live, cj[None, ...], cs)
-            sn = xp.where((cidx == j) & live, sj[None, ...], sn)
             gj = pick(g, idx, j)
             g_new = xp.where(idx == j, (cj * gj)[None, ...],
                              xp.where(idx == j + 1, (-sj * gj)[None, ...], g))
             g = xp.where(live, g_new, g)
             res_new = xp.abs(pick(g, idx, j + 1))
             res = xp.where(live, res_new, res)
-            return (j + 1, V, H, cs, sn, g, res, steps + xp.astype(live, xp.int32), act)
+            return (j + 1, V, H, Q, g, res, steps + xp.astype(live, xp.int32), act)
 
-        s = bk.while_loop(inner_cond, inner_body, (j0, V, H, cs, sn, g, res, steps, active))
-        used, V, H, g, steps = s[0], s[1], s[2], s[5], s[7]
+        s = bk.while_loop(inner_cond, inner_body, (j0, V, H, Q, g, res, steps, active))
+        used, V, H, g, steps = s[0], s[1], s[2], s[4], s[6]
 
         # back substitution R y = g over the columns used; unused columns of R are zero
         y = xp.zeros((m, *scal), dtype=b.dtype, device=_dev(b))
@@ -955,8 +989,10 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
             yk = safe_div(xp, acc, rkk, (xp.abs(rkk) > 0) & (k < used))
             return k - 1, xp.where(cidx == k, yk[None, ...], y)
 
-        _, y = bk.while_loop(back_cond, back_body, (zero + (m - 1), y))
-        dx = xp.sum(y * V[:m, ...], axis=0)
+        _, y = bk.while_loop(back_cond, back_body, (used - 1, y))
+        # dx = sum_k y_k V[..., k, :]: (..., 1, m) @ (..., m, n)
+        yb = xp.matrix_transpose(xp.moveaxis(y, 0, -2))
+        dx = xp.matmul(yb, V[..., :m, :])[..., 0, :]
         return dx, steps, used
 
     return cycle
@@ -1066,6 +1102,8 @@ class Richardson(_Iterative):
         if not self.omega:
             raise ValueError(f"Richardson: expected a non-zero omega, got {self.omega!r}.")
 
+    _exact_residual = True  # r = b - A x is what each step computes
+
     def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
         return self  # its residual is the true one: a tighter tolerance may be out of reach
 
@@ -1076,7 +1114,8 @@ class Richardson(_Iterative):
         x = _zeros_like_b(xp, b, x0)
         r = b - matvec(x) if x0 is not None else b
         rn = norm(xp, r)
-        rn0 = rn
+        # growing far beyond the start, or non-finite: the iteration diverges
+        limit = 1e4 * xp.maximum(rn, tol)
         state = (zero_int(xp, rn), x, r, rn, xp.zeros_like(rn, dtype=xp.int32),
                  xp.zeros_like(rn, dtype=xp.bool))
 
@@ -1086,11 +1125,10 @@ class Richardson(_Iterative):
         def body(s):
             k, x, r, rn, iters, brk = s
             go = (rn > tol) & ~brk
-            x_new = x + omega * r
+            x_new = x - r if omega == -1 else x + omega * r
             r_new = b - matvec(x_new)
             rn_new = norm(xp, r_new)
-            # growing far beyond the start, or non-finite: the iteration diverges
-            bad = go & ~(rn_new <= 1e4 * xp.maximum(rn0, tol))
+            bad = go & ~(rn_new <= limit)
             go = go & ~bad
             sel = _selector(bk, xp, go)
             return (k + 1, sel(x_new, x), sel(r_new, r),

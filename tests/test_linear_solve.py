@@ -847,3 +847,25 @@ def test_richardson_fixed_point_backward_and_divergence():
     np.testing.assert_allclose(X[2], 2 * X[0], rtol=1e-9)
     with pytest.raises(ValueError, match="omega"):
         idf.Richardson(omega=0.0)
+
+
+@pytest.mark.parametrize("check_singular", [False, True])
+def test_richardson_reports_the_true_residual(check_singular):
+    """Richardson's answer check reuses the residual its iteration computed (no second
+    product): the reported residual is ‖b − A x‖ of the answer returned, computed here
+    independently, for converged elements, an element stopped by `maxiter`, and a diverging
+    one; only the converged one is reported converged."""
+    rng = np.random.default_rng(21)
+    n = 25
+    J = rng.standard_normal((n, n))
+    J *= 0.7 / np.linalg.norm(J, 2)
+    slow = 0.995 * J / 0.7                                # contracts too slowly for maxiter
+    grow = 1.5 * J / 0.7                                  # expansive: diverges
+    mats = np.stack([J - np.eye(n), slow - np.eye(n), grow - np.eye(n)])
+    B = rng.standard_normal((3, n))
+    solver = idf.Richardson(omega=-1.0, maxiter=40, check_singular=check_singular)
+    X, info = solver.solve(lambda V: np.einsum("bij,bj->bi", mats, V), B)
+    true = np.linalg.norm(B - np.einsum("bij,bj->bi", mats, X), axis=-1)
+    np.testing.assert_allclose(info.residual_norm, true, rtol=1e-12)
+    assert info.converged.tolist() == [True, False, False]
+    assert rel_err(X[0], np.linalg.solve(mats[0], B[0])) <= 1e-9

@@ -387,10 +387,13 @@ class FastOperator(Operator):
               retain: bool = True) -> list[torch.Tensor]:
         u = [ui.to(ri.dtype) for ui, ri in zip(u, self.r)]
         batched = u[0].ndim > self.r[0].ndim  # several cotangents at once (materializing)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            gs = torch.autograd.grad(self.r, inputs, u, retain_graph=retain, allow_unused=True,
-                                     is_grads_batched=batched)
+        if batched:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                gs = torch.autograd.grad(self.r, inputs, u, retain_graph=retain,
+                                         allow_unused=True, is_grads_batched=True)
+        else:  # (a catch_warnings block costs more than a small product)
+            gs = torch.autograd.grad(self.r, inputs, u, retain_graph=retain, allow_unused=True)
         lead = u[0].shape[:1] if batched else ()
         return [i.new_zeros(*lead, *i.shape) if g is None else g for i, g in zip(inputs, gs)]
 
