@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import solvers as _solvers
-from ._linear_solve import AbstractLinearSolver, BiCGStab, NeumannSolve
+from ._linear_solve import AbstractLinearSolver, BiCGStab, NeumannSolve, Richardson
 
 __all__ = [
     "IFT",
@@ -41,6 +41,7 @@ __all__ = [
     "as_backward",
     "as_solver",
     "check_fixed_point",
+    "default_backward_solver",
     "forward_options",
     "is_builtin_solver",
     "samples_finite",
@@ -54,23 +55,32 @@ __all__ = [
 class IFT:
     """Exact implicit gradient: solve $(I - J)^\\top u = \\bar z$ with `solve`.
 
-    `solve`: a core linear solver; default `idf.BiCGStab()` (the core's default tolerance,
-    which follows the forward's accuracy; with the uniqueness probe, a second solve that
-    refuses a singular or numerically singular $I - J$ at $z^*$, where the gradient does not
-    exist or the solve's residual does not bound its error: pass
-    `IFT(idf.BiCGStab(check_singular=False))` to skip it, about half the backward's cost, where
-    $f$ is known to contract). `idf.Richardson(omega=-1.0, maxiter=...)` is the
-    classic DEQ fixed-point backward (least memory; needs a contraction). Exact up to the
-    solve's tolerance; a solve that does not converge, or whose true residual misses the
-    tolerance, raises (per the layer's `on_failure`)."""
+    `solve`: a core linear solver; default `default_backward_solver()`,
+    `idf.Richardson(omega=-1.0, fallback=idf.BiCGStab())`: the fixed-point backward
+    $u \\leftarrow J^\\top u + \\bar z$ (one vector-Jacobian product a step, the cheapest
+    per step), which hands a sample whose iteration is slow or diverges ($f$ not a contraction
+    at $z^*$) to BiCGStab from where it stopped; at the core's default tolerance, which follows
+    the forward's accuracy; with the uniqueness probe, a second solve that refuses a singular
+    or numerically singular $I - J$ at $z^*$, where the gradient does not exist or the solve's
+    residual does not bound its error. Pass `check_singular=False` to the solver to skip the
+    probe (about half the backward's cost) where $f$ is known to contract. `idf.BiCGStab()`
+    (the default until this release) or `idf.GMRES()` solve any non-singular system from the start.
+    Exact up to the solve's tolerance; a solve that does not converge, or whose true residual
+    misses the tolerance, raises (per the layer's `on_failure`)."""
 
-    solve: AbstractLinearSolver = field(default_factory=BiCGStab)
+    solve: AbstractLinearSolver = field(default_factory=lambda: default_backward_solver())
     exact = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.solve, AbstractLinearSolver):
             raise TypeError(f"IFT: solve: expected a linear solver such as idf.BiCGStab(), got "
                             f"{type(self.solve).__name__}.")
+
+
+def default_backward_solver() -> AbstractLinearSolver:
+    """The linear solver of `IFT()`: `idf.Richardson(omega=-1.0, fallback=idf.BiCGStab())`
+    (see `IFT`)."""
+    return Richardson(omega=-1.0, fallback=BiCGStab())
 
 
 @dataclass(frozen=True)

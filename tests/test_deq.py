@@ -668,3 +668,42 @@ def test_default_ift_refuses_a_non_isolated_fixed_point():
     z = DEQ(cell, z_shape=(4,), backward=IFT(idf.BiCGStab(check_singular=False)))(x)
     g = torch.autograd.grad(z[:, 1:].pow(2).sum(), cell.W)[0]
     assert torch.isfinite(g).all()  # answered without a word: why the default keeps the probe
+
+
+class _ExpandingCell(nn.Module):
+    """f(z, x) = W z + U x with W symmetric, eigenvalues in [-0.4, 0.4] and one at 1.6: the
+    fixed point exists and is unique (I - W invertible) but f is not a contraction, so the
+    fixed-point backward alone diverges."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=F64, generator=g))
+        s = torch.linspace(-0.4, 0.4, 6, dtype=F64)
+        s[0] = 1.6
+        self.W = nn.Parameter((Q * s) @ Q.T)
+        self.U = nn.Parameter(torch.randn(6, 3, dtype=F64, generator=g))
+
+    def forward(self, z, x):
+        return z @ self.W.T + x @ self.U.T
+
+
+def test_default_ift_falls_back_where_f_does_not_contract():
+    """The default backward (the fixed-point iteration, BiCGStab where it diverges) gives the
+    closed-form gradient of a non-contracting linear cell, z* = (I - W)^-1 U x; the fixed-point
+    iteration alone fails loudly there."""
+    cell = _ExpandingCell()
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    opts = {"maxiter": 200, "tol": 1e-12}
+    z = DEQ(cell, z_shape=(6,), solver_options=opts)(x)
+    gW, gU = torch.autograd.grad(z.pow(2).sum(), [cell.W, cell.U])
+    # closed form: L = sum |(I - W)^-1 U x_i|^2; dL/dU = M^T 2 z x^T, dL/dW = M^T 2 z z^T
+    M = torch.linalg.inv(torch.eye(6, dtype=F64) - cell.W.detach())
+    zs = x @ (M @ cell.U.detach()).T
+    V = 2 * zs @ M                                   # rows: (I - W)^-T 2 z_i
+    torch.testing.assert_close(gW, V.T @ zs, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(gU, V.T @ x, rtol=1e-7, atol=1e-9)
+    z = DEQ(cell, z_shape=(6,), solver_options=opts,
+            backward=IFT(idf.Richardson(omega=-1.0, maxiter=500)))(x)
+    with pytest.raises(idf.ImplicitDiffError):
+        torch.autograd.grad(z.pow(2).sum(), [cell.W, cell.U])

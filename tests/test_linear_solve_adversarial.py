@@ -11,6 +11,8 @@ ill-conditioned $A$ (condition $10^8$) is still solved. Oracles: `numpy.linalg.s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -426,3 +428,54 @@ def test_family_ill_conditioned_never_wrong(seed, n, log_cond, symmetric):
             assert err <= max(1e-10, 1e-11 * kappa), (solver, err, kappa)
         else:
             assert kappa > 1e6, (solver, info, kappa)
+
+
+# ---- Richardson with a fallback: the fixed-point backward that never gets stuck ----------------
+
+def _expanding_fixed_point(n: int = 20):
+    """$A = J - I$ for a symmetric $J$ with eigenvalues in $[-0.5, 0.5]$ and one at 1.8: the
+    iteration $u \\leftarrow J u - b$ contracts on every right-hand side orthogonal to the
+    expanding direction $q$ and diverges on the others, while $A$ is well conditioned."""
+    s = np.random.default_rng(30).uniform(-0.5, 0.5, n)
+    s[0] = 1.8
+    J, Q = sym_with_eigs(31, s)
+    q = Q[:, 0]
+    b0 = np.random.default_rng(32).standard_normal(n)
+    b0 -= (b0 @ q) * q                                   # no component along q
+    b1 = np.random.default_rng(33).standard_normal(n)
+    return J - np.eye(n), np.stack([b0, b1])
+
+
+@pytest.mark.parametrize("fallback", [idf.BiCGStab(), idf.GMRES(restart=8)], ids=_id)
+def test_richardson_fallback_takes_over_where_it_diverges(fw, fallback):
+    """Element 0 contracts: the fallback never runs for it (the iterations are plain
+    Richardson's). Element 1 diverges: plain Richardson fails, with the fallback it converges
+    to the dense answer. The uniqueness probe (on) does not refuse the well-conditioned A."""
+    A, B = _expanding_fixed_point()
+    ref = np.linalg.solve(A, B.T).T
+    plain = idf.Richardson(omega=-1.0, rtol=1e-8, maxiter=300)
+    _, info_plain = run_solve(fw, plain, A, B)
+    assert info_plain.converged.tolist() == [True, False]
+    x, info = run_solve(fw, replace(plain, fallback=fallback), A, B)
+    assert info.converged.tolist() == [True, True], info
+    assert int(info.iterations[0]) == int(info_plain.iterations[0])
+    np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-8)
+    # its reported residual is the true one, also where the fallback answered
+    np.testing.assert_allclose(info.residual_norm, np.linalg.norm(B - x @ A.T, axis=-1),
+                               rtol=1e-6, atol=1e-13)
+
+
+def test_richardson_fallback_refuses_a_singular_system_and_bad_arguments():
+    """A consistent singular system is still refused with the fallback (the probe runs the
+    same hybrid); the fallback must be a method for any non-singular A."""
+    n = 24
+    s = np.random.default_rng(1).uniform(-0.5, 0.5, n)
+    s[3] = 1.0                                            # J has eigenvalue 1: A = J - I singular
+    J, _ = sym_with_eigs(1, s)
+    A = J - np.eye(n)
+    b = A @ np.random.default_rng(2).standard_normal(n)
+    _, info = idf.Richardson(omega=-1.0, fallback=idf.BiCGStab()).solve(lambda v: A @ v, b)
+    assert not bool(info.converged) and bool(info.breakdown)
+    for bad in (idf.CG(), idf.Dense(), "bicgstab"):
+        with pytest.raises(TypeError, match="fallback"):
+            idf.Richardson(omega=-1.0, fallback=bad)

@@ -93,8 +93,8 @@ def deq(f: Callable[..., Any], x: Any, *legacy: Any, z0: Any = None,
       those of `implicitdiff.solvers`; `solver_options` its keywords (default `maxiter=50` and,
       for the named solvers, `extra_step=3`: three plain steps after the last iteration, a
       far more accurate $z^*$ and gradient; `implicitdiff.deq.forward_options`).
-    - `backward`: `IFT(solve=...)` (exact, default `IFT()`:
-      BiCGStab with the uniqueness probe), `Neumann(terms)`,
+    - `backward`: `IFT(solve=...)` (exact, default `IFT()`: the
+      fixed-point iteration with a BiCGStab fallback and the uniqueness probe), `Neumann(terms)`,
       `Phantom(steps, damping)`, `JFB()` from `implicitdiff.deq`, a linear solver (`IFT` with
       it) or one of the names `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`.
     - `residual_tol`, `on_failure`: as in `idf.custom_fixed_point`, in every backward mode: the

@@ -73,8 +73,8 @@ class DEQ(eqx.Module):
       default `maxiter=50` and, for the named solvers, `extra_step=3`, as in `deq`), stored
       as a sorted tuple of `(name, value)` pairs (values must be hashable).
     - `backward`: a backward mode of `implicitdiff.deq`, as for the PyTorch `DEQ`:
-      `IFT(solve=...)` (exact, default `IFT()`:
-      BiCGStab with the uniqueness probe), `Neumann(terms)`,
+      `IFT(solve=...)` (exact, default `IFT()`: the
+      fixed-point iteration with a BiCGStab fallback and the uniqueness probe), `Neumann(terms)`,
       `Phantom(steps, damping)`, `JFB()`, a linear solver (`IFT` with it) or one of the names
       `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`. See the backward modes in the DEQ guide.
       (`solve=`, `steps=`, `damping=` are the former spelling, deprecated.)

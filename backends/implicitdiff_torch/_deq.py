@@ -34,6 +34,7 @@ from implicitdiff.backend import (
 from implicitdiff.deq import (
     as_solver,
     check_fixed_point,
+    default_backward_solver,
     forward_options,
     is_builtin_solver,
     samples_finite,
@@ -117,8 +118,9 @@ class DEQ(nn.Module):
       and for the named solvers `extra_step=3` (three plain steps $z \\leftarrow f(z, x)$
       after the last iteration: three more batched calls of `f`, a far more accurate $z^*$ and
       gradient; `implicitdiff.deq.forward_options`).
-    - `backward`: `IFT(solve=...)` (default `IFT(idf.BiCGStab())`, exact, with the
-      uniqueness probe), `Neumann(k)`,
+    - `backward`: `IFT(solve=...)` (default `IFT()`, exact: the fixed-point iteration
+      `idf.Richardson(omega=-1.0, fallback=idf.BiCGStab())`, with the uniqueness probe),
+      `Neumann(k)`,
       `Phantom(k, damping)`, `JFB()`, a linear solver (`IFT` with it) or one of the names
       `"ift"`, `"neumann"`, `"phantom"`, `"jfb"`.
     - `warm_start`: start from the last fixed point when the new $z_0$ has the same shape
@@ -192,7 +194,7 @@ class DEQ(nn.Module):
         if on_failure in self._layers:
             return self._layers[on_failure]
         mode = self.backward_mode
-        solve = mode.solve if isinstance(mode, (IFT, Neumann)) else idf.BiCGStab()
+        solve = mode.solve if isinstance(mode, (IFT, Neumann)) else default_backward_solver()
         T = self._T_named
 
         def deq_layer(params: dict, x: Any, *, z0: torch.Tensor, inputs_ok: torch.Tensor
