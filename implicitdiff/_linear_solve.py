@@ -118,6 +118,10 @@ class AbstractLinearSolver(abc.ABC):
     # Richardson: the `residual_norm` its `_solve` reports is the true ‖b − A x‖ (measured
     # with `_measure`'s norm), so `_verify` need not compute it again
     _exact_residual = False
+    # Richardson: the uniqueness probe's system is solved in the same loop as the answer's (its
+    # probe solves at the same tolerance, and the rows of a batch do not interact), sharing the
+    # loop's bookkeeping instead of running a second one
+    _probe_with_answer = False
     _rtol_forward: Any = None  # set by `with_rtol` (a backward solve following the forward)
 
     def solve(self, matvec: MatVec, b: Any, *, x0: Any = None, rmatvec: MatVec | None = None,
@@ -160,7 +164,11 @@ class AbstractLinearSolver(abc.ABC):
             return _empty_solve(xp, b, x0)
         A = _shifted(matvec, impl.ridge)
         AT = None if rmatvec is None else _shifted(rmatvec, impl.ridge)
-        x, info = impl._solve(bk, xp, A, b, x0, AT, tags)
+        probe = None
+        if impl._probe_with_answer and getattr(impl, "check_singular", False) and x0 is None:
+            x, info, probe = impl._solve_with_probe(bk, xp, A, b, AT, tags)
+        else:
+            x, info = impl._solve(bk, xp, A, b, x0, AT, tags)
         if impl._needs_symmetry or symmetric in tags:
             bad = _not_symmetric(xp, matvec, b)
             # Untagged, a solver that assumes symmetry (CG, MINRES) met a non-symmetric A: a
@@ -170,7 +178,7 @@ class AbstractLinearSolver(abc.ABC):
                                  not_symmetric=bad)
         else:
             info = info._replace(not_symmetric=xp.zeros_like(info.converged))
-        return impl._verify(bk, xp, A, b, x, info, AT, tags)
+        return impl._verify(bk, xp, A, b, x, info, AT, tags, probe)
 
     def _concrete(self, n: int, tags: frozenset) -> AbstractLinearSolver:
         """The solver that does the work (`Auto` picks one)."""
@@ -207,8 +215,10 @@ class AbstractLinearSolver(abc.ABC):
     #    Direct solvers run the same probe as a second column of their factorization.
 
     def _verify(self, bk: Any, xp: Any, A: MatVec, b: Any, x: Any, info: LinearSolveInfo,
-                AT: MatVec | None, tags: frozenset) -> tuple[Any, LinearSolveInfo]:
-        """The true-residual check and the uniqueness probe of an iterative answer."""
+                AT: MatVec | None, tags: frozenset, probe: Any = None
+                ) -> tuple[Any, LinearSolveInfo]:
+        """The true-residual check and the uniqueness probe of an iterative answer (`probe`:
+        what `_solve_with_probe` solved with it, else None)."""
         return x, info
 
     @abc.abstractmethod
@@ -270,6 +280,13 @@ def _probe_vector(xp: Any, b: Any) -> Any:
     k = cumsum(xp.ones_like(b), axis=-1)
     t = xp.sin(12.9898 * k + 78.233) * 43758.5453
     return (t - xp.floor(t)) - 0.5
+
+
+def _probe_scale(xp: Any, nb: Any, nAw: Any) -> Any:
+    """The factor that scales the probe's right-hand side $Aw$ to the norm of b (1 where
+    either is 0), so that the probe is solved at b's tolerance."""
+    has = nAw > 0
+    return xp.where(has & (nb > 0), safe_div(xp, nb, nAw, has), xp.ones_like(nb))
 
 
 def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe: Any,
@@ -506,7 +523,30 @@ class _Iterative(AbstractLinearSolver):
         return cast(_Iterative, with_rtol(replace(cast(Any, self), atol=self.atol / 100),
                                           tight))
 
-    def _verify(self, bk, xp, A, b, x, info, AT, tags):
+    def _probe_rhs(self, xp: Any, A: MatVec, b: Any) -> tuple[Any, Any, Any, Any]:
+        """The uniqueness probe's vector `w`, `A w`, and the right-hand side `c A w` scaled so
+        that ‖c A w‖ = ‖b‖ (the solve of b's tolerance), with `c`."""
+        w = _probe_vector(xp, b)
+        Aw = A(w)
+        c = _probe_scale(xp, norm(xp, b), norm(xp, Aw))
+        return w, Aw, c, c * Aw
+
+    def _solve_with_probe(self, bk: Any, xp: Any, A: MatVec, b: Any, AT: MatVec | None,
+                          tags: frozenset) -> tuple[Any, LinearSolveInfo, Any]:
+        """`_solve` of b and of the uniqueness probe's system in one loop: the two stacked on
+        a new leading axis (each product still one call of `A` per system)."""
+        w, Aw, c, bw = self._probe_rhs(xp, A, b)
+
+        def two(op: MatVec) -> MatVec:
+            return lambda V: xp.stack([op(V[0, ...]), op(V[1, ...])])
+
+        X, info2 = self._solve(bk, xp, two(A), xp.stack([b, bw]), None,
+                               None if AT is None else two(AT), tags)
+        info = LinearSolveInfo(*(f[0, ...] for f in info2[:4]))
+        pinfo = LinearSolveInfo(*(f[1, ...] for f in info2[:4]))
+        return X[0, ...], info, (w, Aw, c, X[1, ...], pinfo)
+
+    def _verify(self, bk, xp, A, b, x, info, AT, tags, probe=None):
         n = b.shape[-1]
         eps = float(xp.finfo(b.dtype).eps)
         conv, brk = info.converged[..., None], info.breakdown[..., None]
@@ -520,8 +560,11 @@ class _Iterative(AbstractLinearSolver):
         else:
             r = b - A(x)
             rn = self._measure(xp, r)
-        w = _probe_vector(xp, b)
-        Aw = A(w)
+        if probe is not None:
+            w, Aw = probe[0], probe[1]
+        else:
+            w = _probe_vector(xp, b)
+            Aw = A(w)
         nb, nAw = norm(xp, b), norm(xp, Aw)
         anorm = nAw / norm(xp, w)                     # ≈ ‖A‖ (a lower estimate)
         slack = (100.0 * n ** 0.5 * eps) * (anorm * norm(xp, x) + nb)
@@ -551,21 +594,26 @@ class _Iterative(AbstractLinearSolver):
                 brk = brk | (stuck & lsq)
         if self.check_singular and not bk.known_all(~conv):
             # the probe A z = A w, scaled so that the tolerance is the one of the solve of b
-            has = nAw > 0
-            c = xp.where(has & (nb > 0), safe_div(xp, nb, nAw, has), xp.ones_like(nb))
-            ws, bw = c * w, c * Aw
-            probe = self._probe_solver(xp, b)
-            z, pinfo = probe._solve(bk, xp, A, bw, None, AT, tags)
+            if probe is not None:   # solved with the answer
+                c, z, pinfo = probe[2], probe[3], probe[4]
+                bw = c * Aw
+                psolver = self
+            else:
+                c = _probe_scale(xp, nb, nAw)
+                bw = c * Aw
+                psolver = self._probe_solver(xp, b)
+                z, pinfo = psolver._solve(bk, xp, A, bw, None, AT, tags)
+            ws = c * w
             nbw = norm(xp, bw)
             # the condition-number test with the solver's own tolerance (not one loosened to
             # follow the forward: a well-conditioned A must never look singular); the probe's
             # accuracy as it was solved
             rtol = xp.maximum(xp.full_like(nbw, max(self._own_rtol(xp, b), eps)),
                               safe_div(xp, xp.full_like(nbw, self.atol), nbw, nbw > 0))
-            prtol = xp.maximum(_fmax(xp, probe._rtol(xp, b), eps) + xp.zeros_like(nbw),
-                               safe_div(xp, xp.full_like(nbw, probe.atol), nbw, nbw > 0))
+            prtol = xp.maximum(_fmax(xp, psolver._rtol(xp, b), eps) + xp.zeros_like(nbw),
+                               safe_div(xp, xp.full_like(nbw, psolver.atol), nbw, nbw > 0))
             # ‖A z − A w‖: the probe's own true residual where its solver reports that
-            nAe = (pinfo.residual_norm[..., None] if probe._exact_residual
+            nAe = (pinfo.residual_norm[..., None] if psolver._exact_residual
                    else norm(xp, A(z) - bw))
             singular = _looks_singular(xp, n, rtol, prtol, ws, z, nAe, anorm)
             brk = brk | (conv & singular)
@@ -702,10 +750,10 @@ class NormalCG(_Iterative):
         nb = norm(xp, b)
         return xp.maximum(rtol ** 0.5 * nb, xp.full_like(nb, self.atol))
 
-    def _verify(self, bk, xp, A, b, x, info, AT, tags):
+    def _verify(self, bk, xp, A, b, x, info, AT, tags, probe=None):
         if self.least_squares:
             return x, info
-        return super()._verify(bk, xp, A, b, x, info, AT, tags)
+        return super()._verify(bk, xp, A, b, x, info, AT, tags, probe)
 
 
 @dataclass(frozen=True)
@@ -1121,6 +1169,7 @@ class Richardson(_Iterative):
 
     _exact_residual = True  # r = b - A x is what each step computes (and the fallback's is
     # measured again)
+    _probe_with_answer = True
 
     def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
         return self  # its residual is the true one: a tighter tolerance may be out of reach
