@@ -165,7 +165,8 @@ class AbstractLinearSolver(abc.ABC):
         A = _shifted(matvec, impl.ridge)
         AT = None if rmatvec is None else _shifted(rmatvec, impl.ridge)
         probe = None
-        if impl._probe_with_answer and getattr(impl, "check_singular", False) and x0 is None:
+        if (isinstance(impl, _Iterative) and impl._probe_with_answer and impl.check_singular
+                and x0 is None):
             x, info, probe = impl._solve_with_probe(bk, xp, A, b, AT, tags)
         else:
             x, info = impl._solve(bk, xp, A, b, x0, AT, tags)
@@ -1219,7 +1220,8 @@ class Richardson(_Iterative):
             # handed over, or stopped by maxiter: the fallback from where Richardson stopped
             need = (s[6] | (rn > tol)) & ~brk
             if not bk.known_all(~need):
-                solver = with_rtol(replace(fb, rtol=None, atol=self.atol), self._rtol(xp, b))
+                solver = with_rtol(replace(cast(Any, fb), rtol=None, atol=self.atol),
+                                   self._rtol(xp, b))
                 x_fb, info = solver._solve(bk, xp, matvec, b, x, rmatvec, tags)
                 x = xp.where(need, x_fb, x)
                 rn = norm(xp, b - matvec(x))   # the true residual, as Richardson's own
