@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,7 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
         rhs = xp.matmul(g[..., None, :], xp.matrix_transpose(dG))
         # SPD with eigenvalues in [lam, m + lam]: LU never meets a zero pivot, nothing raises
         gamma = xp.matrix_transpose(xp.linalg.solve(G + eye, xp.matrix_transpose(rhs)))
-        gamma = xp.where(xp.isfinite(gamma), gamma, xp.zeros_like(gamma))
+        gamma = xp.where(xp.abs(gamma) < math.inf, gamma, xp.zeros_like(gamma))  # NaN too
         # z + βg - (ΔZ + βΔG)γ, with ΔZ + βΔG stored as one history
         z_new = z + (g if beta == 1 else beta * g) - xp.matmul(gamma, dX)[..., 0, :]
         g_new, scale_new = resid(z_new)
@@ -93,7 +94,8 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
             dx = dz + (dg if beta == 1 else beta * dg)
             if count is not None and shared:
                 slot, written[0] = count % m, count + 1
-                inv = 1 / xp.where(keep, dn, xp.ones_like(dn))
+                # every element accepted, so (shared) every one kept: no select
+                inv = 1 / (dn if everyone else xp.where(keep, dn, xp.ones_like(dn)))
                 dgs, dxs = dg * inv, dx * inv
             else:
                 written[0] = None
@@ -111,7 +113,7 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
                 G2 = xp.matmul(dG2, xp.matrix_transpose(dG2))
             return k + xp.astype(keep, xp.int32), dX2, dG2, G2
 
-        return z_new, g_new, scale_new, xp.ones_like(active), update
+        return z_new, g_new, scale_new, None, update
 
     # separate buffers (eager backends write into them in place)
     k0 = xp.zeros((*z0.shape[:-1], 1), dtype=xp.int32, device=dev)

@@ -11,6 +11,7 @@ method's own state, never a record of the iterations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -132,7 +133,8 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     """The loop every solver runs.
 
     `step(mstate, z, r, rn, active) -> (z_new, r_new, scale_new, ok, update)` proposes the next
-    iterate with its residual (`ok`: a finite, acceptable step, shape `(..., 1)`);
+    iterate with its residual (`ok`: a finite, acceptable step, shape `(..., 1)`, or None when
+    the method accepts every step whose residual is finite);
     `update(mstate, accept, everyone) -> mstate` then commits the method's state for the accepted
     elements (`everyone`: a Python bool, True when every element is known to be accepted, so
     masked selects may be skipped; always False under tracing).
@@ -175,8 +177,10 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         active = s["active"]
         z_new, r_new, scale_new, ok, update = step(s["m"], s["z"], s["r"], s["rn"], active)
         rn_new = norm(xp, r_new)
-        # both norms finite (they are >= 0, or NaN: their sum is finite exactly then)
-        ok = ok & xp.isfinite(rn_new + scale_new)
+        # both norms finite (they are >= 0, or NaN: their sum is finite exactly then, and
+        # below inf exactly then: one comparison instead of `isfinite`'s several operations)
+        finite_norms = (rn_new + scale_new) < math.inf
+        ok = finite_norms if ok is None else ok & finite_norms
         if not z_checked:
             ok = ok & finite(xp, z_new)
         accept = active & ok
@@ -231,7 +235,7 @@ def _extra_step(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], s: di
     z_new = s["z"] + s["r"]
     r_new, scale_new = resid(z_new)
     rn_new = norm(xp, r_new)
-    better = xp.isfinite(rn_new + scale_new) & (rn_new <= s["rn"])
+    better = ((rn_new + scale_new) < math.inf) & (rn_new <= s["rn"])
     if not z_checked:
         better = better & finite(xp, z_new)
     if bk.known_all(better):

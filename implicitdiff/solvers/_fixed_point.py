@@ -50,7 +50,7 @@ def fixed_point_iteration(T: Callable[..., Any], z0: Any, *args: Any, tol: float
     def step(m: Any, z: Any, r: Any, rn: Any, active: Any):
         z_new = z + damping * r
         r_new, scale_new = resid(z_new)
-        return z_new, r_new, scale_new, active | ~active, _keep
+        return z_new, r_new, scale_new, None, _keep
 
     return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter,
                    mstate=(), step=step, extra_step=extra_step)
