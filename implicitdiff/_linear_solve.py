@@ -1140,7 +1140,9 @@ class Richardson(_Iterative):
     is handed to it instead: every `RICHARDSON_WINDOW` steps each element must have cut its
     residual by `RICHARDSON_MIN_GAIN`, and a residual growing beyond $10^4$ times the start
     hands it over too (only a non-finite one is a breakdown). The fallback starts from the last
-    iterate and stops at the same tolerance; then the true residual of every answer is measured
+    iterate and stops at the same tolerance (its own `rtol`, `atol` and `check_singular` are not
+    used: Richardson's tolerance and checks apply; its `maxiter`, `restart` and
+    `preconditioner` are); then the true residual of every answer is measured
     once more (one product, only where the fallback ran: eagerly, not at all when nothing was
     handed over). So a contraction costs what plain Richardson costs, and a map that does not
     contract, or contracts slowly, gets a Krylov method instead of thousands of iterations or a

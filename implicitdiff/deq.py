@@ -51,6 +51,12 @@ __all__ = [
 
 # ---- backward modes ------------------------------------------------------------------------------
 
+def default_backward_solver() -> AbstractLinearSolver:
+    """The linear solver of `IFT()`: `idf.Richardson(omega=-1.0, fallback=idf.BiCGStab())`
+    (see `IFT`)."""
+    return Richardson(omega=-1.0, fallback=BiCGStab())
+
+
 @dataclass(frozen=True)
 class IFT:
     """Exact implicit gradient: solve $(I - J)^\\top u = \\bar z$ with `solve`.
@@ -64,23 +70,18 @@ class IFT:
     or numerically singular $I - J$ at $z^*$, where the gradient does not exist or the solve's
     residual does not bound its error. Pass `check_singular=False` to the solver to skip the
     probe (about half the backward's cost) where $f$ is known to contract. `idf.BiCGStab()`
-    (the default until this release) or `idf.GMRES()` solve any non-singular system from the start.
+    (the default until this release) or `idf.GMRES()` solve any non-singular system from the
+    start.
     Exact up to the solve's tolerance; a solve that does not converge, or whose true residual
     misses the tolerance, raises (per the layer's `on_failure`)."""
 
-    solve: AbstractLinearSolver = field(default_factory=lambda: default_backward_solver())
+    solve: AbstractLinearSolver = field(default_factory=default_backward_solver)
     exact = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.solve, AbstractLinearSolver):
             raise TypeError(f"IFT: solve: expected a linear solver such as idf.BiCGStab(), got "
                             f"{type(self.solve).__name__}.")
-
-
-def default_backward_solver() -> AbstractLinearSolver:
-    """The linear solver of `IFT()`: `idf.Richardson(omega=-1.0, fallback=idf.BiCGStab())`
-    (see `IFT`)."""
-    return Richardson(omega=-1.0, fallback=BiCGStab())
 
 
 @dataclass(frozen=True)
