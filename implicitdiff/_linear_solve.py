@@ -16,7 +16,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from ._array import dot, norm, safe_div, zero_int
 from ._diagnostics import LinearSolveInfo
@@ -118,10 +118,6 @@ class AbstractLinearSolver(abc.ABC):
     # Richardson: the `residual_norm` its `_solve` reports is the true ‖b − A x‖ (measured
     # with `_measure`'s norm), so `_verify` need not compute it again
     _exact_residual = False
-    # Richardson: the uniqueness probe's system is solved in the same loop as the answer's (its
-    # probe solves at the same tolerance, and the rows of a batch do not interact), sharing the
-    # loop's bookkeeping instead of running a second one
-    _probe_with_answer = False
     _rtol_forward: Any = None  # set by `with_rtol` (a backward solve following the forward)
 
     def solve(self, matvec: MatVec, b: Any, *, x0: Any = None, rmatvec: MatVec | None = None,
@@ -165,8 +161,11 @@ class AbstractLinearSolver(abc.ABC):
         A = _shifted(matvec, impl.ridge)
         AT = None if rmatvec is None else _shifted(rmatvec, impl.ridge)
         probe = None
-        if (isinstance(impl, _Iterative) and impl._probe_with_answer and impl.check_singular
-                and x0 is None):
+        if (isinstance(impl, _Iterative) and impl.check_singular and x0 is None
+                and impl._probe_solver(xp, b) is impl):
+            # a probe solved by the method itself, at the same tolerance (Richardson): in the
+            # same loop as the answer (the rows of a batch do not interact), sharing the loop's
+            # bookkeeping instead of running a second one
             x, info, probe = impl._solve_with_probe(bk, xp, A, b, AT, tags)
         else:
             x, info = impl._solve(bk, xp, A, b, x0, AT, tags)
@@ -216,7 +215,7 @@ class AbstractLinearSolver(abc.ABC):
     #    Direct solvers run the same probe as a second column of their factorization.
 
     def _verify(self, bk: Any, xp: Any, A: MatVec, b: Any, x: Any, info: LinearSolveInfo,
-                AT: MatVec | None, tags: frozenset, probe: Any = None
+                AT: MatVec | None, tags: frozenset, probe: _Probe | None = None
                 ) -> tuple[Any, LinearSolveInfo]:
         """The true-residual check and the uniqueness probe of an iterative answer (`probe`:
         what `_solve_with_probe` solved with it, else None)."""
@@ -281,6 +280,18 @@ def _probe_vector(xp: Any, b: Any) -> Any:
     k = cumsum(xp.ones_like(b), axis=-1)
     t = xp.sin(12.9898 * k + 78.233) * 43758.5453
     return (t - xp.floor(t)) - 0.5
+
+
+class _Probe(NamedTuple):
+    """The uniqueness probe solved with the answer (`_Iterative._solve_with_probe`): the vector
+    `w`, `Aw`, the scale `c` of the right-hand side `c Aw`, the solution `z` of $Az = cAw$ and
+    its solve's `info`."""
+
+    w: Any
+    Aw: Any
+    c: Any
+    z: Any
+    info: LinearSolveInfo
 
 
 def _probe_scale(xp: Any, nb: Any, nAw: Any) -> Any:
@@ -533,7 +544,7 @@ class _Iterative(AbstractLinearSolver):
         return w, Aw, c, c * Aw
 
     def _solve_with_probe(self, bk: Any, xp: Any, A: MatVec, b: Any, AT: MatVec | None,
-                          tags: frozenset) -> tuple[Any, LinearSolveInfo, Any]:
+                          tags: frozenset) -> tuple[Any, LinearSolveInfo, _Probe]:
         """`_solve` of b and of the uniqueness probe's system in one loop: the two stacked on
         a new leading axis (each product still one call of `A` per system)."""
         w, Aw, c, bw = self._probe_rhs(xp, A, b)
@@ -545,7 +556,7 @@ class _Iterative(AbstractLinearSolver):
                                None if AT is None else two(AT), tags)
         info = LinearSolveInfo(*(f[0, ...] for f in info2[:4]))
         pinfo = LinearSolveInfo(*(f[1, ...] for f in info2[:4]))
-        return X[0, ...], info, (w, Aw, c, X[1, ...], pinfo)
+        return X[0, ...], info, _Probe(w, Aw, c, X[1, ...], pinfo)
 
     def _verify(self, bk, xp, A, b, x, info, AT, tags, probe=None):
         n = b.shape[-1]
@@ -562,7 +573,7 @@ class _Iterative(AbstractLinearSolver):
             r = b - A(x)
             rn = self._measure(xp, r)
         if probe is not None:
-            w, Aw = probe[0], probe[1]
+            w, Aw = probe.w, probe.Aw
         else:
             w = _probe_vector(xp, b)
             Aw = A(w)
@@ -595,13 +606,11 @@ class _Iterative(AbstractLinearSolver):
                 brk = brk | (stuck & lsq)
         if self.check_singular and not bk.known_all(~conv):
             # the probe A z = A w, scaled so that the tolerance is the one of the solve of b
-            if probe is not None:   # solved with the answer
-                c, z, pinfo = probe[2], probe[3], probe[4]
-                bw = c * Aw
-                psolver = self
+            c = probe.c if probe is not None else _probe_scale(xp, nb, nAw)
+            bw = c * Aw
+            if probe is not None:   # solved with the answer, by this solver
+                psolver, z, pinfo = self, probe.z, probe.info
             else:
-                c = _probe_scale(xp, nb, nAw)
-                bw = c * Aw
                 psolver = self._probe_solver(xp, b)
                 z, pinfo = psolver._solve(bk, xp, A, bw, None, AT, tags)
             ws = c * w
@@ -960,7 +969,7 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
         everyone = xp.ones_like(rn, dtype=xp.bool)
         V = bk.ring_write(V, 0, safe_div(xp, r, rn, rn > 0), everyone, True)
         H = xp.zeros((m + 1, m, *scal), dtype=b.dtype, device=_dev(b))
-        Q = xp.astype(xp.reshape(brow, (m + 1, 1)) == xp.reshape(brow, (1, m + 1)), b.dtype)
+        Q = xp.astype(brow == bcol, b.dtype)                      # the identity
         Q = Q + xp.zeros((*b.shape[:-1], m + 1, m + 1), dtype=b.dtype, device=_dev(b))
         g = xp.where(idx == 0, rn[None, ...], xp.zeros((m + 1, *scal), dtype=b.dtype,
                                                   device=_dev(b)))
@@ -1006,10 +1015,8 @@ def _gmres_cycle(bk: Any, xp: Any, A: MatVec, M: MatVec, b: Any, m: int, tol: An
             # rows j and j + 1 of Q take the new rotation
             qj, qj1 = xp.matmul(e_j, Q), xp.matmul(e_j1, Q)     # (..., 1, m + 1)
             cjb, sjb = cj[..., None], sj[..., None]
-            rows = xp.matrix_transpose(at_j)                    # (m + 1, 1)
-            rows1 = xp.matrix_transpose(at_j1)
-            Q_new = xp.where(rows, cjb * qj + sjb * qj1,
-                             xp.where(rows1, cjb * qj1 - sjb * qj, Q))
+            Q_new = xp.where(brow == j, cjb * qj + sjb * qj1,
+                             xp.where(brow == j + 1, cjb * qj1 - sjb * qj, Q))
             Q = xp.where(live[..., None], Q_new, Q)
             col = xp.moveaxis(col, -1, 0)                       # (m + 1, ..., 1), like H
             # elements that already converged keep their state (as if they had stopped)
@@ -1172,7 +1179,6 @@ class Richardson(_Iterative):
 
     _exact_residual = True  # r = b - A x is what each step computes (and the fallback's is
     # measured again)
-    _probe_with_answer = True
 
     def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
         return self  # its residual is the true one: a tighter tolerance may be out of reach
