@@ -162,10 +162,10 @@ class AbstractLinearSolver(abc.ABC):
         AT = None if rmatvec is None else _shifted(rmatvec, impl.ridge)
         probe = None
         if (isinstance(impl, _Iterative) and impl.check_singular and x0 is None
-                and impl._probe_solver(xp, b) is impl):
-            # a probe solved by the method itself, at the same tolerance (Richardson): in the
-            # same loop as the answer (the rows of a batch do not interact), sharing the loop's
-            # bookkeeping instead of running a second one
+                and impl._first_probe(xp, b)[1] == impl.atol):
+            # the (first) uniqueness probe, solved by the method itself with the same atol: in
+            # the same loop as the answer (the rows of a batch do not interact), sharing the
+            # loop's bookkeeping instead of running a second one
             x, info, probe = impl._solve_with_probe(bk, xp, A, b, AT, tags)
         else:
             x, info = impl._solve(bk, xp, A, b, x0, AT, tags)
@@ -198,8 +198,11 @@ class AbstractLinearSolver(abc.ABC):
     #
     # 1. the true residual ‖b − Ax‖ (one product) must meet the tolerance, up to the rounding
     #    of the product itself, 100 √n ε (‖A‖‖x‖ + ‖b‖), ‖A‖ estimated by ‖Aw‖/‖w‖;
-    # 2. a uniqueness probe: the same method, with a 100 times tighter rtol (down to 10 ε),
-    #    solves A z = A w for a fixed pseudo-random w (scaled so that ‖Aw‖ = ‖b‖). A
+    # 2. a uniqueness probe: the same method solves A z = A w for a fixed pseudo-random w
+    #    (scaled so that ‖Aw‖ = ‖b‖), in two stages: first in the answer's loop at the solve's
+    #    own rtol capped at PROBE_RTOL_CAP/√n (so its threshold is never looser than the
+    #    tight stage's), then, only where that shows a possible singularity, with a 100 times
+    #    tighter rtol (down to 10 ε), which decides (the analysis below is the tight stage's). A
     #    non-singular A gives z = w to the probe's accuracy, ‖z − w‖ ≲ cond(A) rtol/100 ‖w‖. A
     #    singular A gives a solution that misses w's null-space component,
     #    ‖z − w‖ ≈ ‖P_N w‖ ≈ ‖w‖/√n per null direction, along a direction e = z − w that A
@@ -283,9 +286,9 @@ def _probe_vector(xp: Any, b: Any) -> Any:
 
 
 class _Probe(NamedTuple):
-    """The uniqueness probe solved with the answer (`_Iterative._solve_with_probe`): the vector
-    `w`, `Aw`, the scale `c` of the right-hand side `c Aw`, the solution `z` of $Az = cAw$ and
-    its solve's `info`."""
+    """The first uniqueness probe solved with the answer (`_Iterative._solve_with_probe`): the
+    vector `w`, `Aw`, the scale `c` of the right-hand side `c Aw`, the solution `z` of
+    $Az = cAw$ and its solve's `info`."""
 
     w: Any
     Aw: Any
@@ -301,6 +304,16 @@ def _probe_scale(xp: Any, nb: Any, nAw: Any) -> Any:
     return xp.where(has & (nb > 0), safe_div(xp, nb, nAw, has), xp.ones_like(nb))
 
 
+PROBE_THRESHOLD = 3e-3
+"""The uniqueness probe refuses where its error ‖z − w‖/‖w‖ exceeds max(PROBE_THRESHOLD/√n,
+10 × the probe's rtol) along a direction A nearly annihilates (`_looks_singular`)."""
+
+PROBE_RTOL_CAP = PROBE_THRESHOLD / 10
+"""The first uniqueness probe of a Krylov solver is solved at its own rtol, capped at
+PROBE_RTOL_CAP/√n: then its threshold is PROBE_THRESHOLD/√n, never looser than the tight
+probe's."""
+
+
 def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe: Any,
                     anorm: Any) -> Any:
     """Per batch element (shape `(..., 1)`), whether the solve `z` of $Az = Aw$ shows that A
@@ -310,7 +323,7 @@ def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe:
     ne = norm(xp, e)
     rho = ne / norm(xp, w)
     sig = safe_div(xp, nAe, ne, ne > 0)
-    tau = xp.maximum(10.0 * prtol, xp.full_like(rtol, 3e-3 / max(n, 1) ** 0.5))
+    tau = xp.maximum(10.0 * prtol, xp.full_like(rtol, PROBE_THRESHOLD / max(n, 1) ** 0.5))
     unique = ~((rho > tau) & (sig < 10.0 * xp.sqrt(rtol) * anorm))
     return ~(unique & xp.isfinite(rho) & (anorm > 0))
 
@@ -523,9 +536,20 @@ class _Iterative(AbstractLinearSolver):
     def _measure(self, xp: Any, r: Any) -> Any:
         return norm(xp, r)
 
-    def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
-        """The solver of the uniqueness probe: this one, 100 times tighter (down to 10 ε), so
-        that a non-singular A's error on the probe stays far below the refusal threshold."""
+    def _first_probe(self, xp: Any, b: Any) -> tuple[Any, float]:
+        """The (rtol, atol) the first uniqueness probe is solved at: the solve's own rtol,
+        capped at `PROBE_RTOL_CAP`/√n (so that the probe's refusal threshold on ‖z − w‖ is
+        never looser than the tight probe's, `_probe_solver`), and atol/100."""
+        rtol = self._rtol(xp, b)
+        cap = PROBE_RTOL_CAP / max(b.shape[-1], 1) ** 0.5
+        if isinstance(rtol, (int, float)):
+            return min(float(rtol), cap), self.atol / 100
+        return xp.minimum(rtol, xp.full_like(rtol, cap)), self.atol / 100
+
+    def _probe_solver(self, xp: Any, b: Any) -> _Iterative | None:
+        """The solver of the second, tight uniqueness probe, run only where the first one
+        shows a possible singularity: this one, 100 times tighter (down to 10 ε), so that a
+        non-singular A's error on the probe stays far below the refusal threshold."""
         rtol = self._rtol(xp, b)
         eps = float(xp.finfo(b.dtype).eps)
         if isinstance(rtol, (int, float)):
@@ -534,6 +558,15 @@ class _Iterative(AbstractLinearSolver):
         tight = xp.maximum(rtol / 100, xp.minimum(rtol, xp.full_like(rtol, 10 * eps)))
         return cast(_Iterative, with_rtol(replace(cast(Any, self), atol=self.atol / 100),
                                           tight))
+
+    def _at(self, xp: Any, b: Any, rtol: Any, atol: float) -> _Iterative:
+        """This solver stopping at `rtol` (a float, or an array broadcastable against the
+        norms of right-hand sides) and `atol`; itself where those are its own."""
+        own = self._rtol(xp, b)
+        if atol == self.atol and isinstance(rtol, (int, float)) and isinstance(
+                own, (int, float)) and rtol == own:
+            return self
+        return cast(_Iterative, with_rtol(replace(cast(Any, self), rtol=None, atol=atol), rtol))
 
     def _probe_rhs(self, xp: Any, A: MatVec, b: Any) -> tuple[Any, Any, Any, Any]:
         """The uniqueness probe's vector `w`, `A w`, and the right-hand side `c A w` scaled so
@@ -545,15 +578,22 @@ class _Iterative(AbstractLinearSolver):
 
     def _solve_with_probe(self, bk: Any, xp: Any, A: MatVec, b: Any, AT: MatVec | None,
                           tags: frozenset) -> tuple[Any, LinearSolveInfo, _Probe]:
-        """`_solve` of b and of the uniqueness probe's system in one loop: the two stacked on
-        a new leading axis (each product still one call of `A` per system)."""
+        """`_solve` of b and of the first uniqueness probe's system in one loop: the two
+        stacked on a new leading axis (each product still one call of `A` per system), each
+        row stopping at its own tolerance."""
         w, Aw, c, bw = self._probe_rhs(xp, A, b)
+        prtol, patol = self._first_probe(xp, b)
+        solver = self._at(xp, b, prtol, patol)
+        if solver is not self:  # the probe at another rtol: one per row of the stack
+            nb = norm(xp, b)
+            solver = self._at(xp, b, xp.stack([self._rtol(xp, b) + xp.zeros_like(nb),
+                                               prtol + xp.zeros_like(nb)]), patol)
 
         def two(op: MatVec) -> MatVec:
             return lambda V: xp.stack([op(V[0, ...]), op(V[1, ...])])
 
-        X, info2 = self._solve(bk, xp, two(A), xp.stack([b, bw]), None,
-                               None if AT is None else two(AT), tags)
+        X, info2 = solver._solve(bk, xp, two(A), xp.stack([b, bw]), None,
+                                 None if AT is None else two(AT), tags)
         info = LinearSolveInfo(*(f[0, ...] for f in info2[:4]))
         pinfo = LinearSolveInfo(*(f[1, ...] for f in info2[:4]))
         return X[0, ...], info, _Probe(w, Aw, c, X[1, ...], pinfo)
@@ -607,26 +647,41 @@ class _Iterative(AbstractLinearSolver):
         if self.check_singular and not bk.known_all(~conv):
             # the probe A z = A w, scaled so that the tolerance is the one of the solve of b
             c = probe.c if probe is not None else _probe_scale(xp, nb, nAw)
-            bw = c * Aw
-            if probe is not None:   # solved with the answer, by this solver
-                psolver, z, pinfo = self, probe.z, probe.info
-            else:
-                psolver = self._probe_solver(xp, b)
-                z, pinfo = psolver._solve(bk, xp, A, bw, None, AT, tags)
-            ws = c * w
+            bw, ws = c * Aw, c * w
             nbw = norm(xp, bw)
             # the condition-number test with the solver's own tolerance (not one loosened to
-            # follow the forward: a well-conditioned A must never look singular); the probe's
-            # accuracy as it was solved
+            # follow the forward: a well-conditioned A must never look singular)
             rtol = xp.maximum(xp.full_like(nbw, max(self._own_rtol(xp, b), eps)),
                               safe_div(xp, xp.full_like(nbw, self.atol), nbw, nbw > 0))
-            prtol = xp.maximum(_fmax(xp, psolver._rtol(xp, b), eps) + xp.zeros_like(nbw),
-                               safe_div(xp, xp.full_like(nbw, psolver.atol), nbw, nbw > 0))
-            # ‖A z − A w‖: the probe's own true residual where its solver reports that
-            nAe = (pinfo.residual_norm[..., None] if psolver._exact_residual
-                   else norm(xp, A(z) - bw))
-            singular = _looks_singular(xp, n, rtol, prtol, ws, z, nAe, anorm)
-            brk = brk | (conv & singular)
+
+            def singular_at(prtol: Any, patol: float, z: Any, pinfo: LinearSolveInfo,
+                            exact: bool, rhs: Any) -> Any:
+                # the probe's accuracy as it was solved; ‖A z − A w‖ its own true residual
+                # where its solver reports that
+                prt = xp.maximum(_fmax(xp, prtol, eps) + xp.zeros_like(nbw),
+                                 safe_div(xp, xp.full_like(nbw, patol), nbw, nbw > 0))
+                nAe = pinfo.residual_norm[..., None] if exact else norm(xp, A(z) - rhs)
+                return _looks_singular(xp, n, rtol, prt, ws, z, nAe, anorm)
+
+            # first probe: at the solve's own tolerance (in the same loop as the answer, when
+            # `probe` is given), capped so that its threshold is never looser than the tight
+            # probe's
+            prtol, patol = self._first_probe(xp, b)
+            if probe is not None:
+                z, pinfo = probe.z, probe.info
+            else:
+                z, pinfo = self._at(xp, b, prtol, patol)._solve(bk, xp, A, bw, None, AT, tags)
+            singular = conv & singular_at(prtol, patol, z, pinfo, self._exact_residual, bw)
+            tight = self._probe_solver(xp, b)
+            if tight is not None and not bk.known_all(~singular):
+                # where the first probe shows a possible singularity (an error beyond the
+                # threshold along a direction A nearly annihilates), the tight probe decides
+                # (elsewhere its right-hand side is 0: solved at once, no iteration)
+                bw2 = xp.where(singular, bw, xp.zeros_like(bw))
+                z2, pinfo2 = tight._solve(bk, xp, A, bw2, None, AT, tags)
+                singular = singular & singular_at(tight._rtol(xp, b), tight.atol, z2, pinfo2,
+                                                  tight._exact_residual, bw2)
+            brk = brk | singular
             conv = conv & ~singular
         return x, info._replace(residual_norm=rep[..., 0], converged=conv[..., 0],
                                 breakdown=brk[..., 0])
@@ -640,9 +695,10 @@ class CG(_Iterative):
     or when a probe shows $A$ is not symmetric (two products per solve). Like every iterative
     solver here, its answer is then checked (see the module notes): the true residual
     $\\|b - Ax\\|$ must meet the tolerance (up to the rounding of the product), and a
-    uniqueness probe (a second solve, of $Az = Aw$ for a fixed pseudo-random $w$) refuses a
-    singular $A$, for which the method would return the minimum-norm solution of a consistent
-    system instead of failing.
+    uniqueness probe (a second system, $Az = Aw$ for a fixed pseudo-random $w$, solved in the
+    same loop as the answer, and again 100 times tighter only where it shows a possible
+    singularity) refuses a singular $A$, for which the method would return the minimum-norm
+    solution of a consistent system instead of failing.
 
     **Arguments:**
 
@@ -674,6 +730,7 @@ class CG(_Iterative):
 
 
 def _cg(bk, xp, A, b, x0, M, tol, maxiter):
+    plain = M is _identity
     x = _zeros_like_b(xp, b, x0)
     r = b - A(x) if x0 is not None else b
     z = M(r)
@@ -704,7 +761,8 @@ def _cg(bk, xp, A, b, x0, M, tol, maxiter):
         beta = safe_div(xp, rz_new, rz, go & (rz != 0))
         p = sel(z + beta * p, p)
         rz = sel(rz_new, rz)
-        rn = sel(norm(xp, r), rn)
+        # unpreconditioned, r·z is ‖r‖²: its square root saves a reduction per step
+        rn = sel(xp.sqrt(rz_new) if plain else norm(xp, r), rn)
         return (k + 1, x, r, p, rz, rn, iters + xp.astype(go, xp.int32), brk | bad)
 
     k, x, r, p, rz, rn, iters, brk = bk.while_loop(cond, body, (k, x, r, p, rz, rn, iters, brk))
@@ -1180,8 +1238,13 @@ class Richardson(_Iterative):
     _exact_residual = True  # r = b - A x is what each step computes (and the fallback's is
     # measured again)
 
-    def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
-        return self  # its residual is the true one: a tighter tolerance may be out of reach
+    def _first_probe(self, xp: Any, b: Any) -> tuple[Any, float]:
+        # its residual is the true one: a tighter tolerance may be out of reach, so its one
+        # probe is solved at its own tolerance (with the answer), and no tight one follows
+        return self._rtol(xp, b), self.atol
+
+    def _probe_solver(self, xp: Any, b: Any) -> _Iterative | None:
+        return None
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
         maxiter = self._maxiter(b.shape[-1])

@@ -479,3 +479,64 @@ def test_richardson_fallback_refuses_a_singular_system_and_bad_arguments():
     for bad in (idf.CG(), idf.Dense(), "bicgstab"):
         with pytest.raises(TypeError, match="fallback"):
             idf.Richardson(omega=-1.0, fallback=bad)
+
+
+# ---- the uniqueness probe in two stages --------------------------------------------------------
+
+TWO_STAGE = [idf.CG(rtol=1e-5), idf.MINRES(rtol=1e-5), idf.GMRES(rtol=1e-5),
+             idf.BiCGStab(rtol=1e-5)]
+
+
+@pytest.mark.parametrize("solver", TWO_STAGE, ids=_id)
+def test_probe_first_with_the_answer_then_tight_only_where_flagged(monkeypatch, solver):
+    """The first probe runs in the answer's loop (one `_solve` call in all); only where it shows
+    a possible singularity, a condition of 1e3 at rtol 1e-5 (its error beyond the threshold, a
+    direction A nearly annihilates), the tight probe runs (a second call) and clears the
+    non-singular A: solved, to cond·rtol. Condition 1e5 is refused, as before the two stages
+    (and a singular A: `test_singular_consistent_refused`)."""
+    n = 50
+    b = np.random.default_rng(4).standard_normal(n)
+    calls: list[tuple] = []
+    inner = type(solver)._solve
+
+    def spy(self, bk, xp, matvec, rhs, *rest):
+        calls.append(tuple(rhs.shape))
+        return inner(self, bk, xp, matvec, rhs, *rest)
+
+    monkeypatch.setattr(type(solver), "_solve", spy)
+    for log_cond, n_calls, solved in ((0.5, 1, True), (3.0, 2, True), (5.0, 2, False)):
+        A, _ = sym_with_eigs(3, np.logspace(0, -log_cond, n))
+        calls.clear()
+        x, info = solver.solve(lambda v, A=A: v @ A.T, b)
+        assert calls[0] == (2, n), calls                  # the answer and the probe, stacked
+        if not (log_cond == 5.0 and len(calls) == 1):     # GMRES: not converged, no probe
+            assert len(calls) == n_calls, (log_cond, calls)
+        assert bool(info.converged) == solved, (log_cond, info)
+        if solved:
+            ref = np.linalg.solve(A, b)
+            err = np.linalg.norm(x - ref) / np.linalg.norm(ref)
+            assert err <= 10 ** log_cond * 1e-5, (log_cond, err)
+
+
+@pytest.mark.parametrize("solver", TWO_STAGE, ids=_id)
+def test_probe_stages_per_batch_element(fw, solver):
+    """A batch of a well-conditioned, a condition-1e3 and a singular system: the tight probe
+    runs on the flagged elements only (the others' right-hand side is 0), each element gets its
+    own verdict, on every backend (under `jax.jit` both stages always run)."""
+    n = 30
+    good, _ = sym_with_eigs(5, np.random.default_rng(5).uniform(1.0, 3.0, n))
+    ill, _ = sym_with_eigs(6, np.logspace(0, -3, n))
+    s = np.random.default_rng(7).uniform(1.0, 3.0, n)
+    s[4] = 0.0
+    bad, _ = sym_with_eigs(7, s)
+    As = np.stack([good, ill, bad])
+    b = np.einsum("bij,bj->bi", As, np.random.default_rng(8).standard_normal((3, n)))
+    M = fw.asarray(As)
+    x, info = fw.run(lambda b: solver.solve(lambda V: (M @ V[..., None])[..., 0], b),
+                     fw.asarray(b))
+    np.testing.assert_array_equal(fw.numpy(info.converged), [True, True, False])
+    np.testing.assert_array_equal(fw.numpy(info.breakdown), [False, False, True])
+    x = fw.numpy(x)
+    for i, kappa in ((0, 3.0), (1, 1e3)):
+        ref = np.linalg.solve(As[i], b[i])
+        assert np.linalg.norm(x[i] - ref) <= 10 * kappa * 1e-5 * np.linalg.norm(ref), i
