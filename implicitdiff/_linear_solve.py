@@ -199,10 +199,12 @@ class AbstractLinearSolver(abc.ABC):
     # 1. the true residual ‖b − Ax‖ (one product) must meet the tolerance, up to the rounding
     #    of the product itself, 100 √n ε (‖A‖‖x‖ + ‖b‖), ‖A‖ estimated by ‖Aw‖/‖w‖;
     # 2. a uniqueness probe: the same method solves A z = A w for a fixed pseudo-random w
-    #    (scaled so that ‖Aw‖ = ‖b‖), in two stages: first in the answer's loop at the solve's
-    #    own rtol capped at PROBE_RTOL_CAP/√n (so its threshold is never looser than the
-    #    tight stage's), then, only where that shows a possible singularity, with a 100 times
-    #    tighter rtol (down to 10 ε), which decides (the analysis below is the tight stage's). A
+    #    (scaled so that ‖Aw‖ = ‖b‖), with a 100 times tighter rtol (down to 10 ε). In two
+    #    stages where that is below PROBE_FIRST_RTOL/√n: first at PROBE_FIRST_RTOL/√n, in the
+    #    answer's loop, tested as the tight probe of a solve at 100 times that (its threshold
+    #    on ‖e‖ below then no looser, its bound on ‖Ae‖/‖e‖ no smaller); then, only where that
+    #    flags a possible singularity, the tight probe, which decides. (Richardson: one stage,
+    #    at its own rtol, in the answer's loop; its residual is exact.) A
     #    non-singular A gives z = w to the probe's accuracy, ‖z − w‖ ≲ cond(A) rtol/100 ‖w‖. A
     #    singular A gives a solution that misses w's null-space component,
     #    ‖z − w‖ ≈ ‖P_N w‖ ≈ ‖w‖/√n per null direction, along a direction e = z − w that A
@@ -308,10 +310,10 @@ PROBE_THRESHOLD = 3e-3
 """The uniqueness probe refuses where its error ‖z − w‖/‖w‖ exceeds max(PROBE_THRESHOLD/√n,
 10 × the probe's rtol) along a direction A nearly annihilates (`_looks_singular`)."""
 
-PROBE_RTOL_CAP = PROBE_THRESHOLD / 10
-"""The first uniqueness probe of a Krylov solver is solved at its own rtol, capped at
-PROBE_RTOL_CAP/√n: then its threshold is PROBE_THRESHOLD/√n, never looser than the tight
-probe's."""
+PROBE_FIRST_RTOL = PROBE_THRESHOLD / 100
+"""The first stage of an iterative solver's uniqueness probe is solved at rtol
+PROBE_FIRST_RTOL/√n (or the tight stage's rtol where that is looser): a tenth of what puts
+its threshold at PROBE_THRESHOLD/√n, so a well-conditioned A passes it."""
 
 
 def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe: Any,
@@ -536,17 +538,19 @@ class _Iterative(AbstractLinearSolver):
     def _measure(self, xp: Any, r: Any) -> Any:
         return norm(xp, r)
 
-    def _first_probe(self, xp: Any, b: Any) -> tuple[Any, float]:
-        """The (rtol, atol) the first uniqueness probe is solved at: the solve's own rtol,
-        capped at `PROBE_RTOL_CAP`/√n (so that the probe's refusal threshold on ‖z − w‖ is
-        never looser than the tight probe's, `_probe_solver`), and atol/100."""
-        rtol = self._rtol(xp, b)
-        cap = PROBE_RTOL_CAP / max(b.shape[-1], 1) ** 0.5
-        if isinstance(rtol, (int, float)):
-            return min(float(rtol), cap), self.atol / 100
-        return xp.minimum(rtol, xp.full_like(rtol, cap)), self.atol / 100
+    def _first_probe(self, xp: Any, b: Any) -> tuple[Any, float, _Iterative | None]:
+        """The uniqueness probe's first stage: `(rtol, atol, tight)`, the tolerances it is
+        solved at, and the solver of the tight stage (`_probe_solver`) that decides where the
+        first one shows a possible singularity; `tight` is None where the first stage is the
+        tight one (its rtol is at least `PROBE_FIRST_RTOL`/√n already)."""
+        tight = self._probe_solver(xp, b)
+        t = tight._rtol(xp, b)
+        first = PROBE_FIRST_RTOL / max(b.shape[-1], 1) ** 0.5
+        if isinstance(t, (int, float)) and t >= first:
+            return t, tight.atol, None
+        return _fmax(xp, t, first), tight.atol, tight
 
-    def _probe_solver(self, xp: Any, b: Any) -> _Iterative | None:
+    def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
         """The solver of the second, tight uniqueness probe, run only where the first one
         shows a possible singularity: this one, 100 times tighter (down to 10 ε), so that a
         non-singular A's error on the probe stays far below the refusal threshold."""
@@ -563,8 +567,8 @@ class _Iterative(AbstractLinearSolver):
         """This solver stopping at `rtol` (a float, or an array broadcastable against the
         norms of right-hand sides) and `atol`; itself where those are its own."""
         own = self._rtol(xp, b)
-        if atol == self.atol and isinstance(rtol, (int, float)) and isinstance(
-                own, (int, float)) and rtol == own:
+        if atol == self.atol and (rtol is own or (isinstance(rtol, (int, float)) and isinstance(
+                own, (int, float)) and rtol == own)):
             return self
         return cast(_Iterative, with_rtol(replace(cast(Any, self), rtol=None, atol=atol), rtol))
 
@@ -582,7 +586,7 @@ class _Iterative(AbstractLinearSolver):
         stacked on a new leading axis (each product still one call of `A` per system), each
         row stopping at its own tolerance."""
         w, Aw, c, bw = self._probe_rhs(xp, A, b)
-        prtol, patol = self._first_probe(xp, b)
+        prtol, patol, _ = self._first_probe(xp, b)
         solver = self._at(xp, b, prtol, patol)
         if solver is not self:  # the probe at another rtol: one per row of the stack
             nb = norm(xp, b)
@@ -654,8 +658,8 @@ class _Iterative(AbstractLinearSolver):
             rtol = xp.maximum(xp.full_like(nbw, max(self._own_rtol(xp, b), eps)),
                               safe_div(xp, xp.full_like(nbw, self.atol), nbw, nbw > 0))
 
-            def singular_at(prtol: Any, patol: float, z: Any, pinfo: LinearSolveInfo,
-                            exact: bool, rhs: Any) -> Any:
+            def singular_at(rtol: Any, prtol: Any, patol: float, z: Any,
+                            pinfo: LinearSolveInfo, exact: bool, rhs: Any) -> Any:
                 # the probe's accuracy as it was solved; ‖A z − A w‖ its own true residual
                 # where its solver reports that
                 prt = xp.maximum(_fmax(xp, prtol, eps) + xp.zeros_like(nbw),
@@ -663,24 +667,27 @@ class _Iterative(AbstractLinearSolver):
                 nAe = pinfo.residual_norm[..., None] if exact else norm(xp, A(z) - rhs)
                 return _looks_singular(xp, n, rtol, prt, ws, z, nAe, anorm)
 
-            # first probe: at the solve's own tolerance (in the same loop as the answer, when
-            # `probe` is given), capped so that its threshold is never looser than the tight
-            # probe's
-            prtol, patol = self._first_probe(xp, b)
+            # the first stage (in the same loop as the answer, when `probe` is given)
+            prtol, patol, tight = self._first_probe(xp, b)
             if probe is not None:
                 z, pinfo = probe.z, probe.info
             else:
                 z, pinfo = self._at(xp, b, prtol, patol)._solve(bk, xp, A, bw, None, AT, tags)
-            singular = conv & singular_at(prtol, patol, z, pinfo, self._exact_residual, bw)
-            tight = self._probe_solver(xp, b)
+            # Where a tight stage follows, the first is the tight probe of a solve at 100 times
+            # its rtol (its test's bound on the smallest singular value from that rtol, or
+            # the solver's own where larger): a singular A flags it as surely, and only a
+            # flagged element is decided by the tight stage.
+            rtol1 = rtol if tight is None else xp.maximum(rtol, 100 * prtol + xp.zeros_like(rtol))
+            singular = conv & singular_at(rtol1, prtol, patol, z, pinfo, self._exact_residual,
+                                          bw)
             if tight is not None and not bk.known_all(~singular):
                 # where the first probe shows a possible singularity (an error beyond the
                 # threshold along a direction A nearly annihilates), the tight probe decides
                 # (elsewhere its right-hand side is 0: solved at once, no iteration)
                 bw2 = xp.where(singular, bw, xp.zeros_like(bw))
                 z2, pinfo2 = tight._solve(bk, xp, A, bw2, None, AT, tags)
-                singular = singular & singular_at(tight._rtol(xp, b), tight.atol, z2, pinfo2,
-                                                  tight._exact_residual, bw2)
+                singular = singular & singular_at(rtol, tight._rtol(xp, b), tight.atol, z2,
+                                                  pinfo2, tight._exact_residual, bw2)
             brk = brk | singular
             conv = conv & ~singular
         return x, info._replace(residual_norm=rep[..., 0], converged=conv[..., 0],
@@ -1238,13 +1245,13 @@ class Richardson(_Iterative):
     _exact_residual = True  # r = b - A x is what each step computes (and the fallback's is
     # measured again)
 
-    def _first_probe(self, xp: Any, b: Any) -> tuple[Any, float]:
-        # its residual is the true one: a tighter tolerance may be out of reach, so its one
-        # probe is solved at its own tolerance (with the answer), and no tight one follows
-        return self._rtol(xp, b), self.atol
+    def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
+        # its residual is the true one: a tighter tolerance may be out of reach, so the
+        # probe is solved at its own tolerance (with the answer), in one stage
+        return self
 
-    def _probe_solver(self, xp: Any, b: Any) -> _Iterative | None:
-        return None
+    def _first_probe(self, xp: Any, b: Any) -> tuple[Any, float, _Iterative | None]:
+        return self._rtol(xp, b), self.atol, None
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
         maxiter = self._maxiter(b.shape[-1])
