@@ -1317,7 +1317,9 @@ RICHARDSON_MIN_GAIN = 0.25
 """`Richardson(fallback=...)`: the factor by which each element's residual must have fallen
 over `RICHARDSON_WINDOW` steps (a rate of 0.76 per step), else it is handed to the fallback: a
 slower rate would need more products than a Krylov method. The fixed points measured in
-`benchmarks/` contract at 0.4-0.64 per step."""
+`benchmarks/` contract at 0.4-0.64 per step (never handed over); a fixed point whose Jacobian
+has a real spectrum up to 0.98 is handed over at the first check, for a tenth of plain
+Richardson's products (46 against 543 with BiCGStab, 37 with GMRES, n = 60, rtol 1e-10)."""
 
 
 @dataclass(frozen=True)

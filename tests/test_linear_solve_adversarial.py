@@ -465,6 +465,42 @@ def test_richardson_fallback_takes_over_where_it_diverges(fw, fallback):
                                rtol=1e-6, atol=1e-13)
 
 
+@pytest.mark.parametrize("fallback", [idf.BiCGStab(), idf.GMRES()], ids=_id)
+def test_richardson_fallback_takes_over_where_it_is_slow(fallback):
+    """`RICHARDSON_MIN_GAIN` on the two spectra of fixed points: a real one close to 1 (J
+    symmetric, eigenvalues in [0, 0.98]: Richardson's rate 0.98) is handed to the Krylov method
+    at the first check and costs a tenth of plain Richardson's products; contracting ones (a
+    random J scaled to spectral radius 0.5, a symmetric one in [-0.6, 0.6]) never are: the same
+    products and iterations as plain Richardson. Every answer to the dense one's accuracy."""
+    n, rng = 60, np.random.default_rng(40)
+    G = rng.standard_normal((n, n))
+    cases = {"slow": sym_with_eigs(41, rng.uniform(0.0, 0.98, n))[0],
+             "disk": 0.5 * G / np.abs(np.linalg.eigvals(G)).max(),
+             "real": sym_with_eigs(42, rng.uniform(-0.6, 0.6, n))[0]}
+    b = rng.standard_normal(n)
+    for name, J in cases.items():
+        A = J - np.eye(n)
+        ref = np.linalg.solve(A, b)
+        out = {}
+        for fb in (None, fallback):
+            calls = [0]
+
+            def mv(v, A=A, calls=calls):
+                calls[0] += 1
+                return A @ v
+
+            solver = idf.Richardson(omega=-1.0, rtol=1e-10, maxiter=5000, fallback=fb,
+                                    check_singular=False)
+            x, info = solver.solve(mv, b)
+            assert bool(info.converged), (name, fb, info)
+            assert np.linalg.norm(x - ref) <= 1e-8 * np.linalg.norm(ref), (name, fb)
+            out[fb is None] = (calls[0], int(info.iterations))
+        if name == "slow":
+            assert out[False][0] <= out[True][0] / 10, out
+        else:
+            assert out[False] == out[True], (name, out)
+
+
 def test_richardson_fallback_refuses_a_singular_system_and_bad_arguments():
     """A consistent singular system is still refused with the fallback (the probe runs the
     same hybrid); the fallback must be a method for any non-singular A."""
