@@ -57,6 +57,8 @@ class Raveler:
         self.sizes = [_size(s[batch_dims:]) for s in self.shapes]
         self.dtype = xp.result_type(*self.dtypes) if len(leaves) > 1 else self.dtypes[0]
         self.n = sum(self.sizes)
+        # the number of problems solved together (the product of the batch dimensions)
+        self.batch = _size(self.shapes[0][:batch_dims])
 
     def ravel(self, tree: Any) -> Any:
         """The leaves of `tree` (structured like `x`) concatenated along a last axis."""
@@ -94,9 +96,11 @@ def _size(shape: tuple) -> int:
 
 # ---- choosing and running the linear solve -----------------------------------------------------
 
-def resolve_solver(solve: AbstractLinearSolver, n: int, tags: frozenset) -> AbstractLinearSolver:
-    """The concrete solver: `Auto` resolved for size `n` and `tags`."""
-    return solve.select(n, tags) if isinstance(solve, Auto) else solve
+def resolve_solver(solve: AbstractLinearSolver, n: int, tags: frozenset, batch: int = 1
+                   ) -> AbstractLinearSolver:
+    """The concrete solver: `Auto` resolved for size `n`, `tags` and `batch` systems solved
+    together."""
+    return solve.select(n, tags, batch=batch) if isinstance(solve, Auto) else solve
 
 
 def _linear_failure(name: str, mode: str, solver: AbstractLinearSolver, method: str,
@@ -601,7 +605,7 @@ def implicit_jvp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], tangen
         return r.unravel(r.ravel(x_star) * 0)
     lin = linearization or bk.linearize(F, x_star, args, derivatives=derivatives, tags=tags)
     collect = collecting()
-    solver = resolve_solver(solve, r.n, tags)
+    solver = resolve_solver(solve, r.n, tags, r.batch)
     at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
                  _probe_wanted(bk, F, kink_probe), collect or follows_forward(solver))
     rhs = r.ravel(lin.B(tangents))
@@ -686,7 +690,7 @@ def implicit_vjp(F: Callable[..., Any], x_star: Any, args: Sequence[Any], cotang
     if r.n == 0:  # nothing to solve for: B^T of an empty cotangent, zeros (None for ints)
         return lin.BT(r.unravel(rhs * 0), argnums)
     collect = collecting()
-    solver = resolve_solver(solve, r.n, tags)
+    solver = resolve_solver(solve, r.n, tags, r.batch)
     at = _AtRoot(bk, F, x_star, args, lin, r, name, on_failure,
                  _probe_wanted(bk, F, kink_probe), collect or follows_forward(solver),
                  transpose=True)

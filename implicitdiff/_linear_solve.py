@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, cast
 from ._array import dot, norm, safe_div, zero_int
 from ._diagnostics import LinearSolveInfo
 from ._errors import StructureError
-from ._tags import positive_definite, symmetric
+from ._tags import fixed_point_form, positive_definite, symmetric
 
 MatVec = Callable[[Any], Any]
 
@@ -155,7 +155,7 @@ class AbstractLinearSolver(abc.ABC):
                 f"{type(self).__name__}.solve: expected x0 of shape {tuple(b.shape)} like b, got "
                 f"{tuple(x0.shape)}."
             )
-        impl = self._concrete(b.shape[-1], tags)
+        impl = self._concrete(b.shape[-1], tags, _batch(b))
         if b.shape[-1] == 0:  # nothing to solve: the empty answer, converged
             return _empty_solve(xp, b, x0)
         A = _shifted(matvec, impl.ridge)
@@ -180,8 +180,8 @@ class AbstractLinearSolver(abc.ABC):
             info = info._replace(not_symmetric=xp.zeros_like(info.converged))
         return impl._verify(bk, xp, A, b, x, info, AT, tags, probe)
 
-    def _concrete(self, n: int, tags: frozenset) -> AbstractLinearSolver:
-        """The solver that does the work (`Auto` picks one)."""
+    def _concrete(self, n: int, tags: frozenset, batch: int = 1) -> AbstractLinearSolver:
+        """The solver that does the work (`Auto` picks one) for `batch` systems of size `n`."""
         return self
 
     def _with_rtol(self, rtol: Any) -> AbstractLinearSolver:
@@ -328,6 +328,14 @@ def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe:
     tau = xp.maximum(10.0 * prtol, xp.full_like(rtol, PROBE_THRESHOLD / max(n, 1) ** 0.5))
     unique = ~((rho > tau) & (sig < 10.0 * xp.sqrt(rtol) * anorm))
     return ~(unique & xp.isfinite(rho) & (anorm > 0))
+
+
+def _batch(b: Any) -> int:
+    """The number of systems in a right-hand side `(..., n)`."""
+    out = 1
+    for d in b.shape[:-1]:
+        out *= int(d)
+    return out
 
 
 def _shifted(matvec: MatVec, ridge: float) -> MatVec:
@@ -1373,13 +1381,20 @@ class NeumannSolve(AbstractLinearSolver):
 
 @dataclass(frozen=True)
 class Auto(AbstractLinearSolver):
-    """Pick a solver from the structure tags and the size $n$.
+    """Pick a solver from the structure tags, the size $n$ and the number of systems solved
+    together (a batch).
 
     $n \\le$ `dense_max`: `Cholesky` if tagged symmetric and positive definite, else `Dense`.
     Larger: `CG` if symmetric positive definite, `MINRES` if symmetric, else `GMRES`. Never
-    normal-equation CG. The tolerances, `maxiter` and `check_singular` are passed on, so every
-    path refuses a singular $A$ (a `SingularJacobianError` in the implicit rules), the Krylov
-    ones (n > `dense_max`) included.
+    normal-equation CG. The condition of a fixed point (`custom_fixed_point`:
+    $A = \\partial_x T - I$, not tagged symmetric) solved for a batch whose total size
+    (batch × $n$) exceeds `dense_max`: `Richardson(omega=-1.0, fallback=GMRES())`, the
+    fixed-point iteration $u \\leftarrow J^\\top u + \\bar x$ (one product a step; a batch of
+    $n = 64$ materialized per element costs more than the iteration, and 6.6× more at
+    $n = 256$), which hands an element whose iteration is slow or diverges to GMRES; an
+    unbatched one keeps `Dense` up to `dense_max`. The tolerances, `maxiter` and
+    `check_singular` are passed on, so every path refuses a singular $A$ (a
+    `SingularJacobianError` in the implicit rules), the iterative ones included.
     """
 
     rtol: float | None = None
@@ -1392,11 +1407,15 @@ class Auto(AbstractLinearSolver):
     def __post_init__(self) -> None:
         _check_common(self)
 
-    def select(self, n: int, tags: frozenset) -> AbstractLinearSolver:
-        """The concrete solver used for a system of size `n` with structure `tags`."""
+    def select(self, n: int, tags: frozenset, *, batch: int = 1) -> AbstractLinearSolver:
+        """The concrete solver used for `batch` systems of size `n` with structure `tags`."""
         spd = symmetric in tags and positive_definite in tags
         rtol, atol, ridge, maxiter = self.rtol, self.atol, self.ridge, self.maxiter
         chk = self.check_singular
+        if (fixed_point_form in tags and symmetric not in tags
+                and max(batch, 1) * n > self.dense_max):
+            return Richardson(omega=-1.0, rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge,
+                              check_singular=chk, fallback=GMRES())
         if n <= self.dense_max:
             if spd:
                 return Cholesky(rtol=rtol, atol=atol, ridge=ridge, check_singular=chk)
@@ -1407,9 +1426,9 @@ class Auto(AbstractLinearSolver):
             return MINRES(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, check_singular=chk)
         return GMRES(rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, check_singular=chk)
 
-    def _concrete(self, n: int, tags: frozenset) -> AbstractLinearSolver:
-        return self.select(n, tags)
+    def _concrete(self, n: int, tags: frozenset, batch: int = 1) -> AbstractLinearSolver:
+        return self.select(n, tags, batch=batch)
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
-        chosen = self.select(b.shape[-1], tags)
+        chosen = self.select(b.shape[-1], tags, batch=_batch(b))
         return chosen._solve(bk, xp, matvec, b, x0, rmatvec, tags)

@@ -18,7 +18,7 @@ from ._diagnostics import ForwardRecord
 from ._errors import NonConvergenceError, StructureError
 from ._ift import _NO_KINK_PROBE, _check_options, no_kink_probe
 from ._linear_solve import AbstractLinearSolver, Auto
-from ._tags import as_tags
+from ._tags import as_tags, fixed_point_form
 
 
 @dataclass(frozen=True)
@@ -669,9 +669,14 @@ def custom_fixed_point(T: Callable[..., Any], *, solve: AbstractLinearSolver = A
 
     The same as `custom_root` with $F = T - x$, so $A = \\partial_x T - I$. All options as in
     `custom_root`; `derivatives`, if given, are products with the Jacobians of $F = T - x$.
+    The default `solve=Auto()` knows $A$ is a fixed point's: for a batch (`batch_dims`) whose
+    total size exceeds its `dense_max` (256) it solves by the fixed-point iteration with a
+    GMRES fallback, `Richardson(omega=-1.0, fallback=GMRES())`, instead of materializing the
+    Jacobian of every element (see `Auto`).
     """
     if not callable(T):
         raise TypeError(f"expected the map T to be callable, got {type(T).__name__}.")
+    tags = as_tags(tags) | {fixed_point_form}
     return custom_root(fixed_point_condition(T), solve=solve, tags=tags, has_aux=has_aux,
                        residual_tol=residual_tol, on_failure=on_failure, derivatives=derivatives,
                        result_shape=result_shape, batch_dims=batch_dims, kink_probe=kink_probe)

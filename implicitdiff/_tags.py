@@ -29,6 +29,13 @@ positive_definite = Tag("positive_definite")
 
 KNOWN_TAGS = frozenset({symmetric, positive_definite})
 
+fixed_point_form = Tag("_fixed_point")
+"""Set by `custom_fixed_point`, never by a user: $\\partial_x F = \\partial_x T - I$, the
+condition of a fixed point $x = T(x, \\theta)$. `Auto` may then pick the fixed-point
+iteration."""
+
+INTERNAL_TAGS = frozenset({fixed_point_form})
+
 
 def as_tags(tags: Iterable[Tag] | Tag | None) -> frozenset[Tag]:
     """Normalize user input to a frozenset of known tags, or raise a clear error."""
@@ -49,7 +56,7 @@ def as_tags(tags: Iterable[Tag] | Tag | None) -> frozenset[Tag]:
         raise StructureError(
             f"tags: expected a set of tags such as {{idf.symmetric}}, got {type(tags).__name__}."
         ) from None
-    unknown = [t for t in out if t not in KNOWN_TAGS]
+    unknown = [t for t in out if t not in KNOWN_TAGS and t not in INTERNAL_TAGS]
     if unknown:
         raise StructureError(
             f"tags: expected tags from {sorted(map(repr, KNOWN_TAGS))}, got {unknown!r}. "
