@@ -42,7 +42,8 @@
      accuracy (0.1 times it per sample instead of 1e-12), the case of issue 15 item 3.
 
    The implicitdiff settings tried (all `custom_fixed_point(T, batch_dims=1, ...)`, every
-   option not named at its default): `solve=` Auto (the default: Dense for n = 256), BiCGStab,
+   option not named at its default): `solve=` Auto (the default: for this batch of fixed
+   points, the fixed-point iteration with a GMRES fallback), BiCGStab,
    Richardson(omega=-1) (the fixed-point backward), each at its default tolerance, the two
    iterative ones with `check_singular=False` (no uniqueness probe: what that safety check
    costs), Richardson at explicit tolerances (1e-5 and 1e-7 in float32, 1e-6 in float64), and
