@@ -1279,6 +1279,8 @@ class Richardson(_Iterative):
         def cond(s):
             return (s[0] < maxiter) & xp.any((s[3] > tol) & ~s[5] & ~s[6])
 
+        steps = [0]  # eagerly: the steps made (the body runs once per step)
+
         def body(s):
             k, x, r, rn, iters, brk, handed, rck = s
             go = (rn > tol) & ~brk & ~handed
@@ -1290,10 +1292,18 @@ class Richardson(_Iterative):
                 # divergence hands the element over; only a non-finite residual breaks down
                 grown = bad & (rn_new < math.inf)
                 bad = bad & ~grown
-                check = (k + 1) % RICHARDSON_WINDOW == 0
-                slow = go & ~bad & ~grown & check & ~(rn_new <= RICHARDSON_MIN_GAIN * rck)
-                handed = handed | grown | (slow & (rn_new > tol))
-                rck = xp.where(check, rn_new, rck)
+                if bk.is_traced(rn_new):   # compiled: the check every step, masked
+                    check = (k + 1) % RICHARDSON_WINDOW == 0
+                    slow = go & ~bad & ~grown & check & ~(rn_new <= RICHARDSON_MIN_GAIN * rck)
+                    handed = handed | grown | (slow & (rn_new > tol))
+                    rck = xp.where(check, rn_new, rck)
+                else:   # eagerly, one step after another: the check only where it falls
+                    steps[0] += 1
+                    handed = handed | grown
+                    if steps[0] % RICHARDSON_WINDOW == 0:
+                        slow = go & ~bad & ~grown & ~(rn_new <= RICHARDSON_MIN_GAIN * rck)
+                        handed = handed | (slow & (rn_new > tol))
+                        rck = rn_new
                 go = go & ~grown
             go = go & ~bad
             sel = _selector(bk, xp, go)
