@@ -29,10 +29,12 @@ positive_definite = Tag("positive_definite")
 
 KNOWN_TAGS = frozenset({symmetric, positive_definite})
 
-fixed_point_form = Tag("_fixed_point")
+_fixed_point = Tag("_fixed_point")  # (the module attribute named like the tag: it pickles)
 """Set by `custom_fixed_point`, never by a user: $\\partial_x F = \\partial_x T - I$, the
 condition of a fixed point $x = T(x, \\theta)$. `Auto` may then pick the fixed-point
 iteration."""
+
+fixed_point_form = _fixed_point
 
 INTERNAL_TAGS = frozenset({fixed_point_form})
 

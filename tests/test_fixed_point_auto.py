@@ -10,6 +10,8 @@ linear cell, and, for a fixed point that is not isolated, the refusal the probe 
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -135,6 +137,9 @@ def test_auto_picks_the_fixed_point_iteration_for_a_batch():
     assert type(auto.select(N, frozenset(), batch=B)) is idf.Dense  # not a fixed point
     with pytest.raises(idf.StructureError, match="tags"):
         idf.custom_root(lambda x: x, tags={"_fixed_point"})
+    # the tag travels with a pickled solver: it pickles as itself
+    assert pickle.loads(pickle.dumps(tags)) == tags
+    assert pickle.loads(pickle.dumps(fixed_point_form)) is fixed_point_form
 
 
 @pytest.mark.parametrize("fw", _frameworks())
