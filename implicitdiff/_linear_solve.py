@@ -118,6 +118,9 @@ class AbstractLinearSolver(abc.ABC):
     # Richardson: the `residual_norm` its `_solve` reports is the true ‖b − A x‖ (measured
     # with `_measure`'s norm), so `_verify` need not compute it again
     _exact_residual = False
+    # the uniqueness probe's (first) system solved in the same loop as the answer's, stacked:
+    # both systems' vectors live at once (not GMRES: its Krylov basis would double)
+    _stacks_probe = True
     _rtol_forward: Any = None  # set by `with_rtol` (a backward solve following the forward)
 
     def solve(self, matvec: MatVec, b: Any, *, x0: Any = None, rmatvec: MatVec | None = None,
@@ -162,7 +165,7 @@ class AbstractLinearSolver(abc.ABC):
         AT = None if rmatvec is None else _shifted(rmatvec, impl.ridge)
         probe = None
         if (isinstance(impl, _Iterative) and impl.check_singular and x0 is None
-                and impl._first_probe(xp, b)[1] == impl.atol):
+                and impl._stacks_probe and impl._first_probe(xp, b)[1] == impl.atol):
             # the (first) uniqueness probe, solved by the method itself with the same atol: in
             # the same loop as the answer (the rows of a batch do not interact), sharing the
             # loop's bookkeeping instead of running a second one
@@ -968,6 +971,8 @@ class GMRES(_Iterative):
     preconditioner: Callable[[Any], Any] | None = None
     ridge: float = 0.0
     check_singular: bool = True
+
+    _stacks_probe = False  # its basis, restart + 1 vectors per system, would double
 
     def __post_init__(self) -> None:
         _check_common(self)
