@@ -39,6 +39,15 @@ def device(x: Any) -> Any:
     return array_api_compat.device(x)
 
 
+def size(shape: Any) -> int:
+    """The number of elements of an array of shape `shape` (a tuple of ints, or a framework's
+    shape object); 1 for `()`."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def norm(xp: Any, a: Any) -> Any:
     """Euclidean norm over the last axis, kept as a length-1 axis: `(..., n) -> (..., 1)`."""
     return xp.linalg.vector_norm(a, axis=-1, keepdims=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ._array import ON_FAILURE as ON_FAILURE
 from ._array import check_on_failure
+from ._array import size as _size
 from ._backend import Backend, get_backend
 from ._config import resolve_on_failure
 from ._diagnostics import BackwardRecord, LinearSolveInfo, collecting
@@ -85,13 +86,6 @@ def ravel(bk: Backend, tree: Any) -> tuple[Any, Callable[[Any], Any]]:
     """Concatenate the leaves of `tree` into one vector; return it and the inverse map."""
     r = Raveler(bk, tree)
     return r.ravel(tree), r.unravel
-
-
-def _size(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 # ---- choosing and running the linear solve -----------------------------------------------------

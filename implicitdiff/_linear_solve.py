@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, cast
 
-from ._array import dot, norm, safe_div, zero_int
+from ._array import dot, norm, safe_div, size, zero_int
 from ._diagnostics import LinearSolveInfo
 from ._errors import StructureError
 from ._tags import fixed_point_form, positive_definite, symmetric
@@ -158,19 +158,21 @@ class AbstractLinearSolver(abc.ABC):
                 f"{type(self).__name__}.solve: expected x0 of shape {tuple(b.shape)} like b, got "
                 f"{tuple(x0.shape)}."
             )
-        impl = self._concrete(b.shape[-1], tags, _batch(b))
+        impl = self._concrete(b.shape[-1], tags, size(b.shape[:-1]))
         if b.shape[-1] == 0:  # nothing to solve: the empty answer, converged
             return _empty_solve(xp, b, x0)
         A = _shifted(matvec, impl.ridge)
         AT = None if rmatvec is None else _shifted(rmatvec, impl.ridge)
         probe = None
         if (isinstance(impl, _Iterative) and impl.check_singular and x0 is None
-                and impl._stacks_probe and impl._first_probe(xp, b)[1] == impl.atol):
-            # the (first) uniqueness probe, solved by the method itself with the same atol: in
-            # the same loop as the answer (the rows of a batch do not interact), sharing the
-            # loop's bookkeeping instead of running a second one
-            x, info, probe = impl._solve_with_probe(bk, xp, A, b, AT, tags)
-        else:
+                and impl._stacks_probe):
+            stage = impl._first_probe(xp, b)
+            if stage[1] == impl.atol:
+                # the (first) uniqueness probe, solved by the method itself with the same atol:
+                # in the same loop as the answer (the rows of a batch do not interact), sharing
+                # the loop's bookkeeping instead of running a second one
+                x, info, probe = impl._solve_with_probe(bk, xp, A, b, AT, tags, stage)
+        if probe is None:
             x, info = impl._solve(bk, xp, A, b, x0, AT, tags)
         if impl._needs_symmetry or symmetric in tags:
             bad = _not_symmetric(xp, matvec, b)
@@ -293,13 +295,14 @@ def _probe_vector(xp: Any, b: Any) -> Any:
 class _Probe(NamedTuple):
     """The first uniqueness probe solved with the answer (`_Iterative._solve_with_probe`): the
     vector `w`, `Aw`, the scale `c` of the right-hand side `c Aw`, the solution `z` of
-    $Az = cAw$ and its solve's `info`."""
+    $Az = cAw$, its solve's `info`, and the stage it was solved as (`_first_probe`)."""
 
     w: Any
     Aw: Any
     c: Any
     z: Any
     info: LinearSolveInfo
+    stage: tuple[Any, float, Any]
 
 
 def _probe_scale(xp: Any, nb: Any, nAw: Any) -> Any:
@@ -331,14 +334,6 @@ def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe:
     tau = xp.maximum(10.0 * prtol, xp.full_like(rtol, PROBE_THRESHOLD / max(n, 1) ** 0.5))
     unique = ~((rho > tau) & (sig < 10.0 * xp.sqrt(rtol) * anorm))
     return ~(unique & xp.isfinite(rho) & (anorm > 0))
-
-
-def _batch(b: Any) -> int:
-    """The number of systems in a right-hand side `(..., n)`."""
-    out = 1
-    for d in b.shape[:-1]:
-        out *= int(d)
-    return out
 
 
 def _shifted(matvec: MatVec, ridge: float) -> MatVec:
@@ -574,12 +569,17 @@ class _Iterative(AbstractLinearSolver):
         return cast(_Iterative, with_rtol(replace(cast(Any, self), atol=self.atol / 100),
                                           tight))
 
+    def _is_own(self, xp: Any, b: Any, rtol: Any, atol: float) -> bool:
+        """Whether `rtol` and `atol` are this solver's own tolerances (known without looking
+        at array values)."""
+        own = self._rtol(xp, b)
+        return atol == self.atol and (rtol is own or (isinstance(rtol, (int, float)) and isinstance(
+            own, (int, float)) and rtol == own))
+
     def _at(self, xp: Any, b: Any, rtol: Any, atol: float) -> _Iterative:
         """This solver stopping at `rtol` (a float, or an array broadcastable against the
         norms of right-hand sides) and `atol`; itself where those are its own."""
-        own = self._rtol(xp, b)
-        if atol == self.atol and (rtol is own or (isinstance(rtol, (int, float)) and isinstance(
-                own, (int, float)) and rtol == own)):
+        if self._is_own(xp, b, rtol, atol):
             return self
         return cast(_Iterative, with_rtol(replace(cast(Any, self), rtol=None, atol=atol), rtol))
 
@@ -592,14 +592,15 @@ class _Iterative(AbstractLinearSolver):
         return w, Aw, c, c * Aw
 
     def _solve_with_probe(self, bk: Any, xp: Any, A: MatVec, b: Any, AT: MatVec | None,
-                          tags: frozenset) -> tuple[Any, LinearSolveInfo, _Probe]:
-        """`_solve` of b and of the first uniqueness probe's system in one loop: the two
-        stacked on a new leading axis (each product still one call of `A` per system), each
-        row stopping at its own tolerance."""
+                          tags: frozenset, stage: tuple[Any, float, Any]
+                          ) -> tuple[Any, LinearSolveInfo, _Probe]:
+        """`_solve` of b and of the first uniqueness probe's system (`stage`, from
+        `_first_probe`) in one loop: the two stacked on a new leading axis (each product still
+        one call of `A` per system), each row stopping at its own tolerance."""
         w, Aw, c, bw = self._probe_rhs(xp, A, b)
-        prtol, patol, _ = self._first_probe(xp, b)
-        solver = self._at(xp, b, prtol, patol)
-        if solver is not self:  # the probe at another rtol: one per row of the stack
+        prtol, patol, _ = stage
+        solver: _Iterative = self
+        if not self._is_own(xp, b, prtol, patol):  # the probe at another rtol: one per row
             nb = norm(xp, b)
             solver = self._at(xp, b, xp.stack([self._rtol(xp, b) + xp.zeros_like(nb),
                                                prtol + xp.zeros_like(nb)]), patol)
@@ -611,7 +612,7 @@ class _Iterative(AbstractLinearSolver):
                                  None if AT is None else two(AT), tags)
         info = LinearSolveInfo(*(f[0, ...] for f in info2[:4]))
         pinfo = LinearSolveInfo(*(f[1, ...] for f in info2[:4]))
-        return X[0, ...], info, _Probe(w, Aw, c, X[1, ...], pinfo)
+        return X[0, ...], info, _Probe(w, Aw, c, X[1, ...], pinfo, stage)
 
     def _verify(self, bk, xp, A, b, x, info, AT, tags, probe=None):
         n = b.shape[-1]
@@ -679,10 +680,10 @@ class _Iterative(AbstractLinearSolver):
                 return _looks_singular(xp, n, rtol, prt, ws, z, nAe, anorm)
 
             # the first stage (in the same loop as the answer, when `probe` is given)
-            prtol, patol, tight = self._first_probe(xp, b)
             if probe is not None:
-                z, pinfo = probe.z, probe.info
+                z, pinfo, (prtol, patol, tight) = probe.z, probe.info, probe.stage
             else:
+                prtol, patol, tight = self._first_probe(xp, b)
                 z, pinfo = self._at(xp, b, prtol, patol)._solve(bk, xp, A, bw, None, AT, tags)
             # Where a tight stage follows, the first is the tight probe of a solve at 100 times
             # its rtol (its test's bound on the smallest singular value from that rtol, or
@@ -1445,5 +1446,5 @@ class Auto(AbstractLinearSolver):
         return self.select(n, tags, batch=batch)
 
     def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
-        chosen = self.select(b.shape[-1], tags, batch=_batch(b))
+        chosen = self.select(b.shape[-1], tags, batch=size(b.shape[:-1]))
         return chosen._solve(bk, xp, matvec, b, x0, rmatvec, tags)

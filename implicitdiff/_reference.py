@@ -32,6 +32,7 @@ import numpy as np
 from . import _tree
 from ._array import CENTRAL_DIFFERENCE, COMPLEX_STEP
 from ._array import device as _device
+from ._array import size as _size
 from ._backend import Backend, Linearization
 from ._config import resolve_on_failure
 from ._errors import StructureError
@@ -52,13 +53,6 @@ class DerivativeAccuracyWarning(UserWarning):
 
 def _shape(leaf: Any) -> tuple:
     return tuple(getattr(leaf, "shape", ()))
-
-
-def _size(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _maxabs(xp: Any, tree: Any) -> float:
