@@ -209,7 +209,8 @@ class AbstractLinearSolver(abc.ABC):
     #    answer's loop, tested as the tight probe of a solve at 100 times that (its threshold
     #    on ‖e‖ below then no looser, its bound on ‖Ae‖/‖e‖ no smaller); then, only where that
     #    flags a possible singularity, the tight probe, which decides. (Richardson: one stage,
-    #    at its own rtol, in the answer's loop; its residual is exact.) A
+    #    at its own rtol, its residual being exact, in a loop of its own that stops each
+    #    element once ‖z − w‖ is half the refusal threshold: `_solve_probe`.) A
     #    non-singular A gives z = w to the probe's accuracy, ‖z − w‖ ≲ cond(A) rtol/100 ‖w‖. A
     #    singular A gives a solution that misses w's null-space component,
     #    ‖z − w‖ ≈ ‖P_N w‖ ≈ ‖w‖/√n per null direction, along a direction e = z − w that A
@@ -322,6 +323,13 @@ PROBE_FIRST_RTOL/√n (or the tight stage's rtol where that is looser): a tenth 
 its threshold at PROBE_THRESHOLD/√n, so a well-conditioned A passes it."""
 
 
+def _probe_tau(xp: Any, n: int, prtol: Any) -> Any:
+    """The probe's error ‖z − w‖/‖w‖ at or below which an element is never refused (whatever
+    A does to the error's direction): max(10 × the probe's accuracy `prtol`,
+    PROBE_THRESHOLD/√n), per batch element like `prtol`."""
+    return xp.maximum(10.0 * prtol, xp.full_like(prtol, PROBE_THRESHOLD / max(n, 1) ** 0.5))
+
+
 def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe: Any,
                     anorm: Any) -> Any:
     """Per batch element (shape `(..., 1)`), whether the solve `z` of $Az = Aw$ shows that A
@@ -331,7 +339,7 @@ def _looks_singular(xp: Any, n: int, rtol: Any, prtol: Any, w: Any, z: Any, nAe:
     ne = norm(xp, e)
     rho = ne / norm(xp, w)
     sig = safe_div(xp, nAe, ne, ne > 0)
-    tau = xp.maximum(10.0 * prtol, xp.full_like(rtol, PROBE_THRESHOLD / max(n, 1) ** 0.5))
+    tau = _probe_tau(xp, n, prtol)
     unique = ~((rho > tau) & (sig < 10.0 * xp.sqrt(rtol) * anorm))
     return ~(unique & xp.isfinite(rho) & (anorm > 0))
 
@@ -583,6 +591,15 @@ class _Iterative(AbstractLinearSolver):
             return self
         return cast(_Iterative, with_rtol(replace(cast(Any, self), rtol=None, atol=atol), rtol))
 
+    def _solve_probe(self, bk: Any, xp: Any, A: MatVec, bw: Any, AT: MatVec | None,
+                     tags: frozenset, ws: Any, near: Any) -> tuple[Any, LinearSolveInfo]:
+        """The uniqueness probe's solve of $Az = $ `bw` (whose solution, where A is
+        non-singular, is `ws`) in a loop of its own. A method that can (Richardson) stops an
+        element as soon as ‖z − ws‖ ≤ `near` (shape `(..., 1)`): below the error that could
+        ever be refused, where no further step could change the verdict; the others solve to
+        their tolerance."""
+        return self._solve(bk, xp, A, bw, None, AT, tags)
+
     def _probe_rhs(self, xp: Any, A: MatVec, b: Any) -> tuple[Any, Any, Any, Any]:
         """The uniqueness probe's vector `w`, `A w`, and the right-hand side `c A w` scaled so
         that ‖c A w‖ = ‖b‖ (the solve of b's tolerance), with `c`."""
@@ -670,21 +687,26 @@ class _Iterative(AbstractLinearSolver):
             rtol = xp.maximum(xp.full_like(nbw, max(self._own_rtol(xp, b), eps)),
                               safe_div(xp, xp.full_like(nbw, self.atol), nbw, nbw > 0))
 
+            def accuracy(prtol: Any, patol: float) -> Any:
+                # the probe's accuracy as it is solved, relative to its right-hand side
+                return xp.maximum(_fmax(xp, prtol, eps) + xp.zeros_like(nbw),
+                                  safe_div(xp, xp.full_like(nbw, patol), nbw, nbw > 0))
+
             def singular_at(rtol: Any, prtol: Any, patol: float, z: Any,
                             pinfo: LinearSolveInfo, exact: bool, rhs: Any) -> Any:
-                # the probe's accuracy as it was solved; ‖A z − A w‖ its own true residual
-                # where its solver reports that
-                prt = xp.maximum(_fmax(xp, prtol, eps) + xp.zeros_like(nbw),
-                                 safe_div(xp, xp.full_like(nbw, patol), nbw, nbw > 0))
+                # ‖A z − A w‖: the probe's own true residual where its solver reports that
                 nAe = pinfo.residual_norm[..., None] if exact else norm(xp, A(z) - rhs)
-                return _looks_singular(xp, n, rtol, prt, ws, z, nAe, anorm)
+                return _looks_singular(xp, n, rtol, accuracy(prtol, patol), ws, z, nAe, anorm)
 
             # the first stage (in the same loop as the answer, when `probe` is given)
             if probe is not None:
                 z, pinfo, (prtol, patol, tight) = probe.z, probe.info, probe.stage
             else:
                 prtol, patol, tight = self._first_probe(xp, b)
-                z, pinfo = self._at(xp, b, prtol, patol)._solve(bk, xp, A, bw, None, AT, tags)
+                # done where its error is half what could be refused (see `_solve_probe`)
+                near = 0.5 * _probe_tau(xp, n, accuracy(prtol, patol)) * norm(xp, ws)
+                z, pinfo = self._at(xp, b, prtol, patol)._solve_probe(bk, xp, A, bw, AT, tags,
+                                                                      ws, near)
             # Where a tight stage follows, the first is the tight probe of a solve at 100 times
             # its rtol (its test's bound on the smallest singular value from that rtol, or
             # the solver's own where larger): a singular A flags it as surely, and only a
@@ -1259,15 +1281,26 @@ class Richardson(_Iterative):
     _exact_residual = True  # r = b - A x is what each step computes (and the fallback's is
     # measured again)
 
+    # The probe in a loop of its own, not stacked with the answer: its error is known at
+    # every step (x − w), so it stops as soon as that is below what could be refused, usually
+    # long before the answer's tolerance (`_solve_probe`); stacked, it would cost a product
+    # per step until the answer is done.
+    _stacks_probe = False
+
     def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
         # its residual is the true one: a tighter tolerance may be out of reach, so the
-        # probe is solved at its own tolerance (with the answer), in one stage
+        # probe is solved at its own tolerance, in one stage
         return self
 
     def _first_probe(self, xp: Any, b: Any) -> tuple[Any, float, _Iterative | None]:
         return self._rtol(xp, b), self.atol, None
 
-    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags):
+    def _solve_probe(self, bk, xp, A, bw, AT, tags, ws, near):
+        return self._solve(bk, xp, A, bw, None, AT, tags, near=(ws, near))
+
+    def _solve(self, bk, xp, matvec, b, x0, rmatvec, tags, near=None):
+        # near: None, or (target, distance): an element also stops once its iterate is within
+        # the distance of the target (the uniqueness probe, `_solve_probe`)
         maxiter = self._maxiter(b.shape[-1])
         tol = self._tol(xp, b)
         omega = self.omega
@@ -1278,18 +1311,23 @@ class Richardson(_Iterative):
         # growing far beyond the start, or non-finite: the iteration diverges
         limit = 1e4 * xp.maximum(rn, tol)
         none = xp.zeros_like(rn, dtype=xp.bool)
-        # (k, x, r, rn, iterations, breakdown, handed over, the residual at the last check)
+        # (k, x, r, rn, iterations, breakdown, handed over, the residual at the last check,
+        # and with `near`: whether the iterate is within the distance of the target)
         state = (zero_int(xp, rn), x, r, rn, xp.zeros_like(rn, dtype=xp.int32), none, none,
-                 rn)
+                 rn) + ((none,) if near is not None else ())
+
+        def live(s):
+            out = (s[3] > tol) & ~s[5] & ~s[6]
+            return out & ~s[8] if near is not None else out
 
         def cond(s):
-            return (s[0] < maxiter) & xp.any((s[3] > tol) & ~s[5] & ~s[6])
+            return (s[0] < maxiter) & xp.any(live(s))
 
         steps = [0]  # eagerly: the steps made (the body runs once per step)
 
         def body(s):
-            k, x, r, rn, iters, brk, handed, rck = s
-            go = (rn > tol) & ~brk & ~handed
+            k, x, r, rn, iters, brk, handed, rck = s[:8]
+            go = live(s)
             x_new = x - r if omega == -1 else x + omega * r
             r_new = b - matvec(x_new)
             rn_new = norm(xp, r_new)
@@ -1313,14 +1351,20 @@ class Richardson(_Iterative):
                 go = go & ~grown
             go = go & ~bad
             sel = _selector(bk, xp, go)
-            return (k + 1, sel(x_new, x), sel(r_new, r), sel(rn_new, rn),
-                    iters + xp.astype(go, xp.int32), brk | bad, handed, rck)
+            out = (k + 1, sel(x_new, x), sel(r_new, r), sel(rn_new, rn),
+                   iters + xp.astype(go, xp.int32), brk | bad, handed, rck)
+            if near is not None:
+                out += (s[8] | (go & (norm(xp, x_new - near[0]) <= near[1])),)
+            return out
 
         s = bk.while_loop(cond, body, state)
         x, rn, iters, brk = s[1], s[3], s[4], s[5]
         if fb is not None:
             # handed over, or stopped by maxiter: the fallback from where Richardson stopped
+            # (not where the iterate is near the target: done)
             need = (s[6] | (rn > tol)) & ~brk
+            if near is not None:
+                need = need & ~s[8]
             if not bk.known_all(~need):
                 solver = with_rtol(replace(cast(Any, fb), rtol=None, atol=self.atol),
                                    self._rtol(xp, b))

@@ -578,3 +578,48 @@ def test_probe_stages_per_batch_element(fw, solver):
     for i, kappa in ((0, 3.0), (1, 1e3)):
         ref = np.linalg.solve(As[i], b[i])
         assert np.linalg.norm(x[i] - ref) <= 10 * kappa * 1e-5 * np.linalg.norm(ref), i
+
+
+# ---- Richardson's probe: its own loop, stopped by its known error ------------------------------
+
+@pytest.mark.parametrize("fallback", [None, idf.GMRES()], ids=_id)
+def test_richardson_probe_stops_where_its_error_decides(fw, fallback):
+    """Richardson's uniqueness probe runs in a loop of its own and stops each element as soon
+    as its error ‖z − w‖ is half the threshold (3e-3/√n): on a batch of fixed points
+    contracting at 0.5, the answer at rtol 1e-12 takes about 40 products, the probe about
+    log2(2√n/1.5e-3) ≈ 13, and every answer is the dense one's. A singular element (J has
+    eigenvalue 1, the right-hand side consistent) never gets near w: refused, with and without
+    the fallback, on every backend."""
+    n = 40
+    rng = np.random.default_rng(50)
+    Js = []
+    for _ in range(3):
+        G = rng.standard_normal((n, n))
+        Js.append(0.5 * G / np.abs(np.linalg.eigvals(G)).max())
+    s = rng.uniform(-0.5, 0.5, n)
+    s[7] = 1.0
+    Js.append(sym_with_eigs(51, s)[0])
+    As = np.stack(Js) - np.eye(n)
+    B = np.einsum("bij,bj->bi", As, rng.standard_normal((4, n)))   # consistent everywhere
+    solver = idf.Richardson(omega=-1.0, rtol=1e-12, maxiter=400, fallback=fallback)
+    M = fw.asarray(As)
+    x, info = fw.run(lambda b: solver.solve(lambda V: (M @ V[..., None])[..., 0], b),
+                     fw.asarray(B))
+    np.testing.assert_array_equal(fw.numpy(info.converged), [True, True, True, False])
+    np.testing.assert_array_equal(fw.numpy(info.breakdown), [False, False, False, True])
+    x = fw.numpy(x)
+    for i in range(3):
+        ref = np.linalg.solve(As[i], B[i])
+        assert np.linalg.norm(x[i] - ref) <= 1e-10 * np.linalg.norm(ref), i
+    # the products of the answer and of the probe (NumPy: the calls can be counted)
+    calls: list[int] = []
+
+    def mv(V):
+        calls.append(1)
+        return (As[:3] @ V[..., None])[..., 0]
+
+    _, info = solver.solve(mv, B[:3])
+    answer = int(np.max(info.iterations))
+    assert answer >= 35, answer
+    probe = len(calls) - answer - 2      # the probe's A w and the true residual's A x aside
+    assert 8 <= probe <= 20, (answer, probe)
