@@ -400,6 +400,38 @@ def test_kink_off_the_root_is_not_refused(ad):
     np.testing.assert_allclose(g, 0.5, rtol=1e-12)
 
 
+def test_kink_probe_second_step_only_where_the_first_is_beyond_tolerance(ad):
+    """The probe's step 4h (two evaluations of F) only tells a kink from a smooth F where the
+    step h shows a mismatch beyond tolerance: eagerly, a smooth F is evaluated three times by
+    the probe (F(x*), F(x* ± hv)), a kink five times and refused; under `jax.jit` (values not
+    known) both steps always run."""
+    xp: Any = ad.xp
+    calls = [0]
+
+    def make(kink: bool):
+        def F(x, t):
+            calls[0] += 1
+            return x + (xp.maximum(x, 0 * x) if kink else 0.5 * xp.tanh(x)) - t
+
+        @idf.custom_root(F, solve=idf.Dense())
+        def solve(t):
+            return 0 * t if kink else t / 1.5    # x* = 0: the switch / tanh's linear part
+        return solve
+
+    theta = ad.asarray(np.zeros(3))
+    counts = {}
+    for kink in (False, True):
+        calls[0] = 0
+        if kink:
+            refused(ad, "not differentiable at x*", lambda: grad_sum(ad, make(True), theta))
+        else:
+            np.testing.assert_allclose(grad_sum(ad, make(False), theta), 1 / 1.5, rtol=1e-9)
+        counts[kink] = calls[0]
+    # (the other evaluations of F, by the rule's own linearization, are the same in both)
+    if ad.name == "torch":
+        assert counts[True] - counts[False] == 2, counts
+
+
 def test_kink_probe_policies(ad):
     theta = ad.asarray(np.zeros(3))
     # kink_probe=False: the framework's own choice, as before (maximum splits the tie: 2/3)

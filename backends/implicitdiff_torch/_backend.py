@@ -183,6 +183,9 @@ class TorchBackend(Backend):
         # the masked selects it would save are cheap there. Only CPU tensors look.
         if mask.device.type != "cpu":
             return False
+        # under torch.func.vmap the answer differs per mapped element: not known as one bool
+        if _batched(mask):
+            return False
         return bool(mask.all())
 
     def ring_write(self, hist: Any, slot: Any, row: Any, mask: Any, everyone: bool) -> Any:
