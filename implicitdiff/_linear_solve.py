@@ -1312,49 +1312,78 @@ class Richardson(_Iterative):
         limit = 1e4 * xp.maximum(rn, tol)
         none = xp.zeros_like(rn, dtype=xp.bool)
         # (k, x, r, rn, iterations, breakdown, handed over, the residual at the last check,
-        # and with `near`: whether the iterate is within the distance of the target)
+        # whether the element still iterates, and with `near`: whether the iterate is within
+        # the distance of the target). An element that stops (converged, broken down, handed
+        # over, near) stands still from then on, so "still iterates" only ever turns false.
         state = (zero_int(xp, rn), x, r, rn, xp.zeros_like(rn, dtype=xp.int32), none, none,
-                 rn) + ((none,) if near is not None else ())
-
-        def live(s):
-            out = (s[3] > tol) & ~s[5] & ~s[6]
-            return out & ~s[8] if near is not None else out
+                 rn, rn > tol) + ((none,) if near is not None else ())
+        # eagerly (the body runs once per step, with values): the steps made, and whether
+        # every element still iterates (known from the last step's look, one per step): then
+        # no select, no count per element and no test before the step are needed
+        eager = {"steps": 0, "all": not bk.is_traced(rn) and bk.known_all(state[8])}
 
         def cond(s):
-            return (s[0] < maxiter) & xp.any(live(s))
-
-        steps = [0]  # eagerly: the steps made (the body runs once per step)
+            if bk.is_traced(s[3]):
+                return (s[0] < maxiter) & xp.any(s[8])
+            if eager["steps"] >= maxiter:
+                return False
+            return eager["all"] or bool(xp.any(s[8]))
 
         def body(s):
-            k, x, r, rn, iters, brk, handed, rck = s[:8]
-            go = live(s)
+            k, x, r, rn, iters, brk, handed, rck, go = s[:9]
+            traced = bk.is_traced(rn)
+            everyone = eager["all"] and not traced
             x_new = x - r if omega == -1 else x + omega * r
             r_new = b - matvec(x_new)
             rn_new = norm(xp, r_new)
-            bad = go & ~(rn_new <= limit)
-            if fb is not None:
+            fine = rn_new <= limit      # false: growing far beyond the start, or not finite
+            if not traced and bk.known_all(fine):
+                bad = None              # eagerly, nothing diverged (the usual case)
+            else:
+                bad = go & ~fine
+            slow = None   # the elements handed over as slow at this step (None: none)
+            if fb is not None and bad is not None:
                 # divergence hands the element over; only a non-finite residual breaks down
                 grown = bad & (rn_new < math.inf)
                 bad = bad & ~grown
-                if bk.is_traced(rn_new):   # compiled: the check every step, masked
-                    check = (k + 1) % RICHARDSON_WINDOW == 0
-                    slow = go & ~bad & ~grown & check & ~(rn_new <= RICHARDSON_MIN_GAIN * rck)
-                    handed = handed | grown | (slow & (rn_new > tol))
-                    rck = xp.where(check, rn_new, rck)
-                else:   # eagerly, one step after another: the check only where it falls
-                    steps[0] += 1
-                    handed = handed | grown
-                    if steps[0] % RICHARDSON_WINDOW == 0:
-                        slow = go & ~bad & ~grown & ~(rn_new <= RICHARDSON_MIN_GAIN * rck)
-                        handed = handed | (slow & (rn_new > tol))
-                        rck = rn_new
+                handed = handed | grown
                 go = go & ~grown
-            go = go & ~bad
-            sel = _selector(bk, xp, go)
-            out = (k + 1, sel(x_new, x), sel(r_new, r), sel(rn_new, rn),
-                   iters + xp.astype(go, xp.int32), brk | bad, handed, rck)
+            if fb is not None:
+                if traced:   # compiled: the check every step, masked
+                    check = (k + 1) % RICHARDSON_WINDOW == 0
+                    slow = go & check & ~(rn_new <= RICHARDSON_MIN_GAIN * rck)
+                    rck = xp.where(check, rn_new, rck)
+                elif (eager["steps"] + 1) % RICHARDSON_WINDOW == 0:   # only where it falls
+                    slow = go & ~(rn_new <= RICHARDSON_MIN_GAIN * rck)
+                    rck = rn_new
+                if slow is not None:
+                    if bad is not None:
+                        slow = slow & ~bad
+                    slow = slow & (rn_new > tol)
+                    handed = handed | slow
+            if bad is not None:
+                go = go & ~bad
+                brk = brk | bad
+                everyone = False
+            # go: the elements that made this step (eagerly, the counter is `eager["steps"]`)
+            k = k + 1 if traced else k
+            if everyone:
+                out = (k, x_new, r_new, rn_new, iters + 1)
+            else:
+                out = (k, xp.where(go, x_new, x), xp.where(go, r_new, r),
+                       xp.where(go, rn_new, rn), iters + xp.astype(go, xp.int32))
+            nxt = go & (rn_new > tol)   # (an element handed over before stood still)
+            if slow is not None:
+                nxt = nxt & ~slow
+            out += (brk, handed, rck)
             if near is not None:
-                out += (s[8] | (go & (norm(xp, x_new - near[0]) <= near[1])),)
+                hit = go & (norm(xp, x_new - near[0]) <= near[1])
+                out += (nxt & ~hit, s[9] | hit)
+            else:
+                out += (nxt,)
+            if not traced:
+                eager["steps"] += 1
+                eager["all"] = bk.known_all(out[8])
             return out
 
         s = bk.while_loop(cond, body, state)
@@ -1364,7 +1393,7 @@ class Richardson(_Iterative):
             # (not where the iterate is near the target: done)
             need = (s[6] | (rn > tol)) & ~brk
             if near is not None:
-                need = need & ~s[8]
+                need = need & ~s[9]
             if not bk.known_all(~need):
                 solver = with_rtol(replace(cast(Any, fb), rtol=None, atol=self.atol),
                                    self._rtol(xp, b))
