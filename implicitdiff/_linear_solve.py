@@ -1337,7 +1337,16 @@ class Richardson(_Iterative):
             r_new = b - matvec(x_new)
             rn_new = norm(xp, r_new)
             fine = rn_new <= limit      # false: growing far beyond the start, or not finite
-            if not traced and bk.known_all(fine):
+            going = None                # eagerly: known that every element goes on
+            if everyone:
+                # the usual case: every element iterates, none diverged, none converged (or
+                # got near the target) now: one look for all
+                going = fine & (rn_new > tol)
+                if near is not None:
+                    going = going & (norm(xp, x_new - near[0]) > near[1])
+                if not bk.known_all(going):
+                    going = None
+            if going is not None or (not traced and bk.known_all(fine)):
                 bad = None              # eagerly, nothing diverged (the usual case)
             else:
                 bad = go & ~fine
@@ -1372,18 +1381,24 @@ class Richardson(_Iterative):
             else:
                 out = (k, xp.where(go, x_new, x), xp.where(go, r_new, r),
                        xp.where(go, rn_new, rn), iters + xp.astype(go, xp.int32))
-            nxt = go & (rn_new > tol)   # (an element handed over before stood still)
+            if going is not None and slow is None:
+                nxt = going             # every element goes on
+            else:
+                nxt = go & (rn_new > tol)   # (an element handed over before stood still)
+                going = None
             if slow is not None:
                 nxt = nxt & ~slow
             out += (brk, handed, rck)
-            if near is not None:
+            if near is not None and going is not None:
+                out += (nxt, s[9])      # none got near
+            elif near is not None:
                 hit = go & (norm(xp, x_new - near[0]) <= near[1])
                 out += (nxt & ~hit, s[9] | hit)
             else:
                 out += (nxt,)
             if not traced:
                 eager["steps"] += 1
-                eager["all"] = bk.known_all(out[8])
+                eager["all"] = going is not None or bk.known_all(out[8])
             return out
 
         s = bk.while_loop(cond, body, state)
