@@ -162,6 +162,19 @@ class Backend(abc.ABC):
         is always safe, it only costs the select."""
         return bool(self.namespace(mask).all(mask))
 
+    def when_any(self, mask: Any, fn: Callable[[], Any], otherwise: Callable[[], Any]) -> Any:
+        """`fn()` where some entry of the boolean array `mask` may be true, else `otherwise()`.
+
+        For work that changes nothing where `mask` is all false (a fallback solve for the
+        elements that need it, a second test of the entries a first one flagged): `otherwise()`
+        must return what `fn()` would there, with the same structure, so running `fn` is always
+        correct and skipping it only saves its cost. Eager default: `fn()` unless `known_all`
+        shows no entry is true. JAX: `lax.cond` on `any(mask)`, so a compiled loop skips it
+        at run time (under `vmap`, a select: both run)."""
+        if self.known_all(self.namespace(mask).logical_not(mask)):
+            return otherwise()
+        return fn()
+
     def ring_write(self, hist: Any, slot: Any, row: Any, mask: Any, everyone: bool) -> Any:
         """A solver's history buffer with `hist[..., slot, :] = row` for the batch elements where
         `mask`; returns the new buffer. Shapes: `hist` `(..., m, n)`, `slot` `(..., 1)` (an

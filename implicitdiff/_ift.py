@@ -301,12 +301,6 @@ def _rowmax(xp: Any, a: Any) -> Any:
     return xp.max(xp.abs(a), axis=-1)
 
 
-def _known_none(bk: Backend, mask: Any) -> bool:
-    """Whether no entry of the boolean array `mask` is true, known now (eagerly; never for a
-    traced array, whose value is not known yet)."""
-    return not bk.is_traced(mask) and bk.known_all(bk.namespace(mask).logical_not(mask))
-
-
 class _AtRoot:
     """The checks at x* that share $F(x^*, \\theta)$: the derivative probe (autodiff backends)
     and, inside a diagnostics block, the relative error of x* from one solve $A\\,\\delta = F$.
@@ -325,8 +319,8 @@ class _AtRoot:
     (`KINK_RTOL`, `KINK_ATOL`) for curvature up to ~100 times the scale of x* in float32 (far
     more in float64), and a switch nearer than $h|x^*|$ to x* but not at it (a proximal
     step's threshold with a small step size) is rarely crossed. Five evaluations of F and one
-    product with A; three where values are known (eagerly) and no entry is beyond tolerance at
-    h (the step 4h is then not needed)."""
+    product with A; three where no entry is beyond tolerance at h (the step 4h is then not
+    needed; `Backend.when_any` skips it, compiled code too)."""
 
     def __init__(self, bk: Backend, F: Callable[..., Any], x: Any, args: tuple, lin: Any,
                  rv: Raveler, name: str, on_failure: str, probe: bool, collect: bool,
@@ -409,13 +403,18 @@ class _AtRoot:
         # (a singular or degenerate dF/dx, such as (x - θ)^3 at x = θ, is left to the solve),
         # and so does that of a switch near x* but not at it (at δ of x*, crossed by both
         # steps: (1 - δ/4h) / (1 - δ/h), above 1.25 for δ > h/4). Only an entry beyond its
-        # tolerance at h can be refused: eagerly, where none is, the step 4h is not taken
-        # (two evaluations of F fewer, the usual case).
-        if not (_known_none(bk, bad) and (not transpose or _known_none(bk, bad_s))):
-            mis4, _, _, first4 = mismatch(4 * h)
-            bad = bad & (mis4 < 1.25 * mis)
-            if transpose:
-                bad_s = bad_s & (first4 < 1.25 * first)
+        # tolerance at h can be refused: where none is, the step 4h is not taken (two
+        # evaluations of F fewer, the usual case; compiled too, `when_any`).
+        if transpose:
+            def second() -> tuple:
+                mis4, _, _, first4 = mismatch(4 * h)
+                return bad & (mis4 < 1.25 * mis), bad_s & (first4 < 1.25 * first)
+
+            flagged = xp.any(bad, axis=-1) | bad_s
+            bad, bad_s = bk.when_any(flagged, second, lambda: (bad, bad_s))
+        else:
+            bad = bk.when_any(bad, lambda: bad & (mismatch(4 * h)[0] < 1.25 * mis),
+                              lambda: bad)
         ok = xp.logical_not(xp.any(bad, axis=-1))
         worst = _rowmax(xp, mis) / xp.where(scale > 0, scale, xp.ones_like(scale))
         if transpose:

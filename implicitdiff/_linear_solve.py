@@ -667,16 +667,20 @@ class _Iterative(AbstractLinearSolver):
         # rounding), or it sits at a least-squares point, Aᵀr ≈ 0 with r ≠ 0, so b has a
         # component outside the range of A that no x reaches (a singular A, no solution).
         stuck = ~conv & ~brk
-        if not bk.known_all(~stuck):
-            if r is None:
-                r = b - A(x)
-            rn2 = norm(xp, r)
-            brk = brk | (stuck & ~(rn2 <= 1e4 * nb))
+
+        def stuck_breaks() -> Any:
+            rr = b - A(x) if r is None else r
+            rn2 = norm(xp, rr)
+            out = brk | (stuck & ~(rn2 <= 1e4 * nb))
             ATop = AT if AT is not None else (A if self._needs_symmetry else None)
             if ATop is not None:
                 root = max(self._own_rtol(xp, b), eps) ** 0.5
-                lsq = (norm(xp, ATop(r)) <= 10.0 * root * anorm * rn2) & (rn2 > 0)
-                brk = brk | (stuck & lsq)
+                lsq = (norm(xp, ATop(rr)) <= 10.0 * root * anorm * rn2) & (rn2 > 0)
+                out = out | (stuck & lsq)
+            return out
+
+        # (its products only where some element is stuck, compiled too)
+        brk = bk.when_any(stuck, stuck_breaks, lambda: brk)
         if self.check_singular and not bk.known_all(~conv):
             # the probe A z = A w, scaled so that the tolerance is the one of the solve of b
             c = probe.c if probe is not None else _probe_scale(xp, nb, nAw)
@@ -714,14 +718,18 @@ class _Iterative(AbstractLinearSolver):
             rtol1 = rtol if tight is None else xp.maximum(rtol, 100 * prtol + xp.zeros_like(rtol))
             singular = conv & singular_at(rtol1, prtol, patol, z, pinfo, self._exact_residual,
                                           bw)
-            if tight is not None and not bk.known_all(~singular):
+            if tight is not None:
                 # where the first probe shows a possible singularity (an error beyond the
                 # threshold along a direction A nearly annihilates), the tight probe decides
-                # (elsewhere its right-hand side is 0: solved at once, no iteration)
-                bw2 = xp.where(singular, bw, xp.zeros_like(bw))
-                z2, pinfo2 = tight._solve(bk, xp, A, bw2, None, AT, tags)
-                singular = singular & singular_at(rtol, tight._rtol(xp, b), tight.atol, z2,
+                # (elsewhere its right-hand side is 0: solved at once, no iteration), and
+                # only where some element is flagged (compiled too: `when_any`)
+                def decide() -> Any:
+                    bw2 = xp.where(singular, bw, xp.zeros_like(bw))
+                    z2, pinfo2 = tight._solve(bk, xp, A, bw2, None, AT, tags)
+                    return singular & singular_at(rtol, tight._rtol(xp, b), tight.atol, z2,
                                                   pinfo2, tight._exact_residual, bw2)
+
+                singular = bk.when_any(singular, decide, lambda: singular)
             brk = brk | singular
             conv = conv & ~singular
         return x, info._replace(residual_norm=rep[..., 0], converged=conv[..., 0],
@@ -1409,15 +1417,26 @@ class Richardson(_Iterative):
             need = (s[6] | (rn > tol)) & ~brk
             if near is not None:
                 need = need & ~s[9]
-            if not bk.known_all(~need):
-                solver = with_rtol(replace(cast(Any, fb), rtol=None, atol=self.atol),
-                                   self._rtol(xp, b))
-                x_fb, info = solver._solve(bk, xp, matvec, b, x, rmatvec, tags)
-                x = xp.where(need, x_fb, x)
-                rn = norm(xp, b - matvec(x))   # the true residual, as Richardson's own
-                iters = iters + xp.where(need, info.iterations[..., None],
-                                         xp.zeros_like(iters))
-                brk = brk | (need & info.breakdown[..., None])
+            solver = with_rtol(replace(cast(Any, fb), rtol=None, atol=self.atol),
+                               self._rtol(xp, b))
+
+            def fall_back() -> tuple:
+                # the others get the system 0 from 0, solved at once (where the fallback runs
+                # for every element, compiled under `vmap`, an element stopped near the
+                # probe's target, its residual above the tolerance, is not iterated for
+                # nothing)
+                zero = xp.zeros_like(b)
+                x_fb, info = solver._solve(bk, xp, matvec, xp.where(need, b, zero), xp.where(
+                    need, x, zero), rmatvec, tags)
+                x2 = xp.where(need, x_fb, x)
+                # the true residual, as Richardson's own (the same where x is unchanged)
+                rn2 = norm(xp, b - matvec(x2))
+                iters2 = iters + xp.where(need, info.iterations[..., None],
+                                          xp.zeros_like(iters))
+                return x2, rn2, iters2, brk | (need & info.breakdown[..., None])
+
+            # only where some element needs it (compiled too: `when_any`)
+            x, rn, iters, brk = bk.when_any(need, fall_back, lambda: (x, rn, iters, brk))
         return x, _info(xp, iters, rn, tol, brk)
 
 

@@ -330,6 +330,45 @@ def test_ring_write_backends_agree(fw, everyone, int_slot):
     np.testing.assert_array_equal(np.asarray(base), want)
 
 
+@pytest.mark.parametrize("flags", [[False, False, False], [False, True, False]])
+def test_when_any_runs_the_work_only_where_some_entry_may_be_true(fw, flags):
+    """`Backend.when_any(mask, fn, otherwise)`: `fn()` when some entry of the mask is true,
+    `otherwise()` when none is, on every backend, eagerly without calling `fn` at all, and in
+    JAX under `jit` (a `lax.cond`: decided at run time) and `vmap` (both run, the same
+    answer)."""
+    mask = np.array(flags)[:, None]
+    x = np.arange(3.0)[:, None]
+    calls = [0]
+
+    def work(bk, m, v):
+        def fn():
+            calls[0] += 1
+            return bk.namespace(v).where(m, -v, v)   # unchanged where the mask is false
+        return bk.when_any(m, fn, lambda: v)
+
+    want = np.where(mask, -x, x)
+    m, v = fw.asarray(mask), fw.asarray(x)
+    bk = idf.get_backend(v)
+    got = work(bk, m, v)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    if fw.name != "jax":
+        assert calls[0] == int(any(flags))
+    if fw.name == "jax":
+        import jax
+
+        got = jax.jit(lambda m, v: work(bk, m, v))(m, v)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        batched = jax.vmap(lambda m, v: work(bk, m, v))(m[None], v[None])
+        np.testing.assert_array_equal(np.asarray(batched)[0], want)
+    if fw.name == "torch":   # under torch.func.vmap the mask is not known as one bool: fn runs
+        import torch
+
+        calls[0] = 0
+        got = torch.func.vmap(lambda m, v: work(bk, m, v))(m[None], v[None])
+        np.testing.assert_array_equal(got[0].numpy(), want)
+        assert calls[0] == 1
+
+
 def test_torch_solver_on_the_tape_is_differentiable():
     """Run with grad enabled (unrolled differentiation through Anderson's iterations), the
     history is not written in place: backward works and approaches the implicit gradient."""

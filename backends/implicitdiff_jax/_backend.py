@@ -476,6 +476,9 @@ class JaxBackend(Backend):
     def known_all(self, mask: Any) -> bool:
         return False  # the solvers' loops are traced: nothing is known before they run
 
+    def when_any(self, mask, fn, otherwise):
+        return lax.cond(jnp.any(mask), fn, otherwise)
+
     def materialize(self, matvec: Callable, b: Any) -> Any:
         given = getattr(matvec, "materialize", None)
         if given is not None:  # `Derivatives.jacobian_x`
