@@ -623,3 +623,44 @@ def test_richardson_probe_stops_where_its_error_decides(fw, fallback):
     assert answer >= 35, answer
     probe = len(calls) - answer - 2      # the probe's A w and the true residual's A x aside
     assert 8 <= probe <= 20, (answer, probe)
+
+
+def test_richardson_masked_path_matches_the_eager_shortcuts():
+    """On accelerators the torch backend does not look at masks (`known_all` is False): Richardson
+    then takes its masked path, the one compiled JAX runs. On a batch whose elements stop at
+    different steps (contractions at different rates), one diverging (handed to the fallback)
+    and one singular (refused by the probe), both paths give the same iterates, counts and
+    verdicts."""
+    torch = pytest.importorskip("torch")
+    from implicitdiff_torch import TorchBackend
+
+    n = 30
+    rng = np.random.default_rng(60)
+    Js = []
+    for rate in (0.2, 0.5, 0.8):
+        G = rng.standard_normal((n, n))
+        Js.append(rate * G / np.abs(np.linalg.eigvals(G)).max())
+    s = rng.uniform(-0.5, 0.5, n)
+    s[0] = 1.8                                            # diverges: handed over
+    Js.append(sym_with_eigs(61, s)[0])
+    s = rng.uniform(-0.5, 0.5, n)
+    s[3] = 1.0                                            # singular, consistent: refused
+    Js.append(sym_with_eigs(62, s)[0])
+    As = np.stack(Js) - np.eye(n)
+    B = np.einsum("bij,bj->bi", As, rng.standard_normal((5, n)))
+    M, b = torch.from_numpy(As), torch.from_numpy(B)
+    solver = idf.Richardson(omega=-1.0, rtol=1e-10, maxiter=500, fallback=idf.GMRES())
+
+    def run():
+        return solver.solve(lambda V: (M @ V[..., None])[..., 0], b)
+
+    x1, info1 = run()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TorchBackend, "known_all", lambda self, mask: False)
+        x2, info2 = run()
+    np.testing.assert_array_equal(info1.converged.numpy(), [True, True, True, True, False])
+    for f in ("converged", "breakdown", "iterations"):
+        np.testing.assert_array_equal(getattr(info1, f).numpy(), getattr(info2, f).numpy())
+    np.testing.assert_allclose(x2.numpy(), x1.numpy(), rtol=0, atol=1e-12)
+    ref = np.linalg.solve(As[:4], B[:4, :, None])[..., 0]
+    np.testing.assert_allclose(x1.numpy()[:4], ref, rtol=1e-7, atol=1e-9)
