@@ -1295,12 +1295,9 @@ class Richardson(_Iterative):
     # per step until the answer is done.
     _stacks_probe = False
 
-    def _probe_solver(self, xp: Any, b: Any) -> _Iterative:
-        # its residual is the true one: a tighter tolerance may be out of reach, so the
-        # probe is solved at its own tolerance, in one stage
-        return self
-
     def _first_probe(self, xp: Any, b: Any) -> tuple[Any, float, _Iterative | None]:
+        # its residual is the true one: a tighter tolerance may be out of reach, so the
+        # probe is solved at its own tolerance, in one stage (no tight one follows)
         return self._rtol(xp, b), self.atol, None
 
     def _solve_probe(self, bk, xp, A, bw, AT, tags, ws, near):
@@ -1346,12 +1343,13 @@ class Richardson(_Iterative):
             rn_new = norm(xp, r_new)
             fine = rn_new <= limit      # false: growing far beyond the start, or not finite
             going = None                # eagerly: known that every element goes on
+            dist = None if near is None else norm(xp, x_new - near[0])
             if everyone:
                 # the usual case: every element iterates, none diverged, none converged (or
                 # got near the target) now: one look for all
                 going = fine & (rn_new > tol)
                 if near is not None:
-                    going = going & (norm(xp, x_new - near[0]) > near[1])
+                    going = going & (dist > near[1])
                 if not bk.known_all(going):
                     going = None
             if going is not None or (not traced and bk.known_all(fine)):
@@ -1400,7 +1398,7 @@ class Richardson(_Iterative):
             if near is not None and going is not None:
                 out += (nxt, s[9])      # none got near
             elif near is not None:
-                hit = go & (norm(xp, x_new - near[0]) <= near[1])
+                hit = go & (dist <= near[1])
                 out += (nxt & ~hit, s[9] | hit)
             else:
                 out += (nxt,)
@@ -1417,10 +1415,9 @@ class Richardson(_Iterative):
             need = (s[6] | (rn > tol)) & ~brk
             if near is not None:
                 need = need & ~s[9]
-            solver = with_rtol(replace(cast(Any, fb), rtol=None, atol=self.atol),
-                               self._rtol(xp, b))
-
             def fall_back() -> tuple:
+                solver = with_rtol(replace(cast(Any, fb), rtol=None, atol=self.atol),
+                                   self._rtol(xp, b))
                 # the others get the system 0 from 0, solved at once (where the fallback runs
                 # for every element, compiled under `vmap`, an element stopped near the
                 # probe's target, its residual above the tolerance, is not iterated for
