@@ -63,6 +63,19 @@ def safe_div(xp: Any, a: Any, b: Any, mask: Any) -> Any:
     return xp.where(mask, a / xp.where(mask, b, xp.ones_like(b)), xp.zeros_like(a))
 
 
+def all_finite(xp: Any, a: Any, axis: Any = -1, keepdims: bool = False) -> Any:
+    r"""Whether every entry of the floating array `a` along `axis` (an int or a tuple) is finite.
+
+    $0 \cdot a$ is NaN exactly where `a` is NaN or infinite, and a sum of zeros is 0: three
+    operations, a third of the cost of `all(isfinite(a))` on torch's CPU arrays, where
+    `isfinite` is itself four. (NumPy's warning about `inf * 0` is silenced: that product is
+    the test. Only for NumPy arrays: `torch.compile` would break its graph at the context.)"""
+    if isinstance(a, (np.ndarray, np.generic)):
+        with np.errstate(invalid="ignore"):
+            return xp.sum(a * 0, axis=axis, keepdims=keepdims) == 0
+    return xp.sum(a * 0, axis=axis, keepdims=keepdims) == 0
+
+
 def zero_int(xp: Any, like: Any) -> Any:
     """A 0-d int32 zero (a loop counter) on the device of the array `like`.
 

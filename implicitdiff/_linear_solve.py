@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, cast
 
-from ._array import dot, norm, safe_div, size, zero_int
+from ._array import all_finite, dot, norm, safe_div, size, zero_int
 from ._diagnostics import LinearSolveInfo
 from ._errors import StructureError
 from ._tags import fixed_point_form, positive_definite, symmetric
@@ -436,7 +436,7 @@ def _direct(bk: Any, xp: Any, solver: Any, factor_solve: Callable[[Any, Any], An
         cols.append(Aw)
     X = _per_element(bk, xp, factor_solve, Fe, xp.stack(cols, axis=-1))
     x = c * X[..., 0]
-    finite = xp.all(xp.isfinite(x), axis=-1, keepdims=True)
+    finite = all_finite(xp, x, keepdims=True)
     x = xp.where(finite, x, xp.zeros_like(x) * float("nan"))
     rr = mul(x) - b
     rn = norm(xp, rr)
@@ -1490,7 +1490,7 @@ class NeumannSolve(AbstractLinearSolver):
                 r = b - matvec(x)
         rn = norm(xp, b - matvec(x))                  # the true residual of the answer
         nb = norm(xp, b)
-        finite = xp.isfinite(rn) & xp.all(xp.isfinite(x), axis=-1, keepdims=True)
+        finite = xp.isfinite(rn) & all_finite(xp, x, keepdims=True)
         brk = ~finite | ~(rn <= 1e4 * nb)
         conv = ~brk
         if self.rtol is not None or self.atol > 0:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import _tree
+from ._array import all_finite
 from ._backend import Backend, convert_constants, find_backend, get_backend
 from ._config import resolve_on_failure
 from ._diagnostics import ForwardRecord
@@ -246,7 +247,7 @@ class ImplicitFunction:
         # with batch_dims = k, one residual and one finiteness flag per batch element
         res_l = [_row_max(xp, rl, k) for rl in rls]
         res, finite = _combine(xp, res_l, xp.maximum), _combine(
-            xp, [_row_all(xp, xp.isfinite(xl), k) for xl in xls], lambda a, b: a & b)
+            xp, [_rows_finite(xp, xl, k) for xl in xls], lambda a, b: a & b)
         name = self.name
         if self.residual_tol is not None:  # the user's tolerance: absolute, as given
             tol = self.residual_tol
@@ -286,8 +287,7 @@ class ImplicitFunction:
         the DEQ layers, records it with `record_forward`)."""
         finite = None
         for _, xl in xs:
-            axes = tuple(range(k, xl.ndim))
-            f = xp.all(xp.isfinite(xl), axis=axes) if axes else xp.isfinite(xl)
+            f = _rows_finite(xp, xl, k)
             finite = f if finite is None else finite & f
         assert finite is not None
         name = self.name
@@ -319,9 +319,10 @@ def _row_max(xp: Any, a: Any, k: int) -> Any:
     return xp.max(xp.abs(a), axis=axes)
 
 
-def _row_all(xp: Any, a: Any, k: int) -> Any:
+def _rows_finite(xp: Any, a: Any, k: int) -> Any:
+    """Per batch element (the first `k` axes), whether every entry of `a` is finite."""
     axes = tuple(range(k, a.ndim))
-    return xp.all(a, axis=axes) if axes else a
+    return all_finite(xp, a, axis=axes) if axes else xp.isfinite(a)
 
 
 def _combine(xp: Any, parts: list, op: Callable[[Any, Any], Any]) -> Any:
@@ -342,7 +343,7 @@ def drop_failed(bk: Backend, F: Callable[..., Any], x: Any, k: int
     are; `ok` the per-element flag (shape: the batch)."""
     leaves, treedef = bk.tree_flatten(x)
     xp = bk.namespace(*leaves)
-    ok = _combine(xp, [_row_all(xp, xp.isfinite(leaf), k) for leaf in leaves],
+    ok = _combine(xp, [_rows_finite(xp, leaf, k) for leaf in leaves],
                   lambda a, b: a & b)
 
     def keep(leaf: Any, kept: Any, other: Any) -> Any:

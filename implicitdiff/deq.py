@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import solvers as _solvers
+from ._array import all_finite
 from ._linear_solve import AbstractLinearSolver, BiCGStab, NeumannSolve, Richardson
 
 __all__ = [
@@ -288,8 +289,7 @@ def samples_finite(bk: Any, tree: Any, batch: int) -> Any:
     ok = None
     for leaf in leaves:
         xp = bk.namespace(leaf)
-        fin = xp.reshape(xp.isfinite(leaf), (batch, -1))
-        fin = xp.all(fin, axis=-1)
+        fin = all_finite(xp, xp.reshape(leaf, (batch, -1)))
         ok = fin if ok is None else ok & fin
     return ok
 
@@ -323,7 +323,7 @@ def check_fixed_point(bk: Any, z: Any, rmax: Any, tol: float, on_failure: str, w
     from ._root import record_forward
 
     xp = bk.namespace(z)
-    ok = xp.all(xp.isfinite(z), axis=-1) & (rmax <= tol)   # a NaN residual fails too
+    ok = all_finite(xp, z) & (rmax <= tol)   # a NaN residual fails too
     if inputs_ok is not None:
         rmax = xp.where(inputs_ok, rmax, xp.full_like(rmax, float("nan")))
         ok = ok & inputs_ok

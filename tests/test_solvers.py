@@ -286,10 +286,13 @@ def test_eager_fast_paths_match_traced_jax(name):
         np.testing.assert_allclose(runs[f].trace, runs["jax"].trace, rtol=1e-8, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["anderson", "broyden", "newton"])
-def test_torch_without_shortcuts_matches(monkeypatch, name):
+@pytest.mark.parametrize("maxiter", [400, 3])
+@pytest.mark.parametrize("name", ["fixed_point_iteration", "anderson", "broyden", "newton"])
+def test_torch_without_shortcuts_matches(monkeypatch, name, maxiter):
     """On accelerators the torch backend does not look at masks (`known_all` is False: no host
-    synchronization); the solvers then take their masked paths, with the same iterates."""
+    synchronization); the solvers then take their masked paths, with the same iterates,
+    statistics and traces. With `maxiter=3` every element is still going when the loop ends:
+    the eager shortcut's traces and counts are written then, and must match too."""
     torch = pytest.importorskip("torch")
     from implicitdiff_torch import TorchBackend
 
@@ -298,12 +301,50 @@ def test_torch_without_shortcuts_matches(monkeypatch, name):
     kw = {"fixed_point": True} if name == "newton" else {}
     z0, W, c, b = graded_problem()
     fw = Framework("torch")
-    fast = fw.run(solver, graded_map, z0, W, c, b, tol=1e-10, maxiter=400, **kw)
+    fast = fw.run(solver, graded_map, z0, W, c, b, tol=1e-10, maxiter=maxiter, **kw)
     monkeypatch.setattr(TorchBackend, "known_all", lambda self, mask: False)
-    masked = fw.run(solver, graded_map, z0, W, c, b, tol=1e-10, maxiter=400, **kw)
+    masked = fw.run(solver, graded_map, z0, W, c, b, tol=1e-10, maxiter=maxiter, **kw)
     np.testing.assert_array_equal(masked.steps, fast.steps)
+    np.testing.assert_array_equal(masked.converged, fast.converged)
     np.testing.assert_allclose(masked.value, fast.value, rtol=0, atol=1e-13)
-    np.testing.assert_allclose(masked.trace, fast.trace, rtol=1e-8, atol=1e-14)
+    for field in ("trace", "relative_trace"):
+        got, want = getattr(fast, field), getattr(masked, field)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(fast.relative_residual, masked.relative_residual, rtol=1e-8)
+    if maxiter == 3 and name != "newton":  # (Newton converges within 3 steps here)
+        assert (fast.steps == 3).all() and not fast.converged.any()
+
+
+def test_eager_loop_looks_once_a_step_while_every_element_goes_on():
+    """Eagerly, while no element has converged or failed, the solvers' loop synchronizes with
+    the host once a step (one `known_all` look covers "every step good, none converged"); the
+    step count, the traces and the loop's condition need no look of their own. Counted as
+    torch's host reads (`aten._local_scalar_dense`) for the fixed-point iteration, whose steps
+    look at nothing else: one per step plus a constant."""
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Count.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    z0, W, c, b = graded_problem()
+    c = np.full_like(c, 0.9)  # every element slow: none stops within the counted steps
+    args = [torch.from_numpy(a) for a in (W, c, b)]
+    reads = {}
+    for maxiter in (5, 25):
+        Count.reads = 0
+        with torch.no_grad(), Count():
+            res = fixed_point_iteration(graded_map, torch.from_numpy(z0), *args, tol=1e-12,
+                                        maxiter=maxiter)
+        assert (res.steps == maxiter).all()
+        reads[maxiter] = Count.reads
+    assert reads[25] - reads[5] == 20  # one look per step (the loop before: two)
 
 
 @pytest.mark.parametrize("everyone", [True, False])

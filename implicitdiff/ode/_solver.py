@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .._array import all_finite
 from .._array import device as _device
 from .._backend import Backend, convert_constants, get_backend
 from .._config import resolve_on_failure
@@ -408,7 +409,7 @@ def _setup(f: Callable[..., Any], y0: Any, ts: Any, args: tuple, *,
         return xp.sqrt(xp.mean(a * a, axis=-1, keepdims=True))
 
     def finite(a: Any) -> Any:  # per row, (..., d) -> (..., 1)
-        return xp.isfinite(xp.sum(a * 0, axis=-1, keepdims=True))
+        return all_finite(xp, a, keepdims=True)
 
     nfe0 = 1
     y0d, k1d = bk.stop_gradient(y0), bk.stop_gradient(k1)

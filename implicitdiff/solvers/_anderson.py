@@ -68,56 +68,68 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
     written: list[Any] = [0]  # eagerly: the history length while it is the same for everyone
 
     def step(s: Any, z: Any, g: Any, gn: Any, active: Any):
-        k, dX, dG, G = s  # dX = dZ + β dG; G = dG dGᵀ, kept up to date by `update`
-        # (..., 1, m) as a row times a matrix: the batched matrix-vector form is several
-        # times slower on CPU
-        rhs = xp.matmul(g[..., None, :], xp.matrix_transpose(dG))
+        # dX = dZ + β dG; G = dG dGᵀ and rhs = g dGᵀ (for the current g, shape (..., 1, m)),
+        # both kept up to date by `update`; k: the steps kept, per element (stale while
+        # `written` counts them for everyone)
+        k, dX, dG, G, rhs = s
         # SPD with eigenvalues in [lam, m + lam]: LU never meets a zero pivot, nothing raises
         gamma = xp.matrix_transpose(xp.linalg.solve(G + eye, xp.matrix_transpose(rhs)))
-        gamma = xp.where(xp.abs(gamma) < math.inf, gamma, xp.zeros_like(gamma))  # NaN too
-        # z + βg - (ΔZ + βΔG)γ, with ΔZ + βΔG stored as one history
-        z_new = z + (g if beta == 1 else beta * g) - xp.matmul(gamma, dX)[..., 0, :]
+        gamma = xp.where(xp.abs(gamma) < math.inf, gamma, 0.0)  # NaN too
+        # the step βg - (ΔZ + βΔG)γ, with ΔZ + βΔG stored as one history; (..., 1, m) as a row
+        # times a matrix: the batched matrix-vector form is several times slower on CPU
+        dz = (g if beta == 1 else beta * g) - xp.matmul(gamma, dX)[..., 0, :]
+        z_new = z + dz
         g_new, scale_new = resid(z_new)
 
-        def update(s: Any, accept: Any, everyone: bool) -> Any:
-            dg, dz = g_new - g, z_new - z
+        def update(s: Any, accept: Any, everyone: bool, gn_new: Any) -> Any:
+            dg = g_new - g
             dn = norm(xp, dg)
             # a change of g below sqrt(eps) |g| is rounding noise (T(z) - z cancels): scaled to
             # unit length it would be a random direction, so it is left out of the history
-            keep = accept & (dn > noise * xp.maximum(gn, norm(xp, g_new)))
+            keep = dn > noise * xp.maximum(gn, gn_new)
             # Elements not accepted now are done (converged, or failed: frozen for good), so
             # their history is never used again. While every element that goes on keeps its
             # step, the goers share one slot (a Python int, eagerly) and the rows of the
             # finished ones may be overwritten.
-            count = written[0]
-            shared = count is not None and bk.known_all(keep | ~accept)
+            count, kk = written[0], k
+            if everyone:
+                shared = count is not None and bk.known_all(keep)
+            else:
+                keep = accept & keep
+                shared = count is not None and bk.known_all(keep | ~accept)
             dx = dz + (dg if beta == 1 else beta * dg)
             if count is not None and shared:
                 slot, written[0] = count % m, count + 1
                 # every element accepted, so (shared) every one kept: no select
-                inv = 1 / (dn if everyone else xp.where(keep, dn, xp.ones_like(dn)))
-                dgs, dxs = dg * inv, dx * inv
+                den = dn if everyone else xp.where(keep, dn, xp.ones_like(dn))
+                dgs, dxs = dg / den, dx / den
             else:
                 written[0] = None
-                slot = k % m
+                if count:  # the steps every element kept so far, until now not counted
+                    kk = xp.full_like(k, count)
+                slot = kk % m
                 dgs, dxs = safe_div(xp, dg, dn, keep), safe_div(xp, dx, dn, keep)
             dG2 = bk.ring_write(dG, slot, dgs, keep, shared)
             dX2 = bk.ring_write(dX, slot, dxs, keep, shared)
+            dGT = xp.matrix_transpose(dG2)
             if shared:
-                # one new row of dG: one new row and column of its Gram matrix
-                row = xp.matmul(dgs[..., None, :], xp.matrix_transpose(dG2))[..., 0, :]
+                # one new row of dG: one new row and column of its Gram matrix, from the
+                # product that also gives the next step's rhs
+                both = xp.matmul(xp.stack([dgs, g_new], axis=-2), dGT)
+                row = both[..., 0, :]
                 G2 = bk.ring_write(G, slot, row, keep, True)
                 G2 = xp.matrix_transpose(
                     bk.ring_write(xp.matrix_transpose(G2), slot, row, keep, True))
-            else:
-                G2 = xp.matmul(dG2, xp.matrix_transpose(dG2))
-            return k + xp.astype(keep, xp.int32), dX2, dG2, G2
+                return kk, dX2, dG2, G2, both[..., 1:, :]
+            return (kk + xp.astype(keep, xp.int32), dX2, dG2, xp.matmul(dG2, dGT),
+                    xp.matmul(g_new[..., None, :], dGT))
 
         return z_new, g_new, scale_new, None, update
 
     # separate buffers (eager backends write into them in place)
     k0 = xp.zeros((*z0.shape[:-1], 1), dtype=xp.int32, device=dev)
     gram0 = xp.zeros((*z0.shape[:-1], m, m), dtype=z0.dtype, device=dev)
-    state = (k0, hist, xp.zeros_like(hist), gram0)
+    rhs0 = xp.zeros((*z0.shape[:-1], 1, m), dtype=z0.dtype, device=dev)
+    state = (k0, hist, xp.zeros_like(hist), gram0, rhs0)
     return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter, mstate=state,
                    step=step, extra_step=extra_step)

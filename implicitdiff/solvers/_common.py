@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .._array import all_finite
 from .._array import device as device
 from .._array import dot as dot
 from .._array import norm as norm
@@ -60,10 +61,8 @@ def default_tol(xp: Any, dtype: Any) -> float:
 
 
 def finite(xp: Any, a: Any) -> Any:
-    """Whether each row of `a` is finite: `(..., n) -> (..., 1)`. ($0 \\cdot a$ is NaN exactly
-    where `a` is NaN or infinite, and a sum of zeros cannot overflow: cheaper than `all(isfinite)`
-    for the solvers' `(batch, n)` iterates.)"""
-    return xp.isfinite(xp.sum(a * 0, axis=-1, keepdims=True))
+    """Whether each row of `a` is finite: `(..., n) -> (..., 1)` (`all_finite`)."""
+    return all_finite(xp, a, keepdims=True)
 
 
 def setup(name: str, z0: Any, maxiter: Any, tol: Any, atol: Any) -> tuple[Any, Any]:
@@ -135,9 +134,10 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     `step(mstate, z, r, rn, active) -> (z_new, r_new, scale_new, ok, update)` proposes the next
     iterate with its residual (`ok`: a finite, acceptable step, shape `(..., 1)`, or None when
     the method accepts every step whose residual is finite);
-    `update(mstate, accept, everyone) -> mstate` then commits the method's state for the accepted
-    elements (`everyone`: a Python bool, True when every element is known to be accepted, so
-    masked selects may be skipped; always False under tracing).
+    `update(mstate, accept, everyone, rn_new) -> mstate` then commits the method's state for the
+    accepted elements (`everyone`: a Python bool, True when every element is known to be
+    accepted, so masked selects may be skipped; always False under tracing; `rn_new`: the norm
+    of the proposed residual, shape `(..., 1)`).
     An element stops when its residual is within tolerance, or when it cannot make a finite step
     (then it is reported not converged), or at `maxiter`.
 
@@ -159,10 +159,16 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
             return rn <= rtol * scale
         return rn <= xp.maximum(atol_a, rtol * scale)
 
+    def going(rn: Any, scale: Any) -> Any:  # finite norms, and not `done`
+        bound = rtol * scale if atol == 0 else xp.maximum(atol_a, rtol * scale)
+        return (bound < rn) & (rn < math.inf)  # false for NaN, and for scale = inf
+
     dev = device(z0)
     idx = xp.arange(maxiter, dtype=xp.int32, device=dev)
     nan_trace = xp.full((*z0.shape[:-1], maxiter), float("nan"), dtype=z0.dtype, device=dev)
-    ok0 = finite(xp, z0) & xp.isfinite(rn0) & xp.isfinite(scale0)
+    ok0 = (rn0 + scale0) < math.inf  # both norms finite (see `body`)
+    if not z_checked:
+        ok0 = ok0 & finite(xp, z0)
     conv0 = done(rn0, scale0) & ok0
     state = dict(
         k=zero_int(xp, rn0), z=z0, r=r0, rn=rn0, scale=scale0,
@@ -170,17 +176,48 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         active=~conv0 & ok0, trace=nan_trace, strace=nan_trace, m=mstate,
     )
 
+    # Eagerly, while every element is known to go on (none has converged or failed yet: the
+    # usual case), one look per step is the whole bookkeeping: the step count is a Python int
+    # shared by every element, and the traces' columns wait in a list (`settle` writes them
+    # once, when some element stops or the loop ends). `lead["k"]` is None otherwise: from the
+    # start under tracing (`known_all` is False there), and for good once an element stopped.
+    lead: dict = {"k": 0 if bk.known_all(state["active"]) else None, "rows": []}
+
+    def settle(s: dict) -> dict:
+        k, rows = lead["k"], lead["rows"]
+        lead["k"], lead["rows"] = None, []
+        s = {**s, "k": s["k"] + k, "steps": s["steps"] + k}
+        if rows:
+            for key, i in (("trace", 0), ("strace", 1)):
+                cols = xp.concat([row[i] for row in rows], axis=-1)
+                s[key] = xp.concat([cols, s[key][..., len(rows):]], axis=-1)
+        return s
+
     def cond(s: dict) -> Any:
+        if lead["k"] is not None:
+            return lead["k"] < maxiter
         return (s["k"] < maxiter) & xp.any(s["active"])
 
     def body(s: dict) -> dict:
         active = s["active"]
-        z_new, r_new, scale_new, ok, update = step(s["m"], s["z"], s["r"], s["rn"], active)
+        z_new, r_new, scale_new, ok_step, update = step(s["m"], s["z"], s["r"], s["rn"], active)
         rn_new = norm(xp, r_new)
+        if lead["k"] is not None:
+            # every element was active: it goes on if its step is good and not yet converged
+            on = going(rn_new, scale_new)
+            on = on if ok_step is None else on & ok_step
+            if not z_checked:
+                on = on & finite(xp, z_new)
+            if bk.known_all(on):
+                lead["k"] += 1
+                lead["rows"].append((rn_new, scale_new))
+                return {**s, "z": z_new, "r": r_new, "rn": rn_new, "scale": scale_new,
+                        "m": update(s["m"], on, True, rn_new)}
+            s = settle(s)
         # both norms finite (they are >= 0, or NaN: their sum is finite exactly then, and
         # below inf exactly then: one comparison instead of `isfinite`'s several operations)
         finite_norms = (rn_new + scale_new) < math.inf
-        ok = finite_norms if ok is None else ok & finite_norms
+        ok = finite_norms if ok_step is None else ok_step & finite_norms
         if not z_checked:
             ok = ok & finite(xp, z_new)
         accept = active & ok
@@ -205,10 +242,12 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
             active=active,
             trace=xp.where(at_k, rn_new, s["trace"]),
             strace=xp.where(at_k, scale_new, s["strace"]),
-            m=update(s["m"], accept, everyone),
+            m=update(s["m"], accept, everyone, rn_new),
         )
 
     s = bk.while_loop(cond, body, state)
+    if lead["k"] is not None:
+        s = settle(s)
     for _ in range(n_extra):
         s = _extra_step(bk, xp, resid, s, done, z_checked)
     rel = safe_div(xp, s["rn"], s["scale"], s["scale"] > 0)
