@@ -112,17 +112,17 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
             dG2 = bk.ring_write(dG, slot, dgs, keep, shared)
             dX2 = bk.ring_write(dX, slot, dxs, keep, shared)
             dGT = xp.matrix_transpose(dG2)
+            rhs2 = xp.matmul(g_new[..., None, :], dGT)  # the next step's
             if shared:
-                # one new row of dG: one new row and column of its Gram matrix, from the
-                # product that also gives the next step's rhs
-                both = xp.matmul(xp.stack([dgs, g_new], axis=-2), dGT)
-                row = both[..., 0, :]
+                # one new row of dG: one new row and column of its Gram matrix (two products
+                # rather than one of a stacked pair: the stack would raise the peak memory by
+                # two vectors per element)
+                row = xp.matmul(dgs[..., None, :], dGT)[..., 0, :]
                 G2 = bk.ring_write(G, slot, row, keep, True)
                 G2 = xp.matrix_transpose(
                     bk.ring_write(xp.matrix_transpose(G2), slot, row, keep, True))
-                return kk, dX2, dG2, G2, both[..., 1:, :]
-            return (kk + xp.astype(keep, xp.int32), dX2, dG2, xp.matmul(dG2, dGT),
-                    xp.matmul(g_new[..., None, :], dGT))
+                return kk, dX2, dG2, G2, rhs2
+            return kk + xp.astype(keep, xp.int32), dX2, dG2, xp.matmul(dG2, dGT), rhs2
 
         return z_new, g_new, scale_new, None, update
 
