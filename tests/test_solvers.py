@@ -271,6 +271,24 @@ def test_per_sample_stopping(fw, name):
         np.testing.assert_allclose(one.value, res.value[i], rtol=0, atol=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # NumPy's own, loud
+def test_anderson_overflowing_element_stops_not_converged(fw):
+    """An element whose residual overflows (its map scales by 1e300) stops at its last finite
+    iterate, reported not converged; the other elements of the batch converge as they do
+    without it (Anderson's least-squares step is not guarded: its coefficients are bounded by
+    sqrt(m) |g| / lambda, so only such an element can make them non-finite)."""
+    z0, W, c, b = graded_problem()
+    c = c.copy()
+    c[2] = 1e300
+    res = fw.run(anderson, graded_map, z0, W, c, b, tol=1e-10, maxiter=400)
+    assert not bool(res.converged[2]) and np.isfinite(res.value[2]).all()
+    keep = [0, 1, 3]
+    alone = fw.run(anderson, graded_map, z0[keep], W, c[keep], b[keep], tol=1e-10, maxiter=400)
+    assert res.converged[keep].all()
+    np.testing.assert_array_equal(res.steps[keep], alone.steps)
+    np.testing.assert_allclose(res.value[keep], alone.value, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["anderson", "broyden"])
 def test_eager_fast_paths_match_traced_jax(name):
     """NumPy and PyTorch run the loops eagerly, skipping masked selects while every element is
