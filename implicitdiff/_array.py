@@ -72,8 +72,10 @@ def all_finite(xp: Any, a: Any, axis: Any = -1, keepdims: bool = False) -> Any:
     the test. Only for NumPy arrays: `torch.compile` would break its graph at the context.)"""
     if isinstance(a, (np.ndarray, np.generic)):
         with np.errstate(invalid="ignore"):
-            return xp.sum(a * 0, axis=axis, keepdims=keepdims) == 0
-    return xp.sum(a * 0, axis=axis, keepdims=keepdims) == 0
+            zero = np.asarray(a) * 0
+    else:
+        zero = a * 0
+    return xp.sum(zero, axis=axis, keepdims=keepdims) == 0
 
 
 def zero_int(xp: Any, like: Any) -> Any:
