@@ -83,8 +83,13 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
         z_new = z + dz
         g_new, scale_new = resid(z_new)
 
-        def update(s: Any, accept: Any, everyone: bool, gn_new: Any) -> Any:
-            dg = g_new - g
+        def update(s: Any, accept: Any, everyone: bool, gn_new: Any, z1: Any, g1: Any) -> Any:
+            # z1, g1: what each element holds now (z_new, g_new where accepted). An element not
+            # accepted adds nothing (dz = dg = 0, not kept): its rejected step may be inf, and
+            # inf in the history would make inf * 0 in the products below (NaN, and NumPy's
+            # "invalid value" warning), though the element is frozen for good
+            dz1 = dz if everyone else z1 - z
+            dg = g1 - g
             dn = norm(xp, dg)
             # a change of g below sqrt(eps) |g| is rounding noise (T(z) - z cancels): scaled to
             # unit length it would be a random direction, so it is left out of the history
@@ -99,7 +104,7 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
             else:
                 keep = accept & keep
                 shared = count is not None and bk.known_all(keep | ~accept)
-            dx = dz + (dg if beta == 1 else beta * dg)
+            dx = dz1 + (dg if beta == 1 else beta * dg)
             if count is not None and shared:
                 slot, written[0] = count % m, count + 1
                 # every element accepted, so (shared) every one kept: no select
@@ -116,7 +121,7 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
             dG2 = bk.ring_write(dG, slot, dgs, keep, shared)
             dX2 = bk.ring_write(dX, slot, dxs, keep, shared)
             dGT = xp.matrix_transpose(dG2)
-            rhs2 = xp.matmul(g_new[..., None, :], dGT)  # the next step's
+            rhs2 = xp.matmul(g1[..., None, :], dGT)  # the next step's
             if shared:
                 # one new row of dG: one new row and column of its Gram matrix (two products
                 # rather than one of a stacked pair: the stack would raise the peak memory by

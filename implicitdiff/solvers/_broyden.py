@@ -95,7 +95,7 @@ def broyden(fun: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = Tr
             ok = xp.isfinite(norm(xp, g_new))
             reset = xp.zeros_like(ok)
 
-        def update(s: Any, accept: Any, everyone: bool, gn_new: Any) -> Any:
+        def update(s: Any, accept: Any, everyone: bool, gn_new: Any, z1: Any, g1: Any) -> Any:
             dz, dg = z_new - z, g_new - g
             Hdg = H(U, V, dg)
             v = HT(U, V, dz)

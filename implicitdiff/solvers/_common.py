@@ -134,10 +134,12 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     `step(mstate, z, r, rn, active) -> (z_new, r_new, scale_new, ok, update)` proposes the next
     iterate with its residual (`ok`: a finite, acceptable step, shape `(..., 1)`, or None when
     the method accepts every step whose residual is finite);
-    `update(mstate, accept, everyone, rn_new) -> mstate` then commits the method's state for the
-    accepted elements (`everyone`: a Python bool, True when every element is known to be
-    accepted, so masked selects may be skipped; always False under tracing; `rn_new`: the norm
-    of the proposed residual, shape `(..., 1)`).
+    `update(mstate, accept, everyone, rn_new, z, r) -> mstate` then commits the method's state
+    for the accepted elements (`everyone`: a Python bool, True when every element is known to
+    be accepted, so masked selects may be skipped; always False under tracing; `rn_new`: the
+    norm of the proposed residual, shape `(..., 1)`; `z`, `r`: the iterate and residual each
+    element holds after this step, the proposed ones where accepted, the previous ones
+    elsewhere: finite wherever the previous ones were).
     An element stops when its residual is within tolerance, or when it cannot make a finite step
     (then it is reported not converged), or at `maxiter`.
 
@@ -212,7 +214,7 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
                 lead["k"] += 1
                 lead["rows"].append((rn_new, scale_new))
                 return {**s, "z": z_new, "r": r_new, "rn": rn_new, "scale": scale_new,
-                        "m": update(s["m"], on, True, rn_new)}
+                        "m": update(s["m"], on, True, rn_new, z_new, r_new)}
             s = settle(s)
         # both norms finite (they are >= 0, or NaN: their sum is finite exactly then, and
         # below inf exactly then: one comparison instead of `isfinite`'s several operations)
@@ -242,7 +244,7 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
             active=active,
             trace=xp.where(at_k, rn_new, s["trace"]),
             strace=xp.where(at_k, scale_new, s["strace"]),
-            m=update(s["m"], accept, everyone, rn_new),
+            m=update(s["m"], accept, everyone, rn_new, z, r),
         )
 
     s = bk.while_loop(cond, body, state)

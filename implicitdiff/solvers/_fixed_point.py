@@ -56,5 +56,5 @@ def fixed_point_iteration(T: Callable[..., Any], z0: Any, *args: Any, tol: float
                    mstate=(), step=step, extra_step=extra_step)
 
 
-def _keep(m: Any, accept: Any, everyone: bool, rn_new: Any) -> Any:
+def _keep(m: Any, accept: Any, everyone: bool, rn_new: Any, z: Any, r: Any) -> Any:
     return m

@@ -107,5 +107,5 @@ def newton(F: Callable[..., Any], z0: Any, *args: Any, fixed_point: bool = False
     return iterate(bk, xp, resid, z0, tol=tol, atol=atol, maxiter=maxiter, mstate=(), step=step)
 
 
-def _keep(m: Any, accept: Any, everyone: bool, rn_new: Any) -> Any:
+def _keep(m: Any, accept: Any, everyone: bool, rn_new: Any, z: Any, r: Any) -> Any:
     return m
