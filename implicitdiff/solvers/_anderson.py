@@ -79,8 +79,7 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
         gamma = xp.matrix_transpose(xp.linalg.solve(G + eye, xp.matrix_transpose(rhs)))
         # the step βg - (ΔZ + βΔG)γ, with ΔZ + βΔG stored as one history; (..., 1, m) as a row
         # times a matrix: the batched matrix-vector form is several times slower on CPU
-        dz = (g if beta == 1 else beta * g) - xp.matmul(gamma, dX)[..., 0, :]
-        z_new = z + dz
+        z_new = z + ((g if beta == 1 else beta * g) - xp.matmul(gamma, dX)[..., 0, :])
         g_new, scale_new = resid(z_new)
 
         def update(s: Any, accept: Any, everyone: bool, gn_new: Any, z1: Any, g1: Any) -> Any:
@@ -88,7 +87,9 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
             # accepted adds nothing (dz = dg = 0, not kept): its rejected step may be inf, and
             # inf in the history would make inf * 0 in the products below (NaN, and NumPy's
             # "invalid value" warning), though the element is frozen for good
-            dz1 = dz if everyone else z1 - z
+            # (the step itself is not kept from above: held through the update it would add
+            # a vector per element to the peak memory)
+            dz1 = z1 - z
             dg = g1 - g
             dn = norm(xp, dg)
             # a change of g below sqrt(eps) |g| is rounding noise (T(z) - z cancels): scaled to
