@@ -136,7 +136,8 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     the method accepts every step whose residual is finite);
     `update(mstate, accept, everyone, rn_new, z, r) -> mstate` then commits the method's state
     for the accepted elements (`everyone`: a Python bool, True when every element is known to
-    be accepted, so masked selects may be skipped; always False under tracing; `rn_new`: the
+    be accepted, so masked selects may be skipped: eagerly, while no element has stopped;
+    always False under tracing; `rn_new`: the
     norm of the proposed residual, shape `(..., 1)`; `z`, `r`: the iterate and residual each
     element holds after this step, the proposed ones where accepted, the previous ones
     elsewhere: finite wherever the previous ones were).
@@ -222,29 +223,21 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
         ok = finite_norms if ok_step is None else ok_step & finite_norms
         if not z_checked:
             ok = ok & finite(xp, z_new)
+        # Here some element has stopped or stops now (eagerly, the lead shortcut above covers
+        # every step before), or the loop is traced: the masked selects
         accept = active & ok
-        # eagerly, while every element is still running and every step is good (the usual
-        # case), the masked selects below are the identity: skip them
-        everyone = bk.known_all(accept)
-        at_k = idx == s["k"]
-        if everyone:  # then nothing had converged or failed, and nothing fails now
-            z, r, rn, scale = z_new, r_new, rn_new, scale_new
-            steps, conv, failed = s["steps"] + 1, done(rn_new, scale_new), s["failed"]
-            active = ~conv
-        else:
-            z, r, rn, scale = (xp.where(accept, new, old) for new, old in (
-                (z_new, s["z"]), (r_new, s["r"]), (rn_new, s["rn"]), (scale_new, s["scale"])))
-            steps = s["steps"] + xp.astype(accept, xp.int32)
-            conv = s["conv"] | (accept & done(rn_new, scale_new))
-            failed = s["failed"] | (active & ~ok)
-            active = ~conv & ~failed
-            at_k = at_k & accept
+        z, r, rn, scale = (xp.where(accept, new, old) for new, old in (
+            (z_new, s["z"]), (r_new, s["r"]), (rn_new, s["rn"]), (scale_new, s["scale"])))
+        at_k = (idx == s["k"]) & accept
+        conv = s["conv"] | (accept & done(rn_new, scale_new))
+        failed = s["failed"] | (active & ~ok)
         return dict(
-            k=s["k"] + 1, z=z, r=r, rn=rn, scale=scale, steps=steps, conv=conv, failed=failed,
-            active=active,
+            k=s["k"] + 1, z=z, r=r, rn=rn, scale=scale,
+            steps=s["steps"] + xp.astype(accept, xp.int32), conv=conv, failed=failed,
+            active=~conv & ~failed,
             trace=xp.where(at_k, rn_new, s["trace"]),
             strace=xp.where(at_k, scale_new, s["strace"]),
-            m=update(s["m"], accept, everyone, rn_new, z, r),
+            m=update(s["m"], accept, False, rn_new, z, r),
         )
 
     s = bk.while_loop(cond, body, state)
