@@ -72,14 +72,22 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
         # both kept up to date by `update`; k: the steps kept, per element (stale while
         # `written` counts them for everyone)
         k, dX, dG, G, rhs = s
-        # SPD with eigenvalues in [lam, m + lam]: LU never meets a zero pivot, nothing raises.
-        # |rhs| <= sqrt(m) |g| (unit rows), so |gamma| <= sqrt(m) |g| / lam: finite unless |g|
-        # is within that factor of overflowing; then the step is not finite, and the element
-        # stops (not converged) at its last finite iterate, as in every solver
-        gamma = xp.matrix_transpose(xp.linalg.solve(G + eye, xp.matrix_transpose(rhs)))
-        # the step βg - (ΔZ + βΔG)γ, with ΔZ + βΔG stored as one history; (..., 1, m) as a row
-        # times a matrix: the batched matrix-vector form is several times slower on CPU
-        z_new = z + ((g if beta == 1 else beta * g) - xp.matmul(gamma, dX)[..., 0, :])
+        bg = g if beta == 1 else beta * g
+        if written[0] == 0 and not bk.is_traced(active):
+            # eagerly, before anything is in the history: γ = 0, the plain (mixed) step, without
+            # the solve and the product by the empty history (a traced loop body must not take
+            # this branch: its one trace serves every step)
+            z_new = z + bg
+        else:
+            # SPD with eigenvalues in [lam, m + lam]: LU never meets a zero pivot, nothing
+            # raises. |rhs| <= sqrt(m) |g| (unit rows), so |gamma| <= sqrt(m) |g| / lam:
+            # finite unless |g| is within that factor of overflowing; then the step is not
+            # finite, and the element stops (not converged) at its last finite iterate, as in
+            # every solver
+            gamma = xp.matrix_transpose(xp.linalg.solve(G + eye, xp.matrix_transpose(rhs)))
+            # the step βg - (ΔZ + βΔG)γ, with ΔZ + βΔG stored as one history; (..., 1, m) as a
+            # row times a matrix: the batched matrix-vector form is several times slower on CPU
+            z_new = z + (bg - xp.matmul(gamma, dX)[..., 0, :])
         g_new, scale_new = resid(z_new)
 
         def update(s: Any, accept: Any, everyone: bool, gn_new: Any, z1: Any, g1: Any) -> Any:

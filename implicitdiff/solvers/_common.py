@@ -155,7 +155,7 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     z_checked = getattr(resid, "implies_finite_z", False)
     r0, scale0 = resid(z0)
     rn0 = norm(xp, r0)
-    atol_a = xp.full_like(rn0, atol)
+    atol_a = xp.full_like(rn0, atol) if atol else None
 
     def done(rn: Any, scale: Any) -> Any:
         if atol == 0:  # the usual case: one operation less per step

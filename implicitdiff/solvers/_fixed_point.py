@@ -48,7 +48,7 @@ def fixed_point_iteration(T: Callable[..., Any], z0: Any, *args: Any, tol: float
     resid = residual_fn("fixed_point_iteration", T, args, z0, xp, fixed_point=True)
 
     def step(m: Any, z: Any, r: Any, rn: Any, active: Any):
-        z_new = z + damping * r
+        z_new = z + (r if damping == 1 else damping * r)  # plain: one operation a step less
         r_new, scale_new = resid(z_new)
         return z_new, r_new, scale_new, None, _keep
 
