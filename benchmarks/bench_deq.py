@@ -10,7 +10,9 @@ The model: z = tanh(W z + U x + b), batch 64, hidden 256, input 256, float32, �
    - implicitdiff `DEQ(cell, solver="anderson", backward=IFT(BiCGStab) | IFT(Richardson) |
      Phantom(5))`,
    - torchdeq `get_deq(f_solver="anderson", ift=True, b_solver="fixed_point_iter")` (IFT) and
-     `get_deq(f_solver="anderson", grad=5, tau=1.0)` (phantom gradient, 5 steps).
+     `get_deq(f_solver="anderson", grad=5, tau=1.0)` (phantom gradient, 5 steps);
+   - and both IFT layers with the fixed-point iteration as the forward solver (torchdeq's
+     default `f_solver`; implicitdiff `solver="fixed_point_iteration"`, backward Richardson).
 
    Equal forward settings: relative-residual tolerance ‖f(z) − z‖ / ‖f(z)‖ ≤ 1e-4 (the same
    definition in both libraries), at most 100 iterations, Anderson history of 5 differences
@@ -26,9 +28,9 @@ The model: z = tanh(W z + U x + b), batch 64, hidden 256, input 256, float32, �
    exact implicit gradient computed densely in float64.
 
    Then, at equal accuracy: for each torchdeq mode, the cheapest implicitdiff setting whose
-   gradient error is at most torchdeq's (the search: forward tolerance x `extra_step` x exact
-   backward solver and tolerance, see `EQ_FTOLS`, ...; and the layer's defaults), with its
-   time and the ratio.
+   gradient error is at most torchdeq's (the search: forward solver x forward tolerance x
+   `extra_step` x exact backward solver and tolerance, see `EQ_FORWARD`, ...; and the layer's
+   defaults), with its time and the ratio.
 
 2. Beyond first order (small float64 DEQ): Hessian-vector products by double backward against
    central differences of the gradient, and `torch.func.grad` / `torch.func.jacfwd`.
@@ -127,6 +129,10 @@ class Cell(nn.Module):
 
 # ---- 1. PyTorch: implicitdiff DEQ vs torchdeq -----------------------------------------------
 
+FPI_OURS = "implicitdiff IFT (Richardson), forward fixed-point iteration"
+FPI_PEER = "torchdeq IFT (fixed_point_iter), forward fixed-point iteration (its default)"
+
+
 def torch_methods(make_cell, x, z_shape):
     """name -> (cell, forward() -> (z, stats-dict)) for implicitdiff's `DEQ` and torchdeq, each
     on a fresh `make_cell()` (a module `cell(z, x)` counting its calls in `cell.calls`, with
@@ -137,9 +143,10 @@ def torch_methods(make_cell, x, z_shape):
     opts = {"tol": TOL, "maxiter": MAXITER, "m": 5}
     out = {}
 
-    def idf_method(backward):
+    def idf_method(backward, solver="anderson"):
         cell = make_cell()
-        layer = DEQ(cell, z_shape=z_shape, solver="anderson", solver_options=opts,
+        o = opts if solver == "anderson" else {k: v for k, v in opts.items() if k != "m"}
+        layer = DEQ(cell, z_shape=z_shape, solver=solver, solver_options=o,
                     backward=backward)
 
         def fwd():
@@ -151,14 +158,15 @@ def torch_methods(make_cell, x, z_shape):
 
         return cell, fwd
 
-    def tdeq_method(**kw):
+    def tdeq_method(f_solver="anderson", **kw):
         cell = make_cell()
-        layer = torchdeq.get_deq(f_solver="anderson", f_max_iter=MAXITER, f_tol=TOL,
+        layer = torchdeq.get_deq(f_solver=f_solver, f_max_iter=MAXITER, f_tol=TOL,
                                  f_stop_mode="rel", **kw)
+        skw = {"m": 6} if f_solver == "anderson" else {}
 
         def fwd():
             zs, info = layer(lambda z: cell(z, x), torch.zeros(x.shape[0], *z_shape),
-                             solver_kwargs={"m": 6})
+                             solver_kwargs=skw)
             return zs[-1], {"steps_mean": float(info["nstep"].float().mean()),
                             "steps_max": int(info["nstep"].max()),
                             "rel_res": float(info["rel_lowest"].max())}
@@ -173,6 +181,13 @@ def torch_methods(make_cell, x, z_shape):
         out["torchdeq IFT (fixed_point_iter)"] = tdeq_method(
             ift=True, b_solver="fixed_point_iter", b_tol=BTOL, b_stop_mode="rel",
             b_max_iter=MAXITER)
+    # torchdeq's default forward solver, the fixed-point iteration, against implicitdiff's
+    out[FPI_OURS] = idf_method(IFT(idf.Richardson(omega=-1.0, rtol=BTOL, maxiter=MAXITER)),
+                               solver="fixed_point_iteration")
+    if torchdeq is not None:
+        out[FPI_PEER] = tdeq_method(
+            f_solver="fixed_point_iter", ift=True, b_solver="fixed_point_iter", b_tol=BTOL,
+            b_stop_mode="rel", b_max_iter=MAXITER)
     out["implicitdiff Phantom(5)"] = idf_method(Phantom(5))
     if torchdeq is not None:
         out["torchdeq phantom (grad=5)"] = tdeq_method(grad=5, tau=1.0)
@@ -214,7 +229,8 @@ def time_methods(rho: float, methods, loss, ref, repeats: int) -> list[str]:
         err = rel_error(cell.grads(), ref)
         mem = peak_bytes(lambda cell=cell, fwd=fwd: step(cell, fwd)) / 2 ** 20
         st, calls = info[k]
-        base = "torchdeq IFT (fixed_point_iter)" if "IFT" in k else "torchdeq phantom (grad=5)"
+        base = (FPI_PEER if "forward fixed-point" in k else
+                "torchdeq IFT (fixed_point_iter)" if "IFT" in k else "torchdeq phantom (grad=5)")
         tot = med_f[k] + med_b[k]
         ratio = f"{tot / (med_f[base] + med_b[base]):.2f}" if base in med_f else "n/a"
         lines.append(
@@ -234,13 +250,13 @@ def bench_torch_deq(rho: float, repeats: int) -> list[str]:
 
 # ---- 1b. equal accuracy: the cheapest implicitdiff setting at the peer's gradient error ---------
 
-# The implicitdiff settings searched: Anderson (history 5) to a relative tolerance, followed by
-# `extra_step` plain steps, and an exact backward (the fixed-point iteration, or BiCGStab), both
-# without the uniqueness probe (a second solve), to a relative tolerance; plus the layer's
-# defaults, `DEQ(cell, z_shape=...)` and nothing else.
-EQ_FTOLS = (1e-3, 3e-4, 1e-4)
-EQ_EXTRA = (2, 3, 5)
-EQ_BTOLS = (1e-4, 1e-5, 1e-6)
+# The implicitdiff settings searched: a forward solver, Anderson (history 5) or the fixed-point
+# iteration, to a relative tolerance, followed by `extra_step` plain steps, and an exact backward
+# (the fixed-point iteration, or BiCGStab), both without the uniqueness probe (a second solve),
+# to a relative tolerance; plus the layer's defaults, `DEQ(cell, z_shape=...)` and nothing else.
+EQ_FORWARD = {"anderson": ((1e-3, 3e-4, 1e-4), (2, 3, 5)),       # tolerances, extra steps
+              "fixed_point_iteration": ((1e-3, 3e-4, 1e-4, 1e-5), (1, 2, 3))}
+EQ_BTOLS = (1e-4, 1e-5, 3e-6, 1e-6)
 EQ_BACKWARDS = {"Richardson": lambda rtol: idf.Richardson(omega=-1.0, rtol=rtol, maxiter=MAXITER,
                                                           check_singular=False),
                 "BiCGStab": lambda rtol: idf.BiCGStab(rtol=rtol, maxiter=MAXITER,
@@ -250,7 +266,7 @@ DEFAULTS = "implicitdiff defaults: DEQ(cell)"
 
 def equal_accuracy_candidates(make_cell, x, z_shape):
     """name -> (cell, forward() -> z) for the implicitdiff settings searched at equal accuracy
-    (see `EQ_FTOLS`, `EQ_EXTRA`, `EQ_BTOLS`, `EQ_BACKWARDS`, `DEFAULTS`)."""
+    (see `EQ_FORWARD`, `EQ_BTOLS`, `EQ_BACKWARDS`, `DEFAULTS`)."""
     from implicitdiff_torch import DEQ, IFT
 
     out = {}
@@ -261,15 +277,19 @@ def equal_accuracy_candidates(make_cell, x, z_shape):
         return cell, lambda: layer(x)
 
     out[DEFAULTS] = make()
-    for ft in EQ_FTOLS:
-        for k in EQ_EXTRA:
-            for name, solve in EQ_BACKWARDS.items():
-                for bt in EQ_BTOLS:
-                    out[f"tol={ft:g}, extra_step={k}, IFT({name}(rtol={bt:g}, "
-                        "check_singular=False))"] = make(
-                        solver_options={"tol": ft, "maxiter": MAXITER, "m": 5,
-                                        "extra_step": k},
-                        backward=IFT(solve(bt)))
+    for solver, (ftols, extras) in EQ_FORWARD.items():
+        fixed_point = solver == "fixed_point_iteration"
+        for ft in ftols:
+            for k in extras:
+                for name, solve in EQ_BACKWARDS.items():
+                    for bt in EQ_BTOLS:
+                        out[f"{'fixed-point forward, ' if fixed_point else ''}tol={ft:g}, "
+                            f"extra_step={k}, IFT({name}(rtol={bt:g}, "
+                            "check_singular=False))"] = make(
+                            solver=solver,
+                            solver_options={"tol": ft, "maxiter": MAXITER, "extra_step": k,
+                                            **({} if fixed_point else {"m": 5})},
+                            backward=IFT(solve(bt)))
     return out
 
 
@@ -328,12 +348,13 @@ def equal_accuracy(label: str, peers, candidates, loss, ref, repeats: int,
 
 
 def torch_peers(make_cell, x, z_shape):
-    """torchdeq at the benchmark's settings (IFT and phantom), forward returning z only."""
+    """torchdeq at the benchmark's settings (IFT with the Anderson and with the fixed-point
+    forward, and phantom), forward returning z only."""
     if torchdeq is None:
         return {}
     ms = torch_methods(make_cell, x, z_shape)
     out = {}
-    for k in ("torchdeq IFT (fixed_point_iter)", "torchdeq phantom (grad=5)"):
+    for k in ("torchdeq IFT (fixed_point_iter)", FPI_PEER, "torchdeq phantom (grad=5)"):
         cell, fwd = ms[k]
         out[k] = (cell, lambda fwd=fwd: fwd()[0])
     return out
@@ -624,8 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     for rho in (0.5, 0.9):
         bench_torch_deq(rho, rt)
     print("\nEqual accuracy: for each peer, the cheapest implicitdiff setting searched "
-          "(Anderson, history 5: forward tol x extra steps x backward solver and rtol, or the "
-          "layer's defaults) whose gradient error is at most the peer's; median of "
+          "(forward Anderson, history 5, or the fixed-point iteration: forward tol x extra steps "
+          "x backward solver and rtol; or the layer's defaults) whose gradient error is at most "
+          "the peer's; median of "
           f"{rt} interleaved forward + backward passes\n")
     print("\n".join(EQ_HEAD), flush=True)
     for rho in (0.5, 0.9):

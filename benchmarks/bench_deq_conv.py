@@ -29,6 +29,8 @@ Methods, the same cell module (float32) inside
      IFT(Richardson(omega=-1)) | Phantom(5))`,
    - torchdeq `get_deq(f_solver="anderson", ift=True, b_solver="fixed_point_iter")` (IFT) and
      `get_deq(f_solver="anderson", grad=5, tau=1.0)` (phantom gradient, 5 steps),
+   - and both IFT layers with the fixed-point iteration as the forward solver (torchdeq's
+     default `f_solver`; implicitdiff `solver="fixed_point_iteration"`, backward Richardson),
 with the settings of `bench_deq.py` (its constants are imported): forward relative residual
 ‖f(z) − z‖ / ‖f(z)‖ ≤ 1e-4 per sample, at most 100 iterations, Anderson history of 5 differences
 (implicitdiff `m=5`, torchdeq `m=6`); backward linear solves to 1e-5 relative, at most 100
@@ -314,8 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         params, ref = setups[rho]
         bench(rho, params, x, y, ref, repeats)
     print("\nEqual accuracy: for each torchdeq mode, the cheapest implicitdiff setting searched "
-          "(Anderson, history 5: forward tol x extra steps x fixed-point backward rtol, or the "
-          f"layer's defaults) whose gradient error is at most torchdeq's; median of {repeats} "
+          "(forward Anderson, history 5, or the fixed-point iteration: forward tol x extra steps "
+          "x backward solver and rtol; or the layer's defaults) whose gradient error is at most "
+          f"torchdeq's; median of {repeats} "
           "interleaved forward + backward passes\n")
     print("\n".join(EQ_HEAD), flush=True)
     for rho in RHOS:

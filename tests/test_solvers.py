@@ -180,9 +180,62 @@ def test_damping_and_anderson_faster_than_plain():
     plain = fixed_point_iteration(tanh_layer, z0, W, U, x, tol=1e-10, maxiter=1000)
     damped = fixed_point_iteration(tanh_layer, z0, W, U, x, tol=1e-10, maxiter=1000,
                                    damping=0.8)
-    acc = anderson(tanh_layer, z0, W, U, x, tol=1e-10, maxiter=1000)
+    # accelerating from the first step (this map contracts by 0.1-0.5 a step: by default
+    # Anderson would take plain steps for most of the batch)
+    acc = anderson(tanh_layer, z0, W, U, x, tol=1e-10, maxiter=1000, plain_rate=0)
     assert plain.converged.all() and damped.converged.all() and acc.converged.all()
     assert (acc.steps < plain.steps).all()
+
+
+def test_anderson_takes_plain_steps_while_the_iteration_contracts_fast(fw):
+    """An element whose every step shrinks its residual by at least `plain_rate` never
+    accelerates: its iterates are those of the fixed-point iteration, exactly (the eager loop
+    skips the least-squares step; traced, a zero history gives gamma = 0). Here the whole batch
+    (the map contracts by at most 0.3 a step)."""
+    rng = np.random.default_rng(3)
+    n = 12
+    W = rng.standard_normal((n, n))
+    W *= 0.3 / np.linalg.norm(W, 2)
+    b = rng.standard_normal((5, n))
+    c = np.full((5, 1), 1.0)
+    z0 = np.zeros((5, n))
+    plain = fw.run(fixed_point_iteration, graded_map, z0, W, c, b, tol=1e-12, maxiter=200)
+    ratios = plain.trace[:, 1:] / plain.trace[:, :-1]
+    assert np.nanmax(ratios) < 0.5 and plain.converged.all()
+    res = fw.run(anderson, graded_map, z0, W, c, b, tol=1e-12, maxiter=200)
+    np.testing.assert_array_equal(res.steps, plain.steps)
+    np.testing.assert_array_equal(res.value, plain.value)
+    np.testing.assert_array_equal(res.trace, plain.trace)
+    # accelerating from the start takes fewer steps, other iterates
+    acc = fw.run(anderson, graded_map, z0, W, c, b, tol=1e-12, maxiter=200, plain_rate=0)
+    assert acc.converged.all() and (acc.steps < plain.steps).all()
+
+
+@pytest.mark.parametrize("plain_rate", [0.0, 0.5, 0.95])
+def test_anderson_switching_per_element_matches_each_alone(fw, plain_rate):
+    """Each element switches to accelerated steps at its own first slow step (contraction
+    factors 0.05 to 0.97: some never switch, some at once): every element's steps and value
+    are those of its unbatched solve, and a slow element still converges in fewer steps than
+    the plain iteration."""
+    z0, W, c, b = graded_problem()
+    res = fw.run(anderson, graded_map, z0, W, c, b, tol=1e-10, maxiter=400,
+                 plain_rate=plain_rate)
+    assert res.converged.all()
+    for i in range(4):
+        one = fw.run(anderson, graded_map, z0[i:i + 1], W, c[i:i + 1], b[i:i + 1], tol=1e-10,
+                     maxiter=400, plain_rate=plain_rate)
+        np.testing.assert_array_equal(one.steps, res.steps[i:i + 1])
+        np.testing.assert_allclose(one.value, res.value[i:i + 1], rtol=0, atol=1e-12)
+    plain = fw.run(fixed_point_iteration, graded_map, z0, W, c, b, tol=1e-10, maxiter=400)
+    if plain_rate < 0.9:
+        assert res.steps[3] < plain.steps[3]  # c = 0.97: accelerated
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5", True])
+def test_anderson_rejects_a_plain_rate_outside_0_1(bad):
+    z0, W, c, b = graded_problem()
+    with pytest.raises(ValueError, match="plain_rate"):
+        anderson(graded_map, z0, W, c, b, plain_rate=bad)
 
 
 # ---- non-contractive problems -------------------------------------------------------------------
