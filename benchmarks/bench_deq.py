@@ -256,7 +256,7 @@ def bench_torch_deq(rho: float, repeats: int) -> list[str]:
 # to a relative tolerance; plus the layer's defaults, `DEQ(cell, z_shape=...)` and nothing else.
 EQ_FORWARD = {"anderson": ((1e-3, 3e-4, 1e-4), (2, 3, 5)),       # tolerances, extra steps
               "fixed_point_iteration": ((1e-3, 3e-4, 1e-4, 1e-5), (1, 2, 3))}
-EQ_BTOLS = (1e-4, 1e-5, 3e-6, 1e-6)
+EQ_BTOLS = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
 EQ_BACKWARDS = {"Richardson": lambda rtol: idf.Richardson(omega=-1.0, rtol=rtol, maxiter=MAXITER,
                                                           check_singular=False),
                 "BiCGStab": lambda rtol: idf.BiCGStab(rtol=rtol, maxiter=MAXITER,
