@@ -331,6 +331,65 @@ def test_float32(solver):
     assert refused(info), info
 
 
+def near_breakdown_problem():
+    """A well-conditioned non-symmetric A (indefinite symmetric part diag(±1), skew part
+    random; condition number 16), float32, and, in row 0, a b with ⟨b, Ab⟩ = 5e-5 ‖b‖²:
+    BiCGStab's first step is then about 2e4 times b."""
+    rng = np.random.default_rng(0)
+    n = 8
+    S = 0.3 * rng.standard_normal((n, n))
+    A = (np.diag([1.0, -1.0] * (n // 2)) + S - S.T).astype(np.float32)
+    b0 = rng.standard_normal(n)
+    b0[1::2] *= np.sqrt((b0[0::2] @ b0[0::2]) / (b0[1::2] @ b0[1::2]) * (1 - 1e-4))
+    b = np.stack([b0, rng.standard_normal(n)]).astype(np.float32)
+    return A, b
+
+
+def test_bicgstab_rounding_drift_is_refined_not_refused(fw):
+    """After the near-breakdown the rounding of that huge step stays in x (float32): the
+    recurrence converges while the true residual stays near 4e-3 relative. The answer check
+    corrects once from the true residual (a second solve, A d = b - Ax) and accepts the
+    answer; before, this system was refused as a breakdown ("dF/dx looks singular"), as a
+    float32 DEQ's backward was in training (examples/deq_digits.py)."""
+    A, b = near_breakdown_problem()
+    A64 = A.astype(np.float64)
+    ref = np.linalg.solve(A64, b.astype(np.float64).T).T
+    if fw.name == "numpy":
+        # the drift itself, so that this test can fail: the bare iteration's true residual
+        from implicitdiff._backend import get_backend
+        bk = get_backend(b)
+        xr, inf = idf.BiCGStab()._solve(bk, bk.namespace(b), lambda v: v @ A.T, b, None, None,
+                                        frozenset())
+        assert bool(inf.converged[0])
+        assert np.linalg.norm(b[0] - A @ xr[0]) > 1e-3 * np.linalg.norm(b[0])
+    for solver in (idf.BiCGStab(), idf.BiCGStab(check_singular=False)):
+        x, info = run_solve(fw, solver, A, b)
+        assert np.all(info.converged) and not np.any(info.breakdown), info
+        assert x.dtype == np.float32
+        assert np.linalg.norm(x - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
+def test_rounding_drift_refined_through_the_implicit_rule(afw):
+    """The same system as the Jacobian of a root, F(x, θ) = A x - θ, differentiated in float32
+    with BiCGStab: the cotangent's pullback is A⁻ᵀ ḡ, not an error."""
+    A, b = near_breakdown_problem()
+    An = afw.asarray(A)
+    Ainv = np.linalg.inv(A.astype(np.float64))
+
+    def F(x, theta):
+        return x @ An.T - theta
+
+    @idf.custom_root(F, solve=idf.BiCGStab())
+    def root(theta):
+        return theta @ afw.asarray(Ainv.T.astype(np.float32))
+
+    # the cotangent b[0]: the backward solve Aᵀ u = b[0] meets ⟨b, Aᵀb⟩ = ⟨b, Ab⟩ ≈ 0
+    _, vjp_fn = idf.vjp(root, afw.asarray(b[1]))
+    (got,) = vjp_fn(afw.asarray(b[0]))
+    want = Ainv.T @ b[0].astype(np.float64)
+    assert np.linalg.norm(afw.numpy(got) - want) <= 1e-5 * np.linalg.norm(want)
+
+
 # ---- size 0 ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("solver", [*ALL, idf.Auto(), idf.NeumannSolve()], ids=_id)

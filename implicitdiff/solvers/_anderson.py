@@ -55,9 +55,9 @@ def anderson(T: Callable[..., Any], z0: Any, *args: Any, m: int = 5, beta: float
       contraction gains little from the least-squares step, which costs several times a
       plain step's bookkeeping (in eager PyTorch, 63 tensor operations against 14): on the
       benchmark DEQ (`docs/solvers.md`) the forward takes about 45% less time, and on slowly
-      contracting maps the steps and times are those of classic Anderson. Each element decides on its own, so
-      its iterates stay those of its unbatched solve (an element not yet accelerating
-      writes a zero pair, which gets $\\gamma = 0$).
+      contracting maps the steps and times are those of classic Anderson. Each element
+      decides on its own, so its iterates stay those of its unbatched solve (an element not
+      yet accelerating writes a zero pair, which gets $\\gamma = 0$).
 
     **Returns:** a `SolverResult`.
     """
