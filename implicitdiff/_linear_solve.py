@@ -1495,8 +1495,8 @@ class Richardson(_Iterative):
                 drift = need & ~(rn2 <= tol) & (rn2 < math.inf)
 
                 def refine() -> tuple:
-                    x3, _, rn3, it, _, dbrk = solver._refine(bk, xp, matvec, b, x2, r2, tol,
-                                                             drift, rmatvec, tags)
+                    x3, _, rn3, it, _, dbrk = cast(_Iterative, solver)._refine(
+                        bk, xp, matvec, b, x2, r2, tol, drift, rmatvec, tags)
                     return (x3, rn3, iters2 + it[..., None],
                             xp.where(drift, dbrk[..., None], fb_brk))
 
