@@ -369,6 +369,21 @@ def test_bicgstab_rounding_drift_is_refined_not_refused(fw):
         assert np.linalg.norm(x - ref) <= 1e-5 * np.linalg.norm(ref)
 
 
+def test_richardson_fallback_drift_is_refined(fw):
+    """Richardson hands the system to its BiCGStab fallback almost from zero (one step of
+    omega = 1e-8), which meets the same near-breakdown: the fallback's answer, whose true
+    residual its recurrence no longer sees, is corrected once from the true residual (before,
+    element 0 ended not converged, its error 3e-3)."""
+    A, b = near_breakdown_problem()
+    ref = np.linalg.solve(A.astype(np.float64), b.astype(np.float64).T).T
+    for check in (True, False):
+        solver = idf.Richardson(omega=1e-8, maxiter=1, fallback=idf.BiCGStab(),
+                                check_singular=check)
+        x, info = run_solve(fw, solver, A, b)
+        assert np.all(info.converged) and not np.any(info.breakdown), info
+        assert np.linalg.norm(x - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
 def test_rounding_drift_refined_through_the_implicit_rule(afw):
     """The same system as the Jacobian of a root, F(x, θ) = A x - θ, differentiated in float32
     with BiCGStab: the cotangent's pullback is A⁻ᵀ ḡ, not an error."""
