@@ -707,7 +707,9 @@ class _Iterative(AbstractLinearSolver):
             x, r, rn, iters, c2, b2 = bk.when_any(
                 redo, refine, lambda: (x, r, rn, info.iterations, conv[..., 0], brk[..., 0]))
             conv, brk = c2[..., None], b2[..., None]
-            info = info._replace(iterations=iters)
+            # the residual reported where the correction ran: the true one of x + d
+            info = info._replace(iterations=iters, residual_norm=xp.where(
+                redo[..., 0], rn[..., 0], info.residual_norm))
             slack = (100.0 * n ** 0.5 * eps) * (anorm * norm(xp, x) + nb)
             ok = rn <= xp.maximum(self._check_tol(xp, b), slack)
             refuted = conv & ~ok
