@@ -667,10 +667,11 @@ class _Iterative(AbstractLinearSolver):
         n = b.shape[-1]
         eps = float(xp.finfo(b.dtype).eps)
         conv, brk = info.converged[..., None], info.breakdown[..., None]
+        ctol = self._check_tol(xp, b)
         if self._exact_residual:
             # the iteration's residual is b - A x itself, computed by the same product
             r, rn = None, info.residual_norm[..., None]
-            if not self.check_singular and bk.known_all(conv & (rn <= self._check_tol(xp, b))):
+            if not self.check_singular and bk.known_all(conv & (rn <= ctol)):
                 # eagerly, every element converged by its true residual and no probe is
                 # asked for: every test below would pass and change nothing
                 return x, info
@@ -684,8 +685,12 @@ class _Iterative(AbstractLinearSolver):
             Aw = A(w)
         nb, nAw = norm(xp, b), norm(xp, Aw)
         anorm = nAw / norm(xp, w)                     # ≈ ‖A‖ (a lower estimate)
-        slack = (100.0 * n ** 0.5 * eps) * (anorm * norm(xp, x) + nb)
-        ok = rn <= xp.maximum(self._check_tol(xp, b), slack)      # NaN fails
+
+        def slack_of(x: Any) -> Any:  # the rounding of the product itself
+            return (100.0 * n ** 0.5 * eps) * (anorm * norm(xp, x) + nb)
+
+        slack = slack_of(x)
+        ok = rn <= xp.maximum(ctol, slack)      # NaN fails
         refuted = conv & ~ok
         if r is not None and self._refinable():
             # Converged by the recurrence but refuted by the true residual, or broken down in
@@ -698,8 +703,8 @@ class _Iterative(AbstractLinearSolver):
             redo = (refuted | (brk & ~structural)) & (rn < math.inf)
 
             def refine() -> tuple:
-                x2, r2, rn2, it, dconv, dbrk = self._refine(
-                    bk, xp, A, b, x, r, self._check_tol(xp, b), redo, AT, tags)
+                x2, r2, rn2, it, dconv, dbrk = self._refine(bk, xp, A, b, x, r, ctol, redo, AT,
+                                                            tags)
                 w = redo[..., 0]
                 return (x2, r2, rn2, info.iterations + it,
                         xp.where(w, dconv, conv[..., 0]), xp.where(w, dbrk, brk[..., 0]))
@@ -710,8 +715,8 @@ class _Iterative(AbstractLinearSolver):
             # the residual reported where the correction ran: the true one of x + d
             info = info._replace(iterations=iters, residual_norm=xp.where(
                 redo[..., 0], rn[..., 0], info.residual_norm))
-            slack = (100.0 * n ** 0.5 * eps) * (anorm * norm(xp, x) + nb)
-            ok = rn <= xp.maximum(self._check_tol(xp, b), slack)
+            slack = slack_of(x)
+            ok = rn <= xp.maximum(ctol, slack)
             refuted = conv & ~ok
         # converged by the iteration's estimate, refuted by the true residual (after the
         # refinement): not the structure the method assumes, or no solution at all; a
@@ -1494,7 +1499,7 @@ class Richardson(_Iterative):
                 # recurrence drifted by rounding, or it broke down): corrected once from the
                 # true residual (`_refine`)
                 fb_brk = need & info.breakdown[..., None]
-                drift = need & ~(rn2 <= tol) & (rn2 < math.inf)
+                drift = need & (tol < rn2) & (rn2 < math.inf)
 
                 def refine() -> tuple:
                     x3, _, rn3, it, _, dbrk = cast(_Iterative, solver)._refine(

@@ -157,14 +157,14 @@ def iterate(bk: Any, xp: Any, resid: Callable[[Any], tuple[Any, Any]], z0: Any, 
     rn0 = norm(xp, r0)
     atol_a = xp.full_like(rn0, atol) if atol else None
 
+    def bound(scale: Any) -> Any:  # atol = 0, the usual case: one operation less per step
+        return rtol * scale if atol == 0 else xp.maximum(atol_a, rtol * scale)
+
     def done(rn: Any, scale: Any) -> Any:
-        if atol == 0:  # the usual case: one operation less per step
-            return rn <= rtol * scale
-        return rn <= xp.maximum(atol_a, rtol * scale)
+        return rn <= bound(scale)
 
     def going(rn: Any, scale: Any) -> Any:  # finite norms, and not `done`
-        bound = rtol * scale if atol == 0 else xp.maximum(atol_a, rtol * scale)
-        return (bound < rn) & (rn < math.inf)  # false for NaN, and for scale = inf
+        return (bound(scale) < rn) & (rn < math.inf)  # false for NaN, and for scale = inf
 
     dev = device(z0)
     idx = xp.arange(maxiter, dtype=xp.int32, device=dev)
