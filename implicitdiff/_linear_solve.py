@@ -210,7 +210,8 @@ class AbstractLinearSolver(abc.ABC):
     #    on ‖e‖ below then no looser, its bound on ‖Ae‖/‖e‖ no smaller); then, only where that
     #    flags a possible singularity, the tight probe, which decides. (Richardson: one stage,
     #    at its own rtol, its residual being exact, in a loop of its own that stops each
-    #    element once ‖z − w‖ is half the refusal threshold: `_solve_probe`.) A
+    #    element once ‖z − w‖ is below the refusal threshold, PROBE_NEAR times it:
+    #    `_solve_probe`.) A
     #    non-singular A gives z = w to the probe's accuracy, ‖z − w‖ ≲ cond(A) rtol/100 ‖w‖. A
     #    singular A gives a solution that misses w's null-space component,
     #    ‖z − w‖ ≈ ‖P_N w‖ ≈ ‖w‖/√n per null direction, along a direction e = z − w that A
@@ -321,6 +322,13 @@ PROBE_FIRST_RTOL = PROBE_THRESHOLD / 100
 """The first stage of an iterative solver's uniqueness probe is solved at rtol
 PROBE_FIRST_RTOL/√n (or the tight stage's rtol where that is looser): a tenth of what puts
 its threshold at PROBE_THRESHOLD/√n, so a well-conditioned A passes it."""
+
+
+PROBE_NEAR = 0.9
+"""A probe that can (Richardson, whose error ‖z − w‖ is known at every step) stops an element
+once that error is PROBE_NEAR times the threshold at or below which it is never refused
+(`_probe_tau`): the verdict is then known. Below 1 only for rounding: the test recomputes the
+same ‖z − w‖ from the same z (it was 0.5, one step more at a contraction rate of 0.5)."""
 
 
 def _probe_tau(xp: Any, n: int, prtol: Any) -> Any:
@@ -771,8 +779,8 @@ class _Iterative(AbstractLinearSolver):
                 z, pinfo, (prtol, patol, tight) = probe.z, probe.info, probe.stage
             else:
                 prtol, patol, tight = self._first_probe(xp, b)
-                # done where its error is half what could be refused (see `_solve_probe`)
-                near = 0.5 * _probe_tau(xp, n, accuracy(prtol, patol)) * norm(xp, ws)
+                # done where its error is below what could be refused (`_solve_probe`)
+                near = PROBE_NEAR * _probe_tau(xp, n, accuracy(prtol, patol)) * norm(xp, ws)
                 z, pinfo = self._at(xp, b, prtol, patol)._solve_probe(bk, xp, A, bw, AT, tags,
                                                                       ws, near)
             # Where a tight stage follows, the first is the tight probe of a solve at 100 times
