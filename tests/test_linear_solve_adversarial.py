@@ -367,9 +367,13 @@ def test_bicgstab_rounding_drift_is_refined_not_refused(fw):
         assert np.all(info.converged) and not np.any(info.breakdown), info
         assert x.dtype == np.float32
         assert np.linalg.norm(x - ref) <= 1e-5 * np.linalg.norm(ref)
-        # the residual reported is the true one of the answer returned
-        true = np.linalg.norm(b - x @ A.T, axis=-1)
-        np.testing.assert_allclose(info.residual_norm[0], true[0], rtol=0.2)  # (rounding)
+        # the residual reported is the true one of the answer returned (9.9e-3 before the
+        # correction), up to the rounding of its float32 product: the frameworks sum in
+        # different orders, and at this level (4e-7) their values differ by up to 50%
+        true = np.linalg.norm(b.astype(np.float64) - x.astype(np.float64) @ A64.T, axis=-1)
+        rounding = np.finfo(np.float32).eps * (np.linalg.norm(A64, 2) * np.linalg.norm(x[0])
+                                               + np.linalg.norm(b[0]))
+        assert abs(float(info.residual_norm[0]) - true[0]) <= rounding, (info, true)
 
 
 def test_richardson_fallback_drift_is_refined(fw):
@@ -662,9 +666,9 @@ def test_probe_stages_per_batch_element(fw, solver):
 @pytest.mark.parametrize("fallback", [None, idf.GMRES()], ids=_id)
 def test_richardson_probe_stops_where_its_error_decides(fw, fallback):
     """Richardson's uniqueness probe runs in a loop of its own and stops each element as soon
-    as its error ‖z − w‖ is half the threshold (3e-3/√n): on a batch of fixed points
-    contracting at 0.5, the answer at rtol 1e-12 takes about 40 products, the probe about
-    log2(2√n/1.5e-3) ≈ 13, and every answer is the dense one's. A singular element (J has
+    as its error ‖z − w‖ is `PROBE_NEAR` (0.9) times the threshold (3e-3/√n): on a batch of
+    fixed points contracting at 0.5, the answer at rtol 1e-12 takes about 40 products, the
+    probe about log2(√n/2.7e-3) ≈ 11, and every answer is the dense one's. A singular element (J has
     eigenvalue 1, the right-hand side consistent) never gets near w: refused, with and without
     the fallback, on every backend."""
     n = 40
