@@ -37,6 +37,7 @@ from ._backend import Backend, Linearization
 from ._config import resolve_on_failure
 from ._errors import StructureError
 from ._ift import implicit_jvp, implicit_vjp, kink_probe_on, ravel
+from ._linear_solve import _probe_vector
 from ._root import ImplicitFunction, drop_failed
 from ._tags import symmetric
 
@@ -44,6 +45,15 @@ _EPS = float(np.finfo(np.float64).eps)
 _PROBE_TOL = 30.0  # complex step vs differences: agreement within this many of their error
 _KINK_SAME = 0.25  # one-sided slope jumps equal to this fraction at h, h/2, h/4: a kink
 _TARGET = 1e-11  # relative accuracy at which central differences stop refining their step
+
+
+def _signs(xp: Any, a: Any) -> Any:
+    """A fixed pseudo-random pattern of ±1 shaped like `a` (the signs of the uniqueness probe's
+    hash vector; all ones for a scalar)."""
+    if len(a.shape) == 0:
+        return xp.ones_like(a)
+    v = _probe_vector(xp, a)
+    return xp.where(v >= 0, xp.ones_like(a), -xp.ones_like(a))
 
 
 class DerivativeAccuracyWarning(UserWarning):
@@ -474,7 +484,10 @@ class ReferenceLinearization(Linearization):
     def _magnitudes(self) -> Any:
         """The size of the terms F adds up, per component: $|F|$ plus the slopes of F along
         x itself and along the floating arguments themselves (rough differences at 0.1%),
-        which are the size of terms such as $A x$ and $b$ in $A x - b$ (flat float64)."""
+        which are the size of terms such as $A x$ and $b$ in $A x - b$, and along the same
+        directions with fixed pseudo-random signs, which are about the size of the terms
+        inside $A x$ where they cancel (an $A x \approx b$ of 1 from terms of 700: the
+        rounding of F is that of the terms; flat float64)."""
         if self._mags is None:
             xp = self.xp
             m = xp.abs(self._f0())
@@ -483,7 +496,14 @@ class ReferenceLinearization(Linearization):
                 if self.bk.is_float(aa) else None for aa in _tree.tree_flatten(a)[0]])
                 for a in self.args)
             xdir = _tree.tree_map(lambda a: xp.astype(a, xp.float64), self.x)
-            for xd, ad in ((xdir, None), (None, adir)):
+
+            def signed(d: Any) -> Any:
+                return None if d is None else d * _signs(xp, d)
+
+            sx = _tree.tree_map(signed, xdir)
+            sa = tuple(_tree.tree_unflatten(_tree.tree_flatten(a)[1], [
+                signed(aa) for aa in _tree.tree_flatten(a)[0]]) for a in adir)
+            for xd, ad in ((xdir, None), (None, adir), (sx, None), (None, sa)):
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
