@@ -846,6 +846,26 @@ def test_closest_feasible_problem_gradient(fw):
     assert np.abs(g[0]).max() < 1e-9 and np.abs(g[1]).max() < 1e-9
 
 
+@pytest.mark.parametrize("fw", FWS)
+def test_crowded_active_set_takes_basic_multipliers(fw):
+    # the closest problem of `_robust_infeasible(1)` ends with three tight inequality rows and
+    # the equality, four rows in ℝ³: the polish accepted that set (its residual test passes on
+    # a consistent singular system), so the backward met a singular KKT matrix (refused in JAX
+    # on some CPUs, answered by rounding elsewhere). The basic multipliers (NNLS) keep an
+    # independent set: at most n rows, of full rank, the same x*, degenerate flagged.
+    fw_module(fw)
+    Q, q, A, b, G, h = _robust_infeasible(seed=1)
+    sol = solve(fw, (Q, q, A, b, G, h), infeasible="closest", full_output=True)
+    active = np.asarray(sol.stats.active)
+    rows = np.vstack([A, G[active]])
+    assert len(rows) <= len(q) and np.linalg.matrix_rank(rows) == len(rows), active
+    assert bool(np.asarray(sol.stats.degenerate))
+    x = to_np(sol.x)
+    np.testing.assert_allclose(x, _least_squares_point(A, b, G, h), rtol=1e-9, atol=1e-12)
+    z = to_np(sol.z)
+    assert np.all(z[~active] == 0) and np.all(z >= 0)
+
+
 def _pair_closed_form(Q, q, A, b, h, g):
     """An equality row and the contradictory pair gᵀx ≤ h₀, −gᵀx ≤ h₁ (h₀ + h₁ < 0): the
     least-squares shift splits the gap, so the closest problem is the QP with the equalities

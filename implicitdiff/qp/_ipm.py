@@ -566,7 +566,12 @@ def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6, tol: float =
     # singular and the multipliers are not unique. Take basic ones: non-negative multipliers of
     # the nearly tight constraints by NNLS on the stationarity condition (with A's range
     # projected out), whose support is linearly independent; the other tight constraints are
-    # then weakly active (zero multiplier). x* is the same point.
+    # then weakly active (zero multiplier). x* is the same point. Also where a round's solve
+    # was accepted with more active rows (equalities included) than unknowns: its residual
+    # test passes on such a consistent singular system by rounding, and the derivative's
+    # solve would then meet a singular matrix (kept as it is where NNLS finds no basic set).
+    crowded = ok & (active.sum(axis=1) + A.shape[1] > q.shape[1])
+    ok &= ~crowded
     for k in np.nonzero(~ok)[0]:
         basic = _basic_active(Q[k], q[k], A[k], G[k], h[k], x[k], z[k], s[k], tol)
         if basic is None:
@@ -581,6 +586,7 @@ def polish(Q, q, A, b, G, h, x, y, z, s, scale, *, rounds: int = 6, tol: float =
             xo[k], yo[k] = xi[0], yi[0]
             zo[k] = np.where(basic, np.maximum(zi[0], 0.0), 0.0)
             active[k], ok[k] = basic, True
+    ok |= crowded
     return xo, yo, zo, active, ok
 
 
@@ -607,8 +613,36 @@ def _basic_active(Q, q, A, G, h, x, z, s, tol):
     except (RuntimeError, ValueError):
         return None
     keep = np.zeros(G.shape[0], dtype=bool)
-    keep[cand[zs > 1e-12 * (1.0 + zs.max(initial=0.0))]] = True
+    pos = zs > 1e-12 * (1.0 + zs.max(initial=0.0))
+    keep[_independent_rows(A, G, cand[pos][np.argsort(-zs[pos], kind="stable")])] = True
     return keep
+
+
+def _independent_rows(A, G, order, rtol: float = 1e-10):
+    """The rows of `G` in `order` (largest multiplier first) that, added one by one to A's
+    rows, each raise their numerical rank (smallest singular value of the row-normalized
+    stack above `rtol` times its largest, relative to what A's rows had). NNLS's support is
+    linearly independent in exact arithmetic; in floating point a column that rounding
+    makes look independent can enter it (three tight rows of a plane through a point of
+    ℝ³, measured at rank three), and then the active-set KKT matrix is singular."""
+    def rank(M):
+        if M.shape[0] == 0:
+            return 0
+        M = M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-300)
+        sv = np.linalg.svd(M, compute_uv=False)
+        return int(np.sum(sv > rtol * sv[0])) if len(sv) and sv[0] > 0 else 0
+
+    rows = [A[i] for i in range(A.shape[0])]
+    r = rank(np.array(rows).reshape(len(rows), G.shape[1]))
+    chosen = []
+    for i in order:
+        trial = np.array([*rows, G[i]])
+        r2 = rank(trial)
+        if r2 > r:
+            rows.append(G[i])
+            chosen.append(i)
+            r = r2
+    return np.array(chosen, dtype=int)
 
 
 def weakly_active(Q, q, A, b, G, h, x, y, z, active, *, tol: float = 1e-9):
