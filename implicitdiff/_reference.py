@@ -486,7 +486,7 @@ class ReferenceLinearization(Linearization):
         x itself and along the floating arguments themselves (rough differences at 0.1%),
         which are the size of terms such as $A x$ and $b$ in $A x - b$, and along the same
         directions with fixed pseudo-random signs, which are about the size of the terms
-        inside $A x$ where they cancel (an $A x \approx b$ of 1 from terms of 700: the
+        inside $A x$ where they cancel (an $A x \\approx b$ of 1 from terms of 700: the
         rounding of F is that of the terms; flat float64)."""
         if self._mags is None:
             xp = self.xp
