@@ -693,8 +693,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\nEqual accuracy: for each peer, the cheapest implicitdiff setting searched "
           "(forward Anderson, history 5, or the fixed-point iteration: forward tol x extra steps "
           "x backward solver and rtol; the fixed-point forward and Phantom(k); or the layer's "
-          "defaults) whose gradient error is at most the peer's (up to 1%); f calls / VJPs "
-          "counted in one pass; median of "
+          "defaults) whose gradient error is at most the peer's (up to 1%); f calls / VJPs per "
+          "forward + backward pass; median of "
           f"{rt} interleaved forward + backward passes\n")
     print("\n".join(EQ_HEAD), flush=True)
     for rho in (0.5, 0.9):

@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\nEqual accuracy: for each torchdeq mode, the cheapest implicitdiff setting searched "
           "(forward Anderson, history 5, or the fixed-point iteration: forward tol x extra steps "
           "x backward solver and rtol; the fixed-point forward and Phantom(k); or the layer's "
-          "defaults) whose gradient error is at most torchdeq's (up to 1%); f calls / VJPs "
-          f"counted in one pass; median of {repeats} "
+          "defaults) whose gradient error is at most torchdeq's (up to 1%); f calls / VJPs per "
+          f"forward + backward pass; median of {repeats} "
           "interleaved forward + backward passes\n")
     print("\n".join(EQ_HEAD), flush=True)
     for rho in RHOS:
